@@ -1,0 +1,176 @@
+"""Every exception editd raises on purpose, in one place.
+
+Each class carries the context a person needs to act on it (a file, a key, a
+field, an edit id) and renders as one line. Wrap lower-level failures with
+``raise SomethingError(...) from exc`` so the cause stays in the traceback.
+
+``Shutdown`` derives from ``BaseException`` so that ``except Exception``
+blocks in workers and jobs cannot swallow a request to stop.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+class EditdError(Exception):
+    """Base class for all of editd's own errors."""
+
+    def __init__(self, message: str, **context: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.context: dict[str, Any] = {k: v for k, v in context.items() if v is not None}
+
+    def __str__(self) -> str:
+        return self.message
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-friendly form for API responses and log events."""
+        out: dict[str, Any] = {"error": type(self).__name__, "message": self.message}
+        out.update({k: _jsonable(v) for k, v in self.context.items()})
+        return out
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return str(value)
+
+
+# --- configuration -------------------------------------------------------------------
+
+
+class ConfigError(EditdError):
+    """A configuration file is missing, unreadable, malformed or holds a bad value."""
+
+    def __init__(self, message: str, *, path: Path | str | None = None, key: str | None = None):
+        where = []
+        if path is not None:
+            where.append(str(path))
+        if key is not None:
+            where.append(f"key '{key}'")
+        full = f"{': '.join(where)}: {message}" if where else message
+        super().__init__(full, path=path, key=key)
+        self.path = path
+        self.key = key
+
+
+# --- edit requests -------------------------------------------------------------------
+
+
+class EditValidationError(EditdError):
+    """An edit request failed validation; ``field`` names the offending field."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        field: str | None = None,
+        record: int | None = None,
+        source: str | None = None,
+    ):
+        parts = []
+        if source is not None:
+            parts.append(source)
+        if record is not None:
+            parts.append(f"record {record}")
+        if field is not None:
+            parts.append(f"field '{field}'")
+        full = f"{', '.join(parts)}: {message}" if parts else message
+        super().__init__(full, field=field, record=record, source=source)
+        self.reason = message
+        self.field = field
+        self.record = record
+        self.source = source
+
+
+# --- store ---------------------------------------------------------------------------
+
+
+class StoreError(EditdError):
+    """The SQLite store could not be opened, migrated or written."""
+
+
+class StoreUnavailableError(StoreError):
+    """The store file is missing, unreadable, or not a SQLite database."""
+
+
+class MigrationError(StoreError):
+    """A schema migration failed or the database is newer than this code."""
+
+
+class EditNotFoundError(StoreError):
+    """No edit with the given id exists."""
+
+    def __init__(self, edit_id: str):
+        super().__init__(f"no edit with id '{edit_id}'", edit_id=edit_id)
+        self.edit_id = edit_id
+
+
+class IdempotencyConflictError(StoreError):
+    """A client id was reused for a request with different content."""
+
+    def __init__(self, edit_id: str):
+        super().__init__(
+            f"id '{edit_id}' was already used for a different request", edit_id=edit_id
+        )
+        self.edit_id = edit_id
+
+
+class InvalidTransitionError(StoreError):
+    """An edit cannot move from its current state to the requested one."""
+
+    def __init__(self, edit_id: str, current: str, wanted: str):
+        super().__init__(
+            f"edit '{edit_id}' cannot go from '{current}' to '{wanted}'",
+            edit_id=edit_id,
+            current=current,
+            wanted=wanted,
+        )
+
+
+class LeaseLostError(StoreError):
+    """A worker tried to ack or fail an edit whose lease it no longer holds."""
+
+    def __init__(self, edit_id: str, worker: str):
+        super().__init__(
+            f"worker '{worker}' no longer holds the lease on edit '{edit_id}'",
+            edit_id=edit_id,
+            worker=worker,
+        )
+
+
+# --- model ---------------------------------------------------------------------------
+
+
+class ModelLoadError(EditdError):
+    """A model or tokenizer could not be loaded from the configured name or folder."""
+
+
+class UnsupportedArchitectureError(EditdError):
+    """The model's architecture is not in the architecture table."""
+
+
+class SubjectNotFoundError(EditValidationError):
+    """The subject does not occur in the prompt (or maps to no token)."""
+
+
+# --- CLI -----------------------------------------------------------------------------
+
+
+class NotBuiltYetError(EditdError):
+    """A CLI verb or feature that is part of the design but not built yet."""
+
+
+# --- control flow --------------------------------------------------------------------
+
+
+class Shutdown(BaseException):  # noqa: N818 - a signal to stop, not an error
+    """Raised to unwind a worker or job when the process is asked to stop."""

@@ -1,0 +1,66 @@
+"""structlog, configured once per process.
+
+Services write JSON lines (one event per line, easy for journald and log
+shippers); a terminal gets coloured console rendering. Events are snake_case
+past tense (``edit_applied``) with key/values (``edit_id``, ``batch_id``).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Literal, TextIO
+
+import structlog
+
+LogFormat = Literal["auto", "json", "console"]
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+           "error": logging.ERROR}
+
+
+def resolve_format(fmt: LogFormat, stream: TextIO) -> Literal["json", "console"]:
+    """``auto`` means console rendering on a TTY and JSON lines otherwise."""
+    if fmt != "auto":
+        return fmt
+    isatty = getattr(stream, "isatty", None)
+    return "console" if isatty is not None and isatty() else "json"
+
+
+def configure_logging(
+    level: str = "info", fmt: LogFormat = "auto", stream: TextIO | None = None
+) -> None:
+    """Configure structlog for this process. Safe to call again (it replaces the config)."""
+    out = stream if stream is not None else sys.stderr
+    if level not in _LEVELS:
+        raise ValueError(f"unknown log level '{level}' (expected one of {sorted(_LEVELS)})")
+    shared: list[structlog.types.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.StackInfoRenderer(),
+    ]
+    renderer: structlog.types.Processor
+    if resolve_format(fmt, out) == "json":
+        shared.append(
+            structlog.processors.ExceptionRenderer(
+                structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+            )
+        )
+        renderer = structlog.processors.JSONRenderer()
+    else:
+        renderer = structlog.dev.ConsoleRenderer(colors=out.isatty())
+    structlog.configure(
+        processors=[*shared, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
+        logger_factory=structlog.PrintLoggerFactory(file=out),
+        cache_logger_on_first_use=False,
+    )
+    # Libraries that use the stdlib (uvicorn, transformers) follow the same level.
+    logging.basicConfig(level=_LEVELS[level], stream=out, format="%(name)s: %(message)s")
+
+
+def get_logger(name: str | None = None) -> structlog.stdlib.BoundLogger:
+    """A bound logger; ``name`` becomes the ``logger`` key on every event."""
+    log: structlog.stdlib.BoundLogger = structlog.get_logger()
+    return log.bind(logger=name) if name else log

@@ -1,0 +1,1 @@
+"""The synthetic fact world: a model whose knowledge is known exactly."""
