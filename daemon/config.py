@@ -1,0 +1,475 @@
+"""Configuration: ``config.toml`` parsed with ``tomllib`` into frozen dataclasses.
+
+Every key has a default, so a file need only name what differs. Unknown keys and
+values of the wrong type are errors that name the key and the file. Relative
+paths resolve against the folder of the config file. The environment may
+override paths and secrets only (see ``ENV_OVERRIDES``).
+
+The key names under ``[model]``, ``[store]``, ``[checkpoints]``, ``[api]`` and
+``[router]`` listed in DESIGN.md are a contract with other programs: keep them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from daemon.errors import ConfigError
+
+CONFIG_ENV = "EDITD_CONFIG"
+DEFAULT_CONFIG_NAME = "config.toml"
+
+Device = Literal["auto", "cpu", "cuda"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+BackendChoice = Literal["auto", "melo", "hook"]
+KeyPosition = Literal["auto", "subject_last", "prompt_last"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+LogFormat = Literal["auto", "json", "console"]
+
+
+class _FieldError(ValueError):
+    """Raised inside ``__post_init__``; the loader adds the file and section."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise _FieldError(key, message)
+
+
+def _positive(cfg: object, *names: str) -> None:
+    for name in names:
+        _require(getattr(cfg, name) > 0, name, "must be > 0")
+
+
+def _non_negative(cfg: object, *names: str) -> None:
+    for name in names:
+        _require(getattr(cfg, name) >= 0, name, "must be >= 0")
+
+
+def _fraction(cfg: object, *names: str) -> None:
+    for name in names:
+        _require(0.0 <= getattr(cfg, name) <= 1.0, name, "must be between 0 and 1")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model to load and where it runs.
+
+    ``name_or_path`` is a Hugging Face folder or cached name, or ``world:SIZE``
+    / ``world:SIZE-ARCH`` for the embedded fact-world model (built on first use
+    into ``world_cache``).
+    """
+
+    name_or_path: str = "world:small"
+    device: Device = "auto"
+    dtype: DType = "auto"
+    threads: int = 1  # torch intra-op threads; 0 keeps torch's default
+    trust_remote_code: bool = False
+    world_cache: Path = Path("var/worlds")
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name_or_path.strip()), "name_or_path", "must not be empty")
+        _non_negative(self, "threads")
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """The SQLite store and the limits applied to every incoming edit request."""
+
+    path: Path = Path("var/editd.sqlite3")
+    busy_timeout_s: float = 10.0
+    max_prompt_chars: int = 2000
+    max_target_chars: int = 1000
+    max_list_items: int = 64
+
+    def __post_init__(self) -> None:
+        _positive(self, "busy_timeout_s", "max_prompt_chars", "max_target_chars", "max_list_items")
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """How ``backend = "auto"`` edits are sent to a back-end."""
+
+    default_backend: BackendChoice = "auto"
+    hook_max_target_tokens: int = 8
+    escalate_to_melo: bool = True
+
+    def __post_init__(self) -> None:
+        _positive(self, "hook_max_target_tokens")
+
+
+@dataclass(frozen=True)
+class MeloConfig:
+    """MELO: LoRA blocks routed by a neuron-key index. Empty ``layers`` and
+    ``key_layer = -1`` mean the architecture table's defaults; ``radius = 0``
+    means calibrate from the key-distance distribution."""
+
+    layers: tuple[int, ...] = ()
+    key_layer: int = -1
+    rank_per_block: int = 4
+    edits_per_block: int = 1
+    max_blocks: int = 1024
+    learning_rate: float = 1e-2
+    max_steps: int = 100
+    radius: float = 0.0
+    exact_index_max: int = 10000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _positive(self, "rank_per_block", "edits_per_block", "max_blocks", "learning_rate")
+        _positive(self, "max_steps", "exact_index_max")
+        _non_negative(self, "radius")
+        _require(self.key_layer >= -1, "key_layer", "must be -1 (auto) or a layer index")
+        _require(all(i >= 0 for i in self.layers), "layers", "layer indices must be >= 0")
+
+
+@dataclass(frozen=True)
+class HookConfig:
+    """COMEBA-HK: hook layers with closed-form consecutive updates and a scope gate."""
+
+    layers: tuple[int, ...] = ()
+    key_position: KeyPosition = "auto"
+    covariance_source: str = "world"
+    covariance_tokens: int = 100_000
+    covariance_weight: float = 1.0e4
+    target_steps: int = 25
+    target_learning_rate: float = 0.5
+    target_kl_weight: float = 0.0625
+    target_norm_clamp: float = 4.0
+    gate_threshold: float = 2.0
+    gate_floor: float = 1.0
+    max_update_norm_zscore: float = 6.0
+    max_target_tokens: int = 8
+
+    def __post_init__(self) -> None:
+        _positive(self, "covariance_tokens", "covariance_weight", "target_steps")
+        _positive(self, "target_learning_rate", "target_norm_clamp", "max_target_tokens")
+        _positive(self, "max_update_norm_zscore")
+        _non_negative(self, "target_kl_weight", "gate_threshold", "gate_floor")
+        _require(all(i >= 0 for i in self.layers), "layers", "layer indices must be >= 0")
+
+
+@dataclass(frozen=True)
+class EditorsConfig:
+    """Per-back-end settings: ``[editors.melo]`` and ``[editors.hook]``."""
+
+    melo: MeloConfig = field(default_factory=MeloConfig)
+    hook: HookConfig = field(default_factory=HookConfig)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """The worker that claims batches from the queue and applies them."""
+
+    batch_size: int = 10
+    max_wait_s: float = 2.0
+    lease_s: float = 300.0
+    max_attempts: int = 3
+    backoff_base_s: float = 2.0
+    backoff_max_s: float = 300.0
+    poll_interval_s: float = 0.5
+    verify: bool = True
+
+    def __post_init__(self) -> None:
+        _positive(self, "batch_size", "lease_s", "max_attempts", "poll_interval_s")
+        _non_negative(self, "max_wait_s", "backoff_base_s")
+        _require(self.backoff_max_s >= self.backoff_base_s, "backoff_max_s",
+                 "must be >= backoff_base_s")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Periodic jobs (apscheduler 3.x): nightly release and lease housekeeping."""
+
+    enabled: bool = True
+    timezone: str = "UTC"
+    nightly_time: str = "02:00"
+    requeue_interval_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        _positive(self, "requeue_interval_s")
+        parts = self.nightly_time.split(":")
+        ok = len(parts) == 2 and all(p.isdigit() for p in parts)
+        ok = ok and 0 <= int(parts[0]) <= 23 and 0 <= int(parts[1]) <= 59
+        _require(ok, "nightly_time", f"must be HH:MM in 24-hour time, got '{self.nightly_time}'")
+
+
+@dataclass(frozen=True)
+class CheckpointsConfig:
+    """Atomic snapshots of the editors' state."""
+
+    dir: Path = Path("var/checkpoints")
+    every_edits: int = 100
+    every_minutes: float = 30.0
+    keep: int = 5
+
+    def __post_init__(self) -> None:
+        _positive(self, "every_edits", "every_minutes", "keep")
+
+
+@dataclass(frozen=True)
+class DriftConfig:
+    """Locality probes against the base model; rollback past the thresholds.
+    An empty ``probes`` path means a probe set drawn from the fact world."""
+
+    enabled: bool = True
+    probes: str = ""
+    interval_minutes: float = 60.0
+    every_batches: int = 10
+    min_top1_agreement: float = 0.97
+    max_mean_kl: float = 0.05
+    retention_sample: int = 50
+    min_retention: float = 0.9
+
+    def __post_init__(self) -> None:
+        _positive(self, "interval_minutes", "every_batches", "retention_sample")
+        _fraction(self, "min_top1_agreement", "min_retention")
+        _non_negative(self, "max_mean_kl")
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    """The HTTP API. ``token`` may come from the environment (EDITD_API_TOKEN)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8765
+    token: str = ""
+    max_request_bytes: int = 1 << 20
+    max_edits_per_request: int = 1000
+    max_prompts_per_completion: int = 32
+    max_tokens_limit: int = 256
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.port <= 65535, "port", "must be between 0 and 65535")
+        _require(bool(self.host.strip()), "host", "must not be empty")
+        _positive(self, "max_request_bytes", "max_edits_per_request")
+        _positive(self, "max_prompts_per_completion", "max_tokens_limit")
+
+
+@dataclass(frozen=True)
+class FeedsConfig:
+    """Feed polling (feeds themselves are added with ``editd feeds add``) and the spool."""
+
+    enabled: bool = True
+    default_interval_s: float = 900.0
+    timeout_s: float = 10.0
+    max_bytes: int = 5 << 20
+    user_agent: str = "editd/0.1"
+    spool_dir: Path = Path("var/spool")
+    pattern_extractor: bool = False
+
+    def __post_init__(self) -> None:
+        _positive(self, "default_interval_s", "timeout_s", "max_bytes")
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """Log level and rendering (``auto``: console on a terminal, JSON lines otherwise)."""
+
+    level: LogLevel = "info"
+    format: LogFormat = "auto"
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration; ``source`` is the file it came from (None: defaults)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    editors: EditorsConfig = field(default_factory=EditorsConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    checkpoints: CheckpointsConfig = field(default_factory=CheckpointsConfig)
+    drift: DriftConfig = field(default_factory=DriftConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
+    feeds: FeedsConfig = field(default_factory=FeedsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    source: Path | None = None
+
+
+# Environment variables that may override a value: paths and secrets only.
+ENV_OVERRIDES: dict[str, tuple[str, str]] = {
+    "EDITD_API_TOKEN": ("api", "token"),
+    "EDITD_STORE_PATH": ("store", "path"),
+    "EDITD_CHECKPOINTS_DIR": ("checkpoints", "dir"),
+    "EDITD_MODEL_PATH": ("model", "name_or_path"),
+}
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
+             Path: "a path (string)"}
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _describe(value: Any) -> str:
+    kind = {bool: "boolean", int: "integer", float: "number", str: "string", list: "list",
+            dict: "table"}.get(type(value), type(value).__name__)
+    shown = repr(value)
+    return f"{kind} {shown[:40] + '...' if len(shown) > 40 else shown}"
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and convert it (e.g. list → tuple)."""
+    origin = typing.get_origin(tp)
+    ok: bool
+    if origin is Literal:
+        ok = isinstance(value, str) and value in typing.get_args(tp)
+    elif origin is tuple:
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise _FieldError(key, f"expected {_type_name(tp)}, got {_describe(value)}")
+        return tuple(_coerce(v, item_tp, key) for v in value)
+    elif tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif tp is str:
+        ok = isinstance(value, str)
+    elif tp is Path:
+        ok = isinstance(value, str) and bool(value.strip())
+        value = Path(value) if ok else value
+    else:
+        raise TypeError(f"unsupported annotation for {key}: {tp}")
+    if not ok:
+        raise _FieldError(key, f"expected {_type_name(tp)}, got {_describe(value)}")
+    return value
+
+
+def _build(cls: type[Any], table: Any, prefix: str) -> Any:
+    """Build dataclass ``cls`` from a TOML table, naming keys as ``prefix.key``."""
+    if not isinstance(table, dict):
+        raise _FieldError(prefix, f"expected a table, got {_describe(table)}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    kwargs: dict[str, Any] = {}
+    for name, value in table.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name not in known:
+            allowed = ", ".join(sorted(known))
+            raise _FieldError(key, f"unknown key (allowed here: {allowed})")
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(typing.cast(type[Any], tp), value, key)
+        else:
+            kwargs[name] = _coerce(value, tp, key)
+    try:
+        return cls(**kwargs)
+    except _FieldError as e:
+        raise _FieldError(f"{prefix}.{e.key}" if prefix else e.key, str(e)) from None
+
+
+def _resolve_paths(cfg: Config, base: Path) -> Config:
+    def rel(p: Path) -> Path:
+        return p if p.is_absolute() else (base / p)
+
+    return dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, world_cache=rel(cfg.model.world_cache)),
+        store=dataclasses.replace(cfg.store, path=rel(cfg.store.path)),
+        checkpoints=dataclasses.replace(cfg.checkpoints, dir=rel(cfg.checkpoints.dir)),
+        feeds=dataclasses.replace(cfg.feeds, spool_dir=rel(cfg.feeds.spool_dir)),
+    )
+
+
+def _apply_env(data: dict[str, Any], env: typing.Mapping[str, str]) -> dict[str, Any]:
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    for var, (section, key) in ENV_OVERRIDES.items():
+        value = env.get(var)
+        if value:
+            table = out.setdefault(section, {})
+            if isinstance(table, dict):
+                table[key] = value
+    return out
+
+
+def parse_config(
+    data: dict[str, Any], *, source: Path | None = None, env: typing.Mapping[str, str] | None = None
+) -> Config:
+    """Validate a parsed TOML document (plus environment overrides) into a ``Config``."""
+    merged = _apply_env(data, os.environ if env is None else env)
+    try:
+        cfg: Config = _build(Config, merged, "")
+    except _FieldError as e:
+        raise ConfigError(str(e), path=source, key=e.key) from None
+    base = source.parent if source is not None else Path.cwd()
+    return dataclasses.replace(_resolve_paths(cfg, base.resolve()), source=source)
+
+
+def config_path(explicit: str | Path | None, env: typing.Mapping[str, str] | None = None) -> Path:
+    """The config file to read: ``--config``, else ``$EDITD_CONFIG``, else ``./config.toml``."""
+    environ = os.environ if env is None else env
+    if explicit:
+        return Path(explicit)
+    if environ.get(CONFIG_ENV):
+        return Path(environ[CONFIG_ENV])
+    return Path(DEFAULT_CONFIG_NAME)
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    env: typing.Mapping[str, str] | None = None,
+    missing_ok: bool | None = None,
+) -> Config:
+    """Read and validate the config file.
+
+    A file named explicitly (argument or ``EDITD_CONFIG``) must exist; the
+    implicit ``./config.toml`` may be absent, and then the defaults apply.
+    """
+    environ = os.environ if env is None else env
+    chosen = config_path(path, environ)
+    implicit = not path and not environ.get(CONFIG_ENV)
+    allow_missing = implicit if missing_ok is None else missing_ok
+    try:
+        raw = chosen.read_bytes()
+    except FileNotFoundError:
+        if allow_missing:
+            return parse_config({}, source=None, env=environ)
+        raise ConfigError("config file not found", path=chosen) from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file ({e.strerror})", path=chosen) from e
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"not valid UTF-8 at byte {e.start}", path=chosen) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"invalid TOML: {e}", path=chosen) from None
+    return parse_config(data, source=chosen.resolve(), env=environ)
+
+
+def config_as_dict(cfg: Config) -> dict[str, Any]:
+    """A plain, TOML/JSON-friendly dictionary of the effective configuration."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, Path):
+            return str(value)
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    out = plain(dataclasses.asdict(cfg))
+    out.pop("source", None)
+    if out["api"]["token"]:
+        out["api"]["token"] = "***"
+    return typing.cast(dict[str, Any], out)

@@ -1,0 +1,62 @@
+"""Fixtures shared by the whole suite.
+
+Tests use one torch thread (two shared cores: more threads are slower, see
+ENVIRONMENT.md) and never touch a model hub.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _shared_dir() -> Path:
+    override = os.environ.get("EDITD_SHARED")
+    return Path(override) if override else REPO_ROOT.parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    """The repository's top folder."""
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """``../shared`` beside the clone (override with EDITD_SHARED); skip when absent."""
+    path = _shared_dir()
+    if not path.is_dir():
+        pytest.skip(f"shared data folder not found at {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer_dir(shared_dir: Path) -> Path:
+    """The real GPT-2 byte-level BPE vocabulary (vocab.json + merges.txt)."""
+    path = shared_dir / "data" / "tokenizers" / "gpt2"
+    if not (path / "vocab.json").is_file():
+        pytest.skip(f"GPT-2 tokenizer files not found under {path}")
+    return path
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread() -> None:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a hard dependency
+        return
+    torch.set_num_threads(1)
+
+
+@pytest.fixture
+def store_path(tmp_path: Path) -> Path:
+    """A path for a fresh SQLite store file (not yet created)."""
+    return tmp_path / "var" / "editd.sqlite3"
