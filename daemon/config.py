@@ -182,8 +182,9 @@ class WorkerConfig:
     def __post_init__(self) -> None:
         _positive(self, "batch_size", "lease_s", "max_attempts", "poll_interval_s")
         _non_negative(self, "max_wait_s", "backoff_base_s")
-        _require(self.backoff_max_s >= self.backoff_base_s, "backoff_max_s",
-                 "must be >= backoff_base_s")
+        _require(
+            self.backoff_max_s >= self.backoff_base_s, "backoff_max_s", "must be >= backoff_base_s"
+        )
 
 
 @dataclass(frozen=True)
@@ -312,14 +313,25 @@ def _type_name(tp: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin is tuple:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
-             Path: "a path (string)"}
+    names = {
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        bool: "true or false",
+        Path: "a path (string)",
+    }
     return names.get(tp, getattr(tp, "__name__", str(tp)))
 
 
 def _describe(value: Any) -> str:
-    kind = {bool: "boolean", int: "integer", float: "number", str: "string", list: "list",
-            dict: "table"}.get(type(value), type(value).__name__)
+    kind = {
+        bool: "boolean",
+        int: "integer",
+        float: "number",
+        str: "string",
+        list: "list",
+        dict: "table",
+    }.get(type(value), type(value).__name__)
     shown = repr(value)
     return f"{kind} {shown[:40] + '...' if len(shown) > 40 else shown}"
 

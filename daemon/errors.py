@@ -106,6 +106,10 @@ class MigrationError(StoreError):
     """A schema migration failed or the database is newer than this code."""
 
 
+class StoreBusyError(StoreError):
+    """The store's write lock was not acquired within the busy timeout."""
+
+
 class EditNotFoundError(StoreError):
     """No edit with the given id exists."""
 
@@ -160,6 +164,60 @@ class UnsupportedArchitectureError(EditdError):
 
 class SubjectNotFoundError(EditValidationError):
     """The subject does not occur in the prompt (or maps to no token)."""
+
+
+# --- fact world ----------------------------------------------------------------------
+
+
+class WorldError(EditdError):
+    """Base class for errors of the synthetic fact world."""
+
+
+class WorldBuildError(WorldError):
+    """A fact-world build could not start or finish (e.g. the output folder exists)."""
+
+    def __init__(self, message: str, *, path: Path | str | None = None):
+        full = f"{path}: {message}" if path is not None else message
+        super().__init__(full, path=path)
+        self.path = path
+
+
+class WorldNotReadyError(WorldError):
+    """A fact-world model was built but does not know its facts well enough to be used."""
+
+    def __init__(self, path: Path | str, accuracy: float, required: float):
+        super().__init__(
+            f"{path}: world model is not ready: training-template accuracy "
+            f"{accuracy:.3f} is below the required {required:.3f}",
+            path=path,
+            accuracy=accuracy,
+            required=required,
+        )
+        self.path = path
+        self.accuracy = accuracy
+        self.required = required
+
+
+class WorldFormatError(WorldError):
+    """A fact-world folder or ``world.json`` is missing, malformed or of another version."""
+
+
+# --- editors and evaluation ----------------------------------------------------------
+
+
+class EditorStateError(EditdError):
+    """An editor state (checkpoint) has an unknown version or does not fit the model."""
+
+
+class EvalDataError(EditdError):
+    """An evaluation or benchmark data file cannot be read or has the wrong schema."""
+
+    def __init__(self, message: str, *, path: str | None = None, record: int | None = None,
+                 field: str | None = None):
+        parts = [p for p in (path, None if record is None else f"record {record}",
+                             None if field is None else f"field '{field}'") if p]
+        super().__init__(f"{', '.join(parts)}: {message}" if parts else message,
+                         path=path, record=record, field=field)
 
 
 # --- CLI -----------------------------------------------------------------------------

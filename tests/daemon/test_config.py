@@ -53,15 +53,21 @@ def test_contract_keys_exist() -> None:
     """The keys other programs rely on (DESIGN.md) keep their names."""
     cfg = Config()
     for section, key in [
-        ("model", "name_or_path"), ("model", "device"), ("model", "dtype"),
-        ("store", "path"), ("checkpoints", "dir"), ("api", "host"), ("api", "port"),
-        ("api", "token"), ("router", "default_backend"),
+        ("model", "name_or_path"),
+        ("model", "device"),
+        ("model", "dtype"),
+        ("store", "path"),
+        ("checkpoints", "dir"),
+        ("api", "host"),
+        ("api", "port"),
+        ("api", "token"),
+        ("router", "default_backend"),
     ]:
         assert hasattr(getattr(cfg, section), key), f"{section}.{key}"
 
 
 def test_partial_file_overrides_only_what_it_names(tmp_path: Path) -> None:
-    path = write(tmp_path, '[api]\nport = 9001\n[editors.hook]\nlayers = [1, 2]\n')
+    path = write(tmp_path, "[api]\nport = 9001\n[editors.hook]\nlayers = [1, 2]\n")
     cfg = load_config(path, env=NO_ENV)
     assert cfg.api.port == 9001
     assert cfg.editors.hook.layers == (1, 2)
@@ -84,20 +90,20 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path) -> Non
     [
         ("[api]\nprot = 1\n", "api.prot", "unknown key"),
         ("[nope]\nx = 1\n", "nope", "unknown key"),
-        ("[api]\nport = \"80\"\n", "api.port", "expected an integer, got string"),
+        ('[api]\nport = "80"\n', "api.port", "expected an integer, got string"),
         ("[api]\nport = 70000\n", "api.port", "between 0 and 65535"),
         ("[worker]\nverify = 1\n", "worker.verify", "expected true or false"),
         ("[worker]\nbatch_size = 0\n", "worker.batch_size", "must be > 0"),
         ("[worker]\nbatch_size = 2.5\n", "worker.batch_size", "expected an integer"),
-        ("[model]\ndevice = \"tpu\"\n", "model.device", "one of 'auto', 'cpu', 'cuda'"),
-        ("[editors.hook]\nlayers = [1, \"2\"]\n", "editors.hook.layers", "expected an integer"),
+        ('[model]\ndevice = "tpu"\n', "model.device", "one of 'auto', 'cpu', 'cuda'"),
+        ('[editors.hook]\nlayers = [1, "2"]\n', "editors.hook.layers", "expected an integer"),
         ("[editors.hook]\nlayers = 3\n", "editors.hook.layers", "a list of an integer"),
         ("[editors.melo]\nkey_layer = -2\n", "editors.melo.key_layer", "-1 (auto)"),
         ("[editors]\nmelo = 3\n", "editors.melo", "expected a table"),
         ("api = 3\n", "api", "expected a table"),
-        ("[scheduler]\nnightly_time = \"25:00\"\n", "scheduler.nightly_time", "HH:MM"),
+        ('[scheduler]\nnightly_time = "25:00"\n', "scheduler.nightly_time", "HH:MM"),
         ("[drift]\nmin_retention = 1.5\n", "drift.min_retention", "between 0 and 1"),
-        ("[store]\npath = \"\"\n", "store.path", "expected a path"),
+        ('[store]\npath = ""\n', "store.path", "expected a path"),
         ("[worker]\nbackoff_base_s = 10.0\nbackoff_max_s = 5.0\n", "worker.backoff_max_s", ">="),
     ],
 )
@@ -120,7 +126,7 @@ def test_malformed_toml_and_bad_bytes_are_one_line_errors(tmp_path: Path) -> Non
     with pytest.raises(ConfigError, match="invalid TOML") as info:
         load_config(path, env=NO_ENV)
     assert str(path) in str(info.value)
-    bad = write(tmp_path, b"[api]\nhost = \"\xff\xfe\"\n", name="bad.toml")
+    bad = write(tmp_path, b'[api]\nhost = "\xff\xfe"\n', name="bad.toml")
     with pytest.raises(ConfigError, match="not valid UTF-8 at byte 14"):
         load_config(bad, env=NO_ENV)
 
@@ -164,8 +170,19 @@ toml_scalars = st.one_of(
     st.lists(st.integers(min_value=-3, max_value=40), max_size=4),
 )
 section_names = st.sampled_from(
-    ["model", "store", "router", "worker", "scheduler", "checkpoints", "drift", "api", "feeds",
-     "log", "bogus"]
+    [
+        "model",
+        "store",
+        "router",
+        "worker",
+        "scheduler",
+        "checkpoints",
+        "drift",
+        "api",
+        "feeds",
+        "log",
+        "bogus",
+    ]
 )
 
 

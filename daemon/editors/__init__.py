@@ -1,0 +1,1 @@
+"""Editors: the two back-ends (MELO, COMEBA-HK) and the reference baselines."""

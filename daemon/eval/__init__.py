@@ -1,0 +1,1 @@
+"""Evaluation: lifelong-editing metrics, the harness that streams edits, and reports."""

@@ -1,0 +1,99 @@
+"""Encoding ``prompt + target`` pairs into one left-padded batch.
+
+Used wherever a target is scored or optimised (teacher-forced metrics, the FT
+baseline, the editors' target optimisation), so all of them agree on which
+tokens are "the target" and which logits predict them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+
+def target_token_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, target: str) -> list[int]:
+    """The tokens of ``target`` as they appear after ``prompt`` (context-aware BPE).
+
+    Tokenizes ``prompt + target`` and drops the prompt's tokens, so a leading
+    space merges the way the model saw it in training. When the boundary token
+    merges across prompt and target, falls back to the target tokenized alone.
+    """
+    full: list[int] = tokenizer(prompt + target)["input_ids"]
+    head: list[int] = tokenizer(prompt)["input_ids"]
+    if full[: len(head)] == head and len(full) > len(head):
+        return full[len(head) :]
+    alone: list[int] = tokenizer(target, add_special_tokens=False)["input_ids"]
+    return alone
+
+
+@dataclass(frozen=True)
+class PromptTargetBatch:
+    """A left-padded batch of ``prompt + target`` token rows.
+
+    ``labels`` is -100 everywhere except at target tokens, already aligned with
+    the *logits that predict them* (position t holds the token at t + 1), so
+    ``cross_entropy(logits.transpose(1, 2), labels)`` is the target NLL.
+    """
+
+    input_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T)
+    labels: torch.Tensor  # (B, T), -100 outside the targets
+    prompt_last: torch.Tensor  # (B,) index of each prompt's last token
+
+    def to(self, device: torch.device) -> PromptTargetBatch:
+        return PromptTargetBatch(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.labels.to(device),
+            self.prompt_last.to(device),
+        )
+
+
+def encode_prompt_target(
+    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], targets: Sequence[str]
+) -> PromptTargetBatch:
+    """Encode pairs into one left-padded batch with shifted target labels."""
+    if len(prompts) != len(targets) or not prompts:
+        raise ValueError(
+            f"need equally many prompts and targets, got {len(prompts)}/{len(targets)}"
+        )
+    rows: list[tuple[list[int], int]] = []
+    for prompt, target in zip(prompts, targets, strict=True):
+        head: list[int] = tokenizer(prompt)["input_ids"]
+        tail = target_token_ids(tokenizer, prompt, target)
+        if not head or not tail:
+            raise ValueError(f"prompt or target tokenizes to nothing: {prompt!r} / {target!r}")
+        rows.append((head + tail, len(head)))
+    width = max(len(ids) for ids, _ in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    prompt_last = torch.zeros(len(rows), dtype=torch.long)
+    for i, (row, prompt_len) in enumerate(rows):
+        offset = width - len(row)
+        ids[i, offset:] = torch.tensor(row)
+        mask[i, offset:] = 1
+        # logits at position p predict token p + 1: target tokens start at offset + prompt_len
+        start = offset + prompt_len - 1
+        labels[i, start : width - 1] = torch.tensor(row[prompt_len:])
+        prompt_last[i] = offset + prompt_len - 1
+    return PromptTargetBatch(ids, mask, labels, prompt_last)
+
+
+def target_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood per row over its target tokens: (B,)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+    mask = labels != -100  # (B, T)
+    picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T)
+    return -(picked * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+
+
+def target_token_hits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per row, the fraction of target tokens that are the argmax: (B,)."""
+    mask = labels != -100
+    hits = (logits.argmax(dim=-1) == labels) & mask
+    return hits.sum(dim=1).float() / mask.sum(dim=1).clamp(min=1).float()
