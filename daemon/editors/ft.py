@@ -106,7 +106,7 @@ class FtEditor:
         optimizer = torch.optim.Adam([self.weight], lr=self.config.learning_rate)
         steps = 0
         try:
-            for steps in range(1, self.config.max_steps + 1):  # noqa: B007 - steps is reported
+            for steps in range(1, self.config.max_steps + 1):
                 logits = self.model(
                     input_ids=batch.input_ids, attention_mask=batch.attention_mask
                 ).logits
