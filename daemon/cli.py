@@ -30,12 +30,16 @@ EXIT_NOT_BUILT = 3
 class CliError(click.ClickException):
     """A one-line error for the terminal with a chosen exit code."""
 
-    def __init__(self, message: str, exit_code: int = EXIT_ERROR):
-        super().__init__(message)
-        self.exit_code = exit_code
+    exit_code = EXIT_ERROR
 
     def show(self, file: Any = None) -> None:
         click.echo(f"editd: error: {self.format_message()}", err=True, file=file)
+
+
+class CliNotBuiltError(CliError):
+    """A verb whose machinery is not built yet: exit status 3."""
+
+    exit_code = EXIT_NOT_BUILT
 
 
 class EditdGroup(click.Group):
@@ -45,7 +49,7 @@ class EditdGroup(click.Group):
         try:
             return super().invoke(ctx)
         except NotBuiltYetError as e:
-            raise CliError(str(e), EXIT_NOT_BUILT) from e
+            raise CliNotBuiltError(str(e)) from e
         except EditdError as e:
             raise CliError(str(e)) from e
 

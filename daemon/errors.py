@@ -118,6 +118,15 @@ class EditNotFoundError(StoreError):
         self.edit_id = edit_id
 
 
+class RecordNotFoundError(StoreError):
+    """No batch, checkpoint, feed (or other stored record) with the given key exists."""
+
+    def __init__(self, kind: str, key: str):
+        super().__init__(f"no {kind} with id '{key}'", kind=kind, key=key)
+        self.kind = kind
+        self.key = key
+
+
 class IdempotencyConflictError(StoreError):
     """A client id was reused for a request with different content."""
 

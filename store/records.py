@@ -1,224 +1,38 @@
-"""The edit request: its states, its schema, and its canonical JSON form.
+"""The edit request schema and its validation, shared by every source.
 
-Every source (HTTP API, CLI, feeds, the nightly spool, evaluation) turns its
-input into an :class:`EditRequest` through :func:`store.validation.parse_edit_request`
-(re-exported here), so one set of rules decides what is a valid edit.
+API, CLI, feeds, the nightly spool and evaluation all turn their input into an
+:class:`EditRequest` with :func:`parse_edit_request`, :func:`parse_edit_json` or
+:func:`iter_jsonl`, so one set of rules decides what a valid edit is.
 
-Edit life cycle (``ALLOWED_TRANSITIONS``)::
-
-    queued ──> applying ──> applied ──> retracted | superseded | quarantined
-      │  ^        │  │                                  │
-      │  └────────┘  └──> failed ──> queued | retracted │
-      └──> retracted                                    │
-    quarantined ──> applying | queued | failed | retracted
-
-- ``rejected`` is set only at intake (invalid input, id conflict) and is terminal.
-- ``applying -> queued`` is a retry: a failure with attempts left, a graceful
-  release, or an expired lease.
-- ``failed -> queued`` is a manual requeue.
-- ``retracted`` and ``superseded`` are terminal.
+The types live in :mod:`store.schema` and the checks in :mod:`store.validation`
+(split so that neither module imports the other in a cycle); import both from here.
+See :data:`ALLOWED_TRANSITIONS` in :mod:`store.schema` for the edit life cycle.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
-from enum import Enum
-from typing import Any
-
-from daemon.errors import ConfigError
-
-REQUEST_SCHEMA_VERSION = 1
-"""Version of the edit-request JSON schema stored in ``edits.request_json``."""
-
-
-class EditStatus(str, Enum):
-    """Persisted state of an edit."""
-
-    QUEUED = "queued"
-    APPLYING = "applying"
-    APPLIED = "applied"
-    FAILED = "failed"
-    REJECTED = "rejected"
-    RETRACTED = "retracted"
-    SUPERSEDED = "superseded"
-    QUARANTINED = "quarantined"
-
-
-class Backend(str, Enum):
-    """Which editor should apply an edit (``auto`` lets the router decide)."""
-
-    AUTO = "auto"
-    MELO = "melo"
-    HOOK = "hook"
-
-
-class Schedule(str, Enum):
-    """When an edit may be applied: as soon as possible, or by the nightly job."""
-
-    NOW = "now"
-    NIGHTLY = "nightly"
-
-
-class SourceKind(str, Enum):
-    """Where an edit request came from."""
-
-    API = "api"
-    CLI = "cli"
-    FEED = "feed"
-    SPOOL = "spool"
-    EVAL = "eval"
-
-
-ALLOWED_TRANSITIONS: Mapping[EditStatus, frozenset[EditStatus]] = {
-    EditStatus.QUEUED: frozenset({EditStatus.APPLYING, EditStatus.RETRACTED}),
-    EditStatus.APPLYING: frozenset({EditStatus.APPLIED, EditStatus.FAILED, EditStatus.QUEUED}),
-    EditStatus.APPLIED: frozenset(
-        {EditStatus.RETRACTED, EditStatus.SUPERSEDED, EditStatus.QUARANTINED}
-    ),
-    EditStatus.QUARANTINED: frozenset(
-        {EditStatus.APPLYING, EditStatus.QUEUED, EditStatus.FAILED, EditStatus.RETRACTED}
-    ),
-    EditStatus.FAILED: frozenset({EditStatus.QUEUED, EditStatus.RETRACTED}),
-    EditStatus.REJECTED: frozenset(),
-    EditStatus.RETRACTED: frozenset(),
-    EditStatus.SUPERSEDED: frozenset(),
-}
-"""For each state, the states an edit may move to next (see the module docstring)."""
-
-LIVE_STATUSES: frozenset[EditStatus] = frozenset(
-    {EditStatus.QUEUED, EditStatus.APPLYING, EditStatus.APPLIED, EditStatus.QUARANTINED}
+from store.schema import (
+    ALLOWED_TRANSITIONS,
+    LIVE_STATUSES,
+    REQUEST_FIELDS,
+    SOURCE_FIELDS,
+    Backend,
+    EditRequest,
+    EditSource,
+    EditStatus,
+    LocalityProbe,
+    RequestLimits,
+    Schedule,
+    SourceKind,
+    can_transition,
+    canonical_json,
 )
-"""States in which an edit counts for content-hash de-duplication."""
-
-
-def can_transition(current: EditStatus, wanted: EditStatus) -> bool:
-    """Whether ``current -> wanted`` is in :data:`ALLOWED_TRANSITIONS`."""
-    return wanted in ALLOWED_TRANSITIONS[current]
-
-
-@dataclass(frozen=True)
-class RequestLimits:
-    """Size limits applied to every edit request at intake."""
-
-    max_id_chars: int = 200
-    max_prompt_chars: int = 2000
-    max_target_chars: int = 1000
-    max_list_items: int = 64
-    max_relation_chars: int = 100
-    max_url_chars: int = 2048
-    max_request_bytes: int = 256 * 1024
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"must be a positive integer, got {value!r}", key=f.name)
-
-
-@dataclass(frozen=True)
-class LocalityProbe:
-    """A prompt whose answer an edit must not change."""
-
-    prompt: str
-    target: str
-
-    def to_json_dict(self) -> dict[str, str]:
-        """The JSON object form: ``{"prompt": ..., "target": ...}``."""
-        return {"prompt": self.prompt, "target": self.target}
-
-
-@dataclass(frozen=True)
-class EditSource:
-    """Provenance of a request: the intake channel and, for feeds, the item."""
-
-    kind: SourceKind
-    url: str | None = None
-    item_id: str | None = None
-
-    def to_json_dict(self) -> dict[str, str]:
-        """The JSON object form, omitting unset optional fields."""
-        out = {"kind": self.kind.value}
-        if self.url is not None:
-            out["url"] = self.url
-        if self.item_id is not None:
-            out["item_id"] = self.item_id
-        return out
-
-
-_DEFAULT_SOURCE = EditSource(kind=SourceKind.API)
-
-
-@dataclass(frozen=True)
-class EditRequest:
-    """One requested fact edit: make the model continue ``prompt`` with ``target``."""
-
-    prompt: str
-    target: str
-    id: str | None = None
-    subject: str | None = None
-    relation: str | None = None
-    rephrases: tuple[str, ...] = ()
-    heldout_rephrases: tuple[str, ...] = ()
-    locality: tuple[LocalityProbe, ...] = ()
-    backend: Backend = Backend.AUTO
-    schedule: Schedule = Schedule.NOW
-    supersedes: str | None = None
-    source: EditSource = field(default=_DEFAULT_SOURCE)
-
-    def to_json_dict(self) -> dict[str, Any]:
-        """Canonical JSON object: defaults omitted except ``source``; round-trips exactly."""
-        out = self._content_dict()
-        if self.id is not None:
-            out["id"] = self.id
-        out["source"] = self.source.to_json_dict()
-        return out
-
-    def content_hash(self) -> str:
-        """SHA-256 (hex) of the canonical JSON of every field except ``id`` and ``source``.
-
-        The same fact submitted twice, from any source, hashes the same.
-        """
-        return hashlib.sha256(canonical_json(self._content_dict()).encode("utf-8")).hexdigest()
-
-    def _content_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"prompt": self.prompt, "target": self.target}
-        for name in ("subject", "relation", "supersedes"):
-            value = getattr(self, name)
-            if value is not None:
-                out[name] = value
-        if self.rephrases:
-            out["rephrases"] = list(self.rephrases)
-        if self.heldout_rephrases:
-            out["heldout_rephrases"] = list(self.heldout_rephrases)
-        if self.locality:
-            out["locality"] = [probe.to_json_dict() for probe in self.locality]
-        if self.backend is not Backend.AUTO:
-            out["backend"] = self.backend.value
-        if self.schedule is not Schedule.NOW:
-            out["schedule"] = self.schedule.value
-        return out
-
-
-REQUEST_FIELDS: frozenset[str] = frozenset(f.name for f in fields(EditRequest))
-SOURCE_FIELDS: frozenset[str] = frozenset(f.name for f in fields(EditSource))
-
-
-def canonical_json(obj: object) -> str:
-    """Deterministic JSON text: sorted keys, no spaces, non-ASCII kept as is."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-# Re-exported so that callers need only ``store.records``.
-from store.validation import iter_jsonl, parse_edit_json, parse_edit_request  # noqa: E402
+from store.validation import iter_jsonl, parse_edit_json, parse_edit_request
 
 __all__ = [
     "ALLOWED_TRANSITIONS",
     "LIVE_STATUSES",
     "REQUEST_FIELDS",
-    "REQUEST_SCHEMA_VERSION",
     "SOURCE_FIELDS",
     "Backend",
     "EditRequest",

@@ -82,7 +82,10 @@ class FtEditor:
         if self.layer >= n_layers:
             raise ValueError(f"layer {self.layer} out of range for a {n_layers}-layer model")
         module = arch.unwrap_projection(arch.mlp_out_module(model, self.layer))
-        self.weight: torch.nn.Parameter = module.weight
+        weight = module.weight
+        if not isinstance(weight, torch.nn.Parameter):
+            raise TypeError(f"layer {self.layer}'s projection has no weight parameter")
+        self.weight = weight
         self.base_weight = self.weight.detach().clone()
         self._batches: list[list[EditSpec]] = []
 
@@ -115,7 +118,7 @@ class FtEditor:
                     break
                 loss = target_nll(logits, batch.labels).mean()
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                loss.backward()  # type: ignore[no-untyped-call]  # torch stub
                 optimizer.step()
                 self._clamp()
         finally:

@@ -33,7 +33,15 @@ from transformers.pytorch_utils import Conv1D
 from daemon.errors import UnsupportedArchitectureError
 
 Role = Literal[
-    "block", "attn", "mlp", "mlp_in", "mlp_gate", "mlp_out", "layers", "embed", "final_norm",
+    "block",
+    "attn",
+    "mlp",
+    "mlp_in",
+    "mlp_gate",
+    "mlp_out",
+    "layers",
+    "embed",
+    "final_norm",
     "lm_head",
 ]
 """Module roles accepted by ``module_path``; the first six need a layer index."""
@@ -90,22 +98,37 @@ class ArchSpec:
         return template.format(i=i)
 
 
-def _gpt_style(model_type: str, mlp_in: str, mlp_out: str) -> ArchSpec:
-    return ArchSpec(
-        model_type=model_type,
-        layers="transformer.h",
-        block="transformer.h.{i}",
-        attn="transformer.h.{i}.attn",
-        mlp="transformer.h.{i}.mlp",
-        mlp_in=(f"transformer.h.{{i}}.mlp.{mlp_in}",),
-        mlp_out=f"transformer.h.{{i}}.mlp.{mlp_out}",
-        embed="transformer.wte",
-        final_norm="transformer.ln_f",
-        lm_head="lm_head",
-        num_layers_attr="n_layer",
-        hidden_size_attr="n_embd",
-        intermediate_attr="n_inner",
-    )
+_GPT2 = ArchSpec(
+    model_type="gpt2",
+    layers="transformer.h",
+    block="transformer.h.{i}",
+    attn="transformer.h.{i}.attn",
+    mlp="transformer.h.{i}.mlp",
+    mlp_in=("transformer.h.{i}.mlp.c_fc",),  # Conv1D, weight [in, out]
+    mlp_out="transformer.h.{i}.mlp.c_proj",  # Conv1D, weight [in, out]
+    embed="transformer.wte",
+    final_norm="transformer.ln_f",
+    lm_head="lm_head",
+    num_layers_attr="n_layer",
+    hidden_size_attr="n_embd",
+    intermediate_attr="n_inner",  # None means 4 * n_embd
+)
+
+_GPTJ = ArchSpec(
+    model_type="gptj",
+    layers="transformer.h",
+    block="transformer.h.{i}",
+    attn="transformer.h.{i}.attn",
+    mlp="transformer.h.{i}.mlp",
+    mlp_in=("transformer.h.{i}.mlp.fc_in",),  # Linear, weight [out, in]
+    mlp_out="transformer.h.{i}.mlp.fc_out",  # Linear, weight [out, in]
+    embed="transformer.wte",
+    final_norm="transformer.ln_f",
+    lm_head="lm_head",
+    num_layers_attr="n_layer",
+    hidden_size_attr="n_embd",
+    intermediate_attr="n_inner",  # None means 4 * n_embd
+)
 
 
 def _llama_style(model_type: str) -> ArchSpec:
@@ -143,8 +166,8 @@ _GPT_NEOX = ArchSpec(
 )
 
 _SPECS: dict[str, ArchSpec] = {
-    "gpt2": _gpt_style("gpt2", "c_fc", "c_proj"),  # Conv1D, weight [in, out]
-    "gptj": _gpt_style("gptj", "fc_in", "fc_out"),  # Linear, weight [out, in]
+    "gpt2": _GPT2,
+    "gptj": _GPTJ,
     "gpt_neox": _GPT_NEOX,
     "llama": _llama_style("llama"),
     "mistral": _llama_style("mistral"),
@@ -330,7 +353,10 @@ def unwrap_projection(module: nn.Module) -> nn.Module:
 def _weight(module: nn.Module) -> tuple[torch.Tensor, bool]:
     """The weight parameter and whether it is stored ``[in, out]`` (Conv1D)."""
     inner = unwrap_projection(module)
-    return inner.weight, isinstance(inner, Conv1D)
+    weight = inner.weight
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{type(inner).__name__}.weight is not a tensor")
+    return weight, isinstance(inner, Conv1D)
 
 
 def projection_in_out(module: nn.Module) -> tuple[int, int]:
