@@ -1,0 +1,17 @@
+"""The ``editd`` command.
+
+Every verb from DESIGN.md is listed in ``editd --help``. Verbs whose machinery
+is not built yet say so and exit with status 3, never a fake success. Errors
+editd raises on purpose print one line (``editd: error: ...``) and exit 1;
+usage errors exit 2 (click's convention).
+"""
+
+from __future__ import annotations
+
+from daemon.cli import demo, edits, evaluate, pending, world  # noqa: F401 - register verbs
+from daemon.cli.app import cli
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    cli.main(args=argv, prog_name="editd")

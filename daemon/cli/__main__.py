@@ -1,0 +1,5 @@
+"""``python -m daemon.cli`` runs the ``editd`` command."""
+
+from daemon.cli import main
+
+main()

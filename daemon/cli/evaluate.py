@@ -1,0 +1,147 @@
+"""``editd eval``: stream edits through an editor and write the lifelong-editing report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from daemon.cli.app import cli, config_option, state
+from daemon.errors import EvalDataError
+
+if TYPE_CHECKING:
+    from daemon.eval.harness import EvalCase
+
+
+def _checkpoints(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple[int, ...]:
+    try:
+        marks = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter("expected comma-separated edit counts, e.g. 10,100,1000") from None
+    if not marks or any(m < 1 for m in marks):
+        raise click.BadParameter("expected positive edit counts, e.g. 10,100,1000")
+    return marks
+
+
+def read_cases(path: Path, fmt: str) -> tuple[list[EvalCase], list[str]]:
+    """Eval cases from an editd edits file or a benchmark file; plus one line per error."""
+    from daemon.eval.cases import case_from_request, load_cases
+    from daemon.eval.loaders import FORMATS, convert, detect_format
+    from store.records import parse_edit_request
+
+    if fmt == "auto":
+        try:
+            fmt = detect_format(path)
+        except EvalDataError:
+            fmt = "editd"
+    if fmt == "editd":
+        loaded = load_cases(path)
+        return list(loaded.cases), [str(e) for e in loaded.errors]
+    if fmt not in FORMATS:
+        raise EvalDataError(f"unknown format '{fmt}'", path=str(path))
+    conversion = convert(path, fmt)
+    cases = [
+        case_from_request(parse_edit_request(r), f"{fmt}-{i}")
+        for i, r in enumerate(conversion.requests, start=1)
+    ]
+    return cases, [str(e) for e in conversion.errors]
+
+
+@cli.command(name="eval")
+@config_option
+@click.option(
+    "--model",
+    "model_dir",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+)
+@click.option(
+    "--editor", "editor_name", required=True, type=click.Choice(["noop", "ft", "hook", "melo"])
+)
+@click.option(
+    "--edits",
+    "edits_path",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+)
+@click.option(
+    "--format",
+    "fmt",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "editd", "counterfact", "zsre", "knowedit", "mquake"]),
+)
+@click.option("--n", type=click.IntRange(min=1), required=True)
+@click.option("--checkpoints", callback=_checkpoints, default="10,100,1000", show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option(
+    "--send-rephrases", is_flag=True, help="Also give the editor the training-template rephrases."
+)
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.pass_context
+def eval_(
+    ctx: click.Context,
+    model_dir: Path,
+    editor_name: str,
+    edits_path: Path,
+    fmt: str,
+    n: int,
+    checkpoints: tuple[int, ...],
+    batch_size: int,
+    send_rephrases: bool,
+    out_dir: Path,
+    quiet: bool,
+) -> None:
+    """Run N edits through an editor; score efficacy, generalisation, locality, retention."""
+    from daemon.editors.registry import make_editor
+    from daemon.eval.basetask import world_base_task
+    from daemon.eval.harness import EvalSettings, Harness
+    from daemon.eval.report import EvalReport, markdown_table, write_report
+    from daemon.model.loading import load_model
+    from daemon.model.source import apply_threads
+
+    cfg = state(ctx).config()
+    apply_threads(cfg.model.threads)
+    cases, errors = read_cases(edits_path, fmt)
+    for line in errors[:20]:
+        click.echo(f"skipped: {line}", err=True)
+    if errors:
+        click.echo(f"{len(errors)} record(s) could not be converted", err=True)
+    if not cases:
+        raise EvalDataError("no usable edits", path=str(edits_path))
+    loaded = load_model(str(model_dir), device=cfg.model.device, dtype=cfg.model.dtype)
+    editor = make_editor(editor_name, loaded, cfg)
+    settings = EvalSettings(
+        n=min(n, len(cases)),
+        checkpoints=checkpoints,
+        batch_size=batch_size,
+        send_rephrases=send_rephrases,
+        progress=not quiet,
+    )
+    subjects = {c.spec.subject for c in cases[: settings.n] if c.spec.subject}
+    base_task = world_base_task(model_dir, exclude_subjects=subjects) or []
+    scores = Harness(editor, loaded, settings, base_task=base_task).run(cases)
+    report = EvalReport(
+        editor=editor_name,
+        model=str(model_dir),
+        n_edits=settings.n,
+        checkpoints=tuple(scores),
+        settings={
+            "batch_size": batch_size,
+            "send_rephrases": send_rephrases,
+            "checkpoints": list(checkpoints),
+            "threads": cfg.model.threads,
+            "device": str(loaded.device),
+        },
+        data={
+            "edits": str(edits_path),
+            "format": fmt,
+            "unconverted": len(errors),
+            "base_task_facts": len(base_task),
+        },
+    )
+    paths = write_report(report, out_dir)
+    click.echo(markdown_table(report))
+    click.echo("wrote " + ", ".join(str(p) for p in paths))

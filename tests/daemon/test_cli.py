@@ -1,0 +1,172 @@
+"""The ``editd`` command: verbs, exit codes, one-line errors, store-backed verbs."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from daemon.cli import cli
+
+DESIGN_VERBS = [
+    "serve",
+    "submit",
+    "status",
+    "edits",
+    "checkpoint",
+    "feeds",
+    "locate",
+    "probe",
+    "eval",
+    "world",
+    "demo",
+]
+NOT_BUILT = [
+    ["serve"],
+    ["locate"],
+    ["probe"],
+    ["checkpoint", "create"],
+    ["checkpoint", "restore", "x"],
+    ["feeds", "list"],
+    ["feeds", "add", "a", "b"],
+    ["feeds", "remove", "a"],
+    ["feeds", "poll"],
+]
+
+
+@pytest.fixture
+def config_file(tmp_path: Path) -> Path:
+    path = tmp_path / "editd.toml"
+    path.write_text('[store]\npath = "state/editd.sqlite3"\n')
+    return path
+
+
+def run(config: Path, *args: str, stdin: bytes | None = None) -> tuple[int, str, str]:
+    runner = CliRunner()
+    result = runner.invoke(cli, ["--config", str(config), *args], input=stdin)
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_help_lists_every_verb_in_design() -> None:
+    out = CliRunner().invoke(cli, ["--help"]).stdout
+    listed = re.findall(r"^  (\w+)\s", out, flags=re.MULTILINE)
+    assert sorted(listed) == sorted(DESIGN_VERBS)
+
+
+@pytest.mark.parametrize("verb", DESIGN_VERBS)
+def test_every_verb_has_help_text(verb: str) -> None:
+    result = CliRunner().invoke(cli, [verb, "--help"])
+    assert result.exit_code == 0
+    assert len(result.stdout.strip().splitlines()) >= 3
+
+
+@pytest.mark.parametrize("args", NOT_BUILT, ids=" ".join)
+def test_unbuilt_verbs_say_so_and_exit_3(config_file: Path, args: list[str]) -> None:
+    code, out, err = run(config_file, *args)
+    assert code == 3
+    assert "not built yet" in err
+    assert err.startswith("editd: error: ")
+    assert out == ""
+
+
+def test_submit_queues_valid_and_stores_rejected_with_reasons(config_file: Path) -> None:
+    lines = [
+        json.dumps(
+            {"id": "e1", "prompt": "The CEO of Acme is", "target": " Jane", "subject": "Acme"}
+        ),
+        json.dumps({"prompt": "The CEO of Acme is", "target": " Jane", "subject": "Initech"}),
+        "{not json",
+        json.dumps({"prompt": "", "target": " x"}),
+    ]
+    data = ("\n".join(lines) + "\n").encode() + b'{"prompt": "\xff\xfe", "target": " y"}\n'
+    code, out, err = run(config_file, "submit", "-", stdin=data)
+    assert code == 1
+    assert "1 accepted, 4 rejected" in out
+    assert "field 'subject'" in err
+    assert "field 'prompt'" in err
+    assert "UTF-8" in err
+    code, out, _ = run(config_file, "status", "--json")
+    assert code == 0
+    report = json.loads(out)
+    assert report["edits"]["queued"] == 1
+    assert report["edits"]["rejected"] == 4
+    assert report["queue_depth"] == 1
+    # idempotent: the same id again creates nothing new
+    code, out, _ = run(config_file, "submit", "-", stdin=lines[0].encode())
+    assert code == 0
+    assert "already submitted" in out
+    assert json.loads(run(config_file, "status", "--json")[1])["edits"]["queued"] == 1
+
+
+def test_submit_accepts_a_json_array_and_a_file(config_file: Path, tmp_path: Path) -> None:
+    path = tmp_path / "edits.json"
+    path.write_text(
+        json.dumps([{"prompt": f"Fact {i} is", "target": f" v{i}"} for i in range(3)], indent=2)
+    )
+    code, out, _ = run(config_file, "submit", str(path))
+    assert code == 0, out
+    assert "3 accepted, 0 rejected" in out
+
+
+def test_edits_list_show_and_retract_a_queued_edit(config_file: Path) -> None:
+    run(config_file, "submit", "-", stdin=b'{"id": "k1", "prompt": "A is", "target": " B"}')
+    code, out, _ = run(config_file, "edits", "list", "--json")
+    assert code == 0
+    assert [r["id"] for r in json.loads(out)] == ["k1"]
+    code, out, _ = run(config_file, "edits", "show", "k1")
+    assert json.loads(out)["request"]["target"] == " B"
+    code, out, _ = run(config_file, "edits", "retract", "k1")
+    assert code == 0
+    assert json.loads(run(config_file, "edits", "show", "k1")[1])["status"] == "retracted"
+    code, _, err = run(config_file, "edits", "show", "nope")
+    assert code == 1
+    assert "no edit with id 'nope'" in err
+
+
+def test_bad_config_is_a_one_line_error_naming_key_and_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[worker]\nbatch_size = -1\n")
+    code, out, err = run(bad, "status")
+    assert code == 1
+    assert err.strip().count("\n") == 0
+    assert "worker.batch_size" in err
+    assert str(bad) in err
+
+
+def test_status_on_an_unreadable_store_fails_and_leaves_the_file_alone(tmp_path: Path) -> None:
+    store = tmp_path / "not-a-db.sqlite3"
+    store.write_bytes(b"this is not sqlite" * 10)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[store]\npath = "{store}"\n')
+    before = store.read_bytes()
+    code, _, err = run(cfg, "status")
+    assert code == 1
+    assert str(store) in err
+    assert store.read_bytes() == before
+    code, _, err = run(cfg, "submit", "-", stdin=b'{"prompt": "A is", "target": " B"}')
+    assert code == 1
+    assert store.read_bytes() == before
+
+
+def test_status_without_a_store_says_where_it_looked(config_file: Path) -> None:
+    code, _, err = run(config_file, "status")
+    assert code == 1
+    assert "state/editd.sqlite3" in err
+
+
+def test_console_script_runs_as_a_real_process(config_file: Path) -> None:
+    """The installed entry point, in a subprocess: exit codes reach the shell."""
+    env = {**os.environ, "EDITD_CONFIG": str(config_file)}
+    cmd = [sys.executable, "-m", "daemon.cli"]
+    done = subprocess.run([*cmd, "serve"], capture_output=True, env=env, timeout=60)
+    assert done.returncode == 3
+    assert b"not built yet" in done.stderr
+    done = subprocess.run([*cmd, "--version"], capture_output=True, env=env, timeout=60)
+    assert done.returncode == 0
+    assert b"editd, version" in done.stdout
