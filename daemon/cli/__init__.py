@@ -11,6 +11,8 @@ from __future__ import annotations
 from daemon.cli import demo, edits, evaluate, pending, world  # noqa: F401 - register verbs
 from daemon.cli.app import cli
 
+__all__ = ["cli", "main"]
+
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""

@@ -132,7 +132,7 @@ def test_edits_list_show_and_retract_a_queued_edit(config_file: Path) -> None:
 def test_bad_config_is_a_one_line_error_naming_key_and_file(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("[worker]\nbatch_size = -1\n")
-    code, out, err = run(bad, "status")
+    code, _, err = run(bad, "status")
     assert code == 1
     assert err.strip().count("\n") == 0
     assert "worker.batch_size" in err
