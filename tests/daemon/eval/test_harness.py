@@ -40,7 +40,8 @@ def edits_file(
 def _logits(loaded: LoadedModel, prompt: str) -> torch.Tensor:
     ids = loaded.tokenizer(prompt, return_tensors="pt")
     with torch.no_grad():
-        return loaded.model(**ids).logits
+        logits: torch.Tensor = loaded.model(**ids).logits
+    return logits
 
 
 def test_effective_checkpoints_are_capped_sorted_and_end_at_n() -> None:
