@@ -221,12 +221,29 @@ class EditorStateError(EditdError):
 class EvalDataError(EditdError):
     """An evaluation or benchmark data file cannot be read or has the wrong schema."""
 
-    def __init__(self, message: str, *, path: str | None = None, record: int | None = None,
-                 field: str | None = None):
-        parts = [p for p in (path, None if record is None else f"record {record}",
-                             None if field is None else f"field '{field}'") if p]
-        super().__init__(f"{', '.join(parts)}: {message}" if parts else message,
-                         path=path, record=record, field=field)
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        record: int | None = None,
+        field: str | None = None,
+    ):
+        parts = [
+            p
+            for p in (
+                path,
+                None if record is None else f"record {record}",
+                None if field is None else f"field '{field}'",
+            )
+            if p
+        ]
+        super().__init__(
+            f"{', '.join(parts)}: {message}" if parts else message,
+            path=path,
+            record=record,
+            field=field,
+        )
 
 
 # --- CLI -----------------------------------------------------------------------------
@@ -239,5 +256,5 @@ class NotBuiltYetError(EditdError):
 # --- control flow --------------------------------------------------------------------
 
 
-class Shutdown(BaseException):  # noqa: N818 - a signal to stop, not an error
+class Shutdown(BaseException):
     """Raised to unwind a worker or job when the process is asked to stop."""
