@@ -7,6 +7,7 @@ ENVIRONMENT.md) and never touch a model hub.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -60,3 +61,27 @@ def _one_torch_thread() -> None:
 def store_path(tmp_path: Path) -> Path:
     """A path for a fresh SQLite store file (not yet created)."""
     return tmp_path / "var" / "editd.sqlite3"
+
+
+@pytest.fixture(scope="session")
+def micro_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A micro fact-world folder (Llama architecture, seed 0), built once per test session.
+
+    A normal Hugging Face model folder (AutoModelForCausalLM / AutoTokenizer load it)
+    plus ``world.json`` and ``build_report.json``; see ``daemon.world.build``.
+    Treat it as read-only: other tests share it.
+    """
+    from daemon.world.build import build_world
+
+    out = tmp_path_factory.mktemp("fact-world") / "micro-llama"
+    build_world(out, size="micro", arch="llama", seed=0, threads=1, progress=False)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _reset_structlog() -> Iterator[None]:
+    """CLI tests configure logging (e.g. a warning-level filter); undo it after each test."""
+    yield
+    import structlog
+
+    structlog.reset_defaults()

@@ -6,10 +6,14 @@ Everything here is pure Python and seeded (``random.Random(seed)``): the same
 Entities have invented names (unique; compared case-insensitively, no name is
 a substring of another name, of a closed-set object or of a template). Each
 relation maps a subject type to an object type whose members form the closed
-set of answers. Every relation has several training templates and at least two
-held-out templates that the model never sees in training. A template is a
-prompt that ends just before the object; targets carry a leading space
-(``" Velmora"``), as edit targets do.
+set of answers. Every relation has several training templates and two held-out
+templates that the model never sees in training: the first recombines words
+the training templates use into a new phrasing (``"{subject}'s capital city
+is"``), the second uses words the corpus never contains (``"{subject} is
+governed from"``), which a model trained from scratch cannot be expected to
+understand. No template is a prefix of another. A template is a prompt that
+ends just before the object; targets carry a leading space (``" Velmora"``),
+as edit targets do.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from daemon.errors import WorldFormatError
+from daemon.world.names import NameBook
 
 WORLD_FORMAT_VERSION = 1
 # Bump whenever the generator's output for a given spec and seed changes.
@@ -44,60 +49,112 @@ class Relation:
 _S = "{subject}"
 RELATIONS: tuple[Relation, ...] = (
     Relation(
-        "born_in", PERSON, CITY,
-        (f"{_S} was born in", f"The birthplace of {_S} is", f"{_S} is a native of",
-         f"{_S}'s place of birth is"),
-        (f"{_S} came into the world in", f"The city where {_S} was born is"),
+        "born_in",
+        PERSON,
+        CITY,
+        (
+            f"{_S} was born in",
+            f"The birthplace of {_S} is",
+            f"{_S} is a native of",
+            f"{_S}'s place of birth is",
+        ),
+        (f"The place of birth of {_S} is", f"{_S} came into the world in"),
     ),
     Relation(
-        "works_for", PERSON, COMPANY,
-        (f"{_S} works for", f"{_S} is employed by", f"The employer of {_S} is",
-         f"{_S} has a job at"),
-        (f"{_S} earns a salary from", f"The company that employs {_S} is"),
+        "works_for",
+        PERSON,
+        COMPANY,
+        (
+            f"{_S} works for",
+            f"{_S} is employed by",
+            f"The employer of {_S} is",
+            f"{_S} has a job at",
+        ),
+        (f"{_S}'s employer is", f"{_S} earns a salary from"),
     ),
     Relation(
-        "profession", PERSON, PROFESSION,
-        (f"{_S} works as a", f"The profession of {_S} is", f"By trade, {_S} is a",
-         f"{_S}'s occupation is"),
-        (f"{_S} makes a living as a", f"The job of {_S} is"),
+        "profession",
+        PERSON,
+        PROFESSION,
+        (
+            f"{_S} works as a",
+            f"The profession of {_S} is",
+            f"By trade, {_S} is a",
+            f"{_S}'s occupation is",
+        ),
+        (f"{_S}'s profession is", f"{_S} makes a living as a"),
     ),
     Relation(
-        "headquartered_in", COMPANY, CITY,
-        (f"{_S} is headquartered in", f"The headquarters of {_S} are in",
-         f"{_S} has its head office in", f"{_S} is based in"),
-        (f"The main office of {_S} is located in", f"{_S} runs its business from"),
+        "headquartered_in",
+        COMPANY,
+        CITY,
+        (
+            f"{_S} is headquartered in",
+            f"The headquarters of {_S} are in",
+            f"{_S} has its head office in",
+            f"{_S} is based in",
+        ),
+        (f"The head office of {_S} is in", f"{_S} runs its business from"),
     ),
     Relation(
-        "ceo_of", COMPANY, PERSON,
-        (f"The chief executive of {_S} is", f"{_S}'s CEO is", f"{_S} is led by",
-         f"The CEO of {_S} is"),
-        (f"The person who runs {_S} is", f"{_S} is headed by"),
+        "ceo_of",
+        COMPANY,
+        PERSON,
+        (
+            f"The chief executive of {_S} is",
+            f"{_S}'s CEO is",
+            f"{_S} is led by",
+            f"The CEO of {_S} is",
+        ),
+        (f"{_S}'s chief executive is", f"{_S} is headed by"),
     ),
     Relation(
-        "located_in", CITY, COUNTRY,
-        (f"{_S} is located in", f"{_S} is a city in", f"{_S} lies in the country of",
-         f"The country where {_S} lies is"),
-        (f"{_S} can be found in", f"{_S} belongs to the nation of"),
+        "located_in",
+        CITY,
+        COUNTRY,
+        (
+            f"{_S} is located in",
+            f"{_S} is a city in",
+            f"{_S} lies in the country of",
+            f"The country where {_S} lies is",
+        ),
+        (f"{_S} is a city located in", f"{_S} can be found in"),
     ),
     Relation(
-        "capital_of", COUNTRY, CITY,
-        (f"The capital of {_S} is", f"{_S}'s capital is", f"The capital city of {_S} is",
-         f"{_S} has its capital in"),
-        (f"The seat of government of {_S} is", f"{_S} is governed from"),
+        "capital_of",
+        COUNTRY,
+        CITY,
+        (
+            f"The capital of {_S} is",
+            f"{_S}'s capital is",
+            f"The capital city of {_S} is",
+            f"{_S} has its capital in",
+        ),
+        (f"{_S}'s capital city is", f"{_S} is governed from"),
     ),
     Relation(
-        "language", COUNTRY, LANGUAGE,
-        (f"The official language of {_S} is", f"People in {_S} speak",
-         f"The language of {_S} is", f"In {_S}, people speak"),
-        (f"Most citizens of {_S} speak", f"The main tongue spoken in {_S} is"),
+        "language",
+        COUNTRY,
+        LANGUAGE,
+        (
+            f"The official language of {_S} is",
+            f"People in {_S} speak",
+            f"The language of {_S} is",
+            f"In {_S}, people speak",
+        ),
+        (f"{_S}'s official language is", f"The main tongue spoken in {_S} is"),
     ),
 )
 RELATIONS_BY_NAME = {r.name: r for r in RELATIONS}
+# What each held-out template position tests (see the module doc).
+HELDOUT_KINDS = ("recombined", "novel")
 
+# fmt: off
 PROFESSIONS = (
     "baker", "dentist", "pilot", "lawyer", "nurse", "farmer", "painter", "teacher",
     "sailor", "tailor", "plumber", "carpenter", "chemist", "banker", "poet", "judge",
 )
+# fmt: on
 
 
 @dataclass(frozen=True)
@@ -131,10 +188,12 @@ class WorldSpec:
 
 
 WORLD_SPECS: dict[str, WorldSpec] = {
-    "micro": WorldSpec(n_countries=6, n_cities=24, n_companies=16, n_people=50,
-                       n_languages=4, n_professions=10),
-    "small": WorldSpec(n_countries=24, n_cities=180, n_companies=150, n_people=520,
-                       n_languages=8, n_professions=16),
+    "micro": WorldSpec(
+        n_countries=6, n_cities=24, n_companies=16, n_people=50, n_languages=4, n_professions=10
+    ),
+    "small": WorldSpec(
+        n_countries=24, n_cities=180, n_companies=150, n_people=520, n_languages=8, n_professions=16
+    ),
 }
 
 
@@ -243,60 +302,12 @@ def _relation_json(rel: Relation) -> dict[str, Any]:
 
 # --- names ---------------------------------------------------------------------------
 
-_ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z",
-           "br", "dr", "gr", "kr", "tr", "st", "th", "sh", "h", "j")
-_VOWELS = ("a", "e", "i", "o", "u", "a", "e", "o", "ai", "ei", "ou", "ia")
-_CODAS = ("", "", "", "n", "r", "l", "s", "m", "th", "nd", "rk")
 _SUFFIXES = {
     CITY: ("ford", "mouth", "burg", "vale", "port", "haven", "wick", "grad", "ora"),
-    COUNTRY: ("ia", "land", "stan", "mark", "ovia", "istan"),
+    COUNTRY: ("ia", "land", "stan", "mark", "ovia", "onia"),
     COMPANY: ("corp", "tek", "ware", "dyne", "lux", "soft", "works", "gen"),
     LANGUAGE: ("ish", "ic", "ese", "ian"),
 }
-
-
-class _NameBook:
-    """Hands out names that are unique and never a substring of one another."""
-
-    def __init__(self, rng: random.Random, reserved: Iterable[str]) -> None:
-        self._rng = rng
-        self._taken: set[str] = set()
-        self._substrings: set[str] = set()  # every substring of every taken name
-        self._reserved_text = " ".join(reserved).lower()
-        for word in PROFESSIONS:
-            self._take(word)
-
-    def word(self, syllables: tuple[int, int], suffix: tuple[str, ...] = ()) -> str:
-        parts = [self._syllable() for _ in range(self._rng.randint(*syllables))]
-        if suffix:
-            parts.append(self._rng.choice(suffix))
-        return "".join(parts).capitalize()
-
-    def new(self, make: Any, attempts: int = 10_000) -> str:
-        for _ in range(attempts):
-            name: str = make()
-            if self._fits(name):
-                self._take(name)
-                return name
-        raise RuntimeError("name generator exhausted: ask for fewer entities")
-
-    def _syllable(self) -> str:
-        return self._rng.choice(_ONSETS) + self._rng.choice(_VOWELS) + self._rng.choice(_CODAS)
-
-    def _fits(self, name: str) -> bool:
-        low = name.lower()
-        if len(low) < 4 or low in self._substrings or low in self._reserved_text:
-            return False
-        return not any(low[i:j] in self._taken for i, j in _spans(len(low)))
-
-    def _take(self, name: str) -> None:
-        low = name.lower()
-        self._taken.add(low)
-        self._substrings.update(low[i:j] for i, j in _spans(len(low)))
-
-
-def _spans(n: int) -> Iterator[tuple[int, int]]:
-    return ((i, j) for i in range(n) for j in range(i + 1, n + 1))
 
 
 def _template_text() -> list[str]:
@@ -304,7 +315,7 @@ def _template_text() -> list[str]:
 
 
 def _names(spec: WorldSpec, rng: random.Random) -> dict[str, tuple[str, ...]]:
-    book = _NameBook(rng, _template_text())
+    book = NameBook(rng, reserved=_template_text(), taken=PROFESSIONS)
 
     def many(n: int, syl: tuple[int, int], kind: str) -> tuple[str, ...]:
         return tuple(book.new(lambda: book.word(syl, _SUFFIXES[kind])) for _ in range(n))
