@@ -65,6 +65,12 @@ def configure_logging(
 
 
 def get_logger(name: str | None = None) -> structlog.stdlib.BoundLogger:
-    """A bound logger; ``name`` becomes the ``logger`` key on every event."""
-    log: structlog.stdlib.BoundLogger = structlog.get_logger()
-    return log.bind(logger=name) if name else log
+    """A lazy logger; ``name`` becomes the ``logger_name`` key on every event.
+
+    Lazy (no ``.bind`` at import time) so that later configuration, and
+    ``structlog.testing.capture_logs``, apply to module-level loggers too.
+    """
+    log: structlog.stdlib.BoundLogger = (
+        structlog.get_logger(logger_name=name) if name else structlog.get_logger()
+    )
+    return log

@@ -99,18 +99,6 @@ def _chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
         yield items[start : start + size]
 
 
-def matches_target(continuation: str, target: str) -> bool:
-    """Exact match: ``continuation`` starts with ``target`` and the word ends there.
-
-    ``" Velmora."`` matches ``" Velmora"``; ``" Velmoran"`` does not. A target
-    that itself ends in a non-alphanumeric character needs only the prefix.
-    """
-    if not target or not continuation.startswith(target):
-        return False
-    rest = continuation[len(target) :]
-    return not rest or not target[-1].isalnum() or not rest[0].isalnum()
-
-
 def first_sentence(continuation: str) -> str:
     """``continuation`` cut before its first sentence end (``.``, ``!``, ``?``, newline)."""
     cut = len(continuation)
@@ -119,13 +107,3 @@ def first_sentence(continuation: str) -> str:
         if pos != -1:
             cut = min(cut, pos)
     return continuation[:cut].rstrip()
-
-
-def exact_match_accuracy(continuations: Sequence[str], targets: Sequence[str]) -> float:
-    """Fraction of continuations that exactly match their target (0.0 for none)."""
-    if len(continuations) != len(targets):
-        raise ValueError("continuations and targets differ in length")
-    if not targets:
-        return 0.0
-    hits = sum(matches_target(c, t) for c, t in zip(continuations, targets, strict=True))
-    return hits / len(targets)

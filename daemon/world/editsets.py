@@ -26,7 +26,8 @@ from typing import Any
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from daemon.errors import WorldError
-from daemon.model.generate import first_sentence, greedy_continuations, matches_target
+from daemon.eval.metrics import continuation_matches
+from daemon.model.generate import first_sentence, greedy_continuations
 from daemon.world.evaluate import answer_budget
 from daemon.world.facts import RELATIONS_BY_NAME, Fact, World, fill
 
@@ -108,7 +109,11 @@ def _known(
     outs = greedy_continuations(
         model, tokenizer, prompts, max_new_tokens=budget, batch_size=batch_size
     )
-    return [i for i, o in zip(order, outs, strict=True) if matches_target(o, world.facts[i].target)]
+    return [
+        i
+        for i, o in zip(order, outs, strict=True)
+        if continuation_matches(o, world.facts[i].target)
+    ]
 
 
 def _plan(

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from daemon.model.generate import greedy_continuations, matches_target
+from daemon.eval.metrics import continuation_matches
+from daemon.model.generate import greedy_continuations
 from daemon.world.facts import HELDOUT_KINDS, RELATIONS_BY_NAME, World, fill
 from daemon.world.tokenizer import token_length
 
@@ -72,7 +73,7 @@ def _score(
     outs = greedy_continuations(
         model, tokenizer, prompts, max_new_tokens=budget, batch_size=batch_size
     )
-    return [(r, i, matches_target(o, t)) for (r, i, _, t), o in zip(rows, outs, strict=True)]
+    return [(r, i, continuation_matches(o, t)) for (r, i, _, t), o in zip(rows, outs, strict=True)]
 
 
 def _mean(hits: Sequence[bool]) -> float:

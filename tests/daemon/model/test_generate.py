@@ -14,10 +14,8 @@ from transformers import (
 )
 
 from daemon.model.generate import (
-    exact_match_accuracy,
     first_sentence,
     greedy_continuations,
-    matches_target,
 )
 from daemon.world.tokenizer import train_bpe_tokenizer
 
@@ -136,33 +134,8 @@ def test_bad_arguments_are_refused(tokenizer: PreTrainedTokenizerFast) -> None:
         greedy_continuations(model, tokenizer, PROMPTS, max_new_tokens=1, batch_size=0)
 
 
-@pytest.mark.parametrize(
-    ("continuation", "target", "expected"),
-    [
-        (" Paris.", " Paris", True),
-        (" Paris", " Paris", True),
-        (" Paris is nice", " Paris", True),
-        (" Parisian.", " Paris", False),
-        ("Paris.", " Paris", False),
-        (" Pa", " Paris", False),
-        (" Jane Roe, the", " Jane Roe", True),
-        (" anything", "", False),
-        (" 3.5", " 3.", True),
-    ],
-)
-def test_matches_target(continuation: str, target: str, expected: bool) -> None:
-    assert matches_target(continuation, target) is expected
-
-
 def test_first_sentence() -> None:
     assert first_sentence(" Velmora. The capital") == " Velmora"
     assert first_sentence(" Velmora") == " Velmora"
     assert first_sentence(" Velmora is big\nand") == " Velmora is big"
     assert first_sentence(".") == ""
-
-
-def test_exact_match_accuracy() -> None:
-    assert exact_match_accuracy([" A.", " B.", " Cx"], [" A", " B", " C"]) == pytest.approx(2 / 3)
-    assert exact_match_accuracy([], []) == 0.0
-    with pytest.raises(ValueError):
-        exact_match_accuracy([" A"], [])
