@@ -63,7 +63,7 @@ def demo(ctx: click.Context) -> None:
         click.echo("\nwhat the model knows (greedy answers; facts no edit has touched):")
         for (prompt, truth), answer in zip(questions, answers, strict=True):
             mark = "ok " if answer.lstrip().startswith(truth.strip()) else "   "
-            click.echo(f"  {mark}{prompt}{answer!s:<24} (true:{truth})")
+            click.echo(f"  {mark}{prompt + answer:<64} (true:{truth})")
     with Store.open(cfg.store.path, create=True) as st:
         report = status_report(st)
     counts = "  ".join(f"{k}={v}" for k, v in report["edits"].items() if v)
