@@ -1,0 +1,77 @@
+"""Prompt + target batches: which tokens are the target, and which logits predict them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from daemon.model.batches import (
+    encode_prompt_target,
+    target_nll,
+    target_token_hits,
+    target_token_ids,
+)
+
+
+@pytest.fixture(scope="module")
+def gpt2(gpt2_tokenizer_dir: Path) -> PreTrainedTokenizerBase:
+    tok = AutoTokenizer.from_pretrained(str(gpt2_tokenizer_dir))
+    tok.pad_token = tok.eos_token
+    return tok
+
+
+def test_leading_space_belongs_to_the_target_token(gpt2: PreTrainedTokenizerBase) -> None:
+    """GPT-2 BPE merges the space into the word: " Paris" is one token, not " " + "Paris"."""
+    ids = target_token_ids(gpt2, "The capital of France is", " Paris")
+    assert ids == gpt2(" Paris")["input_ids"]
+    assert gpt2.decode(ids) == " Paris"
+
+
+def test_target_without_space_and_prompt_with_trailing_space(
+    gpt2: PreTrainedTokenizerBase,
+) -> None:
+    """A prompt ending in a space merges differently; the target is still what decodes after."""
+    ids = target_token_ids(gpt2, "The capital of France is ", "Paris")
+    assert gpt2.decode(ids).strip() == "Paris"
+
+
+def test_multi_token_target(gpt2: PreTrainedTokenizerBase) -> None:
+    ids = target_token_ids(gpt2, "The CEO of Acme is", " Jane Roeberts-Vandersloot")
+    assert len(ids) > 2
+    assert gpt2.decode(ids) == " Jane Roeberts-Vandersloot"
+
+
+def test_labels_sit_one_position_before_each_target_token(gpt2: PreTrainedTokenizerBase) -> None:
+    prompts = ["The capital of France is", "A"]
+    targets = [" Paris", " very long answer here"]
+    batch = encode_prompt_target(gpt2, prompts, targets)
+    assert batch.input_ids.shape == batch.labels.shape == batch.attention_mask.shape
+    for row in range(2):
+        target = target_token_ids(gpt2, prompts[row], targets[row])
+        positions = (batch.labels[row] != -100).nonzero().flatten()
+        # the label at position p is the token at p + 1, and those tokens are the target
+        assert batch.labels[row, positions].tolist() == target
+        assert batch.input_ids[row, positions + 1].tolist() == target
+        # left padding: the row ends at the last column, pads (mask 0) come first
+        assert batch.attention_mask[row, -1] == 1
+        assert int(batch.prompt_last[row]) == int(positions[0])
+    assert batch.attention_mask[1, 0] == 0
+
+
+def test_nll_and_hits_on_constructed_logits() -> None:
+    labels = torch.tensor([[-100, 2, 1, -100]])
+    logits = torch.full((1, 4, 3), -10.0)
+    logits[0, 1, 2] = 10.0  # right at position 1
+    logits[0, 2, 0] = 10.0  # wrong at position 2 (wants 1)
+    assert target_token_hits(logits, labels).tolist() == [0.5]
+    nll = target_nll(logits, labels)
+    assert nll.shape == (1,)
+    assert 9.0 < float(nll[0]) < 11.0  # ~0 for the hit, ~20 for the miss, averaged
+
+
+def test_mismatched_or_empty_input_is_refused(gpt2: PreTrainedTokenizerBase) -> None:
+    with pytest.raises(ValueError, match="equally many"):
+        encode_prompt_target(gpt2, ["a"], [])
