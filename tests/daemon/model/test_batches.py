@@ -35,7 +35,7 @@ def test_target_without_space_and_prompt_with_trailing_space(
 ) -> None:
     """A prompt ending in a space merges differently; the target is still what decodes after."""
     ids = target_token_ids(gpt2, "The capital of France is ", "Paris")
-    assert gpt2.decode(ids).strip() == "Paris"
+    assert str(gpt2.decode(ids)).strip() == "Paris"
 
 
 def test_multi_token_target(gpt2: PreTrainedTokenizerBase) -> None:
