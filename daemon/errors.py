@@ -218,6 +218,26 @@ class EditorStateError(EditdError):
     """An editor state (checkpoint) has an unknown version or does not fit the model."""
 
 
+class EditConflictError(EditdError):
+    """Edits in one batch conflict (same subject and relation, different targets)."""
+
+
+class SolveError(EditdError):
+    """A closed-form update could not be computed (NaN/inf, or no positive-definite system)."""
+
+
+class CovarianceStatsError(EditdError):
+    """Covariance statistics could not be computed, or a stored artefact is corrupt or stale."""
+
+
+class BlockCapacityError(EditdError):
+    """MELO's block table is full: free blocks (retract) or raise the capacity."""
+
+
+class NeuronIndexError(EditdError):
+    """MELO's neuron-key index is inconsistent, or its file cannot be read or written."""
+
+
 class EvalDataError(EditdError):
     """An evaluation or benchmark data file cannot be read or has the wrong schema."""
 

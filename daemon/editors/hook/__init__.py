@@ -1,0 +1,1 @@
+"""COMEBA-HK: hook layers with consecutive closed-form batch updates and a scope gate."""

@@ -1,0 +1,1 @@
+"""MELO: non-overlapping LoRA blocks routed by a faiss neuron-key index."""
