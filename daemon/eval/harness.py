@@ -198,15 +198,22 @@ class Harness:
             1, min(LOCALITY_MAX_TOKENS, len(target_token_ids(self.tokenizer, prompt, given)))
         )
 
-    def _compute_base_locality(self, cases: Sequence[EvalCase]) -> None:
-        """The base model's first-k-token answer to every locality probe, before any edit."""
+    def _locality_by_k(self, cases: Sequence[EvalCase], *, unique: bool) -> dict[int, list[str]]:
+        """Locality prompts grouped by their answer length k (optionally without repeats)."""
         by_k: dict[int, list[str]] = {}
+        seen: set[tuple[str, int]] = set()
         for case in cases:
             for prompt, given in case.locality:
                 k = self._locality_k(prompt, given)
-                if (prompt, k) not in self._base_locality:
-                    self._base_locality[(prompt, k)] = ""
-                    by_k.setdefault(k, []).append(prompt)
+                if unique and (prompt, k) in seen:
+                    continue
+                seen.add((prompt, k))
+                by_k.setdefault(k, []).append(prompt)
+        return by_k
+
+    def _compute_base_locality(self, cases: Sequence[EvalCase]) -> None:
+        """The base model's first-k-token answer to every locality probe, before any edit."""
+        by_k = self._locality_by_k(cases, unique=True)
         for k, prompts in by_k.items():
             texts = generate(
                 self.editor,
@@ -219,10 +226,7 @@ class Harness:
             self._base_locality.update({(p, k): t for p, t in zip(prompts, texts, strict=True)})
 
     def _locality_hits(self, cases: Sequence[EvalCase]) -> tuple[list[bool], list[float]]:
-        by_k: dict[int, list[str]] = {}
-        for case in cases:
-            for prompt, given in case.locality:
-                by_k.setdefault(self._locality_k(prompt, given), []).append(prompt)
+        by_k = self._locality_by_k(cases, unique=False)
         hits: list[bool] = []
         forced: list[float] = []
         bs = self.settings.score_batch_size
