@@ -1,0 +1,502 @@
+"""MELO's neuron-key index: which LoRA block (if any) a prompt's key routes to.
+
+A key is a float32 hidden state (dim ``d``) of an edit prompt. Keys are grouped in
+clusters; a cluster has a centre (the key that opened it), a radius, a target text
+and a block id. Distances are plain Euclidean (L2, *not* squared) everywhere in
+this module: radii, ``Route.distance`` and ``calibrate_radius`` share that unit;
+faiss's squared distances are square-rooted at the boundary.
+
+Insertion rules (``add``), against the nearest cluster centre at distance ``dist``:
+
+* ``dist > radius`` of that cluster: the key opens a new cluster (centre = key,
+  radius = the index's default radius).
+* within the radius and the same target (exact string compare): the key joins;
+  the centre and radius stay.
+* within the radius and a different target: split. Both radii shrink to
+  ``dist / 2`` (so the two balls no longer overlap) and the key opens its own
+  cluster. Keys of the old cluster that now lie outside its radius are taken out
+  and re-inserted by the same rules; each is reported in ``AddResult.displaced``
+  with where it went, never dropped. A key at distance 0 from a centre with a
+  different target cannot be separated and raises :class:`EditConflictError`.
+
+Routing (``query``) takes the nearest centre and routes to its block when the
+query lies within that cluster's radius, else None (the base model runs).
+
+faiss searches the cluster *centres* (ids = cluster ids): an exact
+``IndexIDMap2(IndexFlatL2)`` while there are at most ``exact_max`` centres, an
+``IndexIVFFlat`` (its own id list; trained on the centres) past that. The numpy
+copies of all keys and centres are the source of truth: the faiss index can
+always be rebuilt from them, and is after removals from an IVF index.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import faiss
+import numpy as np
+import numpy.typing as npt
+import structlog
+
+from daemon.editors.melo import faiss_ops, index_files
+from daemon.editors.melo.faiss_ops import F32
+from daemon.editors.melo.index_files import STATE_VERSION
+from daemon.errors import EditConflictError, NeuronIndexError
+
+MANIFEST = "manifest.json"
+KEYS_FILE = "keys.npy"
+CENTRES_FILE = "centres.npy"
+FAISS_FILE = "centres.faiss"
+
+log = structlog.get_logger()
+
+
+# --- results ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where one query goes: the block to activate, its cluster, the L2 distance."""
+
+    block: int
+    cluster_id: int
+    distance: float
+
+
+@dataclass(frozen=True)
+class Displaced:
+    """A key moved out of a shrunken cluster, and the cluster it was re-inserted into."""
+
+    edit_id: str
+    from_cluster: int
+    to_cluster: int
+
+
+@dataclass(frozen=True)
+class AddResult:
+    """What ``add`` did with one key. ``block`` is the block the key now routes to."""
+
+    edit_id: str
+    cluster_id: int
+    block: int
+    action: Literal["opened", "joined", "split"]
+    displaced: tuple[Displaced, ...] = ()
+
+
+@dataclass
+class Cluster:
+    """A ball around ``centre`` routed to ``block``; ``edit_ids`` has one entry per key."""
+
+    cluster_id: int
+    centre: F32
+    radius: float
+    target: str
+    block: int
+    edit_ids: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _KeyMeta:
+    edit_id: str
+    target: str
+    block: int
+    cluster_id: int
+
+
+# --- radius calibration ----------------------------------------------------------------
+
+
+def _pairwise_sq(a: npt.NDArray[np.float64], b: npt.NDArray[np.float64]) -> Any:
+    """(len(a), len(b)) squared L2 distances in float64, clipped at 0."""
+    sq = (a * a).sum(axis=1)[:, None] + (b * b).sum(axis=1)[None, :] - 2.0 * a @ b.T
+    return np.maximum(sq, 0.0)
+
+
+def calibrate_radius(
+    keys: npt.ArrayLike,
+    *,
+    groups: npt.ArrayLike | None = None,
+    quantile: float = 0.5,
+    fraction: float = 0.5,
+) -> float:
+    """A radius for ``keys`` of one model and layer, by the rule below (pure function).
+
+    For every key, take the L2 distance to the nearest key of a *different* group
+    (``groups`` labels keys of the same fact, e.g. a prompt and its rephrasings;
+    without it every key is its own group). The radius is ``fraction`` times the
+    ``quantile`` of those distances. With ``fraction = 0.5`` two distinct facts at
+    the typical nearest distance get balls that touch but do not overlap; rephrases
+    closer than that to their fact's key still fall inside.
+    """
+    x = np.asarray(keys, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"calibrate_radius needs (N >= 2, d) keys, got shape {x.shape}")
+    labels = np.arange(len(x)) if groups is None else np.asarray(groups)
+    if labels.shape != (len(x),):
+        raise ValueError(f"groups has {labels.shape} labels for {len(x)} keys")
+    if len(np.unique(labels)) < 2:
+        raise ValueError("calibrate_radius needs keys of at least two distinct groups")
+    if not (0.0 <= quantile <= 1.0 and fraction > 0.0):
+        raise ValueError(f"need 0 <= quantile <= 1 and fraction > 0, got {quantile}, {fraction}")
+    nearest = np.empty(len(x))
+    for start in range(0, len(x), 1024):  # (chunk, N) distance rows at a time
+        rows = slice(start, start + 1024)
+        sq = _pairwise_sq(x[rows], x)
+        sq[labels[rows, None] == labels[None, :]] = np.inf
+        nearest[rows] = np.sqrt(np.maximum(sq.min(axis=1), 0.0))
+    return float(fraction * np.quantile(nearest, quantile))
+
+
+# --- the index -------------------------------------------------------------------------
+
+
+class NeuronIndex:
+    """Keys, clusters and a faiss index over the cluster centres."""
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        radius: float,
+        exact_max: int = 10_000,
+        nlist: int | None = None,
+        nprobe: int = 16,
+    ) -> None:
+        if dim < 1 or radius <= 0 or exact_max < 1 or nprobe < 1:
+            raise ValueError(f"bad NeuronIndex settings: {dim=} {radius=} {exact_max=} {nprobe=}")
+        self.dim = dim
+        self.radius = float(radius)
+        self.exact_max = exact_max
+        self.nlist = nlist
+        self.nprobe = nprobe
+        self._buf: F32 = np.zeros((64, dim), dtype=np.float32)  # rows [0, _n) are the keys
+        self._n = 0
+        self._meta: list[_KeyMeta] = []  # one per row of _keys
+        self._by_bytes: dict[bytes, list[_KeyMeta]] = {}  # exact key -> its entries
+        self._clusters: dict[int, Cluster] = {}
+        self._next_cluster = 0
+        self._faiss: Any = faiss_ops.flat_index(dim)
+        self._is_ivf = False
+
+    @property
+    def _keys(self) -> F32:
+        """(N, d) float32: every stored key, the source of truth."""
+        return self._buf[: self._n]
+
+    @_keys.setter
+    def _keys(self, keys: F32) -> None:
+        self._buf = np.array(keys, dtype=np.float32).reshape(-1, self.dim)
+        self._n = len(self._buf)
+        self._by_bytes = {}
+        for row, meta in zip(self._buf, self._meta, strict=False):
+            self._by_bytes.setdefault(row.tobytes(), []).append(meta)
+
+    def _append_key(self, vec: F32, meta: _KeyMeta) -> int:
+        if self._n == len(self._buf):  # double the buffer: amortised O(d) per key
+            self._buf = np.concatenate([self._buf, np.zeros_like(self._buf)])
+        self._buf[self._n] = vec
+        self._n += 1
+        self._meta.append(meta)
+        self._by_bytes.setdefault(vec.tobytes(), []).append(meta)
+        return self._n - 1
+
+    # --- queries -------------------------------------------------------------------
+
+    @property
+    def key_count(self) -> int:
+        return len(self._meta)
+
+    @property
+    def is_approximate(self) -> bool:
+        """True once the search runs on an IVF index (more than ``exact_max`` centres)."""
+        return self._is_ivf
+
+    def clusters(self) -> dict[int, Cluster]:
+        """The clusters by id (copies of the list fields; centres are shared arrays)."""
+        return {
+            c.cluster_id: Cluster(
+                c.cluster_id, c.centre, c.radius, c.target, c.block, list(c.edit_ids)
+            )
+            for c in self._clusters.values()
+        }
+
+    def edit_ids(self) -> set[str]:
+        return {m.edit_id for m in self._meta}
+
+    def query(self, keys: npt.ArrayLike) -> list[Route | None]:
+        """Per query row of ``keys`` (B, d): the nearest centre's block if within radius."""
+        q = self._as_keys(keys)
+        if not self._clusters:
+            return [None] * len(q)
+        dist, ids = faiss_ops.search(self._faiss, q, 1)
+        routes: list[Route | None] = []
+        for d, cid in zip(dist[:, 0], ids[:, 0], strict=True):
+            cluster = self._clusters.get(int(cid))
+            if cluster is None or float(d) > cluster.radius:
+                routes.append(None)
+            else:
+                routes.append(Route(cluster.block, cluster.cluster_id, float(d)))
+        return routes
+
+    # --- insertion -----------------------------------------------------------------
+
+    def add(self, edit_id: str, key: npt.ArrayLike, target: str, block: int) -> AddResult:
+        """Insert one key by the rules in the module docstring."""
+        vec = self._as_keys(key)
+        if len(vec) != 1:
+            raise ValueError(f"add takes one key, got {len(vec)}")
+        self._check_same_key(edit_id, vec[0], target)
+        row = self._append_key(vec[0], _KeyMeta(edit_id, target, block, -1))
+        action, cluster_id, displaced = self._place(row)
+        self._maybe_switch_backend()
+        log.debug("neuron_key_added", edit_id=edit_id, cluster_id=cluster_id, action=action)
+        return AddResult(
+            edit_id, cluster_id, self._clusters[cluster_id].block, action, tuple(displaced)
+        )
+
+    def add_batch(
+        self,
+        edit_ids: Sequence[str],
+        keys: npt.ArrayLike,
+        targets: Sequence[str],
+        block: int,
+    ) -> list[AddResult]:
+        """Insert a batch; first reject keys within the radius of each other with other targets."""
+        vecs = self._as_keys(keys)
+        if not len(edit_ids) == len(vecs) == len(targets):
+            raise ValueError(f"{len(edit_ids)} ids, {len(vecs)} keys, {len(targets)} targets")
+        self._check_batch_conflicts(edit_ids, vecs, targets)
+        for e, v, t in zip(edit_ids, vecs, targets, strict=True):
+            self._check_same_key(e, v, t)
+        return [
+            self.add(e, v[None, :], t, block)
+            for e, v, t in zip(edit_ids, vecs, targets, strict=True)
+        ]
+
+    def _check_same_key(self, edit_id: str, vec: F32, target: str) -> None:
+        """An identical stored key with another target cannot be split apart: reject."""
+        same = self._by_bytes.get(np.ascontiguousarray(vec, dtype=np.float32).tobytes(), [])
+        clash = sorted({m.edit_id for m in same if m.target != target})
+        if clash:
+            raise EditConflictError(
+                f"edit '{edit_id}' has the same key as edits {clash} but a different target",
+                edit_ids=[edit_id, *clash],
+            )
+
+    def _check_batch_conflicts(
+        self, edit_ids: Sequence[str], vecs: F32, targets: Sequence[str]
+    ) -> None:
+        x = vecs.astype(np.float64)
+        pairs: list[tuple[str, str]] = []
+        for start in range(0, len(x), 1024):  # (chunk, B) distance rows at a time
+            near = _pairwise_sq(x[start : start + 1024], x) <= self.radius**2
+            for i, j in zip(*np.nonzero(near), strict=True):
+                a, b = start + int(i), int(j)
+                if a < b and targets[a] != targets[b]:
+                    pairs.append((edit_ids[a], edit_ids[b]))
+        if pairs:
+            raise EditConflictError(
+                f"edits in one batch have keys within radius {self.radius:g} but different "
+                f"targets: {pairs}",
+                edit_ids=sorted({e for p in pairs for e in p}),
+            )
+
+    def _place(self, row: int) -> tuple[Literal["opened", "joined", "split"], int, list[Displaced]]:
+        """Put key ``row`` in a cluster; re-insert any keys a split displaces."""
+        action, cluster_id, pending = self._place_one(row)
+        displaced: list[Displaced] = []
+        for _ in range(10 * max(1, len(self._meta))):
+            if not pending:
+                return action, cluster_id, displaced
+            moved_row, from_cluster = pending.pop(0)
+            _, to_cluster, more = self._place_one(moved_row)
+            displaced.append(Displaced(self._meta[moved_row].edit_id, from_cluster, to_cluster))
+            pending.extend(more)
+        raise NeuronIndexError("re-inserting displaced keys did not settle")  # pragma: no cover
+
+    def _place_one(
+        self, row: int
+    ) -> tuple[Literal["opened", "joined", "split"], int, list[tuple[int, int]]]:
+        meta, vec = self._meta[row], self._keys[row]
+        nearest = self._nearest(vec)
+        if nearest is None or nearest[1] > nearest[0].radius:
+            return "opened", self._open(row, self.radius), []
+        cluster, dist = nearest
+        if cluster.target == meta.target:
+            meta.cluster_id = cluster.cluster_id
+            cluster.edit_ids.append(meta.edit_id)
+            return "joined", cluster.cluster_id, []
+        if dist == 0.0:  # pragma: no cover - _check_same_key rejects this before any change
+            raise EditConflictError(
+                f"edit '{meta.edit_id}' has the same key as cluster {cluster.cluster_id} "
+                f"(edits {cluster.edit_ids}) but a different target",
+                edit_ids=[meta.edit_id, *cluster.edit_ids],
+            )
+        cluster.radius = dist / 2.0
+        new_id = self._open(row, dist / 2.0)
+        log.info("neuron_clusters_split", cluster_id=cluster.cluster_id, new_cluster_id=new_id)
+        return "split", new_id, [(r, cluster.cluster_id) for r in self._evict(cluster)]
+
+    def _nearest(self, vec: F32) -> tuple[Cluster, float] | None:
+        if not self._clusters:
+            return None
+        _, ids = faiss_ops.search(self._faiss, vec[None, :], 1)
+        cluster = self._clusters.get(int(ids[0, 0]))
+        if cluster is None:
+            return None
+        # exact distance in float64: faiss's may be off by rounding, and 0 must mean equal
+        return cluster, float(np.linalg.norm(vec.astype(np.float64) - cluster.centre))
+
+    def _open(self, row: int, radius: float) -> int:
+        meta = self._meta[row]
+        cid = self._next_cluster
+        self._next_cluster += 1
+        centre = self._keys[row].copy()
+        self._clusters[cid] = Cluster(cid, centre, radius, meta.target, meta.block, [meta.edit_id])
+        meta.cluster_id = cid
+        # IVF: new centres are added without retraining
+        faiss_ops.add(self._faiss, centre[None, :], np.array([cid], dtype=np.int64))
+        return cid
+
+    def _evict(self, cluster: Cluster) -> list[int]:
+        """Take keys outside ``cluster``'s (shrunken) radius out of it; return their rows."""
+        rows = [i for i, m in enumerate(self._meta) if m.cluster_id == cluster.cluster_id]
+        dist = np.linalg.norm(self._keys[rows] - cluster.centre, axis=1)
+        out = [r for r, d in zip(rows, dist.tolist(), strict=True) if d > cluster.radius]
+        for r in out:
+            cluster.edit_ids.remove(self._meta[r].edit_id)
+            self._meta[r].cluster_id = -1
+        return out
+
+    # --- removal -------------------------------------------------------------------
+
+    def remove(self, edit_ids: Sequence[str]) -> list[int]:
+        """Remove every key of ``edit_ids``; return the ids of clusters left empty (dropped)."""
+        gone = set(edit_ids)
+        keep = np.array([m.edit_id not in gone for m in self._meta], dtype=bool)
+        for m in self._meta:
+            if m.edit_id in gone:
+                self._clusters[m.cluster_id].edit_ids.remove(m.edit_id)
+        self._meta = [m for m, k in zip(self._meta, keep, strict=True) if k]
+        self._keys = self._keys[keep]  # after _meta: the setter re-indexes the exact keys
+        empty = sorted(cid for cid, c in self._clusters.items() if not c.edit_ids)
+        for cid in empty:
+            del self._clusters[cid]
+        if empty and self._is_ivf:
+            self._rebuild()
+        elif empty:
+            faiss_ops.remove(self._faiss, empty)
+        self._maybe_switch_backend()
+        log.info("neuron_keys_removed", edit_ids=sorted(gone), dropped_clusters=empty)
+        return empty
+
+    # --- backend -------------------------------------------------------------------
+
+    def _centres(self) -> tuple[F32, npt.NDArray[np.int64]]:
+        ids = np.array(sorted(self._clusters), dtype=np.int64)
+        vecs = np.stack([self._clusters[int(i)].centre for i in ids]) if len(ids) else None
+        return (np.zeros((0, self.dim), np.float32) if vecs is None else vecs), ids
+
+    def _maybe_switch_backend(self) -> None:
+        if (len(self._clusters) > self.exact_max) != self._is_ivf:
+            self._rebuild()
+
+    def _rebuild(self) -> None:
+        vecs, ids = self._centres()
+        self._is_ivf = len(ids) > self.exact_max
+        if self._is_ivf:
+            nlist = self.nlist or max(1, int(np.sqrt(len(ids))))
+            self._faiss = faiss_ops.ivf_index(vecs, min(nlist, len(ids)), self.nprobe)
+        else:
+            self._faiss = faiss_ops.flat_index(self.dim)
+        if len(ids):
+            faiss_ops.add(self._faiss, vecs, ids)
+        log.info("neuron_index_rebuilt", approximate=self._is_ivf, centres=len(ids))
+
+    def _as_keys(self, keys: npt.ArrayLike) -> F32:
+        arr = np.asarray(keys, dtype=np.float32)
+        arr = arr[None, :] if arr.ndim == 1 else arr
+        if arr.ndim != 2 or arr.shape[1] != self.dim:
+            raise ValueError(f"keys must be (B, {self.dim}), got shape {arr.shape}")
+        if not np.isfinite(arr).all():
+            raise ValueError("keys contain NaN or inf")
+        return np.ascontiguousarray(arr)
+
+    # --- persistence ---------------------------------------------------------------
+
+    def save(self, directory: Path | str) -> None:
+        """Write keys, centres, the faiss index and a versioned manifest (each atomically)."""
+        folder = Path(directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        vecs, _ = self._centres()
+        index_files.atomic(folder / KEYS_FILE, lambda p: index_files.save_npy(p, self._keys))
+        index_files.atomic(folder / CENTRES_FILE, lambda p: index_files.save_npy(p, vecs))
+        index_files.atomic(folder / FAISS_FILE, lambda p: faiss.write_index(self._faiss, str(p)))
+        text = json.dumps(self._manifest(), indent=1)
+        index_files.atomic(folder / MANIFEST, lambda p: p.write_text(text, encoding="utf-8"))
+        log.info("neuron_index_saved", path=str(folder), keys=self.key_count)
+
+    def _manifest(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "settings": {
+                "dim": self.dim,
+                "radius": self.radius,
+                "exact_max": self.exact_max,
+                "nlist": self.nlist,
+                "nprobe": self.nprobe,
+            },
+            "next_cluster": self._next_cluster,
+            "approximate": self._is_ivf,
+            "clusters": [
+                {k: getattr(c, k) for k in ("cluster_id", "radius", "target", "block", "edit_ids")}
+                for c in (self._clusters[i] for i in sorted(self._clusters))
+            ],
+            "keys": [[m.edit_id, m.target, m.block, m.cluster_id] for m in self._meta],
+        }
+
+    @classmethod
+    def load(cls, directory: Path | str) -> NeuronIndex:
+        """Read a saved index; raise NeuronIndexError naming the file that does not fit."""
+        folder = Path(directory)
+        manifest = index_files.read_manifest(folder / MANIFEST)
+        try:
+            index = cls(**manifest["settings"])
+            index._next_cluster = int(manifest["next_cluster"])
+            index._meta = [
+                _KeyMeta(str(e), str(t), int(b), int(c)) for e, t, b, c in manifest["keys"]
+            ]
+            clusters = manifest["clusters"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise NeuronIndexError(f"{folder / MANIFEST}: malformed manifest: {exc}") from exc
+        index._keys = index_files.read_npy(folder / KEYS_FILE, (len(index._meta), index.dim))
+        centres = index_files.read_npy(folder / CENTRES_FILE, (len(clusters), index.dim))
+        index._load_clusters(folder / MANIFEST, clusters, centres)
+        index._faiss = index_files.read_faiss(folder / FAISS_FILE, len(clusters), index.dim)
+        index._is_ivf = bool(manifest.get("approximate", False))
+        if index._is_ivf:
+            faiss_ops.set_nprobe(index._faiss, index.nprobe)
+        log.info("neuron_index_loaded", path=str(folder), keys=index.key_count)
+        return index
+
+    def _load_clusters(self, path: Path, clusters: list[dict[str, Any]], centres: F32) -> None:
+        try:
+            for spec, centre in zip(clusters, centres, strict=True):
+                c = Cluster(centre=centre.copy(), **spec)
+                self._clusters[c.cluster_id] = c
+        except (KeyError, TypeError, ValueError) as exc:
+            raise NeuronIndexError(f"{path}: malformed cluster entry: {exc}") from exc
+        if len(self._clusters) != len(clusters):
+            raise NeuronIndexError(f"{path}: duplicate cluster ids")
+        for m in self._meta:
+            if m.cluster_id not in self._clusters:
+                raise NeuronIndexError(f"{path}: key of '{m.edit_id}' in unknown cluster")
+        member_count = sum(len(c.edit_ids) for c in self._clusters.values())
+        if member_count != len(self._meta):
+            raise NeuronIndexError(
+                f"{path}: clusters list {member_count} keys, key table has {len(self._meta)}"
+            )

@@ -1,0 +1,217 @@
+"""The MELO neuron-key index: insertion rules, routing, removal, IVF switch, persistence."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from daemon.editors.melo.index import (
+    AddResult,
+    Displaced,
+    NeuronIndex,
+    Route,
+    calibrate_radius,
+)
+from daemon.errors import EditConflictError, NeuronIndexError
+
+DIM = 16
+
+
+def _spread(n: int, seed: int = 0, dim: int = DIM, scale: float = 10.0) -> np.ndarray:
+    """n keys far apart (pairwise L2 ~ scale * sqrt(2 * dim)), float32."""
+    return (np.random.default_rng(seed).normal(size=(n, dim)) * scale).astype(np.float32)
+
+
+def _unit(dim: int, axis: int) -> np.ndarray:
+    v = np.zeros(dim, dtype=np.float32)
+    v[axis] = 1.0
+    return v
+
+
+def _filled(n: int, **kwargs: object) -> tuple[NeuronIndex, np.ndarray]:
+    keys = _spread(n)
+    index = NeuronIndex(DIM, radius=1.0, **kwargs)  # type: ignore[arg-type]
+    index.add_batch([f"e{i}" for i in range(n)], keys, [f"t{i}" for i in range(n)], block=0)
+    return index, keys
+
+
+def _route_table(routes: list[Route | None]) -> list[tuple[int, int] | None]:
+    return [None if r is None else (r.block, r.cluster_id) for r in routes]
+
+
+def test_exact_and_perturbed_keys_route_within_radius_only() -> None:
+    """A stored key and a near perturbation route to its block; a far one runs the base."""
+    index = NeuronIndex(DIM, radius=1.0)
+    keys = _spread(3)
+    for i in range(3):
+        index.add(f"e{i}", keys[i], f"t{i}", block=10 + i)
+    near = keys[1] + 0.5 * _unit(DIM, 3)
+    far = keys[1] + 1.5 * _unit(DIM, 3)
+    routes = index.query(np.stack([keys[0], keys[1], near, far]))
+    assert routes[0] == Route(10, 0, 0.0)
+    assert routes[1] == Route(11, 1, 0.0)
+    assert routes[2] is not None
+    assert (routes[2].block, routes[2].cluster_id) == (11, 1)
+    assert routes[2].distance == pytest.approx(0.5, abs=1e-5)  # plain L2, not squared
+    assert routes[3] is None
+    assert NeuronIndex(DIM, radius=1.0).query(keys) == [None, None, None]
+
+
+def test_new_join_and_split_with_displaced_key_reinserted() -> None:
+    """Far key opens, same target joins, other target splits radii and reports displaced keys."""
+    index = NeuronIndex(2, radius=1.0)
+    a, b, c = np.array([0.0, 0.0]), np.array([0.5, 0.0]), np.array([0.0, 0.8])
+    assert index.add("a", a, "Paris", block=0) == AddResult("a", 0, 0, "opened")
+    assert index.add("b", b, "Paris", block=0) == AddResult("b", 0, 0, "joined")
+    result = index.add("c", c, "Rome", block=1)
+    # c is 0.8 from a: both radii shrink to 0.4, so b (0.5 from a) leaves cluster 0
+    # and is re-inserted: it opens cluster 2 (nearest centre a is beyond a's radius)
+    assert result == AddResult("c", 1, 1, "split", (Displaced("b", 0, 2),))
+    table = {
+        cid: (c.radius, c.target, c.block, c.edit_ids, c.centre.tolist())
+        for cid, c in index.clusters().items()
+    }
+    assert table == {
+        0: (pytest.approx(0.4), "Paris", 0, ["a"], [0.0, 0.0]),
+        1: (pytest.approx(0.4), "Rome", 1, ["c"], [0.0, pytest.approx(0.8)]),
+        2: (1.0, "Paris", 0, ["b"], [0.5, 0.0]),
+    }
+    assert _route_table(index.query(np.stack([a, b, c]))) == [(0, 0), (0, 2), (1, 1)]
+    assert index.query(np.array([[-0.3, 0.42]])) == [None]  # between the shrunken balls
+
+
+def test_conflicts_in_a_batch_and_identical_keys_raise_and_change_nothing() -> None:
+    """Near keys with different targets in one batch, or an identical key, are rejected."""
+    index = NeuronIndex(DIM, radius=1.0)
+    keys = _spread(3)
+    keys[2] = keys[0] + 0.3 * _unit(DIM, 0)
+    with pytest.raises(EditConflictError, match=r"'x0', 'x2'") as info:
+        index.add_batch(["x0", "x1", "x2"], keys, ["A", "B", "C"], block=0)
+    assert info.value.context["edit_ids"] == ["x0", "x2"]
+    assert index.key_count == 0
+    index.add_batch(["x0", "x1", "x2"], keys, ["A", "B", "A"], block=0)  # same target: fine
+    assert index.key_count == 3
+    assert len(index.clusters()) == 2
+    with pytest.raises(EditConflictError, match="same key"):
+        index.add("y", keys[1], "other", block=1)
+    assert index.key_count == 3
+
+
+def test_remove_drops_empty_clusters_and_queries_return_none() -> None:
+    """Removing an edit's keys drops clusters left empty; their keys route nowhere."""
+    index = NeuronIndex(DIM, radius=1.0)
+    keys = _spread(2)
+    index.add("a", keys[0], "A", block=0)
+    index.add("a2", keys[0] + 0.2, "A", block=0)
+    index.add("b", keys[1], "B", block=1)
+    assert index.remove(["a"]) == []  # cluster 0 still holds a2
+    assert _route_table(index.query(keys)) == [(0, 0), (1, 1)]
+    assert index.remove(["a2", "b"]) == [0, 1]
+    assert index.query(keys) == [None, None]
+    assert index.key_count == 0
+    assert index.clusters() == {}
+
+
+def test_ivf_switch_routes_like_the_exact_index() -> None:
+    """Past exact_max the index runs on IVF, with the same routes as an exact index."""
+    n = 80
+    ivf, keys = _filled(n, exact_max=50, nlist=4, nprobe=4)
+    exact, _ = _filled(n)
+    assert ivf.is_approximate
+    assert not exact.is_approximate
+    rng = np.random.default_rng(1)
+    queries = np.concatenate(
+        [keys, keys + rng.normal(scale=0.1, size=keys.shape), keys + 3.0]
+    ).astype(np.float32)
+    got, want = ivf.query(queries), exact.query(queries)
+    assert _route_table(got) == _route_table(want)
+    assert sum(r is not None for r in got) == 2 * n
+    for g, w in zip(got, want, strict=True):
+        if g is not None and w is not None:
+            assert g.distance == pytest.approx(w.distance, abs=1e-4)
+    ivf.remove([f"e{i}" for i in range(40)])  # IVF removal rebuilds, back to exact below 50
+    assert not ivf.is_approximate
+    assert _route_table(ivf.query(keys[38:42])) == [None, None, (0, 40), (0, 41)]
+
+
+@pytest.mark.parametrize("exact_max", [10_000, 20])
+def test_save_load_round_trip_gives_identical_queries(tmp_path: Path, exact_max: int) -> None:
+    """A loaded index answers every query exactly as the saved one, and keeps working."""
+    index, keys = _filled(30, exact_max=exact_max, nlist=2, nprobe=2)
+    index.add("extra", keys[0] + 0.1, "t0", block=3)
+    index.save(tmp_path / "idx")
+    manifest = json.loads((tmp_path / "idx" / "manifest.json").read_text())
+    assert manifest["version"] == 1
+    loaded = NeuronIndex.load(tmp_path / "idx")
+    queries = np.concatenate([keys, keys + 0.3, keys + 5.0]).astype(np.float32)
+    assert loaded.query(queries) == index.query(queries)
+    assert loaded.is_approximate == index.is_approximate
+    assert loaded.edit_ids() == index.edit_ids()
+    assert loaded.add("new", keys[1] + 0.2, "t1", block=4).action == "joined"
+    assert not list((tmp_path / "idx").glob("*.tmp"))  # atomic writes leave no temp files
+
+
+def test_corrupted_or_inconsistent_state_raises_naming_the_file(tmp_path: Path) -> None:
+    """A broken manifest, a count mismatch or a foreign version raise NeuronIndexError."""
+    index, _ = _filled(5)
+    folder = tmp_path / "idx"
+    index.save(folder)
+    manifest_path = folder / "manifest.json"
+    good = manifest_path.read_text()
+    manifest_path.write_text("{not json")
+    with pytest.raises(NeuronIndexError, match=r"manifest\.json"):
+        NeuronIndex.load(folder)
+    data = json.loads(good)
+    data["keys"] = data["keys"][:-1]
+    manifest_path.write_text(json.dumps(data))
+    with pytest.raises(NeuronIndexError, match=r"keys\.npy"):
+        NeuronIndex.load(folder)
+    data = json.loads(good)
+    data["version"] = 7
+    manifest_path.write_text(json.dumps(data))
+    with pytest.raises(NeuronIndexError, match="unknown manifest version 7"):
+        NeuronIndex.load(folder)
+    manifest_path.write_text(good)
+    NeuronIndex(DIM, radius=1.0).save(tmp_path / "empty")
+    (folder / "centres.faiss").write_bytes((tmp_path / "empty" / "centres.faiss").read_bytes())
+    with pytest.raises(NeuronIndexError, match=r"centres\.faiss"):
+        NeuronIndex.load(folder)
+
+
+def test_calibrate_radius_lies_between_intra_and_inter_cluster_distances() -> None:
+    """On well-separated synthetic facts with rephrasings, the radius separates the two."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(20, 32)) * 10.0
+    keys = np.repeat(centres, 6, axis=0) + rng.normal(scale=0.2, size=(120, 32))
+    groups = np.repeat(np.arange(20), 6)
+    radius = calibrate_radius(keys, groups=groups)
+    intra = max(
+        float(np.linalg.norm(keys[groups == g] - centres[g], axis=1).max()) for g in range(20)
+    )
+    diffs = centres[:, None, :] - centres[None, :, :]
+    inter = np.sqrt((diffs**2).sum(-1))[~np.eye(20, dtype=bool)].min()
+    assert intra < radius < inter
+    assert calibrate_radius(keys, groups=groups) == radius  # pure: same input, same radius
+    assert calibrate_radius(centres) == pytest.approx(
+        0.5 * np.median(np.sort(np.sqrt((diffs**2).sum(-1)), axis=1)[:, 1])
+    )
+    with pytest.raises(ValueError, match="two distinct groups"):
+        calibrate_radius(keys, groups=np.zeros(120))
+
+
+def test_query_at_ten_thousand_keys_d192_sanity() -> None:
+    """10,000 stored keys of dim 192: a batch of queries routes correctly (no timing)."""
+    n, dim = 10_000, 192
+    keys = _spread(n, seed=3, dim=dim, scale=1.0)
+    index = NeuronIndex(dim, radius=1.0)
+    for start in range(0, n, 2_000):
+        ids = [f"e{i}" for i in range(start, start + 2_000)]
+        index.add_batch(ids, keys[start : start + 2_000], ids, block=start // 2_000)
+    assert index.key_count == n
+    sample = np.arange(0, n, 97)
+    routes = index.query(keys[sample] + 0.01)
+    assert [r.cluster_id if r else None for r in routes] == sample.tolist()
+    assert [r.block if r else None for r in routes] == (sample // 2_000).tolist()
