@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.eval.harness import CheckpointScores
+from daemon.files import atomic_write_text
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -89,17 +90,11 @@ def plot(report: EvalReport, path: Path) -> None:
     plt.close(fig)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
 def write_report(report: EvalReport, out_dir: Path) -> Sequence[Path]:
     """Write report.json, report.md and report.png into ``out_dir``; return the paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path, png_path = out_dir / REPORT_JSON, out_dir / REPORT_MD, out_dir / REPORT_PNG
-    _atomic_write(json_path, json.dumps(report.to_json_dict(), indent=2) + "\n")
-    _atomic_write(md_path, markdown_table(report))
+    atomic_write_text(json_path, json.dumps(report.to_json_dict(), indent=2) + "\n")
+    atomic_write_text(md_path, markdown_table(report))
     plot(report, png_path)
     return (json_path, md_path, png_path)

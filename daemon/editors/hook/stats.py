@@ -20,8 +20,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -36,6 +34,7 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from daemon.errors import CovarianceStatsError
+from daemon.files import atomic_write, atomic_write_text
 from daemon.model import arch
 
 log = structlog.get_logger()
@@ -238,17 +237,6 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        Path(tmp).replace(path)  # atomic rename (os.replace)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_stats(path: Path | str, stats: dict[int, torch.Tensor], meta: StatsMeta) -> Path:
     """Write ``stats`` to ``path`` (safetensors) and its manifest beside it, atomically each.
 
@@ -262,7 +250,7 @@ def save_stats(path: Path | str, stats: dict[int, torch.Tensor], meta: StatsMeta
     tensors = {
         f"layer.{i}": t.detach().to("cpu", torch.float64).contiguous() for i, t in stats.items()
     }
-    _atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
     manifest = {
         "version": STATS_FORMAT_VERSION,
         **asdict(meta),
@@ -271,7 +259,7 @@ def save_stats(path: Path | str, stats: dict[int, torch.Tensor], meta: StatsMeta
         "sha256": _sha256_file(path),
     }
     text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
-    _atomic_write(_manifest_path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    atomic_write_text(_manifest_path(path), text)
     return path
 
 

@@ -46,6 +46,7 @@ from daemon.editors.melo import faiss_ops, index_files
 from daemon.editors.melo.faiss_ops import F32
 from daemon.editors.melo.index_files import STATE_VERSION
 from daemon.errors import EditConflictError, NeuronIndexError
+from daemon.files import atomic_write, atomic_write_text
 
 MANIFEST = "manifest.json"
 KEYS_FILE = "keys.npy"
@@ -433,11 +434,11 @@ class NeuronIndex:
         folder = Path(directory)
         folder.mkdir(parents=True, exist_ok=True)
         vecs, _ = self._centres()
-        index_files.atomic(folder / KEYS_FILE, lambda p: index_files.save_npy(p, self._keys))
-        index_files.atomic(folder / CENTRES_FILE, lambda p: index_files.save_npy(p, vecs))
-        index_files.atomic(folder / FAISS_FILE, lambda p: faiss.write_index(self._faiss, str(p)))
+        atomic_write(folder / KEYS_FILE, lambda p: index_files.save_npy(p, self._keys))
+        atomic_write(folder / CENTRES_FILE, lambda p: index_files.save_npy(p, vecs))
+        atomic_write(folder / FAISS_FILE, lambda p: faiss.write_index(self._faiss, str(p)))
         text = json.dumps(self._manifest(), indent=1)
-        index_files.atomic(folder / MANIFEST, lambda p: p.write_text(text, encoding="utf-8"))
+        atomic_write_text(folder / MANIFEST, text)
         log.info("neuron_index_saved", path=str(folder), keys=self.key_count)
 
     def _manifest(self) -> dict[str, Any]:

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,18 +13,6 @@ from daemon.editors.melo.faiss_ops import F32, ntotal
 from daemon.errors import NeuronIndexError
 
 STATE_VERSION = 1
-
-
-def atomic(path: Path, write: Callable[[Path], object]) -> None:
-    """Write via a temp file in the same folder, then os.replace onto ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        Path(tmp).replace(path)  # atomic rename (os.replace)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_npy(path: Path, arr: F32) -> None:
