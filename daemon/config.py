@@ -140,12 +140,12 @@ class HookConfig:
     key_position: KeyPosition = "auto"
     covariance_source: str = "world"
     covariance_tokens: int = 100_000
-    covariance_weight: float = 1.0e4
+    covariance_weight: float = 10.0
     target_steps: int = 25
     target_learning_rate: float = 0.5
     target_kl_weight: float = 0.0625
     target_norm_clamp: float = 4.0
-    gate_threshold: float = 2.0
+    gate_threshold: float = 3.0
     gate_floor: float = 1.0
     max_update_norm_zscore: float = 6.0
     max_target_tokens: int = 8

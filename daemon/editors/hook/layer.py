@@ -46,7 +46,10 @@ covariance did not separate them either). Deeper hook layers separate far better
 the editor's locate step should prefer them.
 
 ``gate_mode`` (``"auto"``, ``"open"``, ``"closed"``) forces the gate for tests and
-diagnostics. ``last_gate`` holds the boolean gate of the latest forward (not persisted).
+diagnostics; ``"mask"`` (entered through :func:`gate_positions`) applies the delta
+exactly at given token positions, which is how the editor computes keys and
+residuals while it solves: the edit's own key position is in scope by definition.
+``last_gate`` holds the boolean gate of the latest forward (not persisted).
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ from daemon.model import arch
 
 log = structlog.get_logger()
 
-GateMode = Literal["auto", "open", "closed"]
+GateMode = Literal["auto", "open", "closed", "mask"]
 
 DEFAULT_THRESHOLD = 3.0
 """Default z-score threshold of the scope gate."""
@@ -112,6 +115,7 @@ class HookedProjection(nn.Module):
             "threshold_floor", torch.tensor(threshold_floor, dtype=f32, device=device)
         )
         self.gate_mode: GateMode = "auto"
+        self.position_mask: torch.Tensor | None = None  # [B, T] bool, for gate_mode "mask"
         self.last_gate: torch.Tensor | None = None
         self._has_delta = False
         # calibration state (set by calibrate_gates, never persisted)
@@ -211,6 +215,11 @@ class HookedProjection(nn.Module):
         """Boolean gate per token, shape ``x.shape[:-1]``."""
         if self.gate_mode == "open":
             return torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device)
+        if self.gate_mode == "mask":
+            if self.position_mask is None or tuple(self.position_mask.shape) != tuple(x.shape[:-1]):
+                shape = None if self.position_mask is None else tuple(self.position_mask.shape)
+                raise ValueError(f"gate position mask {shape} does not fit input {tuple(x.shape)}")
+            return self.position_mask.to(x.device)
         if self.gate_mode == "closed" or self.keys.shape[0] == 0:
             return torch.zeros(x.shape[:-1], dtype=torch.bool, device=x.device)
         limit = max(float(self.threshold), float(self.threshold_floor))
@@ -304,6 +313,27 @@ def remove_hooks(model: nn.Module, hooks: Mapping[int, HookedProjection]) -> Non
             raise ValueError(f"layer {i} does not carry the given hook")
         setattr(parent, name, hook.base)
     log.debug("hooks_removed", layers=list(hooks))
+
+
+@contextmanager
+def gate_positions(
+    hooks: Mapping[int, HookedProjection], mask: torch.Tensor | None
+) -> Iterator[None]:
+    """Apply every hook's delta exactly where ``mask`` ``[B, T]`` is True (None: nowhere).
+
+    Restores each hook's previous gate mode on exit. The editor uses this while it
+    solves so that keys and residuals see the accumulated deltas at the edits' key
+    positions only, as the gate would at inference.
+    """
+    saved = {i: (h.gate_mode, h.position_mask) for i, h in hooks.items()}
+    for h in hooks.values():
+        h.gate_mode = "closed" if mask is None else "mask"
+        h.position_mask = None if mask is None else mask.bool()
+    try:
+        yield
+    finally:
+        for i, h in hooks.items():
+            h.gate_mode, h.position_mask = saved[i]
 
 
 @contextmanager

@@ -225,3 +225,34 @@ def is_outlier(value: float, history: Sequence[float], z: float, min_history: in
     var = sum((h - mean) ** 2 for h in past) / (len(past) - 1)
     std = max(_m.sqrt(var), 1e-12 * max(1.0, abs(mean)))
     return (value - mean) / std > z
+
+
+def solve_from_sums(
+    moment: torch.Tensor, key_outer: torch.Tensor, cov: torch.Tensor, cov_weight: float
+) -> UpdateSolution:
+    """The whole accumulated delta from running sums: ``M (lambda C + S)^-1``, float64.
+
+    ``moment`` ``M = sum_i t_i k_i^T`` (d_out, d_in) and ``key_outer``
+    ``S = sum_i k_i k_i^T`` (d_in, d_in) run over every live edit key ``k_i`` and the
+    output ``t_i`` the delta must give it. This is the minimiser of
+    ``lambda ||D C^1/2||^2 + sum_i ||D k_i - t_i||^2``; when each batch's ``t_i`` is
+    taken as "what the current delta gives plus the batch's residual", it equals the
+    sum of the consecutive updates (recursive least squares), so an edit is retracted
+    exactly by subtracting its terms from ``M`` and ``S`` and solving again.
+    """
+    if moment.dim() != 2 or tuple(key_outer.shape) != (moment.shape[1], moment.shape[1]):
+        raise ValueError(
+            f"moment (d_out, d_in) and key_outer (d_in, d_in) do not fit: "
+            f"{tuple(moment.shape)} and {tuple(key_outer.shape)}"
+        )
+    if tuple(cov.shape) != tuple(key_outer.shape):
+        raise ValueError(f"cov must be {tuple(key_outer.shape)}; got {tuple(cov.shape)}")
+    if not _m.isfinite(cov_weight) or cov_weight < 0.0:
+        raise ValueError(f"cov_weight must be finite and >= 0; got {cov_weight}")
+    m, s, c = _f64(moment), _f64(key_outer), _f64(cov)
+    for name, x in (("moment", m), ("key_outer", s), ("cov", c)):
+        _check_finite(name, x)
+    x, ridge, attempts = solve_spd(cov_weight * c + s, m.T)  # (d_in, d_out)
+    delta = x.T  # (d_out, d_in)
+    _check_finite("delta", delta)
+    return UpdateSolution(delta=delta, ridge=ridge, ridge_attempts=attempts)

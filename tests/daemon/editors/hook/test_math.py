@@ -236,3 +236,25 @@ def test_is_outlier() -> None:
     assert is_outlier(float("nan"), [], z=4.0)
     assert is_outlier(1.5, [1.0] * 6, z=4.0)  # flat history still flags a jump
     assert not is_outlier(1.0, [1.0] * 6, z=4.0)
+
+
+def test_solving_from_running_sums_equals_the_consecutive_updates() -> None:
+    """Recursive least squares: the sum of consecutive updates is the joint solve."""
+    from daemon.editors.hook.math import solve_from_sums
+
+    gen = torch.Generator().manual_seed(7)
+    d_in, d_out = 12, 5
+    a = torch.randn(d_in, 3 * d_in, generator=gen, dtype=torch.float64)
+    cov = a @ a.T / (3 * d_in)
+    delta = torch.zeros(d_out, d_in, dtype=torch.float64)
+    acc = torch.zeros(d_in, d_in, dtype=torch.float64)
+    moment = torch.zeros(d_out, d_in, dtype=torch.float64)
+    for _ in range(4):
+        keys = torch.randn(d_in, 3, generator=gen, dtype=torch.float64)
+        wanted = torch.randn(d_out, 3, generator=gen, dtype=torch.float64)
+        residual = wanted - delta @ keys
+        delta = delta + consecutive_update(residual, keys, cov, 2.0, acc)
+        moment = moment + wanted @ keys.T  # t = what the delta must give = wanted
+        acc = accumulate_outer(acc, keys)
+    joint = solve_from_sums(moment, acc, cov, 2.0).delta
+    assert torch.allclose(joint, delta, atol=1e-9)

@@ -1,0 +1,625 @@
+"""The COMEBA-HK editor: gated hook layers holding closed-form, consecutive batch updates.
+
+For a batch of edits (subject, prompt, target):
+
+1. **Validate and merge.** An edit needs a subject in its prompt and a target of
+   1..``max_target_tokens`` tokens. Edits of the same fact (same subject and
+   relation; the prompt when there is no relation) in one batch are merged when
+   their targets agree and all refused when they conflict. An edit of a fact
+   already applied supersedes it: the earlier edit is retracted first.
+2. **Targets.** v* at the last hook layer's output, optimised jointly for the batch
+   (``targets.optimise_targets``).
+3. **Spread and solve.** For each hook layer bottom-up (MEMIT's order), keys are
+   re-read with the deltas so far, the residual still missing at the last layer is
+   divided over the layers not yet updated, and the layer's whole delta is solved
+   from running sums ``M = sum t k^T`` and ``S = sum k k^T``::
+
+       delta_l = M_l (lambda C_l + S_l)^-1           (float64, Cholesky, ridge fallback)
+
+   which equals the consecutive update of the issue (see ``math.solve_from_sums``).
+   The state is constant in size (``M``, ``S``, the fp32 delta per layer) apart
+   from the per-edit records ``(k, t)`` that make retraction exact.
+4. **Scope gate.** The batch's keys join each hook's key set and the gates are
+   re-calibrated on non-edit text, so the delta fires only near an edit's key.
+5. **Collapse guard.** ``||delta_l||/||W0||`` and the batch's update norm per
+   layer are tracked; a batch whose update norm is an outlier (z-score above
+   ``max_update_norm_zscore`` against the history) is refused and rolled back, as
+   is a batch whose solve meets NaN/inf or an indefinite system.
+
+Retraction subtracts the edits' ``(k, t)`` terms from ``M`` and ``S``, solves
+again, drops their gate keys and re-calibrates: the result is what the solve
+would have given had the edits never been part of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from daemon.editors.base import EditOutcome, EditSpec
+from daemon.editors.hook import math as hmath
+from daemon.editors.hook.keys import KeyKind, capture, encode_sites
+from daemon.editors.hook.layer import HookedProjection, calibrate_gates, install_hooks
+from daemon.editors.hook.targets import EditText, TargetSettings, optimise_targets
+from daemon.errors import EditorStateError, SolveError
+from daemon.files import atomic_write, atomic_write_text
+from daemon.model import arch
+from daemon.model.batches import target_token_ids
+
+log = structlog.get_logger()
+
+STATE_VERSION = 1
+MANIFEST = "manifest.json"
+TENSORS = "tensors.safetensors"
+
+
+@dataclass(frozen=True)
+class HookSettings:
+    """Everything the editor needs besides the model; built from ``[editors.hook]``."""
+
+    layers: tuple[int, ...]
+    key_position: KeyKind
+    cov_weight: float = 10.0
+    targets: TargetSettings = field(default_factory=TargetSettings)
+    gate_threshold: float = 3.0
+    gate_floor: float = 1.0
+    max_update_norm_zscore: float = 6.0
+    max_target_tokens: int = 8
+    solve_rounds: int = 4
+
+    def __post_init__(self) -> None:
+        if self.solve_rounds < 1:
+            raise ValueError("solve_rounds must be >= 1")
+        if not self.layers or list(self.layers) != sorted(set(self.layers)):
+            raise ValueError(f"hook layers must be a non-empty increasing list: {self.layers}")
+        if self.max_target_tokens < 1 or self.cov_weight < 0:
+            raise ValueError("max_target_tokens >= 1 and cov_weight >= 0 are required")
+
+
+@dataclass
+class _Record:
+    """One applied edit: its request and, per hook layer, its key and target output."""
+
+    spec: EditSpec
+    fact: str
+    batch: int
+    keys: dict[int, torch.Tensor]  # layer -> (sites, d_in) float64
+    outputs: dict[int, torch.Tensor]  # layer -> (sites, d_out) float64
+    aliases: list[str] = field(default_factory=list)  # merged duplicates of this edit
+
+
+@dataclass
+class _LayerSums:
+    moment: torch.Tensor  # (d_out, d_in) float64
+    key_outer: torch.Tensor  # (d_in, d_in) float64
+
+    def clone(self) -> _LayerSums:
+        return _LayerSums(self.moment.clone(), self.key_outer.clone())
+
+
+def fact_key(spec: EditSpec) -> str:
+    """What makes two edits "the same fact": subject and relation, else the prompt."""
+    if spec.relation and spec.subject:
+        return f"{spec.subject.strip().casefold()}\x1f{spec.relation.strip().casefold()}"
+    return f"prompt\x1f{spec.prompt.strip()}"
+
+
+def _hook_buffers(hook: HookedProjection) -> dict[str, torch.Tensor]:
+    """The hook's own buffers (delta, gate keys, reference), without the base module."""
+    return {
+        name: value.detach().clone()
+        for name, value in hook.state_dict().items()
+        if not name.startswith("base.")
+    }
+
+
+def _tensor_sha(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+class HookEditor:
+    """COMEBA-HK on one live model (see the module docstring)."""
+
+    name = "hook"
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        settings: HookSettings,
+        covariance: Mapping[int, torch.Tensor],
+        calibration_texts: Sequence[str],
+    ) -> None:
+        n_layers = arch.num_layers(model)
+        bad = [i for i in settings.layers if not 0 <= i < n_layers]
+        if bad:
+            raise ValueError(f"hook layers {bad} outside 0..{n_layers - 1}")
+        missing = [i for i in settings.layers if i not in covariance]
+        if missing:
+            raise ValueError(f"no covariance statistics for hook layers {missing}")
+        if not calibration_texts:
+            raise ValueError("the scope gate needs calibration texts")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.device = next(model.parameters()).device
+        self.hooks: dict[int, HookedProjection] = install_hooks(
+            model,
+            settings.layers,
+            threshold=settings.gate_threshold,
+            threshold_floor=settings.gate_floor,
+        )
+        self._cov = {i: covariance[i].to(self.device, torch.float64) for i in settings.layers}
+        self._w0_norm = {
+            i: float(torch.linalg.matrix_norm(arch.projection_weight_out_in(h.base).double()))
+            for i, h in self.hooks.items()
+        }
+        self._sums = {i: self._zero_sums(h) for i, h in self.hooks.items()}
+        self._records: dict[str, _Record] = {}  # edit id -> record, in apply order
+        self._by_fact: dict[str, str] = {}  # fact key -> live edit id
+        self._alias_of: dict[str, str] = {}  # merged duplicate id -> edit id holding it
+        self._key_owner: list[str] = []  # edit id of each gate key row (same in every hook)
+        self._batches = 0
+        self.norm_history: dict[int, list[float]] = {i: [] for i in settings.layers}
+        enc = tokenizer(list(calibration_texts), return_tensors="pt", padding=True)
+        self._calib_ids = enc["input_ids"].to(self.device)
+        self._calib_mask = enc["attention_mask"].to(self.device)
+
+    def _zero_sums(self, hook: HookedProjection) -> _LayerSums:
+        f64 = torch.float64
+        return _LayerSums(
+            torch.zeros(hook.d_out, hook.d_in, dtype=f64, device=self.device),
+            torch.zeros(hook.d_in, hook.d_in, dtype=f64, device=self.device),
+        )
+
+    # --- queries -----------------------------------------------------------------
+
+    def applied_ids(self) -> list[str]:
+        ids: list[str] = []
+        for edit_id, record in self._records.items():
+            ids.append(edit_id)
+            ids.extend(record.aliases)
+        return ids
+
+    def routing(self, prompts: Sequence[str]) -> AbstractContextManager[None]:
+        # The scope gate decides per token; there is nothing to route per request.
+        return nullcontext()
+
+    def health(self) -> dict[str, Any]:
+        """The collapse guard's numbers, for the drift job and metrics."""
+        return {
+            "edits": len(self._records),
+            "batches": self._batches,
+            "delta_norm_ratio": {
+                i: float(torch.linalg.matrix_norm(h.delta.double())) / self._w0_norm[i]
+                for i, h in self.hooks.items()
+            },
+            "last_update_norm": {i: (v[-1] if v else None) for i, v in self.norm_history.items()},
+            "gate_keys": int(next(iter(self.hooks.values())).keys.shape[0]),
+        }
+
+    # --- apply -------------------------------------------------------------------
+
+    def validate(self, spec: EditSpec) -> str | None:
+        """Why the hook back-end cannot take ``spec`` (None when it can)."""
+        if not spec.subject or not spec.subject.strip():
+            return "the hook back-end needs a subject (the router sends such edits to MELO)"
+        if spec.subject not in spec.prompt:
+            return f"subject {spec.subject!r} does not occur in the prompt"
+        n_tokens = len(target_token_ids(self.tokenizer, spec.prompt, spec.target))
+        if n_tokens == 0:
+            return "the target tokenises to nothing"
+        if n_tokens > self.settings.max_target_tokens:
+            return (
+                f"the target has {n_tokens} tokens, more than the hook back-end's limit "
+                f"of {self.settings.max_target_tokens}"
+            )
+        return None
+
+    def apply(self, edits: Sequence[EditSpec]) -> list[EditOutcome]:
+        outcomes: dict[str, EditOutcome] = {}
+        accepted: list[EditSpec] = []
+        for spec in edits:
+            reason = self.validate(spec)
+            if spec.edit_id in self._records or spec.edit_id in self._alias_of:
+                reason = "an edit with this id is already applied"
+            if reason is not None:
+                outcomes[spec.edit_id] = EditOutcome(spec.edit_id, False, reason)
+            else:
+                accepted.append(spec)
+        batch, merged, conflicts = self._merge(accepted)
+        for edit_id, reason in conflicts.items():
+            outcomes[edit_id] = EditOutcome(edit_id, False, reason)
+        if batch:
+            outcomes.update(self._apply_batch(batch, merged))
+        return [outcomes[spec.edit_id] for spec in edits]
+
+    def _merge(
+        self, specs: Sequence[EditSpec]
+    ) -> tuple[list[EditSpec], dict[str, list[str]], dict[str, str]]:
+        """Group by fact: agreeing duplicates merge into the first, conflicts are refused."""
+        groups: dict[str, list[EditSpec]] = {}
+        for spec in specs:
+            groups.setdefault(fact_key(spec), []).append(spec)
+        batch: list[EditSpec] = []
+        merged: dict[str, list[str]] = {}
+        conflicts: dict[str, str] = {}
+        for group in groups.values():
+            targets = {s.target for s in group}
+            if len(targets) > 1:
+                ids = [s.edit_id for s in group]
+                for s in group:
+                    conflicts[s.edit_id] = (
+                        f"conflicting targets for the same fact in one batch "
+                        f"(edits {ids}: {sorted(targets)})"
+                    )
+                continue
+            batch.append(group[0])
+            merged[group[0].edit_id] = [s.edit_id for s in group[1:]]
+        return batch, merged, conflicts
+
+    def _snapshot(self) -> dict[str, Any]:
+        return {
+            "sums": {i: s.clone() for i, s in self._sums.items()},
+            "hooks": {
+                i: {k: v.clone() for k, v in h.state_dict().items()} for i, h in self.hooks.items()
+            },
+            "records": dict(self._records),
+            "by_fact": dict(self._by_fact),
+            "alias_of": dict(self._alias_of),
+            "key_owner": list(self._key_owner),
+            "history": {i: list(v) for i, v in self.norm_history.items()},
+            "batches": self._batches,
+        }
+
+    def _restore(self, snap: Mapping[str, Any]) -> None:
+        self._sums = snap["sums"]
+        for i, h in self.hooks.items():
+            h.load_state_dict(snap["hooks"][i], strict=False)
+        self._records = snap["records"]
+        self._by_fact = snap["by_fact"]
+        self._alias_of = snap["alias_of"]
+        self._key_owner = snap["key_owner"]
+        self.norm_history = snap["history"]
+        self._batches = snap["batches"]
+
+    def _apply_batch(
+        self, batch: list[EditSpec], merged: Mapping[str, list[str]]
+    ) -> dict[str, EditOutcome]:
+        snap = self._snapshot()
+        superseded: dict[str, list[str]] = {}
+        try:
+            for spec in batch:
+                earlier = self._by_fact.get(fact_key(spec))
+                if earlier is not None:
+                    superseded[spec.edit_id] = [earlier, *self._records[earlier].aliases]
+            stale = [ids[0] for ids in superseded.values()]  # the holders; aliases follow
+            if stale:
+                self._retract_records(stale, recalibrate=False)
+            result = optimise_targets(
+                self.model,
+                self.tokenizer,
+                self.hooks,
+                [EditText(s.prompt, s.target, s.subject) for s in batch],
+                self.settings.layers[-1],
+                self.settings.key_position,
+                self.settings.targets,
+            )
+            keys, outputs = self._solve_layers(batch, result.values)
+            site_edit = result.site_edit.tolist()
+        except SolveError as exc:
+            self._restore(snap)
+            log.warning("hook_batch_refused", reason=str(exc), edits=[s.edit_id for s in batch])
+            return self._refuse_all(batch, merged, f"the solve failed: {exc}")
+        self._batches += 1
+        for n, spec in enumerate(batch):
+            record = _Record(
+                spec=spec,
+                fact=fact_key(spec),
+                batch=self._batches,
+                keys={i: keys[i][[e == n for e in site_edit]] for i in keys},
+                outputs={i: outputs[i][[e == n for e in site_edit]] for i in outputs},
+                aliases=list(merged.get(spec.edit_id, [])),
+            )
+            self._records[spec.edit_id] = record
+            self._by_fact[record.fact] = spec.edit_id
+            for alias in record.aliases:
+                self._alias_of[alias] = spec.edit_id
+        for i, h in self.hooks.items():
+            h.add_keys(keys[i].T.float())
+        self._key_owner.extend(batch[e].edit_id for e in site_edit)
+        self._calibrate()
+        log.info(
+            "hook_batch_applied",
+            edits=len(batch),
+            target_steps=result.steps,
+            converged=sum(result.converged),
+            superseded=sorted(e for ids in superseded.values() for e in ids),
+        )
+        outcomes: dict[str, EditOutcome] = {}
+        for n, spec in enumerate(batch):
+            details = {
+                "backend": self.name,
+                "target_converged": result.converged[n],
+                "target_steps": result.steps,
+                "superseded": superseded.get(spec.edit_id, []),
+            }
+            outcomes[spec.edit_id] = EditOutcome(spec.edit_id, True, None, details)
+            for alias in merged.get(spec.edit_id, []):
+                outcomes[alias] = EditOutcome(
+                    alias, True, None, {**details, "merged_into": spec.edit_id}
+                )
+        return outcomes
+
+    def _refuse_all(
+        self, batch: list[EditSpec], merged: Mapping[str, list[str]], reason: str
+    ) -> dict[str, EditOutcome]:
+        out: dict[str, EditOutcome] = {}
+        for spec in batch:
+            for edit_id in (spec.edit_id, *merged.get(spec.edit_id, [])):
+                out[edit_id] = EditOutcome(edit_id, False, reason)
+        return out
+
+    def _solve_layers(
+        self, batch: Sequence[EditSpec], values: torch.Tensor
+    ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        """MEMIT's layer loop; returns per layer the batch's keys and target outputs."""
+        layers = self.settings.layers
+        kind = self.settings.key_position
+        enc, _ = encode_sites(
+            self.tokenizer,
+            [s.prompt for s in batch],
+            [s.target for s in batch],
+            [s.subject for s in batch],
+            list(range(len(batch))),
+            kind,
+            self.device,
+        )
+        z = values.to(self.device, torch.float64)  # (sites, d_model)
+        before = {layer: self.hooks[layer].delta.double().clone() for layer in layers}
+        keys: dict[int, torch.Tensor] = {}
+        outputs: dict[int, torch.Tensor] = {}
+        for _round in range(self.settings.solve_rounds):
+            for pos, layer in enumerate(layers):
+                cap = capture(self.model, self.hooks, enc, [layer], layers[-1])
+                k = cap.keys[layer].double()  # (sites, d_in)
+                missing = z - cap.residual.double()  # (sites, d_model)
+                share = hmath.spread_residual(missing, layer, len(layers) - pos)
+                hook = self.hooks[layer]
+                current = k @ hook.delta.double().T  # (sites, d_out): what the delta gives now
+                t = current + share
+                sums = self._sums[layer]
+                if layer in keys:  # a later round replaces this batch's earlier terms
+                    old_k, old_t = keys[layer], outputs[layer]
+                    sums = _LayerSums(
+                        sums.moment - old_t.T @ old_k, sums.key_outer - old_k.T @ old_k
+                    )
+                new = _LayerSums(sums.moment + t.T @ k, sums.key_outer + k.T @ k)
+                solution = hmath.solve_from_sums(
+                    new.moment, new.key_outer, self._cov[layer], self.settings.cov_weight
+                )
+                self._sums[layer] = new
+                hook.set_delta(solution.delta)
+                keys[layer], outputs[layer] = k, t
+        for layer in layers:
+            self._guard(layer, self.hooks[layer].delta.double() - before[layer])
+        return keys, outputs
+
+    def _guard(self, layer: int, update_delta: torch.Tensor) -> None:
+        """Refuse a batch whose update is an outlier against this layer's history."""
+        update = float(torch.linalg.matrix_norm(update_delta)) / self._w0_norm[layer]
+        history = self.norm_history[layer]
+        if hmath.is_outlier(update, history, self.settings.max_update_norm_zscore):
+            raise SolveError(
+                f"layer {layer}: the batch's update norm {update:.4g} x ||W0|| is an outlier "
+                f"against the last {len(history)} batches (collapse guard)",
+                layer=layer,
+                update_norm_ratio=update,
+            )
+        history.append(update)
+
+    def _calibrate(self) -> None:
+        calibrate_gates(self.model, self.hooks, self._calib_ids, self._calib_mask)
+
+    # --- retraction --------------------------------------------------------------
+
+    def retract(self, edit_ids: Sequence[str]) -> None:
+        unknown = [e for e in edit_ids if e not in self._records and e not in self._alias_of]
+        if unknown:
+            raise EditorStateError(
+                f"hook editor: cannot retract edits that are not applied: {unknown}",
+                edit_ids=unknown,
+            )
+        # A merged duplicate shares its fact's key: retracting either retracts the fact.
+        holders = list(dict.fromkeys(self._alias_of.get(e, e) for e in edit_ids))
+        self._retract_records(holders, recalibrate=True)
+
+    def _retract_records(self, holder_ids: Sequence[str], *, recalibrate: bool) -> None:
+        gone = set(holder_ids)
+        rows = [n for n, edit_id in enumerate(self._key_owner) if edit_id in gone]
+        for layer, hook in self.hooks.items():
+            sums = self._sums[layer]
+            for edit_id in holder_ids:
+                record = self._records[edit_id]
+                k, t = record.keys[layer], record.outputs[layer]  # (sites, d_in/d_out)
+                sums.moment -= t.T @ k
+                sums.key_outer -= k.T @ k
+            hook.remove_keys(rows)
+        self._key_owner = [e for e in self._key_owner if e not in gone]
+        for edit_id in holder_ids:
+            record = self._records.pop(edit_id)
+            self._by_fact.pop(record.fact, None)
+            for alias in record.aliases:
+                self._alias_of.pop(alias, None)
+        self._resolve_all()
+        if recalibrate:
+            self._calibrate()
+        log.info("hook_edits_retracted", edits=sorted(gone), remaining=len(self._records))
+
+    def _resolve_all(self) -> None:
+        for layer, hook in self.hooks.items():
+            if not self._records:
+                self._sums[layer] = self._zero_sums(hook)
+                hook.reset()
+                continue
+            sums = self._sums[layer]
+            solution = hmath.solve_from_sums(
+                sums.moment, sums.key_outer, self._cov[layer], self.settings.cov_weight
+            )
+            hook.set_delta(solution.delta)
+
+    # --- state -------------------------------------------------------------------
+
+    def _manifest(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "editor": self.name,
+            "settings": {
+                "layers": list(self.settings.layers),
+                "key_position": self.settings.key_position,
+                "cov_weight": self.settings.cov_weight,
+            },
+            "covariance_sha": {str(i): _tensor_sha(c) for i, c in self._cov.items()},
+            "batches": self._batches,
+            "norm_history": {str(i): v for i, v in self.norm_history.items()},
+            "records": [
+                {
+                    "spec": {**asdict(r.spec), "rephrases": list(r.spec.rephrases)},
+                    "fact": r.fact,
+                    "batch": r.batch,
+                    "sites": int(r.keys[self.settings.layers[0]].shape[0]),
+                    "aliases": list(r.aliases),
+                }
+                for r in self._records.values()
+            ],
+        }
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for layer, hook in self.hooks.items():
+            for name, value in _hook_buffers(hook).items():
+                out[f"hook.{layer}.{name}"] = value.cpu().contiguous()
+            sums = self._sums[layer]
+            out[f"sums.{layer}.moment"] = sums.moment.cpu().contiguous()
+            out[f"sums.{layer}.key_outer"] = sums.key_outer.cpu().contiguous()
+            recs = list(self._records.values())
+            hook_in, hook_out = hook.d_in, hook.d_out
+            out[f"records.{layer}.keys"] = (
+                torch.cat([r.keys[layer] for r in recs]).cpu()
+                if recs
+                else torch.zeros(0, hook_in, dtype=torch.float64)
+            )
+            out[f"records.{layer}.outputs"] = (
+                torch.cat([r.outputs[layer] for r in recs]).cpu()
+                if recs
+                else torch.zeros(0, hook_out, dtype=torch.float64)
+            )
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": STATE_VERSION, "manifest": self._manifest(), "tensors": self._tensors()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise EditorStateError(
+                f"hook editor state has version {state.get('version')!r}; "
+                f"this code reads {STATE_VERSION}"
+            )
+        self._load(dict(state["manifest"]), dict(state["tensors"]))
+
+    def _load(self, manifest: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> None:
+        settings = manifest.get("settings", {})
+        if (
+            list(settings.get("layers", [])) != list(self.settings.layers)
+            or settings.get("key_position") != self.settings.key_position
+        ):
+            raise EditorStateError(
+                f"hook editor state was made with layers {settings.get('layers')} and keys at "
+                f"{settings.get('key_position')}; this editor has {list(self.settings.layers)} "
+                f"and {self.settings.key_position}"
+            )
+        expected = {str(i): _tensor_sha(c) for i, c in self._cov.items()}
+        if manifest.get("covariance_sha") != expected:
+            raise EditorStateError(
+                "hook editor state was solved against other covariance statistics "
+                "(a different model, text source or token budget)"
+            )
+        try:
+            records: dict[str, _Record] = {}
+            specs = manifest["records"]
+            start = 0
+            for entry in specs:
+                rows = slice(start, start + int(entry["sites"]))
+                start = rows.stop
+                spec_data = dict(entry["spec"])
+                spec_data["rephrases"] = tuple(spec_data.get("rephrases", ()))
+                spec = EditSpec(**spec_data)
+                records[spec.edit_id] = _Record(
+                    spec=spec,
+                    fact=str(entry["fact"]),
+                    batch=int(entry["batch"]),
+                    keys={
+                        i: tensors[f"records.{i}.keys"][rows].to(self.device) for i in self.hooks
+                    },
+                    outputs={
+                        i: tensors[f"records.{i}.outputs"][rows].to(self.device) for i in self.hooks
+                    },
+                    aliases=[str(a) for a in entry.get("aliases", [])],
+                )
+            for layer, hook in self.hooks.items():
+                prefix = f"hook.{layer}."
+                hook_state = {
+                    k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)
+                }
+                hook.load_state_dict(hook_state, strict=False)
+                self._sums[layer] = _LayerSums(
+                    tensors[f"sums.{layer}.moment"].to(self.device, torch.float64),
+                    tensors[f"sums.{layer}.key_outer"].to(self.device, torch.float64),
+                )
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise EditorStateError(f"hook editor state is malformed: {exc}") from exc
+        self._records = records
+        self._by_fact = {r.fact: e for e, r in records.items()}
+        self._alias_of = {a: e for e, r in records.items() for a in r.aliases}
+        self._key_owner = [
+            e
+            for e, r in records.items()
+            for _ in range(int(r.keys[self.settings.layers[0]].shape[0]))
+        ]
+        self._batches = int(manifest.get("batches", 0))
+        history = manifest.get("norm_history", {})
+        self.norm_history = {i: [float(x) for x in history.get(str(i), [])] for i in self.hooks}
+        log.info("hook_state_loaded", edits=len(records))
+
+    def save(self, directory: Path | str) -> None:
+        """Write the state as ``tensors.safetensors`` plus ``manifest.json`` (atomically)."""
+        folder = Path(directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = self._tensors()
+        atomic_write(folder / TENSORS, lambda p: save_file(tensors, str(p)))
+        atomic_write_text(folder / MANIFEST, json.dumps(self._manifest(), indent=1))
+
+    def load(self, directory: Path | str) -> None:
+        """Read what ``save`` wrote; raise EditorStateError when it does not fit."""
+        folder = Path(directory)
+        try:
+            manifest = json.loads((folder / MANIFEST).read_text())
+            tensors = load_file(str(folder / TENSORS))
+        except (OSError, ValueError) as exc:
+            raise EditorStateError(f"{folder}: cannot read the hook editor state: {exc}") from exc
+        if manifest.get("version") != STATE_VERSION:
+            raise EditorStateError(
+                f"{folder}: hook editor state version {manifest.get('version')!r} "
+                f"(this code reads {STATE_VERSION})"
+            )
+        self._load(manifest, tensors)

@@ -1,0 +1,150 @@
+"""Building a hook editor from configuration: text source, statistics, layers, key position.
+
+``[editors.hook]`` decides:
+
+- ``covariance_source``: ``"world"`` (the fact-world corpus next to a world model)
+  or a path to a text file (one text per line) or a JSONL file (a ``text`` field,
+  else ``prompt`` + ``target``). The same texts calibrate the scope gate.
+- ``layers`` / ``key_position``: given values win; otherwise the cached result of
+  ``editd locate`` for this model decides; without one, the architecture table's
+  middle block and subject-last keys (what large models need).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import structlog
+
+from daemon.config import Config, HookConfig
+from daemon.editors.hook.editor import HookEditor, HookSettings
+from daemon.editors.hook.keys import KeyKind
+from daemon.editors.hook.stats import cached_covariance
+from daemon.editors.hook.targets import TargetSettings
+from daemon.errors import ConfigError
+from daemon.model import arch
+from daemon.model.loading import LoadedModel
+
+log = structlog.get_logger()
+
+CALIBRATION_TEXTS = 256
+"""How many texts of the source calibrate the scope gate (spread evenly over it)."""
+
+
+def read_text_source(source: str, model_path: str) -> list[str]:
+    """The texts of ``covariance_source`` (see the module docstring)."""
+    if source == "world":
+        world_file = Path(model_path) / "world.json"
+        if not world_file.is_file():
+            raise ConfigError(
+                f"editors.hook.covariance_source = 'world' needs a fact-world model, but "
+                f"{model_path} has no world.json; name a text or JSONL file instead",
+                key="editors.hook.covariance_source",
+            )
+        from daemon.world.build import load_world
+
+        return load_world(model_path).training_corpus()
+    path = Path(source)
+    if not path.is_file():
+        raise ConfigError(
+            f"editors.hook.covariance_source: {path} is not a file",
+            key="editors.hook.covariance_source",
+        )
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    if path.suffix == ".jsonl":
+        texts = []
+        for n, line in enumerate(lines, start=1):
+            if not line:
+                continue
+            try:
+                row = json.loads(line)
+                text = row.get("text") or (row["prompt"] + row.get("target", ""))
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise ConfigError(
+                    f"{path}:{n}: not a JSON object with 'text' or 'prompt': {exc}",
+                    key="editors.hook.covariance_source",
+                ) from exc
+            texts.append(str(text))
+        return texts
+    return [line for line in lines if line]
+
+
+def spread_sample(texts: Sequence[str], k: int) -> list[str]:
+    """``k`` texts spread evenly over ``texts`` (deterministic)."""
+    if len(texts) <= k:
+        return list(texts)
+    step = len(texts) / k
+    return [texts[int(i * step)] for i in range(k)]
+
+
+def settings_from_config(
+    cfg: HookConfig, layers: Sequence[int], key_position: KeyKind
+) -> HookSettings:
+    return HookSettings(
+        layers=tuple(sorted(layers)),
+        key_position=key_position,
+        cov_weight=cfg.covariance_weight,
+        targets=TargetSettings(
+            steps=cfg.target_steps,
+            learning_rate=cfg.target_learning_rate,
+            kl_weight=cfg.target_kl_weight,
+            norm_clamp=cfg.target_norm_clamp,
+        ),
+        gate_threshold=cfg.gate_threshold,
+        gate_floor=cfg.gate_floor,
+        max_update_norm_zscore=cfg.max_update_norm_zscore,
+        max_target_tokens=cfg.max_target_tokens,
+    )
+
+
+def choose_layout(
+    loaded: LoadedModel,
+    cfg: HookConfig,
+    located: tuple[Sequence[int], KeyKind] | None,
+) -> tuple[tuple[int, ...], KeyKind]:
+    """Layers and key position: configured values, else ``located``, else the defaults."""
+    layers = tuple(cfg.layers) or (tuple(located[0]) if located else ())
+    if not layers:
+        layers = arch.default_hook_layers(loaded.model)
+    if cfg.key_position != "auto":
+        kind: KeyKind = cfg.key_position
+    elif located is not None:
+        kind = located[1]
+    else:
+        kind = "subject_last"
+    return layers, kind
+
+
+def build_hook_editor(
+    loaded: LoadedModel,
+    config: Config,
+    *,
+    located: tuple[Sequence[int], KeyKind] | None = None,
+    stats_dir: Path | None = None,
+    progress: bool = False,
+) -> HookEditor:
+    """A hook editor for ``loaded`` as ``config`` describes it (statistics cached)."""
+    cfg = config.editors.hook
+    layers, kind = choose_layout(loaded, cfg, located)
+    texts = read_text_source(cfg.covariance_source, loaded.name_or_path)
+    cache = stats_dir or config.store.path.parent / "stats"
+    covariance = cached_covariance(
+        cache,
+        loaded.model,
+        loaded.tokenizer,
+        texts,
+        layers,
+        cfg.covariance_tokens,
+        loaded.name_or_path,
+        progress=progress,
+    )
+    log.info("hook_editor_layout", layers=list(layers), key_position=kind)
+    return HookEditor(
+        loaded.model,
+        loaded.tokenizer,
+        settings_from_config(cfg, layers, kind),
+        covariance,
+        spread_sample(texts, CALIBRATION_TEXTS),
+    )

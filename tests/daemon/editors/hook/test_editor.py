@@ -1,0 +1,238 @@
+"""The COMEBA-HK editor on the micro world: edits take, hold, retract, round-trip, refuse."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from daemon.config import Config
+from daemon.editors.base import EditSpec
+from daemon.editors.hook import targets as targets_module
+from daemon.editors.hook.editor import HookEditor
+from daemon.editors.hook.keys import encode_sites
+from daemon.editors.hook.setup import build_hook_editor
+from daemon.eval.metrics import continuation_matches
+from daemon.model.generate import greedy_continuations
+from daemon.model.loading import LoadedModel, load_model
+from daemon.world.editsets import counterfactual_edits
+
+N_EDITS = 6
+
+
+def _config() -> Config:
+    cfg = Config()
+    hook = dataclasses.replace(
+        cfg.editors.hook,
+        layers=(1,),
+        key_position="prompt_last",
+        covariance_tokens=20_000,
+        covariance_weight=10.0,
+        gate_threshold=3.0,
+    )
+    return dataclasses.replace(cfg, editors=dataclasses.replace(cfg.editors, hook=hook))
+
+
+@pytest.fixture(scope="module")
+def edits(micro_world: Path) -> list[dict[str, Any]]:
+    loaded = load_model(str(micro_world), device="cpu")
+    return counterfactual_edits(micro_world, loaded.model, loaded.tokenizer, N_EDITS, seed=3)
+
+
+@pytest.fixture
+def loaded(micro_world: Path) -> LoadedModel:
+    return load_model(str(micro_world), device="cpu")
+
+
+@pytest.fixture
+def editor(loaded: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> HookEditor:
+    stats = tmp_path_factory.getbasetemp() / "hook-stats"  # shared: computed once
+    return build_hook_editor(loaded, _config(), stats_dir=stats)
+
+
+def _specs(edits: list[dict[str, Any]]) -> list[EditSpec]:
+    return [EditSpec(e["id"], e["prompt"], e["target"], e["subject"], e["relation"]) for e in edits]
+
+
+def _answers(loaded: LoadedModel, prompts: list[str]) -> list[str]:
+    return greedy_continuations(loaded.model, loaded.tokenizer, prompts, max_new_tokens=6)
+
+
+def _logits(loaded: LoadedModel, prompts: list[str]) -> torch.Tensor:
+    enc = loaded.tokenizer(prompts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out: torch.Tensor = loaded.model(**enc).logits
+    return out
+
+
+def test_a_batch_takes_and_unrelated_prompts_hold(
+    editor: HookEditor, loaded: LoadedModel, edits: list[dict[str, Any]]
+) -> None:
+    locality = [p for e in edits for p in e["locality"]]
+    outcomes = editor.apply(_specs(edits))
+    assert all(o.accepted for o in outcomes), [o.reason for o in outcomes]
+    got = _answers(loaded, [e["prompt"] for e in edits])
+    hits = [continuation_matches(g, e["target"]) for g, e in zip(got, edits, strict=True)]
+    assert sum(hits) >= N_EDITS - 1, list(zip(got, [e["target"] for e in edits], strict=True))
+    kept = _answers(loaded, [p["prompt"] for p in locality])
+    held = [continuation_matches(g, p["target"]) for g, p in zip(kept, locality, strict=True)]
+    assert sum(held) / len(held) >= 0.8
+    assert editor.applied_ids() == [e["id"] for e in edits]
+    health = editor.health()
+    assert health["edits"] == N_EDITS and health["gate_keys"] >= N_EDITS
+    assert all(0 < v < 50 for v in health["delta_norm_ratio"].values())
+
+
+def test_retracting_everything_restores_the_base_model_bit_for_bit(
+    editor: HookEditor, loaded: LoadedModel, edits: list[dict[str, Any]]
+) -> None:
+    prompts = [e["prompt"] for e in edits] + [p["prompt"] for e in edits for p in e["locality"]]
+    base = _logits(loaded, prompts)
+    editor.apply(_specs(edits[:3]))
+    editor.apply(_specs(edits[3:]))
+    assert not torch.equal(_logits(loaded, prompts), base)
+    editor.retract([e["id"] for e in edits])
+    assert editor.applied_ids() == []
+    assert torch.equal(_logits(loaded, prompts), base)
+
+
+def test_retracting_one_edit_forgets_it_and_keeps_the_others(
+    editor: HookEditor, loaded: LoadedModel, edits: list[dict[str, Any]]
+) -> None:
+    base = _answers(loaded, [e["prompt"] for e in edits])
+    editor.apply(_specs(edits))
+    before = _answers(loaded, [e["prompt"] for e in edits])
+    editor.retract([edits[0]["id"]])
+    after = _answers(loaded, [e["prompt"] for e in edits])
+    assert after[0] == base[0]
+    for b, a, e in zip(before[1:], after[1:], edits[1:], strict=True):
+        if continuation_matches(b, e["target"]):
+            assert continuation_matches(a, e["target"]), (a, e["target"])
+    with pytest.raises(Exception, match="not applied"):
+        editor.retract(["no-such-edit"])
+
+
+def test_state_round_trips_to_bit_identical_logits(
+    editor: HookEditor,
+    edits: list[dict[str, Any]],
+    micro_world: Path,
+    loaded: LoadedModel,
+    tmp_path: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    editor.apply(_specs(edits[:4]))
+    editor.apply(_specs(edits[4:]))
+    editor.retract([edits[1]["id"]])
+    prompts = [e["prompt"] for e in edits] + [p["prompt"] for e in edits for p in e["locality"]]
+    expected = _logits(loaded, prompts)
+    editor.save(tmp_path / "hook")
+    state = editor.state_dict()
+
+    for restore in ("directory", "state_dict"):
+        fresh = load_model(str(micro_world), device="cpu")
+        other = build_hook_editor(
+            fresh, _config(), stats_dir=tmp_path_factory.getbasetemp() / "hook-stats"
+        )
+        if restore == "directory":
+            other.load(tmp_path / "hook")
+        else:
+            other.load_state_dict(state)
+        assert other.applied_ids() == editor.applied_ids()
+        assert torch.equal(_logits(fresh, prompts), expected)
+        # retraction keeps working after a reload
+        other.retract([edits[0]["id"]])
+        assert edits[0]["id"] not in other.applied_ids()
+
+
+def test_bad_edits_are_refused_with_reasons(
+    editor: HookEditor, edits: list[dict[str, Any]]
+) -> None:
+    e = edits[0]
+    no_subject = EditSpec("a", e["prompt"], e["target"])
+    too_long = EditSpec("b", e["prompt"], " x" * 40, e["subject"], e["relation"])
+    first = EditSpec("c", e["prompt"], e["target"], e["subject"], e["relation"])
+    conflict = EditSpec("d", e["prompt"], edits[1]["target"], e["subject"], e["relation"])
+    outcomes = {o.edit_id: o for o in editor.apply([no_subject, too_long, first, conflict])}
+    assert "needs a subject" in (outcomes["a"].reason or "")
+    assert "tokens" in (outcomes["b"].reason or "")
+    assert "conflicting targets" in (outcomes["c"].reason or "")
+    assert "conflicting targets" in (outcomes["d"].reason or "")
+    assert editor.applied_ids() == []
+
+
+def test_duplicates_merge_and_a_later_edit_supersedes(
+    editor: HookEditor, loaded: LoadedModel, edits: list[dict[str, Any]]
+) -> None:
+    e = edits[0]
+    one = EditSpec("one", e["prompt"], e["target"], e["subject"], e["relation"])
+    same = EditSpec("same", e["prompt"], e["target"], e["subject"], e["relation"])
+    outcomes = editor.apply([one, same])
+    assert all(o.accepted for o in outcomes)
+    assert outcomes[1].details["merged_into"] == "one"
+    assert editor.applied_ids() == ["one", "same"]
+    newer = EditSpec("newer", e["prompt"], edits[1]["target"], e["subject"], e["relation"])
+    (outcome,) = editor.apply([newer])
+    assert outcome.accepted and outcome.details["superseded"] == ["one", "same"]
+    assert editor.applied_ids() == ["newer"]
+    assert continuation_matches(_answers(loaded, [e["prompt"]])[0], edits[1]["target"])
+
+
+def test_a_non_finite_solve_aborts_the_batch_and_changes_nothing(
+    editor: HookEditor,
+    loaded: LoadedModel,
+    edits: list[dict[str, Any]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    editor.apply(_specs(edits[:2]))
+    prompts = [e["prompt"] for e in edits]
+    before = _logits(loaded, prompts)
+    real = targets_module.optimise_targets
+
+    def poisoned(*args: Any, **kwargs: Any) -> targets_module.TargetResult:
+        result = real(*args, **kwargs)
+        return dataclasses.replace(result, values=result.values * float("nan"))
+
+    monkeypatch.setattr("daemon.editors.hook.editor.optimise_targets", poisoned)
+    outcomes = editor.apply(_specs(edits[2:4]))
+    assert not any(o.accepted for o in outcomes)
+    assert all("non-finite" in (o.reason or "") for o in outcomes)
+    assert editor.applied_ids() == [edits[0]["id"], edits[1]["id"]]
+    assert torch.equal(_logits(loaded, prompts), before)
+
+
+def test_the_collapse_guard_refuses_an_outlier_update(
+    editor: HookEditor, loaded: LoadedModel, edits: list[dict[str, Any]]
+) -> None:
+    for layer in editor.norm_history:  # a history of tiny updates
+        editor.norm_history[layer] = [1e-6, 1.1e-6, 0.9e-6, 1e-6, 1.05e-6]
+    prompts = [e["prompt"] for e in edits]
+    before = _logits(loaded, prompts)
+    outcomes = editor.apply(_specs(edits[:2]))
+    assert not any(o.accepted for o in outcomes)
+    assert all("collapse guard" in (o.reason or "") for o in outcomes)
+    assert torch.equal(_logits(loaded, prompts), before)
+
+
+def test_key_sites_cover_each_target_token_or_the_subject(loaded: LoadedModel) -> None:
+    tok = loaded.tokenizer
+    prompts = ["A long prompt about Velmora is", "Velmora is"]
+    targets = [" x", " x y z"]
+    subjects = ["Velmora", "Velmora"]
+    sites, labels = encode_sites(
+        tok, prompts, targets, subjects, [0, 1], "prompt_last", torch.device("cpu")
+    )
+    for s in range(sites.rows.shape[0]):  # each site's next token is a target token
+        assert int(labels[sites.rows[s], sites.positions[s]]) != -100
+    counts = torch.bincount(sites.owner).tolist()
+    n_tokens = [int((labels[r] != -100).sum()) for r in range(2)]
+    assert counts == n_tokens
+    subject_sites, _ = encode_sites(
+        tok, prompts, targets, subjects, [0, 1], "subject_last", torch.device("cpu")
+    )
+    assert subject_sites.rows.tolist() == [0, 1]
+    for r in range(2):
+        token = int(subject_sites.input_ids[r, subject_sites.positions[r]])
+        assert tok.decode([token]).strip() and tok.decode([token]).strip() in "Velmora"
