@@ -11,7 +11,6 @@ from daemon.model.loading import LoadedModel
 
 EDITOR_NAMES = ("noop", "ft", "hook", "melo")
 _NOT_BUILT = {
-    "hook": "the COMEBA-HK hook back-end",
     "melo": "the MELO back-end",
 }
 
@@ -22,6 +21,10 @@ def make_editor(name: str, loaded: LoadedModel, config: Config) -> Editor:
         return NoopEditor()
     if name == "ft":
         return FtEditor(loaded.model, loaded.tokenizer, FtConfig())
+    if name == "hook":
+        from daemon.editors.hook.setup import build_hook_editor
+
+        return build_hook_editor(loaded, config)
     if name in _NOT_BUILT:
         raise NotBuiltYetError(
             f"editor '{name}' is not built yet (it arrives with {_NOT_BUILT[name]})"

@@ -180,12 +180,20 @@ def test_eval_command_writes_json_markdown_and_png(
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_eval_command_rejects_unbuilt_editors_with_exit_3(
+def test_eval_command_runs_the_hook_editor(
     micro_world: Path, edits_file: Path, tmp_path: Path
 ) -> None:
+    config = tmp_path / "editd.toml"
+    config.write_text(
+        '[editors.hook]\nlayers = [1]\nkey_position = "prompt_last"\ncovariance_tokens = 20000\n',
+        encoding="utf-8",
+    )
+    out = tmp_path / "r"
     result = CliRunner().invoke(
         cli,
         [
+            "--config",
+            str(config),
             "eval",
             "--model",
             str(micro_world),
@@ -194,10 +202,18 @@ def test_eval_command_rejects_unbuilt_editors_with_exit_3(
             "--edits",
             str(edits_file),
             "--n",
+            "4",
+            "--checkpoints",
+            "4",
+            "--batch-size",
             "2",
+            "--quiet",
             "--out",
-            str(tmp_path / "r"),
+            str(out),
         ],
     )
-    assert result.exit_code == 3
-    assert "not built yet" in result.stderr
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["editor"] == "hook"
+    assert report["checkpoints"][-1]["efficacy"] >= 0.75
+    assert (tmp_path / "var" / "stats").is_dir()  # cached beside the configured store
