@@ -278,3 +278,7 @@ class NotBuiltYetError(EditdError):
 
 class Shutdown(BaseException):
     """Raised to unwind a worker or job when the process is asked to stop."""
+
+
+class LocateError(EditdError):
+    """The locate step cannot run: too few usable fact pairs, no fact source, or a bad result."""

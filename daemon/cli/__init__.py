@@ -8,7 +8,7 @@ usage errors exit 2 (click's convention).
 
 from __future__ import annotations
 
-from daemon.cli import demo, edits, evaluate, pending, world  # noqa: F401 - register verbs
+from daemon.cli import demo, edits, evaluate, locate, pending, world  # noqa: F401 - register verbs
 from daemon.cli.app import cli
 
 __all__ = ["cli", "main"]

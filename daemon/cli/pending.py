@@ -20,13 +20,6 @@ def serve() -> None:
 
 @cli.command()
 @config_option
-def locate() -> None:
-    """Find where the model recalls facts (layers, key position) for the hook back-end."""
-    not_built("locate", "the COMEBA-HK hook back-end")
-
-
-@cli.command()
-@config_option
 def probe() -> None:
     """Score the drift probe set against the base model and the edited model."""
     not_built("probe", "drift validation in " + DAEMON)

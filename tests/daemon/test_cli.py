@@ -29,7 +29,6 @@ DESIGN_VERBS = [
 ]
 NOT_BUILT = [
     ["serve"],
-    ["locate"],
     ["probe"],
     ["checkpoint", "create"],
     ["checkpoint", "restore", "x"],

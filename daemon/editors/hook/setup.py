@@ -7,7 +7,10 @@
   else ``prompt`` + ``target``). The same texts calibrate the scope gate.
 - ``layers`` / ``key_position``: given values win; otherwise the cached result of
   ``editd locate`` for this model decides; without one, the architecture table's
-  middle block and subject-last keys (what large models need).
+  middle block and subject-last keys (what large models need). Note: locate ranks
+  layers by how much patching the MLP output moves answers; it does not yet weigh
+  how well a layer's keys separate one fact from another for the scope gate, so on
+  the small world its layer 0 choice gates worse than layers 2-3 (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -127,6 +130,11 @@ def build_hook_editor(
 ) -> HookEditor:
     """A hook editor for ``loaded`` as ``config`` describes it (statistics cached)."""
     cfg = config.editors.hook
+    if located is None and (not cfg.layers or cfg.key_position == "auto"):
+        from daemon.editors.hook.locate import latest_locate, locate_cache_dir
+
+        found = latest_locate(locate_cache_dir(config), loaded)
+        located = found.layout() if found is not None else None
     layers, kind = choose_layout(loaded, cfg, located)
     texts = read_text_source(cfg.covariance_source, loaded.name_or_path)
     cache = stats_dir or config.store.path.parent / "stats"

@@ -1,0 +1,874 @@
+"""Locate: where a model recalls facts, so the hook back-end knows where to write.
+
+COMEBA-HK writes an edit into the MLP output projection of a few layers, keyed at
+one token position. Both choices depend on the model: large models (GPT-2 XL,
+GPT-J) recall a fact at the SUBJECT'S LAST TOKEN in middle layers (ROME), while a
+small fact-world model moves the subject forward with attention early and recalls
+at the PROMPT'S LAST TOKEN. So the editor asks the model, once, and caches the
+answer (``cached_locate``; ``editd locate`` on the command line).
+
+Evidence: interchange interventions
+-----------------------------------
+Prompts are paired: same template, different subjects, different first answer
+tokens (``make_pairs``). For a pair (A, B) the clean run of B is recorded; then A
+is run again with ONE hidden state replaced by B's at the same kind of position
+(A's subject last token gets B's subject last token, A's prompt last token gets B's
+prompt last token) and one layer, at one of two sites:
+
+- ``residual``: the decoder block's output (the whole residual stream there);
+- ``mlp_out``: the output of the block's MLP output projection only.
+
+The pair "moved" when A's greedy next token became B's first answer token. Per
+site, position kind and layer the evidence holds the moved fraction and the mean
+probability of B's token (a graded signal where nothing moves). All of it runs as
+a few large left-padded batches: every (pair, site, kind, layer) is one row, and a
+forward hook per block and per MLP projection patches only its own rows.
+
+The choice (``choose``)
+-----------------------
+- key position: the kind whose ``mlp_out`` patches move the most answers summed
+  over all layers; ties go to the ``residual`` moved sum, then the ``mlp_out``
+  probability sum, then to ``subject_last``.
+- hook layers: the contiguous window of ``window`` layers (default
+  ``max(1, round(L / 4))``) with the highest ``mlp_out`` moved sum at that kind;
+  ties go to the higher ``mlp_out`` probability sum, then the higher ``residual``
+  moved sum, then the DEEPER window (the scope gate separates subjects better in
+  deeper layers; see ``layer.py``).
+
+Why ``mlp_out`` leads: the residual stream at the prompt's last token in the last
+layer IS the prediction, so patching it moves every answer by construction, and
+late residual layers there score high on any model. The MLP output at one layer
+is what a hook edit can change. ``LocateEvidence.layer_scores`` and
+``best_window`` let an editor choose differently (e.g. away from MELO's layers).
+
+Measured (small 4-layer world, 64 pairs, 1.1 s on one CPU thread): ``mlp_out``
+at the prompt's last token moves 0.52 of answers at layer 0 and at most 0.03
+elsewhere; at the subject's last token at most 0.02 anywhere. Choice:
+``prompt_last``, layer 0 (layers 0-1 with ``window=2``).
+
+Cache: ``locate_cache_dir(config)``, i.e. ``locate/`` beside the SQLite store
+(next to the covariance ``stats/``), one ``locate-<fingerprint16>-<settings16>.json``
+per model id and fingerprint (``stats.model_fingerprint``), dtype, facts and
+``max_pairs``; written atomically; unreadable, corrupt or stale files are logged
+and recomputed. The window is not part of the key: a cached result is re-chosen
+for another window from its stored evidence.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import random
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Literal, cast, get_args
+
+import structlog
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from daemon.config import Config
+from daemon.editors.hook.stats import model_fingerprint
+from daemon.errors import EditValidationError, LocateError
+from daemon.files import atomic_write_text
+from daemon.model import arch
+from daemon.model.batches import target_token_ids
+from daemon.model.loading import LoadedModel
+from daemon.model.tokens import subject_char_span, subject_last_token_index
+from daemon.world.facts import World, fill
+from store.records import iter_jsonl
+
+log = structlog.get_logger()
+
+LOCATE_FORMAT_VERSION = 1
+PositionKind = Literal["subject_last", "prompt_last"]
+Site = Literal["residual", "mlp_out"]
+KINDS: tuple[PositionKind, ...] = get_args(PositionKind)
+SITES: tuple[Site, ...] = get_args(Site)
+SUBJECT_PLACEHOLDER = "{subject}"
+DEFAULT_MAX_PAIRS = 64
+DEFAULT_MIN_PAIRS = 8
+DEFAULT_BATCH_ROWS = 128
+
+
+def default_window(n_layers: int) -> int:
+    """How many hook layers to choose by default: ``max(1, round(L / 4))``."""
+    return max(1, round(n_layers / 4))
+
+
+# --- facts and pairs -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TraceFact:
+    """A prompt the model should complete with ``answer``, and the subject in it.
+
+    ``answer=None`` means "whatever the model answers" (its greedy first token):
+    a user's edit file holds NEW targets the model does not know, so the model's
+    own answer is the fact being recalled. Otherwise the fact is used only when the
+    model's greedy next token is the answer's first token.
+    """
+
+    prompt: str
+    subject: str
+    answer: str | None = None
+
+    def template(self) -> str:
+        """The prompt with the subject's first occurrence replaced by ``{subject}``."""
+        start, end = subject_char_span(self.prompt, self.subject)
+        return self.prompt[:start] + SUBJECT_PLACEHOLDER + self.prompt[end:]
+
+
+def _round_robin(groups: Sequence[Sequence[Any]], limit: int | None, turn: int = 1) -> list[Any]:
+    """``turn`` items from each group in turn, so a prefix spreads over the groups."""
+    out: list[Any] = []
+    for r in range(0, max((len(g) for g in groups), default=0), turn):
+        for group in groups:
+            for item in group[r : r + turn]:
+                out.append(item)
+                if limit is not None and len(out) >= limit:
+                    return out
+    return out
+
+
+WORLD_FACTS_PER_TURN = 4
+"""Facts a template contributes at a time: even a short prefix holds pairs (two per template)."""
+
+
+def world_trace_facts(world: World, *, limit: int | None = None, seed: int = 0) -> list[TraceFact]:
+    """Facts of a fact world under its TRAINING templates, spread over relations and templates.
+
+    Each (relation, template) group is shuffled with its own seeded generator;
+    groups are ordered template index first (so consecutive groups are different
+    relations) and contribute ``WORLD_FACTS_PER_TURN`` facts in turn.
+    """
+    groups: list[list[TraceFact]] = []
+    n_templates = max(len(r.train_templates) for r in world.relations)
+    for t in range(n_templates):
+        for rel in world.relations:
+            if t >= len(rel.train_templates):
+                continue
+            order = [f for f in world.facts if f.relation == rel.name]
+            random.Random(f"{seed}:{rel.name}:{t}").shuffle(order)
+            template = rel.train_templates[t]
+            groups.append(
+                [TraceFact(fill(template, f.subject), f.subject, f.target) for f in order]
+            )
+    return _round_robin(groups, limit, WORLD_FACTS_PER_TURN)
+
+
+def request_trace_facts(path: Path) -> tuple[list[TraceFact], list[str]]:
+    """Facts from a JSONL file of edit requests: each prompt and rephrase holding the subject.
+
+    Targets are ignored (they are the new facts); ``answer`` is left ``None``.
+    Returns the facts and one line per record that could not be used.
+    """
+    facts: list[TraceFact] = []
+    skipped: list[str] = []
+    for lineno, item in iter_jsonl(path):
+        if isinstance(item, EditValidationError):
+            skipped.append(str(item))
+            continue
+        if not item.subject:
+            skipped.append(f"{path}, record {lineno}: no subject (locate needs one)")
+            continue
+        needle = item.subject.strip()
+        facts.extend(
+            TraceFact(p, item.subject) for p in (item.prompt, *item.rephrases) if needle in p
+        )
+    return list(dict.fromkeys(facts)), skipped
+
+
+def make_pairs(
+    facts: Sequence[TraceFact], answer_tokens: Sequence[int], max_pairs: int
+) -> list[tuple[int, int]]:
+    """``(a, b)`` index pairs: same template, different subject and first answer token.
+
+    Within a template group each fact is paired with the next one (cyclically)
+    that differs from it; groups are interleaved so a prefix spans the templates.
+    """
+    groups: dict[str, list[int]] = {}
+    for i, fact in enumerate(facts):
+        groups.setdefault(fact.template(), []).append(i)
+    per_group: list[list[tuple[int, int]]] = []
+    for members in groups.values():
+        pairs: list[tuple[int, int]] = []
+        for j, a in enumerate(members):
+            for step in range(1, len(members)):
+                b = members[(j + step) % len(members)]
+                differs = facts[a].subject.strip() != facts[b].subject.strip()
+                if differs and answer_tokens[a] != answer_tokens[b]:
+                    pairs.append((a, b))
+                    break
+        per_group.append(pairs)
+    return _round_robin(per_group, max_pairs)
+
+
+# --- batches and hooks ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """Left-padded rows; ``kind_pos`` holds each row's subject-last and prompt-last index."""
+
+    input_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T)
+    position_ids: torch.Tensor  # (B, T), 0 at each row's first real token
+    kind_pos: torch.Tensor  # (B, 2)
+
+
+def _batch(
+    rows: Sequence[list[int]], subject_last: Sequence[int], pad_id: int, device: torch.device
+) -> _Batch:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
+    kind_pos = torch.zeros((len(rows), 2), dtype=torch.long)  # (B, 2)
+    for b, (row, subj) in enumerate(zip(rows, subject_last, strict=True)):
+        offset = width - len(row)
+        ids[b, offset:] = torch.tensor(row, dtype=torch.long)
+        mask[b, offset:] = 1
+        kind_pos[b] = torch.tensor([offset + subj, width - 1])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    return _Batch(ids.to(device), mask.to(device), positions.to(device), kind_pos.to(device))
+
+
+def _fact_batch(
+    prep: _Prepared, indices: Sequence[int], pad_id: int, device: torch.device
+) -> _Batch:
+    """A left-padded batch of the prepared facts at ``indices`` (repeats allowed)."""
+    return _batch(
+        [prep.rows[i] for i in indices], [prep.subject_last[i] for i in indices], pad_id, device
+    )
+
+
+def _last_logits(model: nn.Module, batch: _Batch) -> torch.Tensor:
+    """Logits at each row's last (real) token: ``(B, V)`` float32."""
+    out = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        logits_to_keep=1,
+        use_cache=False,
+    )
+    return cast(torch.Tensor, out.logits[:, -1].float())
+
+
+_Tap = Callable[[Site, int, torch.Tensor], "torch.Tensor | None"]
+
+
+@contextlib.contextmanager
+def _tapped(model: nn.Module, tap: _Tap) -> Iterator[None]:
+    """Call ``tap(site, layer, hidden)`` on every block and MLP projection output.
+
+    A returned tensor replaces the output (the first element of a tuple output).
+    """
+
+    def make(site: Site, layer: int) -> Any:
+        def hook(_module: nn.Module, _args: Any, output: Any) -> Any:
+            hidden = output[0] if isinstance(output, tuple) else output  # (B, T, d)
+            new = tap(site, layer, hidden)
+            if new is None:
+                return None
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+
+        return hook
+
+    handles = []
+    try:
+        for i in range(arch.num_layers(model)):
+            for site, module in (
+                ("residual", arch.layer_block(model, i)),
+                ("mlp_out", arch.mlp_out_module(model, i)),
+            ):
+                handles.append(module.register_forward_hook(make(cast(Site, site), i)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _grabber(store: dict[tuple[Site, int], torch.Tensor], kind_pos: torch.Tensor) -> _Tap:
+    """A tap that keeps each output at the rows' two positions: ``(B, kinds, d)``."""
+    rows = torch.arange(kind_pos.shape[0], device=kind_pos.device)[:, None]  # (B, 1)
+
+    def tap(site: Site, layer: int, hidden: torch.Tensor) -> None:
+        store[(site, layer)] = hidden[rows, kind_pos].detach()  # (B, kinds, d)
+
+    return tap
+
+
+def _patcher(plan: Mapping[tuple[int, int], tuple[torch.Tensor, ...]]) -> _Tap:
+    """A tap that writes B's vectors into the planned rows and positions."""
+
+    def tap(site: Site, layer: int, hidden: torch.Tensor) -> torch.Tensor | None:
+        step = plan.get((SITES.index(site), layer))
+        if step is None:
+            return None
+        where, pos, vectors = step
+        hidden = hidden.clone()
+        hidden[where, pos] = vectors.to(hidden.dtype)
+        return hidden
+
+    return tap
+
+
+def _chunks(n: int, size: int) -> Iterator[range]:
+    for start in range(0, n, size):
+        yield range(start, min(n, start + size))
+
+
+# --- the three passes ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    facts: list[TraceFact]
+    rows: list[list[int]]  # token ids (with the tokenizer's special tokens)
+    subject_last: list[int]  # index into rows[i]
+
+    def subset(self, indices: Sequence[int]) -> _Prepared:
+        return _Prepared(
+            [self.facts[i] for i in indices],
+            [self.rows[i] for i in indices],
+            [self.subject_last[i] for i in indices],
+        )
+
+
+def _prepare(tokenizer: PreTrainedTokenizerBase, facts: Sequence[TraceFact]) -> _Prepared:
+    """Tokenise each distinct fact once; facts whose subject maps to no token are dropped."""
+    kept: list[TraceFact] = []
+    rows: list[list[int]] = []
+    subj: list[int] = []
+    for fact in dict.fromkeys(facts):
+        try:
+            index = subject_last_token_index(tokenizer, fact.prompt, fact.subject)
+        except EditValidationError as e:
+            log.debug("locate_fact_skipped", prompt=fact.prompt, reason=str(e))
+            continue
+        kept.append(fact)
+        rows.append(list(tokenizer(fact.prompt)["input_ids"]))
+        subj.append(index)
+    return _Prepared(kept, rows, subj)
+
+
+def _recalled(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, prep: _Prepared, batch_rows: int
+) -> list[int | None]:
+    """Per fact, the first answer token when the model's greedy next token is it, else None."""
+    device = next(model.parameters()).device
+    greedy: list[int] = []
+    for chunk in _chunks(len(prep.rows), batch_rows):
+        batch = _fact_batch(prep, chunk, _pad_id(tokenizer), device)
+        greedy.extend(int(t) for t in _last_logits(model, batch).argmax(-1))
+    out: list[int | None] = []
+    for fact, token in zip(prep.facts, greedy, strict=True):
+        if fact.answer is None:
+            out.append(token)
+            continue
+        wanted = target_token_ids(tokenizer, fact.prompt, fact.answer)
+        out.append(token if wanted and wanted[0] == token else None)
+    return out
+
+
+def _capture(model: nn.Module, prep: _Prepared, pad_id: int, batch_rows: int) -> torch.Tensor:
+    """Clean hidden states of the facts: ``(N, sites, L, kinds, d)`` in the model's dtype."""
+    device = next(model.parameters()).device
+    parts: list[torch.Tensor] = []
+    for chunk in _chunks(len(prep.rows), batch_rows):
+        batch = _fact_batch(prep, chunk, pad_id, device)
+        grabbed: dict[tuple[Site, int], torch.Tensor] = {}
+        with _tapped(model, _grabber(grabbed, batch.kind_pos)):
+            _last_logits(model, batch)
+        n_layers = arch.num_layers(model)
+        parts.append(
+            torch.stack(
+                [torch.stack([grabbed[(s, i)] for i in range(n_layers)], 1) for s in SITES], 1
+            )
+        )  # (B, sites, L, kinds, d)
+    return torch.cat(parts)
+
+
+_Condition = tuple[int, int, int]  # (site index, layer, kind index)
+
+
+def _patched(
+    model: nn.Module,
+    prep: _Prepared,
+    pairs: Sequence[tuple[int, int]],
+    tokens: Sequence[int],
+    states: torch.Tensor,
+    slots: Sequence[int],
+    pad_id: int,
+    batch_rows: int,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Moved fractions and donor probabilities ``(sites, kinds, L)`` and the unpatched prob.
+
+    ``states[slots[p]]`` holds the clean states of pair ``p``'s donor B.
+    """
+    n_layers = arch.num_layers(model)
+    device = next(model.parameters()).device
+    conditions: list[_Condition | None] = [None] + [
+        (s, layer, k) for s in range(len(SITES)) for layer in range(n_layers) for k in range(2)
+    ]
+    jobs = [(p, c) for p in range(len(pairs)) for c in range(len(conditions))]
+    moved = torch.zeros((len(SITES), 2, n_layers), dtype=torch.float64)
+    prob = torch.zeros_like(moved)
+    baseline = 0.0
+    for chunk in _chunks(len(jobs), batch_rows):
+        rows = [jobs[j] for j in chunk]
+        batch = _fact_batch(prep, [pairs[p][0] for p, _ in rows], pad_id, device)
+        plan = _plan(rows, slots, conditions, states, batch.kind_pos)
+        with _tapped(model, _patcher(plan)):
+            probs = torch.softmax(_last_logits(model, batch), dim=-1)  # (B, V)
+        donor = torch.tensor([tokens[pairs[p][1]] for p, _ in rows], device=probs.device)
+        p_donor = probs.gather(1, donor[:, None]).squeeze(1).double().cpu()  # (B,)
+        hit = (probs.argmax(-1) == donor).double().cpu()  # (B,)
+        for r, (_, c) in enumerate(rows):
+            cond = conditions[c]
+            if cond is None:
+                baseline += float(p_donor[r])
+                continue
+            s, layer, k = cond
+            moved[s, k, layer] += hit[r]
+            prob[s, k, layer] += p_donor[r]
+    n = len(pairs)
+    return moved / n, prob / n, baseline / n
+
+
+def _plan(
+    rows: Sequence[tuple[int, int]],
+    slots: Sequence[int],
+    conditions: Sequence[_Condition | None],
+    states: torch.Tensor,
+    kind_pos: torch.Tensor,
+) -> dict[tuple[int, int], tuple[torch.Tensor, ...]]:
+    """Per (site, layer): the batch rows to patch, their positions, and B's vectors."""
+    grouped: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
+    for r, (p, c) in enumerate(rows):
+        cond = conditions[c]
+        if cond is not None:
+            s, layer, k = cond
+            grouped.setdefault((s, layer), []).append((r, k, slots[p]))
+    plan: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
+    for (s, layer), items in grouped.items():
+        where = torch.tensor([r for r, _, _ in items], device=kind_pos.device)
+        kinds = torch.tensor([k for _, k, _ in items], device=kind_pos.device)
+        donors = torch.tensor([b for _, _, b in items], device=states.device)
+        vectors = states[donors, s, layer, kinds.to(states.device)]  # (R, d)
+        plan[(s, layer)] = (where, kind_pos[where, kinds], vectors)
+    return plan
+
+
+def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    for attr in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if isinstance(value, int):
+            return value
+    return 0  # pads are masked out, any id works
+
+
+# --- evidence and result -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TraceScores:
+    """Per layer: the fraction of pairs moved to B's answer, and B's mean probability."""
+
+    moved: tuple[float, ...]
+    donor_prob: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class LocateEvidence:
+    """What ``trace_recall`` measured; ``scores[site][kind]`` covers every layer."""
+
+    n_layers: int
+    n_pairs: int
+    n_facts: int  # distinct facts offered
+    n_recalled: int  # of which the model answers correctly
+    n_templates: int  # templates the pairs come from
+    baseline_donor_prob: float  # B's answer probability on A, unpatched
+    scores: Mapping[Site, Mapping[PositionKind, TraceScores]]
+
+    def layer_scores(self, kind: PositionKind) -> tuple[float, ...]:
+        """The per-layer score the layer choice ranks by: ``mlp_out`` moved fraction."""
+        return self.scores["mlp_out"][kind].moved
+
+    def to_json(self) -> dict[str, Any]:
+        out = {k: v for k, v in asdict(self).items() if k != "scores"}
+        out["scores"] = {
+            s: {k: {f: list(v) for f, v in asdict(t).items()} for k, t in by_kind.items()}
+            for s, by_kind in self.scores.items()
+        }
+        return out
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> LocateEvidence:
+        scores = {
+            s: {
+                k: TraceScores(
+                    tuple(float(x) for x in data["scores"][s][k]["moved"]),
+                    tuple(float(x) for x in data["scores"][s][k]["donor_prob"]),
+                )
+                for k in KINDS
+            }
+            for s in SITES
+        }
+        fields = ("n_layers", "n_pairs", "n_facts", "n_recalled", "n_templates")
+        ints = {f: int(data[f]) for f in fields}
+        lengths = {len(t.moved) for by_kind in scores.values() for t in by_kind.values()}
+        lengths |= {len(t.donor_prob) for by_kind in scores.values() for t in by_kind.values()}
+        if lengths != {ints["n_layers"]}:
+            raise ValueError(f"per-layer scores do not have n_layers={ints['n_layers']} entries")
+        return cls(**ints, baseline_donor_prob=float(data["baseline_donor_prob"]), scores=scores)
+
+
+@torch.no_grad()
+def trace_recall(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    facts: Sequence[TraceFact],
+    *,
+    max_pairs: int = DEFAULT_MAX_PAIRS,
+    min_pairs: int = DEFAULT_MIN_PAIRS,
+    batch_rows: int = DEFAULT_BATCH_ROWS,
+) -> LocateEvidence:
+    """Interchange-intervention evidence of where ``model`` recalls ``facts`` (module doc).
+
+    ``batch_rows`` bounds the rows of one forward pass (one row per pair and
+    patch). Raises ``LocateError`` when fewer than ``min(min_pairs, max_pairs)``
+    pairs can be formed from the facts the model recalls.
+    """
+    start = time.perf_counter()
+    was_training = model.training
+    model.train(False)
+    try:
+        evidence = _measure(model, tokenizer, facts, max_pairs, min_pairs, batch_rows)
+    finally:
+        model.train(was_training)
+    log.info(
+        "recall_traced",
+        pairs=evidence.n_pairs,
+        facts=evidence.n_facts,
+        recalled=evidence.n_recalled,
+        seconds=round(time.perf_counter() - start, 3),
+    )
+    return evidence
+
+
+def _measure(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    facts: Sequence[TraceFact],
+    max_pairs: int,
+    min_pairs: int,
+    batch_rows: int,
+) -> LocateEvidence:
+    prep = _prepare(tokenizer, facts)
+    tokens = _recalled(model, tokenizer, prep, batch_rows)
+    keep = [i for i, t in enumerate(tokens) if t is not None]
+    recalled = prep.subset(keep)
+    answer = [cast(int, tokens[i]) for i in keep]
+    pairs = make_pairs(recalled.facts, answer, max_pairs)
+    need = max(1, min(min_pairs, max_pairs))
+    if len(pairs) < need:
+        raise LocateError(
+            f"only {len(pairs)} usable prompt pairs (need {need}): of {len(prep.facts)} "
+            f"facts the model recalls {len(keep)}, and a pair needs two of them under the "
+            "same template with different subjects and answers",
+            pairs=len(pairs),
+            facts=len(prep.facts),
+            recalled=len(keep),
+        )
+    pad = _pad_id(tokenizer)
+    donors = sorted({b for _, b in pairs})
+    slot = {b: i for i, b in enumerate(donors)}
+    states = _capture(model, recalled.subset(donors), pad, batch_rows)
+    slots = [slot[b] for _, b in pairs]
+    moved, prob, base = _patched(model, recalled, pairs, answer, states, slots, pad, batch_rows)
+    return LocateEvidence(
+        n_layers=arch.num_layers(model),
+        n_pairs=len(pairs),
+        n_facts=len(prep.facts),
+        n_recalled=len(keep),
+        n_templates=len({recalled.facts[a].template() for a, _ in pairs}),
+        baseline_donor_prob=base,
+        scores={
+            s: {
+                k: TraceScores(tuple(moved[si, ki].tolist()), tuple(prob[si, ki].tolist()))
+                for ki, k in enumerate(KINDS)
+            }
+            for si, s in enumerate(SITES)
+        },
+    )
+
+
+# --- the choice ----------------------------------------------------------------------
+
+
+def _total(values: Sequence[float]) -> float:
+    return round(sum(values), 9)  # exact ties despite float summation order
+
+
+def choose_key_position(evidence: LocateEvidence) -> PositionKind:
+    """The kind whose ``mlp_out`` patches move most answers (ties: module doc)."""
+
+    def rank(kind: PositionKind) -> tuple[float, float, float]:
+        mlp, res = evidence.scores["mlp_out"][kind], evidence.scores["residual"][kind]
+        return _total(mlp.moved), _total(res.moved), _total(mlp.donor_prob)
+
+    return max(KINDS, key=rank)  # max keeps the first of equals: subject_last
+
+
+def best_window(evidence: LocateEvidence, kind: PositionKind, window: int) -> tuple[int, ...]:
+    """The contiguous ``window`` layers with the most ``mlp_out`` moves at ``kind``."""
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    size = min(window, evidence.n_layers)
+    mlp, res = evidence.scores["mlp_out"][kind], evidence.scores["residual"][kind]
+    best: tuple[tuple[float, float, float], int] | None = None
+    for first in range(evidence.n_layers - size + 1):
+        span = slice(first, first + size)
+        rank = (_total(mlp.moved[span]), _total(mlp.donor_prob[span]), _total(res.moved[span]))
+        if best is None or rank >= best[0]:  # >=: ties go to the deeper window
+            best = (rank, first)
+    assert best is not None  # size <= n_layers, so the loop ran
+    return tuple(range(best[1], best[1] + size))
+
+
+def choose(
+    evidence: LocateEvidence, window: int | None = None
+) -> tuple[PositionKind, tuple[int, ...]]:
+    """Key position and hook layers by the rule in the module docstring."""
+    kind = choose_key_position(evidence)
+    size = default_window(evidence.n_layers) if window is None else window
+    return kind, best_window(evidence, kind, size)
+
+
+@dataclass(frozen=True)
+class LocateResult:
+    """The chosen key position and hook layers, with the evidence behind them."""
+
+    key_position: PositionKind
+    layers: tuple[int, ...]
+    evidence: LocateEvidence
+    model_id: str
+    fingerprint: str
+    n_pairs: int
+    seconds: float
+    window: int
+    facts_sha256: str
+
+    def layout(self) -> tuple[tuple[int, ...], PositionKind]:
+        """``(layers, key_position)``, the shape ``build_hook_editor(located=...)`` takes."""
+        return self.layers, self.key_position
+
+    def rechoose(self, window: int | None) -> LocateResult:
+        """The same evidence with the choice remade for another window."""
+        size = default_window(self.evidence.n_layers) if window is None else window
+        kind, layers = choose(self.evidence, size)
+        return replace(self, key_position=kind, layers=layers, window=size)
+
+    def to_json(self) -> dict[str, Any]:
+        out = {k: v for k, v in asdict(self).items() if k != "evidence"}
+        out.update(version=LOCATE_FORMAT_VERSION, layers=list(self.layers))
+        out["evidence"] = self.evidence.to_json()
+        return out
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> LocateResult:
+        """Parse ``to_json`` output; raises ``LocateError`` on another version or bad data."""
+        if not isinstance(data, Mapping) or data.get("version") != LOCATE_FORMAT_VERSION:
+            raise LocateError(
+                f"unsupported locate result (expected version {LOCATE_FORMAT_VERSION})"
+            )
+        try:
+            kind = data["key_position"]
+            if kind not in KINDS:
+                raise ValueError(f"unknown key_position {kind!r}")
+            return cls(
+                key_position=kind,
+                layers=tuple(int(i) for i in data["layers"]),
+                evidence=LocateEvidence.from_json(data["evidence"]),
+                model_id=str(data["model_id"]),
+                fingerprint=str(data["fingerprint"]),
+                n_pairs=int(data["n_pairs"]),
+                seconds=float(data["seconds"]),
+                window=int(data["window"]),
+                facts_sha256=str(data["facts_sha256"]),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise LocateError(f"malformed locate result: {e!r}") from e
+
+
+def facts_sha256(facts: Sequence[TraceFact]) -> str:
+    """sha256 of the facts in order (JSON per fact)."""
+    h = hashlib.sha256()
+    for f in facts:
+        h.update(json.dumps([f.prompt, f.subject, f.answer]).encode() + b"\n")
+    return h.hexdigest()
+
+
+def default_model_id(loaded: LoadedModel) -> str:
+    """The model's identity in the cache: its absolute folder, or the name it was loaded by."""
+    path = Path(loaded.name_or_path).expanduser()
+    return str(path.resolve()) if path.is_dir() else loaded.name_or_path
+
+
+def locate(
+    loaded: LoadedModel,
+    facts: Sequence[TraceFact],
+    *,
+    model_id: str | None = None,
+    window: int | None = None,
+    max_pairs: int = DEFAULT_MAX_PAIRS,
+    min_pairs: int = DEFAULT_MIN_PAIRS,
+    batch_rows: int = DEFAULT_BATCH_ROWS,
+) -> LocateResult:
+    """Trace recall on ``facts`` and choose the key position and hook layers."""
+    start = time.perf_counter()
+    evidence = trace_recall(
+        loaded.model,
+        loaded.tokenizer,
+        facts,
+        max_pairs=max_pairs,
+        min_pairs=min_pairs,
+        batch_rows=batch_rows,
+    )
+    size = default_window(evidence.n_layers) if window is None else window
+    kind, layers = choose(evidence, size)
+    return LocateResult(
+        key_position=kind,
+        layers=layers,
+        evidence=evidence,
+        model_id=model_id or default_model_id(loaded),
+        fingerprint=model_fingerprint(loaded.model),
+        n_pairs=evidence.n_pairs,
+        seconds=round(time.perf_counter() - start, 3),
+        window=size,
+        facts_sha256=facts_sha256(facts),
+    )
+
+
+# --- the cache -----------------------------------------------------------------------
+
+
+def locate_cache_dir(config: Config) -> Path:
+    """Where results live: ``locate/`` beside the SQLite store (``var/locate/`` by default)."""
+    return config.store.path.parent / "locate"
+
+
+def _cache_key(
+    loaded: LoadedModel, model_id: str, facts: Sequence[TraceFact], max_pairs: int
+) -> dict[str, Any]:
+    return {
+        "version": LOCATE_FORMAT_VERSION,
+        "model_id": model_id,
+        "fingerprint": model_fingerprint(loaded.model),
+        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "facts_sha256": facts_sha256(facts),
+        "max_pairs": max_pairs,
+    }
+
+
+def cache_path(cache_dir: Path | str, key: Mapping[str, Any]) -> Path:
+    """``locate-<fingerprint16>-<settings16>.json`` under ``cache_dir``."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    return Path(cache_dir) / f"locate-{key['fingerprint'][:16]}-{digest[:16]}.json"
+
+
+def _read_cached(path: Path, key: Mapping[str, Any]) -> LocateResult | None:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict) or data.get("key") != dict(key):
+            raise LocateError("computed for other settings (key mismatch)")
+        return LocateResult.from_json(data.get("result") or {})
+    except (OSError, ValueError, LocateError) as e:
+        log.warning("locate_cache_invalidated", path=str(path), reason=str(e))
+        return None
+
+
+def cached_locate(
+    cache_dir: Path | str,
+    loaded: LoadedModel,
+    facts: Sequence[TraceFact],
+    *,
+    model_id: str | None = None,
+    window: int | None = None,
+    max_pairs: int = DEFAULT_MAX_PAIRS,
+    min_pairs: int = DEFAULT_MIN_PAIRS,
+    batch_rows: int = DEFAULT_BATCH_ROWS,
+    force: bool = False,
+) -> LocateResult:
+    """``locate``, reused from ``cache_dir`` when a result for this model and facts exists.
+
+    Logs ``locate_reused`` or ``locate_computed`` (and ``locate_cache_invalidated``
+    when a file had to be recomputed). ``force`` recomputes regardless.
+    """
+    mid = model_id or default_model_id(loaded)
+    key = _cache_key(loaded, mid, facts, max_pairs)
+    path = cache_path(cache_dir, key)
+    found = None if force else _read_cached(path, key)
+    if found is not None:
+        result = found if window == found.window else found.rechoose(window)
+        log.info(
+            "locate_reused",
+            path=str(path),
+            key_position=result.key_position,
+            layers=list(result.layers),
+        )
+        return result
+    result = locate(
+        loaded,
+        facts,
+        model_id=mid,
+        window=window,
+        max_pairs=max_pairs,
+        min_pairs=min_pairs,
+        batch_rows=batch_rows,
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps({"key": key, "result": result.to_json()}, indent=2, sort_keys=True)
+    atomic_write_text(path, text + "\n")
+    log.info(
+        "locate_computed",
+        path=str(path),
+        key_position=result.key_position,
+        layers=list(result.layers),
+        pairs=result.n_pairs,
+        seconds=result.seconds,
+    )
+    return result
+
+
+def latest_locate(
+    cache_dir: Path | str, loaded: LoadedModel, model_id: str | None = None
+) -> LocateResult | None:
+    """The newest valid cached result for this model (any facts), or ``None``.
+
+    For an editor whose config leaves the hook layers empty ("chosen by
+    ``editd locate``") and that does not know which facts were traced.
+    """
+    fingerprint = model_fingerprint(loaded.model)
+    mid = model_id or default_model_id(loaded)
+    files = sorted(
+        Path(cache_dir).glob(f"locate-{fingerprint[:16]}-*.json"),
+        key=lambda p: p.stat().st_mtime,
+        reverse=True,
+    )
+    for path in files:
+        try:
+            result = LocateResult.from_json(json.loads(path.read_text(encoding="utf-8"))["result"])
+        except (OSError, ValueError, KeyError, TypeError, LocateError) as e:
+            log.warning("locate_cache_invalidated", path=str(path), reason=str(e))
+            continue
+        if result.fingerprint == fingerprint and result.model_id == mid:
+            return result
+    return None
