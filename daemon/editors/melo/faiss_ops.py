@@ -61,3 +61,17 @@ def remove(index: Any, ids: Sequence[int]) -> None:
 
 def ntotal(index: Any) -> int:
     return int(index.ntotal)
+
+
+def clone(index: Any) -> Any:
+    """An independent deep copy (same vectors, ids and training; set nprobe again)."""
+    return faiss.clone_index(index)
+
+
+def serialize(index: Any) -> npt.NDArray[np.uint8]:
+    """The index as bytes in a uint8 array (faiss's own format), for state dicts."""
+    return np.asarray(faiss.serialize_index(index), dtype=np.uint8)
+
+
+def deserialize(data: npt.NDArray[np.uint8]) -> Any:
+    return faiss.deserialize_index(np.ascontiguousarray(data, dtype=np.uint8))

@@ -32,7 +32,7 @@ always be rebuilt from them, and is after removals from an IVF index.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -198,7 +198,9 @@ class NeuronIndex:
 
     def _append_key(self, vec: F32, meta: _KeyMeta) -> int:
         if self._n == len(self._buf):  # double the buffer: amortised O(d) per key
-            self._buf = np.concatenate([self._buf, np.zeros_like(self._buf)])
+            grown = np.zeros((max(64, 2 * len(self._buf)), self.dim), dtype=np.float32)
+            grown[: self._n] = self._buf[: self._n]
+            self._buf = grown
         self._buf[self._n] = vec
         self._n += 1
         self._meta.append(meta)
@@ -210,6 +212,10 @@ class NeuronIndex:
     @property
     def key_count(self) -> int:
         return len(self._meta)
+
+    @property
+    def cluster_count(self) -> int:
+        return len(self._clusters)
 
     @property
     def is_approximate(self) -> bool:
@@ -395,6 +401,37 @@ class NeuronIndex:
         log.info("neuron_keys_removed", edit_ids=sorted(gone), dropped_clusters=empty)
         return empty
 
+    def reassign_blocks(self, freed: Iterable[int]) -> list[tuple[int, int, int]]:
+        """Point clusters whose block was freed at a block of a remaining member key.
+
+        A key that *joined* another edit's cluster routes to that cluster's block,
+        not to its own. When that block is freed (its edits retracted) while the
+        cluster still holds keys of live edits, the cluster would route them to a
+        cleared block; instead it takes over the block its first remaining member
+        was inserted with (that member's edit is live, so its block is too).
+        Returns ``(cluster_id, old_block, new_block)`` per reassigned cluster.
+        """
+        gone = set(freed)
+        moves: list[tuple[int, int, int]] = []
+        for cluster in self._clusters.values():
+            if cluster.block not in gone:
+                continue
+            owners = [
+                m.block
+                for m in self._meta
+                if m.cluster_id == cluster.cluster_id and m.block not in gone
+            ]
+            if not owners:
+                raise NeuronIndexError(
+                    f"cluster {cluster.cluster_id} routes to freed block {cluster.block} "
+                    f"and no member key has a live block (edits {cluster.edit_ids})"
+                )
+            moves.append((cluster.cluster_id, cluster.block, owners[0]))
+            cluster.block = owners[0]
+        for cid, old, new in moves:
+            log.info("neuron_cluster_reassigned", cluster_id=cid, old_block=old, new_block=new)
+        return moves
+
     # --- backend -------------------------------------------------------------------
 
     def _centres(self) -> tuple[F32, npt.NDArray[np.int64]]:
@@ -459,6 +496,79 @@ class NeuronIndex:
             ],
             "keys": [[m.edit_id, m.target, m.block, m.cluster_id] for m in self._meta],
         }
+
+    def copy(self) -> NeuronIndex:
+        """An independent copy (keys, clusters, faiss index): a snapshot to roll back to."""
+        twin = NeuronIndex(
+            self.dim,
+            radius=self.radius,
+            exact_max=self.exact_max,
+            nlist=self.nlist,
+            nprobe=self.nprobe,
+        )
+        twin._meta = [_KeyMeta(m.edit_id, m.target, m.block, m.cluster_id) for m in self._meta]
+        twin._keys = self._keys  # the setter copies and re-indexes the exact keys
+        twin._clusters = {  # centres are never written after _open: share them
+            cid: Cluster(cid, c.centre, c.radius, c.target, c.block, list(c.edit_ids))
+            for cid, c in self._clusters.items()
+        }
+        twin._next_cluster = self._next_cluster
+        twin._faiss = faiss_ops.clone(self._faiss)
+        twin._is_ivf = self._is_ivf
+        if twin._is_ivf:
+            faiss_ops.set_nprobe(twin._faiss, twin.nprobe)
+        return twin
+
+    def to_state(self) -> dict[str, Any]:
+        """The index in memory: the JSON-able manifest plus numpy arrays.
+
+        ``{"manifest": dict, "keys": (N, d) float32, "centres": (C, d) float32,
+        "faiss": uint8 bytes}``; what ``save`` writes as files, for a state dict.
+        """
+        vecs, _ = self._centres()
+        return {
+            "manifest": self._manifest(),
+            "keys": self._keys.copy(),
+            "centres": vecs.copy(),
+            "faiss": faiss_ops.serialize(self._faiss),
+        }
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> NeuronIndex:
+        """Rebuild an index from ``to_state``; raise NeuronIndexError when it does not fit."""
+        manifest = state.get("manifest")
+        if not isinstance(manifest, dict) or manifest.get("version") != STATE_VERSION:
+            version = manifest.get("version") if isinstance(manifest, dict) else None
+            raise NeuronIndexError(f"neuron index state has unknown version {version!r}")
+        try:
+            index = cls(**manifest["settings"])
+            index._next_cluster = int(manifest["next_cluster"])
+            index._meta = [
+                _KeyMeta(str(e), str(t), int(b), int(c)) for e, t, b, c in manifest["keys"]
+            ]
+            clusters = manifest["clusters"]
+            keys = np.asarray(state["keys"], dtype=np.float32)
+            centres = np.asarray(state["centres"], dtype=np.float32)
+            raw_faiss = np.asarray(state["faiss"], dtype=np.uint8)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise NeuronIndexError(f"neuron index state is malformed: {exc}") from exc
+        if keys.shape != (len(index._meta), index.dim) or centres.shape != (
+            len(clusters),
+            index.dim,
+        ):
+            raise NeuronIndexError(
+                f"neuron index state: keys {keys.shape} / centres {centres.shape} do not fit "
+                f"{len(index._meta)} keys and {len(clusters)} clusters of dim {index.dim}"
+            )
+        index._keys = keys
+        index._load_clusters(Path("<state>"), clusters, centres)
+        index._faiss = faiss_ops.deserialize(raw_faiss)
+        if faiss_ops.ntotal(index._faiss) != len(clusters):
+            raise NeuronIndexError("neuron index state: faiss index and clusters disagree")
+        index._is_ivf = bool(manifest.get("approximate", False))
+        if index._is_ivf:
+            faiss_ops.set_nprobe(index._faiss, index.nprobe)
+        return index
 
     @classmethod
     def load(cls, directory: Path | str) -> NeuronIndex:

@@ -1,0 +1,79 @@
+"""MELO keys: last real prompt token, padding-invariant, unit norm, never routed."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from daemon.config import MeloConfig
+from daemon.editors.melo.editor import MeloEditor
+from daemon.editors.melo.keys import KeyReader, position_ids_from_mask
+from daemon.editors.melo.routing import route_rows
+from daemon.model import arch
+from daemon.model.loading import LoadedModel
+from tests.daemon.editors.melo.helpers import RADIUS, logits, spec
+
+PROMPTS = ["The capital of", "A", "Who is the chief executive officer of the company"]
+
+
+def test_position_ids_count_real_tokens_like_generate() -> None:
+    """Left pads get position 1 (ignored), real tokens count from 0."""
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert position_ids_from_mask(mask).tolist() == [[1, 1, 0, 1, 2], [0, 1, 2, 3, 4]]
+
+
+def test_keys_are_unit_norm_and_the_same_batched_or_alone(loaded: LoadedModel) -> None:
+    """A padded batch gives each prompt the key it gets alone (float tolerance), norm 1."""
+    reader = KeyReader(loaded.model, loaded.tokenizer, 0)
+    try:
+        batched = reader(PROMPTS)
+        alone = np.concatenate([reader([p]) for p in PROMPTS])
+        assert batched.dtype == np.float32 and batched.shape == (3, arch.hidden_size(loaded.model))
+        np.testing.assert_allclose(np.linalg.norm(batched, axis=1), 1.0, rtol=1e-5)
+        np.testing.assert_allclose(batched, alone, atol=1e-5)
+        assert reader([]).shape == (0, batched.shape[1])
+    finally:
+        reader.close()
+
+
+def test_key_is_the_block_output_at_the_last_prompt_token(loaded: LoadedModel) -> None:
+    """The key equals the normalised hidden state of block k at the prompt's last token."""
+    reader = KeyReader(loaded.model, loaded.tokenizer, 0)
+    try:
+        enc = loaded.tokenizer([PROMPTS[0]], return_tensors="pt")
+        with torch.no_grad():
+            hidden = loaded.model(**enc, output_hidden_states=True).hidden_states[1][0, -1]
+        want = (hidden / hidden.norm()).numpy()
+        np.testing.assert_allclose(reader([PROMPTS[0]])[0], want, atol=1e-5)
+    finally:
+        reader.close()
+
+
+def test_capture_hook_leaves_ordinary_forwards_whole(
+    loaded: LoadedModel, base: LoadedModel
+) -> None:
+    """Outside a key computation the installed hook does nothing: full, identical logits."""
+    reader = KeyReader(loaded.model, loaded.tokenizer, 0)
+    try:
+        reader(PROMPTS)
+        assert torch.equal(logits(loaded, PROMPTS), logits(base, PROMPTS))
+    finally:
+        reader.close()
+
+
+def test_keys_do_not_depend_on_edits_or_outer_routes(
+    loaded: LoadedModel, world_edits: list[dict[str, object]]
+) -> None:
+    """Keys are computed on the base model: the same before and after edits, in any context."""
+    editor = MeloEditor(loaded.model, loaded.tokenizer, MeloConfig(radius=RADIUS))
+    try:
+        prompts = [str(r["prompt"]) for r in world_edits[:2]]
+        before = editor.keys(prompts)
+        editor.apply([spec(r) for r in world_edits[:2]])
+        block = editor.table.block_of(str(world_edits[0]["id"]))
+        with route_rows([block, block]):
+            inside = editor.keys(prompts)
+        assert np.array_equal(before, editor.keys(prompts))
+        assert np.array_equal(before, inside)
+    finally:
+        editor.close()
