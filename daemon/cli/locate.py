@@ -18,7 +18,8 @@ from daemon.errors import LocateError
 
 if TYPE_CHECKING:
     from daemon.config import Config
-    from daemon.editors.hook.locate import LocateResult, TraceFact
+    from daemon.editors.hook.locate import LocateResult
+    from daemon.editors.hook.patching import TraceFact
 
 CANDIDATES_PER_PAIR = 4
 """World facts offered per wanted pair: enough that unrecalled facts do not starve pairing."""
@@ -48,7 +49,7 @@ def _facts(model_dir: str, facts_path: Path | None, n: int) -> list[TraceFact]:
 
 def _table(result: LocateResult) -> list[str]:
     """Layers by (site, kind): moved fractions, then the choice."""
-    from daemon.editors.hook.locate import KINDS, SITES
+    from daemon.editors.hook.patching import KINDS, SITES
 
     ev = result.evidence
     cols = [(s, k) for s in SITES for k in KINDS]

@@ -48,13 +48,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from daemon.editors.base import EditOutcome, EditSpec
 from daemon.editors.hook import math as hmath
+from daemon.editors.hook.batching import fact_key, merge_batch, refusal_reason
 from daemon.editors.hook.keys import KeyKind, capture, encode_sites
 from daemon.editors.hook.layer import HookedProjection, calibrate_gates, install_hooks
 from daemon.editors.hook.targets import EditText, TargetSettings, optimise_targets
 from daemon.errors import EditorStateError, SolveError
 from daemon.files import atomic_write, atomic_write_text
 from daemon.model import arch
-from daemon.model.batches import target_token_ids
 
 log = structlog.get_logger()
 
@@ -105,13 +105,6 @@ class _LayerSums:
 
     def clone(self) -> _LayerSums:
         return _LayerSums(self.moment.clone(), self.key_outer.clone())
-
-
-def fact_key(spec: EditSpec) -> str:
-    """What makes two edits "the same fact": subject and relation, else the prompt."""
-    if spec.relation and spec.subject:
-        return f"{spec.subject.strip().casefold()}\x1f{spec.relation.strip().casefold()}"
-    return f"prompt\x1f{spec.prompt.strip()}"
 
 
 def _hook_buffers(hook: HookedProjection) -> dict[str, torch.Tensor]:
@@ -212,19 +205,7 @@ class HookEditor:
 
     def validate(self, spec: EditSpec) -> str | None:
         """Why the hook back-end cannot take ``spec`` (None when it can)."""
-        if not spec.subject or not spec.subject.strip():
-            return "the hook back-end needs a subject (the router sends such edits to MELO)"
-        if spec.subject not in spec.prompt:
-            return f"subject {spec.subject!r} does not occur in the prompt"
-        n_tokens = len(target_token_ids(self.tokenizer, spec.prompt, spec.target))
-        if n_tokens == 0:
-            return "the target tokenises to nothing"
-        if n_tokens > self.settings.max_target_tokens:
-            return (
-                f"the target has {n_tokens} tokens, more than the hook back-end's limit "
-                f"of {self.settings.max_target_tokens}"
-            )
-        return None
+        return refusal_reason(self.tokenizer, spec, self.settings.max_target_tokens)
 
     def apply(self, edits: Sequence[EditSpec]) -> list[EditOutcome]:
         outcomes: dict[str, EditOutcome] = {}
@@ -237,43 +218,17 @@ class HookEditor:
                 outcomes[spec.edit_id] = EditOutcome(spec.edit_id, False, reason)
             else:
                 accepted.append(spec)
-        batch, merged, conflicts = self._merge(accepted)
+        batch, merged, conflicts = merge_batch(accepted)
         for edit_id, reason in conflicts.items():
             outcomes[edit_id] = EditOutcome(edit_id, False, reason)
         if batch:
             outcomes.update(self._apply_batch(batch, merged))
         return [outcomes[spec.edit_id] for spec in edits]
 
-    def _merge(
-        self, specs: Sequence[EditSpec]
-    ) -> tuple[list[EditSpec], dict[str, list[str]], dict[str, str]]:
-        """Group by fact: agreeing duplicates merge into the first, conflicts are refused."""
-        groups: dict[str, list[EditSpec]] = {}
-        for spec in specs:
-            groups.setdefault(fact_key(spec), []).append(spec)
-        batch: list[EditSpec] = []
-        merged: dict[str, list[str]] = {}
-        conflicts: dict[str, str] = {}
-        for group in groups.values():
-            targets = {s.target for s in group}
-            if len(targets) > 1:
-                ids = [s.edit_id for s in group]
-                for s in group:
-                    conflicts[s.edit_id] = (
-                        f"conflicting targets for the same fact in one batch "
-                        f"(edits {ids}: {sorted(targets)})"
-                    )
-                continue
-            batch.append(group[0])
-            merged[group[0].edit_id] = [s.edit_id for s in group[1:]]
-        return batch, merged, conflicts
-
     def _snapshot(self) -> dict[str, Any]:
         return {
             "sums": {i: s.clone() for i, s in self._sums.items()},
-            "hooks": {
-                i: {k: v.clone() for k, v in h.state_dict().items()} for i, h in self.hooks.items()
-            },
+            "hooks": {i: _hook_buffers(h) for i, h in self.hooks.items()},
             "records": dict(self._records),
             "by_fact": dict(self._by_fact),
             "alias_of": dict(self._alias_of),

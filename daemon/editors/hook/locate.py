@@ -56,15 +56,14 @@ for another window from its stored evidence.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import random
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Literal, cast, get_args
+from typing import Any, cast
 
 import structlog
 import torch
@@ -72,24 +71,29 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from daemon.config import Config
+from daemon.editors.hook.patching import (
+    KINDS,
+    SITES,
+    PositionKind,
+    Site,
+    TraceFact,
+    capture_donor_states,
+    padding_id,
+    patched_scores,
+    prepare,
+    recalled_tokens,
+)
 from daemon.editors.hook.stats import model_fingerprint
 from daemon.errors import EditValidationError, LocateError
 from daemon.files import atomic_write_text
 from daemon.model import arch
-from daemon.model.batches import target_token_ids
 from daemon.model.loading import LoadedModel
-from daemon.model.tokens import subject_char_span, subject_last_token_index
 from daemon.world.facts import World, fill
 from store.records import iter_jsonl
 
 log = structlog.get_logger()
 
 LOCATE_FORMAT_VERSION = 1
-PositionKind = Literal["subject_last", "prompt_last"]
-Site = Literal["residual", "mlp_out"]
-KINDS: tuple[PositionKind, ...] = get_args(PositionKind)
-SITES: tuple[Site, ...] = get_args(Site)
-SUBJECT_PLACEHOLDER = "{subject}"
 DEFAULT_MAX_PAIRS = 64
 DEFAULT_MIN_PAIRS = 8
 DEFAULT_BATCH_ROWS = 128
@@ -101,26 +105,6 @@ def default_window(n_layers: int) -> int:
 
 
 # --- facts and pairs -----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TraceFact:
-    """A prompt the model should complete with ``answer``, and the subject in it.
-
-    ``answer=None`` means "whatever the model answers" (its greedy first token):
-    a user's edit file holds NEW targets the model does not know, so the model's
-    own answer is the fact being recalled. Otherwise the fact is used only when the
-    model's greedy next token is the answer's first token.
-    """
-
-    prompt: str
-    subject: str
-    answer: str | None = None
-
-    def template(self) -> str:
-        """The prompt with the subject's first occurrence replaced by ``{subject}``."""
-        start, end = subject_char_span(self.prompt, self.subject)
-        return self.prompt[:start] + SUBJECT_PLACEHOLDER + self.prompt[end:]
 
 
 def _round_robin(groups: Sequence[Sequence[Any]], limit: int | None, turn: int = 1) -> list[Any]:
@@ -209,267 +193,6 @@ def make_pairs(
 
 
 # --- batches and hooks ---------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Batch:
-    """Left-padded rows; ``kind_pos`` holds each row's subject-last and prompt-last index."""
-
-    input_ids: torch.Tensor  # (B, T)
-    attention_mask: torch.Tensor  # (B, T)
-    position_ids: torch.Tensor  # (B, T), 0 at each row's first real token
-    kind_pos: torch.Tensor  # (B, 2)
-
-
-def _batch(
-    rows: Sequence[list[int]], subject_last: Sequence[int], pad_id: int, device: torch.device
-) -> _Batch:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, T)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
-    kind_pos = torch.zeros((len(rows), 2), dtype=torch.long)  # (B, 2)
-    for b, (row, subj) in enumerate(zip(rows, subject_last, strict=True)):
-        offset = width - len(row)
-        ids[b, offset:] = torch.tensor(row, dtype=torch.long)
-        mask[b, offset:] = 1
-        kind_pos[b] = torch.tensor([offset + subj, width - 1])
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
-    return _Batch(ids.to(device), mask.to(device), positions.to(device), kind_pos.to(device))
-
-
-def _fact_batch(
-    prep: _Prepared, indices: Sequence[int], pad_id: int, device: torch.device
-) -> _Batch:
-    """A left-padded batch of the prepared facts at ``indices`` (repeats allowed)."""
-    return _batch(
-        [prep.rows[i] for i in indices], [prep.subject_last[i] for i in indices], pad_id, device
-    )
-
-
-def _last_logits(model: nn.Module, batch: _Batch) -> torch.Tensor:
-    """Logits at each row's last (real) token: ``(B, V)`` float32."""
-    out = model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        logits_to_keep=1,
-        use_cache=False,
-    )
-    return cast(torch.Tensor, out.logits[:, -1].float())
-
-
-_Tap = Callable[[Site, int, torch.Tensor], "torch.Tensor | None"]
-
-
-@contextlib.contextmanager
-def _tapped(model: nn.Module, tap: _Tap) -> Iterator[None]:
-    """Call ``tap(site, layer, hidden)`` on every block and MLP projection output.
-
-    A returned tensor replaces the output (the first element of a tuple output).
-    """
-
-    def make(site: Site, layer: int) -> Any:
-        def hook(_module: nn.Module, _args: Any, output: Any) -> Any:
-            hidden = output[0] if isinstance(output, tuple) else output  # (B, T, d)
-            new = tap(site, layer, hidden)
-            if new is None:
-                return None
-            return (new, *output[1:]) if isinstance(output, tuple) else new
-
-        return hook
-
-    handles = []
-    try:
-        for i in range(arch.num_layers(model)):
-            for site, module in (
-                ("residual", arch.layer_block(model, i)),
-                ("mlp_out", arch.mlp_out_module(model, i)),
-            ):
-                handles.append(module.register_forward_hook(make(cast(Site, site), i)))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def _grabber(store: dict[tuple[Site, int], torch.Tensor], kind_pos: torch.Tensor) -> _Tap:
-    """A tap that keeps each output at the rows' two positions: ``(B, kinds, d)``."""
-    rows = torch.arange(kind_pos.shape[0], device=kind_pos.device)[:, None]  # (B, 1)
-
-    def tap(site: Site, layer: int, hidden: torch.Tensor) -> None:
-        store[(site, layer)] = hidden[rows, kind_pos].detach()  # (B, kinds, d)
-
-    return tap
-
-
-def _patcher(plan: Mapping[tuple[int, int], tuple[torch.Tensor, ...]]) -> _Tap:
-    """A tap that writes B's vectors into the planned rows and positions."""
-
-    def tap(site: Site, layer: int, hidden: torch.Tensor) -> torch.Tensor | None:
-        step = plan.get((SITES.index(site), layer))
-        if step is None:
-            return None
-        where, pos, vectors = step
-        hidden = hidden.clone()
-        hidden[where, pos] = vectors.to(hidden.dtype)
-        return hidden
-
-    return tap
-
-
-def _chunks(n: int, size: int) -> Iterator[range]:
-    for start in range(0, n, size):
-        yield range(start, min(n, start + size))
-
-
-# --- the three passes ----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Prepared:
-    facts: list[TraceFact]
-    rows: list[list[int]]  # token ids (with the tokenizer's special tokens)
-    subject_last: list[int]  # index into rows[i]
-
-    def subset(self, indices: Sequence[int]) -> _Prepared:
-        return _Prepared(
-            [self.facts[i] for i in indices],
-            [self.rows[i] for i in indices],
-            [self.subject_last[i] for i in indices],
-        )
-
-
-def _prepare(tokenizer: PreTrainedTokenizerBase, facts: Sequence[TraceFact]) -> _Prepared:
-    """Tokenise each distinct fact once; facts whose subject maps to no token are dropped."""
-    kept: list[TraceFact] = []
-    rows: list[list[int]] = []
-    subj: list[int] = []
-    for fact in dict.fromkeys(facts):
-        try:
-            index = subject_last_token_index(tokenizer, fact.prompt, fact.subject)
-        except EditValidationError as e:
-            log.debug("locate_fact_skipped", prompt=fact.prompt, reason=str(e))
-            continue
-        kept.append(fact)
-        rows.append(list(tokenizer(fact.prompt)["input_ids"]))
-        subj.append(index)
-    return _Prepared(kept, rows, subj)
-
-
-def _recalled(
-    model: nn.Module, tokenizer: PreTrainedTokenizerBase, prep: _Prepared, batch_rows: int
-) -> list[int | None]:
-    """Per fact, the first answer token when the model's greedy next token is it, else None."""
-    device = next(model.parameters()).device
-    greedy: list[int] = []
-    for chunk in _chunks(len(prep.rows), batch_rows):
-        batch = _fact_batch(prep, chunk, _pad_id(tokenizer), device)
-        greedy.extend(int(t) for t in _last_logits(model, batch).argmax(-1))
-    out: list[int | None] = []
-    for fact, token in zip(prep.facts, greedy, strict=True):
-        if fact.answer is None:
-            out.append(token)
-            continue
-        wanted = target_token_ids(tokenizer, fact.prompt, fact.answer)
-        out.append(token if wanted and wanted[0] == token else None)
-    return out
-
-
-def _capture(model: nn.Module, prep: _Prepared, pad_id: int, batch_rows: int) -> torch.Tensor:
-    """Clean hidden states of the facts: ``(N, sites, L, kinds, d)`` in the model's dtype."""
-    device = next(model.parameters()).device
-    parts: list[torch.Tensor] = []
-    for chunk in _chunks(len(prep.rows), batch_rows):
-        batch = _fact_batch(prep, chunk, pad_id, device)
-        grabbed: dict[tuple[Site, int], torch.Tensor] = {}
-        with _tapped(model, _grabber(grabbed, batch.kind_pos)):
-            _last_logits(model, batch)
-        n_layers = arch.num_layers(model)
-        parts.append(
-            torch.stack(
-                [torch.stack([grabbed[(s, i)] for i in range(n_layers)], 1) for s in SITES], 1
-            )
-        )  # (B, sites, L, kinds, d)
-    return torch.cat(parts)
-
-
-_Condition = tuple[int, int, int]  # (site index, layer, kind index)
-
-
-def _patched(
-    model: nn.Module,
-    prep: _Prepared,
-    pairs: Sequence[tuple[int, int]],
-    tokens: Sequence[int],
-    states: torch.Tensor,
-    slots: Sequence[int],
-    pad_id: int,
-    batch_rows: int,
-) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Moved fractions and donor probabilities ``(sites, kinds, L)`` and the unpatched prob.
-
-    ``states[slots[p]]`` holds the clean states of pair ``p``'s donor B.
-    """
-    n_layers = arch.num_layers(model)
-    device = next(model.parameters()).device
-    conditions: list[_Condition | None] = [None] + [
-        (s, layer, k) for s in range(len(SITES)) for layer in range(n_layers) for k in range(2)
-    ]
-    jobs = [(p, c) for p in range(len(pairs)) for c in range(len(conditions))]
-    moved = torch.zeros((len(SITES), 2, n_layers), dtype=torch.float64)
-    prob = torch.zeros_like(moved)
-    baseline = 0.0
-    for chunk in _chunks(len(jobs), batch_rows):
-        rows = [jobs[j] for j in chunk]
-        batch = _fact_batch(prep, [pairs[p][0] for p, _ in rows], pad_id, device)
-        plan = _plan(rows, slots, conditions, states, batch.kind_pos)
-        with _tapped(model, _patcher(plan)):
-            probs = torch.softmax(_last_logits(model, batch), dim=-1)  # (B, V)
-        donor = torch.tensor([tokens[pairs[p][1]] for p, _ in rows], device=probs.device)
-        p_donor = probs.gather(1, donor[:, None]).squeeze(1).double().cpu()  # (B,)
-        hit = (probs.argmax(-1) == donor).double().cpu()  # (B,)
-        for r, (_, c) in enumerate(rows):
-            cond = conditions[c]
-            if cond is None:
-                baseline += float(p_donor[r])
-                continue
-            s, layer, k = cond
-            moved[s, k, layer] += hit[r]
-            prob[s, k, layer] += p_donor[r]
-    n = len(pairs)
-    return moved / n, prob / n, baseline / n
-
-
-def _plan(
-    rows: Sequence[tuple[int, int]],
-    slots: Sequence[int],
-    conditions: Sequence[_Condition | None],
-    states: torch.Tensor,
-    kind_pos: torch.Tensor,
-) -> dict[tuple[int, int], tuple[torch.Tensor, ...]]:
-    """Per (site, layer): the batch rows to patch, their positions, and B's vectors."""
-    grouped: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
-    for r, (p, c) in enumerate(rows):
-        cond = conditions[c]
-        if cond is not None:
-            s, layer, k = cond
-            grouped.setdefault((s, layer), []).append((r, k, slots[p]))
-    plan: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
-    for (s, layer), items in grouped.items():
-        where = torch.tensor([r for r, _, _ in items], device=kind_pos.device)
-        kinds = torch.tensor([k for _, k, _ in items], device=kind_pos.device)
-        donors = torch.tensor([b for _, _, b in items], device=states.device)
-        vectors = states[donors, s, layer, kinds.to(states.device)]  # (R, d)
-        plan[(s, layer)] = (where, kind_pos[where, kinds], vectors)
-    return plan
-
-
-def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    for attr in ("pad_token_id", "eos_token_id"):
-        value = getattr(tokenizer, attr, None)
-        if isinstance(value, int):
-            return value
-    return 0  # pads are masked out, any id works
 
 
 # --- evidence and result -------------------------------------------------------------
@@ -569,8 +292,8 @@ def _measure(
     min_pairs: int,
     batch_rows: int,
 ) -> LocateEvidence:
-    prep = _prepare(tokenizer, facts)
-    tokens = _recalled(model, tokenizer, prep, batch_rows)
+    prep = prepare(tokenizer, facts)
+    tokens = recalled_tokens(model, tokenizer, prep, batch_rows)
     keep = [i for i, t in enumerate(tokens) if t is not None]
     recalled = prep.subset(keep)
     answer = [cast(int, tokens[i]) for i in keep]
@@ -585,12 +308,14 @@ def _measure(
             facts=len(prep.facts),
             recalled=len(keep),
         )
-    pad = _pad_id(tokenizer)
+    pad = padding_id(tokenizer)
     donors = sorted({b for _, b in pairs})
     slot = {b: i for i, b in enumerate(donors)}
-    states = _capture(model, recalled.subset(donors), pad, batch_rows)
+    states = capture_donor_states(model, recalled.subset(donors), pad, batch_rows)
     slots = [slot[b] for _, b in pairs]
-    moved, prob, base = _patched(model, recalled, pairs, answer, states, slots, pad, batch_rows)
+    moved, prob, base = patched_scores(
+        model, recalled, pairs, answer, states, slots, pad, batch_rows
+    )
     return LocateEvidence(
         n_layers=arch.num_layers(model),
         n_pairs=len(pairs),

@@ -10,7 +10,7 @@ Rule (``radius = 0`` in the config; a positive configured radius always wins):
    fact-completion prompts edits arrive as, for any model and with no data.
    More than ``BANK_SIZE`` given prompts are subsampled deterministically.
 2. The radius is ``fraction`` times the median distance from each bank key to
-   its nearest other bank key (``index.calibrate_radius``).
+   its nearest other bank key (``distances.calibrate_radius``).
 
 The bank has a FIXED size because nearest-neighbour distances shrink as a set
 grows; a radius taken from "the edit prompts seen so far" would depend on how
@@ -47,7 +47,7 @@ import structlog
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from daemon.editors.melo.index import calibrate_radius
+from daemon.editors.melo.distances import calibrate_radius
 from daemon.model.generate import SENTENCE_ENDS
 
 BANK_SIZE = 256

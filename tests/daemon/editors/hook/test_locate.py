@@ -14,11 +14,8 @@ from structlog.testing import capture_logs
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedModel, PreTrainedTokenizerBase
 
 from daemon.editors.hook.locate import (
-    KINDS,
-    SITES,
     LocateEvidence,
     LocateResult,
-    TraceFact,
     TraceScores,
     best_window,
     cached_locate,
@@ -31,6 +28,7 @@ from daemon.editors.hook.locate import (
     trace_recall,
     world_trace_facts,
 )
+from daemon.editors.hook.patching import KINDS, SITES, TraceFact
 from daemon.errors import LocateError
 from daemon.model import arch
 from daemon.model.loading import LoadedModel, load_model

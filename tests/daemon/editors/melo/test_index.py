@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from daemon.editors.melo.distances import calibrate_radius
 from daemon.editors.melo.index import (
     AddResult,
     Displaced,
     NeuronIndex,
     Route,
-    calibrate_radius,
 )
 from daemon.errors import EditConflictError, NeuronIndexError
 
