@@ -121,13 +121,16 @@ class MeloConfig:
     learning_rate: float = 1e-2
     max_steps: int = 100
     radius: float = 0.0
+    radius_fraction: float = 0.5
+    stop_nll: float = 0.02
+    max_target_tokens: int = 16
     exact_index_max: int = 10000
     seed: int = 0
 
     def __post_init__(self) -> None:
         _positive(self, "rank_per_block", "edits_per_block", "max_blocks", "learning_rate")
-        _positive(self, "max_steps", "exact_index_max")
-        _non_negative(self, "radius")
+        _positive(self, "max_steps", "exact_index_max", "radius_fraction", "max_target_tokens")
+        _non_negative(self, "radius", "stop_nll")
         _require(self.key_layer >= -1, "key_layer", "must be -1 (auto) or a layer index")
         _require(all(i >= 0 for i in self.layers), "layers", "layer indices must be >= 0")
 

@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from daemon.config import Config
 from daemon.editors.base import Editor
 from daemon.editors.ft import FtConfig, FtEditor
 from daemon.editors.noop import NoopEditor
-from daemon.errors import NotBuiltYetError
 from daemon.model.loading import LoadedModel
 
 EDITOR_NAMES = ("noop", "ft", "hook", "melo")
-_NOT_BUILT = {
-    "melo": "the MELO back-end",
-}
 
 
-def make_editor(name: str, loaded: LoadedModel, config: Config) -> Editor:
-    """A fresh editor called ``name`` bound to ``loaded``'s model."""
+def make_editor(
+    name: str, loaded: LoadedModel, config: Config, *, calibration_prompts: Sequence[str] = ()
+) -> Editor:
+    """A fresh editor called ``name`` bound to ``loaded``'s model.
+
+    ``calibration_prompts`` (MELO only): prompts edits must leave alone, e.g. the
+    drift probes; the routing radius is calibrated on them (topped up with samples).
+    """
     if name == "noop":
         return NoopEditor()
     if name == "ft":
@@ -25,8 +29,17 @@ def make_editor(name: str, loaded: LoadedModel, config: Config) -> Editor:
         from daemon.editors.hook.setup import build_hook_editor
 
         return build_hook_editor(loaded, config)
-    if name in _NOT_BUILT:
-        raise NotBuiltYetError(
-            f"editor '{name}' is not built yet (it arrives with {_NOT_BUILT[name]})"
+    if name == "melo":
+        from daemon.editors.melo.editor import MeloEditor
+
+        cfg = config.editors.melo
+        return MeloEditor(
+            loaded.model,
+            loaded.tokenizer,
+            cfg,
+            calibration_prompts=calibration_prompts,
+            radius_fraction=cfg.radius_fraction,
+            max_target_tokens=cfg.max_target_tokens,
+            stop_nll=cfg.stop_nll,
         )
     raise ValueError(f"unknown editor '{name}' (known: {', '.join(EDITOR_NAMES)})")

@@ -7,8 +7,10 @@ chosen at random; ``rephrases`` are the relation's other training templates;
 
 Locality probes are prompts the edit should not change: other subjects under
 the same relation and template, and the same subject under its other
-relations. Their ``target`` is the *base model's* answer, not the world's
-truth: the greedy continuation (``answer_budget`` new tokens, stopping at eos)
+relations, never a fact that any edit of the same set changes (or a probe would
+score another edit's success as a locality failure). Their ``target`` is the
+*base model's* answer, not the world's truth: the greedy continuation
+(``answer_budget`` new tokens, stopping at eos)
 cut before its first sentence end (``.``, ``!``, ``?`` or newline) and
 right-stripped. For a fact the model knows that is exactly the object with its
 leading space (``" Velmora"``). Probes whose cut answer is empty are dropped.
@@ -79,7 +81,9 @@ def counterfactual_edits(
         order = _known(w, model, tokenizer, order, templates, budget, batch_size)
     if len(order) < n:
         raise WorldError(f"only {len(order)} facts qualify for counterfactual edits, asked for {n}")
-    plans = [_plan(w, i, templates[i], rng, same_relation, same_subject) for i in order[:n]]
+    chosen = order[:n]
+    edited = {(w.facts[i].subject, w.facts[i].relation) for i in chosen}
+    plans = [_plan(w, i, templates[i], rng, same_relation, same_subject, edited) for i in chosen]
     prompts = [p for plan in plans for p in plan.locality_prompts]
     outs = greedy_continuations(
         model, tokenizer, prompts, max_new_tokens=budget, batch_size=batch_size
@@ -123,6 +127,7 @@ def _plan(
     rng: random.Random,
     same_relation: int,
     same_subject: int,
+    edited: set[tuple[str, str]],
 ) -> _Plan:
     fact = world.facts[index]
     new_object = rng.choice([o for o in world.objects(fact.relation) if o != fact.object])
@@ -130,11 +135,17 @@ def _plan(
         {
             f.subject
             for f in world.facts
-            if f.relation == fact.relation and f.subject != fact.subject
+            if f.relation == fact.relation
+            and f.subject != fact.subject
+            and (f.subject, f.relation) not in edited
         }
     )
     prompts = [fill(template, s) for s in rng.sample(others, min(same_relation, len(others)))]
-    own = [f for f in world.facts_about(fact.subject) if f.relation != fact.relation]
+    own = [
+        f
+        for f in world.facts_about(fact.subject)
+        if f.relation != fact.relation and (f.subject, f.relation) not in edited
+    ]
     for other in rng.sample(own, min(same_subject, len(own))):
         rel = RELATIONS_BY_NAME[other.relation]
         prompts.append(fill(rng.choice(rel.train_templates), other.subject))

@@ -217,3 +217,19 @@ def test_eval_command_runs_the_hook_editor(
     assert report["editor"] == "hook"
     assert report["checkpoints"][-1]["efficacy"] >= 0.75
     assert (tmp_path / "var" / "stats").is_dir()  # cached beside the configured store
+
+
+def test_eval_command_runs_the_melo_editor(
+    micro_world: Path, edits_file: Path, tmp_path: Path
+) -> None:
+    config = tmp_path / "editd.toml"
+    config.write_text("[editors.melo]\nmax_blocks = 16\n", encoding="utf-8")
+    out = tmp_path / "r"
+    args = ["--config", str(config), "eval", "--model", str(micro_world), "--editor", "melo"]
+    args += ["--edits", str(edits_file), "--n", "4", "--checkpoints", "4", "--batch-size", "2"]
+    result = CliRunner().invoke(cli, [*args, "--quiet", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["editor"] == "melo"
+    assert report["checkpoints"][-1]["efficacy"] == 1.0
+    assert report["checkpoints"][-1]["retention"] == 1.0

@@ -94,6 +94,19 @@ def test_locality_answers_are_the_base_models_own(
         assert edit["prompt"] not in {p["prompt"] for p in edit["locality"]}
 
 
+def test_locality_never_probes_a_fact_the_set_edits(
+    edits: list[dict[str, Any]], loaded: tuple[World, PreTrainedModel, Any]
+) -> None:
+    world = loaded[0]
+    edited_prompts = set()
+    for edit in edits:
+        rel = world.relation(edit["relation"])
+        edited_prompts |= {fill(t, edit["subject"]) for t in rel.train_templates}
+    probes = {p["prompt"] for e in edits for p in e["locality"]}
+    assert probes
+    assert not probes & edited_prompts
+
+
 def test_locality_answers_are_mostly_the_truth(
     edits: list[dict[str, Any]], loaded: tuple[World, PreTrainedModel, Any]
 ) -> None:
