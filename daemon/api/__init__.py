@@ -1,0 +1,1 @@
+"""The HTTP API (FastAPI): routes from DESIGN.md over a :class:`DaemonFacade`."""

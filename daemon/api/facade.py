@@ -1,0 +1,90 @@
+"""What the HTTP API needs from the running daemon, and the completion types.
+
+The API layer (``daemon.api.app``) only talks to a :class:`DaemonFacade`; the
+service (``daemon.service``) implements it over the store, the worker and the
+engine that owns the model. Keeping the contract here lets the API be tested
+against any implementation and keeps FastAPI out of the service.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from store.edits import EditRecord
+from store.intake import EnqueueResult
+from store.schema import EditStatus
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    """An OpenAI-style completion request, already validated and bounded."""
+
+    prompts: tuple[str, ...]
+    max_tokens: int = 16
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    logprobs: int | None = None  # None: no logprobs; k >= 0: chosen token + top-k
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class CompletionChoice:
+    """One generated continuation (OpenAI's ``choices[i]``)."""
+
+    index: int
+    text: str
+    finish_reason: str  # "stop" (eos or a stop string) | "length"
+    tokens: tuple[str, ...] = ()
+    token_logprobs: tuple[float, ...] = ()
+    top_logprobs: tuple[dict[str, float], ...] | None = None
+    text_offset: tuple[int, ...] = ()
+    usage: dict[str, int] = field(default_factory=dict)  # prompt_tokens, completion_tokens
+
+
+class DaemonFacade(Protocol):
+    """The daemon as the API sees it. Methods raise editd errors (``EditdError``
+    subclasses such as ``EditNotFoundError`` or ``InvalidTransitionError``) for
+    bad requests; anything else is a server fault."""
+
+    def submit(self, raws: Sequence[object]) -> list[EnqueueResult]:
+        """Validate and enqueue API edit requests; invalid ones are stored as rejected."""
+        ...
+
+    def get_edit(self, edit_id: str) -> EditRecord:
+        """One record; raises ``EditNotFoundError``."""
+        ...
+
+    def list_edits(
+        self, status: EditStatus | None, limit: int, after: str | None
+    ) -> list[EditRecord]:
+        """A page of records in queue order; ``after`` is the last id of the previous page."""
+        ...
+
+    def retract(self, edit_id: str, reason: str) -> EditRecord:
+        """Forget an edit (synchronously: when this returns, the model answers its
+        prompt as the base model did). Raises ``EditNotFoundError`` or
+        ``InvalidTransitionError`` (e.g. already retracted, or rejected)."""
+        ...
+
+    def complete(self, request: CompletionRequest) -> list[CompletionChoice]:
+        """Continuations from the edited model, one choice per prompt, in order."""
+        ...
+
+    def status(self) -> dict[str, Any]:
+        """Queue depth, applied counts per back-end, last checkpoint, last drift report."""
+        ...
+
+    def is_ready(self) -> bool:
+        """True once the model is loaded and the worker runs."""
+        ...
+
+    def metrics_text(self) -> tuple[bytes, str]:
+        """The Prometheus exposition (body, content type)."""
+        ...
+
+    def create_checkpoint(self) -> dict[str, Any]:
+        """Write a checkpoint now (between batches); the registry record as JSON."""
+        ...
