@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from daemon.errors import ConfigError
+from store.schema import RequestLimits
 
 CONFIG_ENV = "EDITD_CONFIG"
 DEFAULT_CONFIG_NAME = "config.toml"
@@ -27,6 +28,7 @@ DEFAULT_CONFIG_NAME = "config.toml"
 Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 BackendChoice = Literal["auto", "melo", "hook"]
+EnabledBackend = Literal["melo", "hook"]
 KeyPosition = Literal["auto", "subject_last", "prompt_last"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["auto", "json", "console"]
@@ -102,9 +104,14 @@ class RouterConfig:
     default_backend: BackendChoice = "auto"
     hook_max_target_tokens: int = 8
     escalate_to_melo: bool = True
+    backends: tuple[EnabledBackend, ...] = ("hook", "melo")
 
     def __post_init__(self) -> None:
         _positive(self, "hook_max_target_tokens")
+        _require(bool(self.backends), "backends", "must name at least one back-end")
+        _require(
+            len(set(self.backends)) == len(self.backends), "backends", "must not repeat a name"
+        )
 
 
 @dataclass(frozen=True)
@@ -299,6 +306,15 @@ class Config:
     feeds: FeedsConfig = field(default_factory=FeedsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source: Path | None = None
+
+
+def request_limits(cfg: Config) -> RequestLimits:
+    """The intake limits the config asks for (applied to edits from every source)."""
+    return RequestLimits(
+        max_prompt_chars=cfg.store.max_prompt_chars,
+        max_target_chars=cfg.store.max_target_chars,
+        max_list_items=cfg.store.max_list_items,
+    )
 
 
 # Environment variables that may override a value: paths and secrets only.

@@ -282,3 +282,24 @@ class Shutdown(BaseException):
 
 class LocateError(EditdError):
     """The locate step cannot run: too few usable fact pairs, no fact source, or a bad result."""
+
+
+class CheckpointError(EditdError):
+    """A checkpoint could not be written, or one on disk is missing, partial or corrupt."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        checkpoint_id: str | None = None,
+        path: Path | str | None = None,
+    ):
+        full = f"checkpoint {checkpoint_id}: {message}" if checkpoint_id else message
+        super().__init__(full, checkpoint_id=checkpoint_id, path=path)
+        self.reason = message
+        self.checkpoint_id = checkpoint_id
+        self.path = path
+
+
+class DaemonNotReadyError(EditdError):
+    """The daemon is still starting (or stopping): the model or the store is not there."""

@@ -8,7 +8,15 @@ usage errors exit 2 (click's convention).
 
 from __future__ import annotations
 
-from daemon.cli import demo, edits, evaluate, locate, pending, world  # noqa: F401 - register verbs
+from daemon.cli import (  # noqa: F401 - register verbs
+    demo,
+    edits,
+    evaluate,
+    locate,
+    pending,
+    serve,
+    world,
+)
 from daemon.cli.app import cli
 
 __all__ = ["cli", "main"]

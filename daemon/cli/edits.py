@@ -9,22 +9,13 @@ from typing import Any
 import click
 
 from daemon.cli.app import CliError, EditdGroup, cli, config_option, echo_json, json_option, state
-from daemon.config import Config
+from daemon.config import Config, request_limits
 from daemon.errors import NotBuiltYetError
 from store.checkpoints import latest_good
 from store.db import Store
 from store.probes import latest_probe_run
 from store.queue import EditQueue, EnqueueResult
-from store.records import EditStatus, RequestLimits, SourceKind
-
-
-def request_limits(cfg: Config) -> RequestLimits:
-    """The intake limits the config asks for."""
-    return RequestLimits(
-        max_prompt_chars=cfg.store.max_prompt_chars,
-        max_target_chars=cfg.store.max_target_chars,
-        max_list_items=cfg.store.max_list_items,
-    )
+from store.records import EditStatus, SourceKind
 
 
 def split_submission(data: bytes) -> list[object]:

@@ -341,9 +341,15 @@ def default_key_layer(model: nn.Module) -> int:
 
 
 def unwrap_projection(module: nn.Module) -> nn.Module:
-    """The plain Linear/Conv1D under a peft LoRA wrapper (``base_layer``), or ``module``."""
+    """The plain Linear/Conv1D under wrappers, or ``module``.
+
+    Wrappers name what they wrap ``base_layer`` (peft LoRA) or ``base`` (editd's
+    hook layer and MELO block LoRA, which may wrap each other on the same layer).
+    """
     while not isinstance(module, (nn.Linear, Conv1D)):
         inner = getattr(module, "base_layer", None)
+        if inner is None:
+            inner = getattr(module, "base", None)
         if not isinstance(inner, nn.Module):
             raise TypeError(f"not a projection module: {type(module).__name__}")
         module = inner

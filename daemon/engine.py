@@ -1,0 +1,184 @@
+"""The live model and its editors, behind one lock.
+
+The :class:`Engine` is the only thing in the daemon that touches the model.
+Every change (apply, retract, restore) and every read (completions, verification,
+drift probes) runs under one lock, so no request ever sees a half-applied batch.
+On two shared CPU cores concurrent forwards are slower than serial ones (see
+ENVIRONMENT.md), so a plain mutex is the read/write lock's equivalent here; the
+worker holds it per batch, completions per request, and they interleave.
+
+Generation and scoring always run inside :meth:`Engine.routing`, which enters
+every editor's per-request routing for the same prompts (MELO routes per row;
+the hook back-end's gate decides per token and has no routing).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, ExitStack, contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from daemon.api.facade import CompletionChoice, CompletionRequest
+from daemon.editors.base import Editor, EditOutcome, EditSpec
+from daemon.eval.metrics import continuation_matches
+from daemon.model.batches import target_token_ids
+from daemon.model.generate import greedy_continuations
+from daemon.model.loading import LoadedModel
+from store.schema import Backend
+
+log = structlog.get_logger()
+
+GREEDY_BATCH = 32
+VERIFY_EXTRA_TOKENS = 2
+"""Greedy tokens generated past the target's length when verifying an edit."""
+
+
+@dataclass(frozen=True)
+class Verification:
+    """Whether an edit took: its prompt (required) and its rephrases (reported)."""
+
+    passed: bool
+    prompt_output: str
+    rephrases_passed: int = 0
+    rephrases_total: int = 0
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "prompt_output": self.prompt_output,
+            "rephrases_passed": self.rephrases_passed,
+            "rephrases_total": self.rephrases_total,
+        }
+
+
+class Engine:
+    """The model, its editors (one per back-end) and the lock around them."""
+
+    def __init__(self, loaded: LoadedModel, editors: Mapping[Backend, Editor]) -> None:
+        self.loaded = loaded
+        self.editors: dict[Backend, Editor] = dict(editors)
+        self.lock = threading.RLock()
+
+    @property
+    def backends(self) -> tuple[Backend, ...]:
+        return tuple(self.editors)
+
+    def editor(self, backend: Backend) -> Editor:
+        try:
+            return self.editors[backend]
+        except KeyError:
+            raise KeyError(f"back-end '{backend.value}' is not enabled in this daemon") from None
+
+    # --- routing and reads -----------------------------------------------------------------
+
+    def routing(self, prompts: Sequence[str]) -> AbstractContextManager[None]:
+        """Every editor's routing for a forward over exactly ``prompts`` (row order)."""
+        return self._routing(list(prompts))
+
+    @contextmanager
+    def _routing(self, prompts: list[str]) -> Iterator[None]:
+        with ExitStack() as stack:
+            for editor in self.editors.values():
+                stack.enter_context(editor.routing(prompts))
+            yield
+
+    def greedy(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+        """Greedy continuations of ``prompts`` from the edited model (takes the lock)."""
+        out: list[str] = []
+        with self.lock:
+            for start in range(0, len(prompts), GREEDY_BATCH):
+                chunk = list(prompts[start : start + GREEDY_BATCH])
+                with self.routing(chunk):
+                    out.extend(
+                        greedy_continuations(
+                            self.loaded.model,
+                            self.loaded.tokenizer,
+                            chunk,
+                            max_new_tokens=max_new_tokens,
+                            batch_size=GREEDY_BATCH,
+                        )
+                    )
+        return out
+
+    def complete(self, request: CompletionRequest) -> list[CompletionChoice]:
+        """OpenAI-style completions from the edited model."""
+        from daemon.completions import complete
+
+        with self.lock:
+            return complete(self.loaded.model, self.loaded.tokenizer, request, self.routing)
+
+    def verify(self, specs: Sequence[EditSpec]) -> dict[str, Verification]:
+        """Greedy-generate each edit's prompt and rephrases; passed = the prompt took."""
+        results: dict[str, Verification] = {}
+        with self.lock:
+            for spec in specs:
+                budget = self._budget(spec)
+                prompts = [spec.prompt, *spec.rephrases]
+                outs = self.greedy(prompts, budget)
+                hits = [continuation_matches(o, spec.target) for o in outs]
+                results[spec.edit_id] = Verification(
+                    passed=hits[0],
+                    prompt_output=outs[0],
+                    rephrases_passed=sum(hits[1:]),
+                    rephrases_total=len(hits) - 1,
+                )
+        return results
+
+    def _budget(self, spec: EditSpec) -> int:
+        n = len(target_token_ids(self.loaded.tokenizer, spec.prompt, spec.target))
+        return n + VERIFY_EXTRA_TOKENS
+
+    # --- changes ---------------------------------------------------------------------------
+
+    def apply(self, backend: Backend, specs: Sequence[EditSpec]) -> list[EditOutcome]:
+        """Apply a batch on one back-end; one outcome per spec, in order."""
+        if not specs:
+            return []
+        editor = self.editor(backend)
+        t0 = time.perf_counter()
+        with self.lock:
+            outcomes = editor.apply(specs)
+        log.info(
+            "engine_applied",
+            backend=backend.value,
+            edits=len(specs),
+            accepted=sum(o.accepted for o in outcomes),
+            seconds=round(time.perf_counter() - t0, 3),
+        )
+        return outcomes
+
+    def retract(self, backend: Backend, edit_ids: Sequence[str]) -> None:
+        """Undo edits on one back-end (ids the back-end does not hold are ignored)."""
+        editor = self.editor(backend)
+        with self.lock:
+            held = set(editor.applied_ids())
+            present = [e for e in edit_ids if e in held]
+            if present:
+                editor.retract(present)
+        if present:
+            log.info("engine_retracted", backend=backend.value, edit_ids=present)
+
+    def applied_ids(self) -> dict[Backend, list[str]]:
+        with self.lock:
+            return {b: e.applied_ids() for b, e in self.editors.items()}
+
+    def backend_of(self, edit_id: str) -> Backend | None:
+        """The back-end currently holding ``edit_id``, if any."""
+        for backend, ids in self.applied_ids().items():
+            if edit_id in ids:
+                return backend
+        return None
+
+    def reset(self) -> None:
+        """Retract every edit: the base model again."""
+        with self.lock:
+            for backend, ids in self.applied_ids().items():
+                if ids:
+                    self.editors[backend].retract(ids)
+        log.info("engine_reset")

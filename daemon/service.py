@@ -1,0 +1,392 @@
+"""The daemon: owns the store, the model (through the engine), the worker and the jobs.
+
+:class:`Daemon` is what ``editd serve`` runs and what the HTTP API talks to
+(it implements :class:`daemon.api.facade.DaemonFacade`). Start-up order:
+
+1. open the store; recover the checkpoint folder (temp and orphan folders);
+2. load the model and build the editors (hook and MELO, ``[router] backends``);
+3. score the drift probes on the base model (cached per model and probe set);
+4. restore: requeue orphaned ``applying`` edits, load the newest checkpoint
+   that verifies, reconcile the model with the store's ``applied`` edits;
+5. start the worker thread and the scheduler. ``is_ready`` is true from here.
+
+Shutdown (:meth:`Daemon.stop`): the worker finishes its batch, a checkpoint is
+written, the scheduler stops, the store closes.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any
+
+import structlog
+
+from daemon import __version__
+from daemon.api.facade import CompletionChoice, CompletionRequest
+from daemon.checkpoints import CheckpointManager, Persistable
+from daemon.config import Config, request_limits
+from daemon.editors.base import Editor
+from daemon.editors.registry import make_editor
+from daemon.engine import Engine
+from daemon.errors import DaemonNotReadyError, EditdError, InvalidTransitionError
+from daemon.metrics import DaemonMetrics
+from daemon.model.loading import LoadedModel
+from daemon.model.source import load_configured_model
+from daemon.replay import RestoreReport, reconcile, requeue_orphans
+from daemon.worker import BatchReport, Worker, WorkerHooks
+from store import editlog
+from store.checkpoints import CheckpointRecord
+from store.db import Store
+from store.edits import EditRecord
+from store.intake import EnqueueResult
+from store.probes import latest_probe_run
+from store.queue import EditQueue, QueuePolicy
+from store.schema import Backend, EditStatus
+
+log = structlog.get_logger()
+
+Progress = Callable[[str], None]
+
+
+def _no_progress(_: str) -> None:
+    return None
+
+
+class Daemon:
+    """One editd process's state and behaviour (see the module doc)."""
+
+    def __init__(self, config: Config, *, metrics: DaemonMetrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics or DaemonMetrics(__version__)
+        self.store: Store | None = None
+        self.queue: EditQueue | None = None
+        self.engine: Engine | None = None
+        self.worker: Worker | None = None
+        self.checkpoints: CheckpointManager | None = None
+        self.drift: Any = None  # daemon.drift_job.DriftMonitor, set in start()
+        self.scheduler: Any = None
+        self.restore_report: RestoreReport | None = None
+        self._stop = threading.Event()
+        self._worker_thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._edits_since_checkpoint = 0
+        self._batches_since_drift = 0
+        self._last_checkpoint_at = time.time()
+
+    # --- life cycle ---------------------------------------------------------------------
+
+    def start(self, progress: Progress = _no_progress) -> None:
+        """Load everything and start the worker and jobs (see the module doc)."""
+        cfg = self.config
+        progress("opening the store")
+        self.store = Store.open(cfg.store.path)
+        self.queue = EditQueue(self.store, _policy(cfg))
+        self.checkpoints = CheckpointManager(cfg.checkpoints.dir, self.store, cfg.checkpoints.keep)
+        self.checkpoints.recover()
+        progress("loading the model")
+        loaded = load_configured_model(cfg.model, progress=False)
+        self.metrics.model_loaded(loaded.load_seconds)
+        if cfg.drift.enabled:
+            from daemon.drift_job import DriftMonitor
+
+            self.drift = DriftMonitor.build(cfg, loaded, self.store)
+        progress("building the editors")
+        self.engine = Engine(loaded, self._build_editors(loaded))
+        if self.drift is not None:
+            progress("scoring drift probes on the base model")
+            self.drift.prepare(self.engine)
+        progress("restoring edits")
+        self.restore_report = self.restore()
+        self.worker = Worker(self.store, self.queue, self.engine, cfg, hooks=self._worker_hooks())
+        self._worker_thread = threading.Thread(
+            target=self.worker.run, args=(self._stop,), name="editd-worker", daemon=True
+        )
+        self._worker_thread.start()
+        from daemon.scheduler import start_scheduler
+
+        self.scheduler = start_scheduler(self)
+        self._ready.set()
+        log.info("daemon_ready", backends=[b.value for b in self.engine.backends])
+
+    def _build_editors(self, loaded: LoadedModel) -> dict[Backend, Editor]:
+        wanted = [Backend(b) for b in self.config.router.backends]
+        probes = self.drift.prompts() if self.drift is not None else ()
+        editors: dict[Backend, Editor] = {}
+        for backend in wanted:
+            editors[backend] = make_editor(
+                backend.value, loaded, self.config, calibration_prompts=probes
+            )
+        return editors
+
+    def stop(self, *, checkpoint: bool = True) -> None:
+        """Finish the current batch, checkpoint, stop the jobs, close the store."""
+        self._ready.clear()
+        self._stop.set()
+        if self.scheduler is not None:
+            self.scheduler.shutdown(wait=False)
+        if self._worker_thread is not None:
+            self._worker_thread.join()
+        if checkpoint and self.engine is not None:
+            try:
+                self.checkpoint("shutdown")
+            except EditdError:
+                log.exception("shutdown_checkpoint_failed")
+        if self.store is not None:
+            self.store.close()
+        log.info("daemon_stopped")
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def worker_progress_age(self) -> float:
+        """Seconds since the worker last made progress (for the watchdog)."""
+        if self.worker is None:
+            return 0.0
+        return time.monotonic() - self.worker.last_progress
+
+    def reload(self, config: Config) -> None:
+        """Take the reloadable parts of ``config`` (SIGHUP): worker, router policy,
+        checkpoints cadence, drift thresholds, log level. Model, store, editors,
+        API binding need a restart."""
+        self.config = replace(
+            self.config,
+            worker=config.worker,
+            router=replace(config.router, backends=self.config.router.backends),
+            checkpoints=replace(config.checkpoints, dir=self.config.checkpoints.dir),
+            drift=config.drift,
+            log=config.log,
+        )
+        if self.worker is not None:
+            self.worker.config = self.config
+        if self.drift is not None:
+            self.drift.config = self.config.drift
+        log.info("config_reloaded", source=str(config.source))
+
+    # --- restore, checkpoints ------------------------------------------------------------
+
+    def _persistables(self) -> dict[str, Persistable]:
+        engine = self._engine()
+        return {b.value: e for b, e in engine.editors.items() if isinstance(e, Persistable)}
+
+    def restore(self, checkpoint_id: str | None = None) -> RestoreReport:
+        """Load a checkpoint (the newest valid one by default) and replay the store."""
+        store, queue, engine, manager = self._store(), self._queue(), self._engine(), self._ck()
+        t0 = time.perf_counter()
+        with engine.lock:
+            requeued = requeue_orphans(queue, store)
+            found = manager.latest_valid()
+            if checkpoint_id is not None:
+                from store.checkpoints import get_checkpoint
+
+                record = get_checkpoint(store, checkpoint_id)
+                found = (record, manager.verify(record))
+            count = 0
+            if found is not None:
+                engine.reset()
+                manifest = manager.restore(found[0], self._persistables())
+                count = manifest.edit_count
+                self.metrics.checkpoint_written(found[0].created_at)
+            result = reconcile(engine, queue, store, verify=self.config.worker.verify)
+        report = RestoreReport(
+            checkpoint_id=None if found is None else found[0].id,
+            from_checkpoint=count,
+            requeued=requeued,
+            reconcile=result,
+            seconds=round(time.perf_counter() - t0, 3),
+        )
+        log.info(
+            "restored",
+            checkpoint_id=report.checkpoint_id,
+            from_checkpoint=count,
+            replayed=result.replayed,
+            retracted=result.retracted,
+            requeued=requeued,
+            seconds=report.seconds,
+        )
+        return report
+
+    def checkpoint(self, reason: str) -> CheckpointRecord | None:
+        """Write a checkpoint between batches. With drift validation on, the probes run
+        first and a failing model is rolled back instead (a checkpoint is always good)."""
+        engine, store = self._engine(), self._store()
+        with engine.lock:
+            if self.drift is not None and reason != "shutdown":
+                verdict = self.drift.check(engine, self._queue(), store, self.metrics)
+                if not verdict.passed:
+                    self.drift.rollback(self)
+                    return None
+            record = self._ck().create(
+                self._persistables(),
+                watermark=editlog.last_event_id(store),
+                reason=reason,
+                extra={"model": engine.loaded.name_or_path},
+            )
+            self._edits_since_checkpoint = 0
+            self._last_checkpoint_at = time.time()
+            self.metrics.checkpoint_written(record.created_at)
+            return record
+
+    def due_checkpoint(self) -> bool:
+        cfg = self.config.checkpoints
+        return (
+            self._edits_since_checkpoint >= cfg.every_edits
+            or time.time() - self._last_checkpoint_at >= cfg.every_minutes * 60
+        ) and self._edits_since_checkpoint > 0
+
+    # --- worker hooks ------------------------------------------------------------------
+
+    def _worker_hooks(self) -> WorkerHooks:
+        def on_applied(record: EditRecord) -> None:
+            if record.applied_at is not None:
+                self.metrics.observe_submit_to_applied(record.applied_at - record.created_at)
+
+        return WorkerHooks(
+            on_applied=on_applied,
+            on_verification_failure=lambda b: self.metrics.verification_failed(b.value),
+            on_batch=lambda b, outcome: self.metrics.batch_finished(b.value, outcome),
+            after_batch=self._after_batch,
+        )
+
+    def _after_batch(self, report: BatchReport) -> None:
+        self._edits_since_checkpoint += len(report.applied)
+        self._batches_since_drift += 1
+        if self.drift is not None and self._batches_since_drift >= self.config.drift.every_batches:
+            self.run_drift_check()
+        if self.due_checkpoint():
+            try:
+                self.checkpoint("cadence")
+            except EditdError:
+                log.exception("checkpoint_failed")
+
+    def run_drift_check(self) -> dict[str, Any] | None:
+        """Score the probes now; roll back and isolate on failure. The run as JSON."""
+        if self.drift is None:
+            return None
+        engine = self._engine()
+        with engine.lock:
+            self._batches_since_drift = 0
+            verdict = self.drift.check(engine, self._queue(), self._store(), self.metrics)
+            if not verdict.passed:
+                self.drift.rollback(self)
+            return verdict.to_json_dict()
+
+    # --- the facade ----------------------------------------------------------------------
+
+    def submit(self, raws: Sequence[object]) -> list[EnqueueResult]:
+        return self._queue().submit_many(raws, limits=request_limits(self.config))
+
+    def get_edit(self, edit_id: str) -> EditRecord:
+        return self._queue().get(edit_id)
+
+    def list_edits(
+        self, status: EditStatus | None, limit: int, after: str | None
+    ) -> list[EditRecord]:
+        return self._queue().list(status=status, limit=limit, after=after)
+
+    def retract(self, edit_id: str, reason: str) -> EditRecord:
+        queue, engine = self._queue(), self._engine()
+        with engine.lock:  # between batches: the edit is not half-way through a batch
+            record = queue.get(edit_id)
+            if record.status is EditStatus.APPLIED and record.backend:
+                engine.retract(Backend(record.backend), [edit_id])
+            elif record.status is EditStatus.APPLYING:
+                raise InvalidTransitionError(edit_id, record.status.value, "retracted")
+            updated = queue.transition(edit_id, EditStatus.RETRACTED, reason=reason)
+        log.info("edit_retracted", edit_id=edit_id, reason=reason)
+        return updated
+
+    def complete(self, request: CompletionRequest) -> list[CompletionChoice]:
+        choices = self._engine().complete(request)
+        self.metrics.completions_served(len(choices))
+        return choices
+
+    def status(self) -> dict[str, Any]:
+        store, queue, engine = self._store(), self._queue(), self._engine()
+        counts = queue.counts()
+        with store.read() as db:
+            rows = db.execute(
+                "SELECT backend, COUNT(*) FROM edits WHERE status = 'applied' GROUP BY backend"
+            ).fetchall()
+        from store.checkpoints import latest_good
+
+        last_ck = latest_good(store)
+        drift = latest_probe_run(store, "drift")
+        return {
+            "version": __version__,
+            "ready": self.is_ready(),
+            "model": engine.loaded.name_or_path,
+            "backends": [b.value for b in engine.backends],
+            "queue_depth": counts["queued"] + counts["applying"],
+            "edits": counts,
+            "applied_by_backend": {str(b): int(n) for b, n in rows},
+            "last_checkpoint": None if last_ck is None else last_ck.to_json_dict(),
+            "last_drift": None if drift is None else drift.to_json_dict(),
+            "restore": None if self.restore_report is None else _restore_json(self.restore_report),
+        }
+
+    def is_ready(self) -> bool:
+        return self._ready.is_set()
+
+    def metrics_text(self) -> tuple[bytes, str]:
+        if self.store is not None and self._ready.is_set():
+            with self.store.read() as db:
+                rows = db.execute(
+                    "SELECT status, COALESCE(backend, ''), COUNT(*) FROM edits "
+                    "GROUP BY status, backend"
+                ).fetchall()
+            self.metrics.set_edit_counts({(s, b): int(n) for s, b, n in rows})
+            self.metrics.set_queue_depth(self._queue().depth())
+        return self.metrics.exposition()
+
+    def restore_checkpoint(self, checkpoint_id: str) -> dict[str, Any]:
+        """Load ``checkpoint_id`` and replay the store's later edits; the report."""
+        return _restore_json(self.restore(checkpoint_id))
+
+    def create_checkpoint(self) -> dict[str, Any]:
+        record = self.checkpoint("manual")
+        if record is None:
+            raise EditdError("drift validation failed: the model was rolled back, no checkpoint")
+        return record.to_json_dict()
+
+    # --- internals -----------------------------------------------------------------------
+
+    def _store(self) -> Store:
+        if self.store is None:
+            raise DaemonNotReadyError("the daemon is not ready yet (starting or stopping)")
+        return self.store
+
+    def _queue(self) -> EditQueue:
+        if self.queue is None:
+            raise DaemonNotReadyError("the daemon is not ready yet (starting or stopping)")
+        return self.queue
+
+    def _engine(self) -> Engine:
+        if self.engine is None:
+            raise DaemonNotReadyError("the daemon is not ready yet (starting or stopping)")
+        return self.engine
+
+    def _ck(self) -> CheckpointManager:
+        if self.checkpoints is None:
+            raise DaemonNotReadyError("the daemon is not ready yet (starting or stopping)")
+        return self.checkpoints
+
+
+def _policy(cfg: Config) -> QueuePolicy:
+    w = cfg.worker
+    return QueuePolicy(w.max_attempts, w.backoff_base_s, w.backoff_max_s)
+
+
+def _restore_json(report: RestoreReport) -> dict[str, Any]:
+    return {
+        "checkpoint_id": report.checkpoint_id,
+        "from_checkpoint": report.from_checkpoint,
+        "requeued": report.requeued,
+        "replayed": report.reconcile.replayed,
+        "retracted": report.reconcile.retracted,
+        "failed": list(report.reconcile.failed),
+        "seconds": report.seconds,
+    }
