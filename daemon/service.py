@@ -31,14 +31,19 @@ from daemon.config import Config, request_limits
 from daemon.editors.base import Editor
 from daemon.editors.registry import make_editor
 from daemon.engine import Engine
-from daemon.errors import DaemonNotReadyError, EditdError, InvalidTransitionError
+from daemon.errors import (
+    CheckpointError,
+    DaemonNotReadyError,
+    EditdError,
+    InvalidTransitionError,
+)
 from daemon.metrics import DaemonMetrics
 from daemon.model.loading import LoadedModel
 from daemon.model.source import load_configured_model
 from daemon.replay import RestoreReport, reconcile, requeue_orphans
 from daemon.worker import BatchReport, Worker, WorkerHooks
 from store import editlog
-from store.checkpoints import CheckpointRecord
+from store.checkpoints import CheckpointRecord, get_checkpoint, latest_good
 from store.db import Store
 from store.edits import EditRecord
 from store.intake import EnqueueResult
@@ -178,18 +183,26 @@ class Daemon:
         t0 = time.perf_counter()
         with engine.lock:
             requeued = requeue_orphans(queue, store)
-            found = manager.latest_valid()
             if checkpoint_id is not None:
-                from store.checkpoints import get_checkpoint
-
                 record = get_checkpoint(store, checkpoint_id)
-                found = (record, manager.verify(record))
+                found: tuple[CheckpointRecord, Any] | None = (record, manager.verify(record))
+            else:
+                found = manager.latest_valid()
             count = 0
+            engine.reset()
             if found is not None:
-                engine.reset()
-                manifest = manager.restore(found[0], self._persistables())
-                count = manifest.edit_count
-                self.metrics.checkpoint_written(found[0].created_at)
+                try:
+                    count = manager.restore(found[0], self._persistables()).edit_count
+                    self.metrics.checkpoint_written(found[0].created_at)
+                except CheckpointError as exc:
+                    if checkpoint_id is not None:
+                        raise
+                    # e.g. written with other back-ends enabled: replay everything instead
+                    log.warning(
+                        "checkpoint_not_restorable", checkpoint_id=found[0].id, error=str(exc)
+                    )
+                    engine.reset()
+                    found = None
             result = reconcile(engine, queue, store, verify=self.config.worker.verify)
         report = RestoreReport(
             checkpoint_id=None if found is None else found[0].id,
@@ -311,8 +324,6 @@ class Daemon:
             rows = db.execute(
                 "SELECT backend, COUNT(*) FROM edits WHERE status = 'applied' GROUP BY backend"
             ).fetchall()
-        from store.checkpoints import latest_good
-
         last_ck = latest_good(store)
         drift = latest_probe_run(store, "drift")
         return {

@@ -10,7 +10,7 @@ import click
 
 from daemon.cli.app import CliError, EditdGroup, cli, config_option, echo_json, json_option, state
 from daemon.config import Config, request_limits
-from daemon.errors import NotBuiltYetError
+from daemon.errors import EditdError
 from store.checkpoints import latest_good
 from store.db import Store
 from store.probes import latest_probe_run
@@ -161,20 +161,26 @@ def edits_show(ctx: click.Context, edit_id: str) -> None:
 @click.option("--reason", default="retracted from the CLI", show_default=True)
 @click.pass_context
 def edits_retract(ctx: click.Context, edit_id: str, reason: str) -> None:
-    """Retract (forget) an edit. A queued or failed edit is withdrawn here; an applied
-    one must be removed from the model by the running daemon."""
+    """Retract (forget) an edit: the model answers its prompt as the base model did.
+
+    With the daemon running, it removes the edit from the live model (through the
+    API). With no daemon listening, the store records the retraction and the next
+    start removes the edit from the restored model (the store is the source of truth).
+    """
+    from urllib.parse import quote
+
+    from daemon.cli.client import DaemonUnreachableError, call
+
     cfg = state(ctx).config()
+    try:
+        body = call(cfg, "DELETE", f"/v1/edits/{quote(edit_id, safe='')}?reason={quote(reason)}")
+        click.echo(f"{body['id']}: retracted")
+        return
+    except DaemonUnreachableError:
+        pass
     with _open(cfg, create=False) as st:
         queue = EditQueue(st)
-        current = queue.get(edit_id).status
-        if current in (
-            EditStatus.APPLIED.value,
-            EditStatus.APPLYING.value,
-            EditStatus.QUARANTINED.value,
-        ):
-            raise NotBuiltYetError(
-                f"edit '{edit_id}' is {current}: removing it from the model needs the daemon, "
-                "which is not built yet"
-            )
+        if queue.get(edit_id).status is EditStatus.APPLYING:
+            raise EditdError(f"edit '{edit_id}' is being applied; retry in a moment")
         record = queue.transition(edit_id, EditStatus.RETRACTED, reason=reason)
-    click.echo(f"{record.id}: retracted")
+    click.echo(f"{record.id}: retracted (daemon not running: takes effect at its next start)")

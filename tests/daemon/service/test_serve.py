@@ -1,0 +1,107 @@
+"""``editd serve`` as a real process: edits over HTTP, completions, retraction, restart."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from tests.daemon.service.conftest import DaemonProcess, write_config
+
+
+def _first(words: list[str]) -> list[str]:
+    return [w.strip().split(".")[0].split()[0] if w.strip() else "" for w in words]
+
+
+def test_serve_applies_retracts_and_survives_restart(
+    micro_world: Path,
+    world_edits: list[dict[str, Any]],
+    tmp_path: Path,
+    daemon_factory: list[DaemonProcess],
+) -> None:
+    config = write_config(tmp_path, micro_world)
+    edits = [dict(e) for e in world_edits[:6]]
+    for e in edits[3:]:
+        e["backend"] = "melo"  # the first three go "auto": subject + short target -> hook
+    prompts = [e["prompt"] for e in edits]
+    targets = [e["target"].strip() for e in edits]
+
+    daemon = DaemonProcess(config)
+    daemon_factory.append(daemon)
+    daemon.start()
+    before = daemon.complete(prompts)
+    assert _first(before) != targets  # the base model answers the old facts
+
+    ids = daemon.submit(edits)
+    assert ids == [e["id"] for e in edits]
+    states = daemon.wait_settled(ids)
+    assert set(states.values()) == {"applied"}, states
+    backends = [daemon.edit(i)["backend"] for i in ids]
+    assert backends == ["hook"] * 3 + ["melo"] * 3
+    assert daemon.edit(ids[0])["result"]["verification"]["passed"] is True
+    after = daemon.complete(prompts)
+    assert [t.split()[0] for t in _first(after)] == [t.split()[0] for t in targets]
+
+    # retract one edit of each back-end: those prompts answer as the base model did
+    for victim in (ids[1], ids[4]):
+        r = daemon.request("DELETE", f"/v1/edits/{victim}")
+        assert r.status_code == 200, r.text
+        assert r.json()["status"] == "retracted"
+    retracted = daemon.complete([prompts[1], prompts[4]])
+    assert retracted == [before[1], before[4]]
+
+    status = daemon.request("GET", "/v1/status").json()
+    assert status["applied_by_backend"] == {"hook": 2, "melo": 2}
+    metrics = daemon.request("GET", "/metrics").text
+    assert "editd_queue_depth" in metrics
+
+    assert daemon.terminate() == 0  # SIGTERM: finish, checkpoint, exit 0
+    assert "checkpoint_created" in daemon.tail(200)
+
+    again = DaemonProcess(config)
+    daemon_factory.append(again)
+    again.start()
+    assert again.complete(prompts) == daemon_complete_expected(after, before)
+    assert again.edit(ids[1])["status"] == "retracted"
+    restore = again.request("GET", "/v1/status").json()["restore"]
+    assert restore["checkpoint_id"] is not None
+    assert restore["from_checkpoint"] == 4
+    assert again.terminate() == 0
+
+
+def daemon_complete_expected(after: list[str], before: list[str]) -> list[str]:
+    """After the restart: the edited answers, with the two retracted prompts back to base."""
+    out = list(after)
+    out[1], out[4] = before[1], before[4]
+    return out
+
+
+def test_serve_refuses_a_public_address_without_a_token(micro_world: Path, tmp_path: Path) -> None:
+    config = write_config(tmp_path, micro_world)
+    cmd = [sys.executable, "-m", "daemon.cli", "--config", str(config), "serve"]
+    done = subprocess.run(
+        [*cmd, "--host", "0.0.0.0", "--port", "0"], capture_output=True, timeout=120
+    )
+    assert done.returncode == 1
+    assert b"not a loopback address" in done.stderr
+
+
+def test_second_sigterm_exits_at_once(
+    micro_world: Path, tmp_path: Path, daemon_factory: list[DaemonProcess]
+) -> None:
+    config = write_config(tmp_path, micro_world)
+    daemon = DaemonProcess(config)
+    daemon_factory.append(daemon)
+    daemon.start(wait=False)
+    assert daemon.proc is not None
+    # while it is still loading, two SIGTERMs: the second exits without waiting
+    import time
+
+    deadline = time.monotonic() + 60
+    while not daemon.port_file.is_file() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    daemon.proc.send_signal(signal.SIGTERM)
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(timeout=60) in (0, 1)
