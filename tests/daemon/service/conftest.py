@@ -39,6 +39,7 @@ def write_config(folder: Path, model: Path, **sections: dict[str, Any]) -> Path:
     for name, values in base.items():
         lines.append(f"[{name}]")
         lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+    folder.mkdir(parents=True, exist_ok=True)
     path = folder / "editd.toml"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

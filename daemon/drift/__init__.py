@@ -1,0 +1,1 @@
+"""Drift validation: probe sets, base scores, drift scoring and isolation of damaging edits."""
