@@ -28,6 +28,7 @@ from daemon import __version__
 from daemon.api.facade import CompletionChoice, CompletionRequest
 from daemon.checkpoints import CheckpointManager, Persistable
 from daemon.config import Config, request_limits
+from daemon.drift_job import DriftMonitor
 from daemon.editors.base import Editor
 from daemon.editors.registry import make_editor
 from daemon.engine import Engine
@@ -71,7 +72,7 @@ class Daemon:
         self.engine: Engine | None = None
         self.worker: Worker | None = None
         self.checkpoints: CheckpointManager | None = None
-        self.drift: Any = None  # daemon.drift_job.DriftMonitor, set in start()
+        self.drift: DriftMonitor | None = None
         self.scheduler: Any = None
         self.restore_report: RestoreReport | None = None
         self._stop = threading.Event()
@@ -80,6 +81,7 @@ class Daemon:
         self._edits_since_checkpoint = 0
         self._batches_since_drift = 0
         self._last_checkpoint_at = time.time()
+        self.batches_done = 0  # batches whose follow-up (drift check, checkpoint) finished
 
     # --- life cycle ---------------------------------------------------------------------
 
@@ -95,8 +97,6 @@ class Daemon:
         loaded = load_configured_model(cfg.model, progress=False)
         self.metrics.model_loaded(loaded.load_seconds)
         if cfg.drift.enabled:
-            from daemon.drift_job import DriftMonitor
-
             self.drift = DriftMonitor.build(cfg, loaded, self.store)
         progress("building the editors")
         self.engine = Engine(loaded, self._build_editors(loaded))
@@ -228,9 +228,9 @@ class Daemon:
         engine, store = self._engine(), self._store()
         with engine.lock:
             if self.drift is not None and reason != "shutdown":
-                verdict = self.drift.check(engine, self._queue(), store, self.metrics)
-                if not verdict.passed:
-                    self.drift.rollback(self)
+                report = self.drift.check(engine, self._queue(), store, self.metrics)
+                if not report.passed:
+                    self.drift.rollback(self, report)
                     return None
             record = self._ck().create(
                 self._persistables(),
@@ -267,13 +267,18 @@ class Daemon:
     def _after_batch(self, report: BatchReport) -> None:
         self._edits_since_checkpoint += len(report.applied)
         self._batches_since_drift += 1
-        if self.drift is not None and self._batches_since_drift >= self.config.drift.every_batches:
-            self.run_drift_check()
-        if self.due_checkpoint():
-            try:
+        try:
+            if (
+                self.drift is not None
+                and self._batches_since_drift >= self.config.drift.every_batches
+            ):
+                self.run_drift_check()
+            if self.due_checkpoint():
                 self.checkpoint("cadence")
-            except EditdError:
-                log.exception("checkpoint_failed")
+        except EditdError:
+            log.exception("after_batch_job_failed")
+        finally:
+            self.batches_done += 1
 
     def run_drift_check(self) -> dict[str, Any] | None:
         """Score the probes now; roll back and isolate on failure. The run as JSON."""
@@ -282,10 +287,11 @@ class Daemon:
         engine = self._engine()
         with engine.lock:
             self._batches_since_drift = 0
-            verdict = self.drift.check(engine, self._queue(), self._store(), self.metrics)
-            if not verdict.passed:
-                self.drift.rollback(self)
-            return verdict.to_json_dict()
+            report = self.drift.check(engine, self._queue(), self._store(), self.metrics)
+            out = report.to_json_dict()
+            if not report.passed:
+                out["rollback"] = self.drift.rollback(self, report)
+            return out
 
     # --- the facade ----------------------------------------------------------------------
 

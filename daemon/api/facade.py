@@ -88,3 +88,8 @@ class DaemonFacade(Protocol):
     def create_checkpoint(self) -> dict[str, Any]:
         """Write a checkpoint now (between batches); the registry record as JSON."""
         ...
+
+    def restore_checkpoint(self, checkpoint_id: str) -> dict[str, Any]:
+        """Load a checkpoint and replay the store's later edits; the restore report.
+        Raises ``RecordNotFoundError`` or ``CheckpointError`` (corrupt, marked bad)."""
+        ...

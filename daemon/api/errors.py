@@ -1,0 +1,215 @@
+"""Every HTTP error as one JSON shape, and the handlers that produce it.
+
+The body is always ``{"error": {"message": str, "field": str | null, "type": str}}``
+where ``type`` is a short code for the status (``"not_found"``, ``"conflict"``,
+``"validation_error"`` ...). editd's own errors are mapped by class (the most
+specific class in :data:`STATUS_BY_ERROR` wins); anything else is a server fault:
+logged with its traceback and answered with a JSON 500 that hides the details.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, Response
+
+from daemon.errors import (
+    BlockCapacityError,
+    CheckpointError,
+    DaemonNotReadyError,
+    EditConflictError,
+    EditdError,
+    EditNotFoundError,
+    EditValidationError,
+    IdempotencyConflictError,
+    InvalidTransitionError,
+    NotBuiltYetError,
+    RecordNotFoundError,
+    StoreBusyError,
+    StoreUnavailableError,
+)
+
+log = structlog.get_logger()
+
+TYPE_BY_STATUS: Mapping[int, str] = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "validation_error",
+    500: "internal_error",
+    501: "not_implemented",
+    503: "unavailable",
+}
+
+STATUS_BY_ERROR: Mapping[type[EditdError], int] = {
+    EditNotFoundError: 404,
+    RecordNotFoundError: 404,
+    InvalidTransitionError: 409,
+    IdempotencyConflictError: 409,
+    EditConflictError: 409,
+    EditValidationError: 422,
+    StoreBusyError: 503,
+    StoreUnavailableError: 503,
+    BlockCapacityError: 503,
+    NotBuiltYetError: 501,
+    DaemonNotReadyError: 503,
+    CheckpointError: 409,
+}
+"""editd errors that a client caused or can wait out; other ``EditdError``s are 500s."""
+
+
+class ApiError(Exception):
+    """An error the API layer raises itself (a limit, a missing token, not ready)."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        field: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.field = field
+        self.headers = dict(headers or {})
+
+
+class SafeJSONResponse(JSONResponse):
+    """JSON escaped to ASCII, so text with lone surrogates can never fail to encode."""
+
+    def render(self, content: Any) -> bytes:
+        text = json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
+        return text.encode("ascii")
+
+
+def error_response(
+    status: int,
+    message: str,
+    *,
+    field: str | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> SafeJSONResponse:
+    """The JSON error response for ``status``."""
+    body = {
+        "error": {
+            "message": message,
+            "field": field,
+            "type": TYPE_BY_STATUS.get(status, "error"),
+        }
+    }
+    return SafeJSONResponse(body, status_code=status, headers=dict(headers or {}))
+
+
+def status_of(error: EditdError) -> int:
+    """The HTTP status for one of editd's errors (walks the class hierarchy)."""
+    for cls in type(error).__mro__:
+        if cls in STATUS_BY_ERROR:
+            return STATUS_BY_ERROR[cls]
+    return 500
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Register the handlers that turn every failure into the JSON error shape."""
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(EditdError, _editd_error)
+    app.add_exception_handler(Exception, _unexpected_error)
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return error_response(exc.status, exc.message, field=exc.field, headers=exc.headers)
+
+
+async def _validation_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    errors: list[Mapping[str, Any]] = list(exc.errors())
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return error_response(400, "request body is not valid JSON")
+    first = _most_telling(errors)
+    field = _field_name(first.get("loc", ()))
+    message = str(first.get("msg", "invalid request"))
+    others = {_field_name(e.get("loc", ())) for e in errors} - {field}
+    if others:
+        message = f"{message} (and problems in {len(others)} other field(s))"
+    return error_response(422, message, field=field)
+
+
+def _most_telling(errors: list[Mapping[str, Any]]) -> Mapping[str, Any]:
+    """The first error that is not a plain wrong-type error (in a union, the branch that
+    fits the input's type explains the problem best), else the first error."""
+    for error in errors:
+        if not str(error.get("type", "")).endswith("_type"):
+            return error
+    return errors[0] if errors else {}
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+    return error_response(exc.status_code, message, headers=exc.headers)
+
+
+async def _editd_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, EditdError)
+    status = status_of(exc)
+    if status >= 500:
+        log.error(
+            "api_request_failed",
+            method=request.method,
+            path=request.url.path,
+            error=type(exc).__name__,
+            message=exc.message,
+            exc_info=exc,
+        )
+        message = exc.message if status != 500 else "internal error"
+        return error_response(status, message, headers=_retry_after(status))
+    field = exc.context.get("field")
+    return error_response(status, exc.message, field=field if isinstance(field, str) else None)
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> Response:
+    log.error(
+        "api_request_crashed",
+        method=request.method,
+        path=request.url.path,
+        error=type(exc).__name__,
+        exc_info=exc,
+    )
+    return error_response(500, "internal error")
+
+
+def _retry_after(status: int) -> dict[str, str]:
+    return {"Retry-After": "1"} if status == 503 else {}
+
+
+def _field_name(loc: object) -> str | None:
+    """``("body", "edits", 3)`` -> ``"edits.3"``; the location kind and union tags are dropped."""
+    if not isinstance(loc, list | tuple):
+        return None
+    parts = list(loc)
+    if parts and parts[0] in {"body", "query", "path", "header", "cookie"}:
+        parts = parts[1:]
+    names: list[str] = []
+    for part in parts:
+        if isinstance(part, str) and (not part.isidentifier() or part in _TYPE_TAGS):
+            break  # a union member's tag such as "list[str]" or "function-after[...]"
+        names.append(str(part))
+    return ".".join(names) or None
+
+
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})

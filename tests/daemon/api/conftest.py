@@ -1,0 +1,177 @@
+"""A real facade for the API tests: a SQLite store, the edit queue and the micro world model.
+
+Nothing is mocked: edits go through :class:`store.queue.EditQueue` into a fresh
+SQLite file, completions through :func:`daemon.completions.complete` on the
+micro fact-world model (with a routing that records the prompts it was given).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from daemon.api.app import create_app
+from daemon.api.facade import CompletionChoice, CompletionRequest
+from daemon.completions import complete
+from daemon.config import ApiConfig
+from daemon.errors import RecordNotFoundError
+from store.db import Store
+from store.edits import EditRecord
+from store.intake import EnqueueResult
+from store.queue import EditQueue
+from store.schema import EditStatus, SourceKind
+
+TOKEN = "s3cret-token"
+
+
+@dataclass(frozen=True)
+class WorldModel:
+    """The micro world's model and tokenizer, loaded once per session."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+
+
+@dataclass
+class RecordingRouting:
+    """A routing that does nothing but remember the prompts of every context it opened."""
+
+    calls: list[tuple[str, ...]] = field(default_factory=list)
+
+    @contextmanager
+    def __call__(self, prompts: Sequence[str]) -> Iterator[None]:
+        self.calls.append(tuple(prompts))
+        yield
+
+
+class StoreFacade:
+    """A :class:`~daemon.api.facade.DaemonFacade` over a real store and the micro model."""
+
+    def __init__(self, store: Store, world: WorldModel) -> None:
+        self.store = store
+        self.queue = EditQueue(store)
+        self.world = world
+        self.routing = RecordingRouting()
+        self.ready = True
+        self.checkpoints = 0
+        self.registry = CollectorRegistry()
+        self.requests = Counter("editd_test_calls", "Facade calls.", registry=self.registry)
+
+    def submit(self, raws: Sequence[object]) -> list[EnqueueResult]:
+        self.requests.inc()
+        return self.queue.submit_many(raws, source_kind=SourceKind.API)
+
+    def get_edit(self, edit_id: str) -> EditRecord:
+        return self.queue.get(edit_id)
+
+    def list_edits(
+        self, status: EditStatus | None, limit: int, after: str | None
+    ) -> list[EditRecord]:
+        return self.queue.list(status, limit, after)
+
+    def retract(self, edit_id: str, reason: str) -> EditRecord:
+        return self.queue.transition(edit_id, EditStatus.RETRACTED, reason=reason)
+
+    def complete(self, request: CompletionRequest) -> list[CompletionChoice]:
+        routing: Callable[[Sequence[str]], AbstractContextManager[None]] = self.routing
+        return complete(self.world.model, self.world.tokenizer, request, routing)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "queue_depth": self.queue.depth(),
+            "counts": self.queue.counts(),
+            "last_checkpoint": None,
+            "last_drift": None,
+        }
+
+    def is_ready(self) -> bool:
+        return self.ready
+
+    def metrics_text(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    def create_checkpoint(self) -> dict[str, Any]:
+        self.checkpoints += 1
+        return {"id": f"ckpt-{self.checkpoints}", "created_at": time.time(), "edits": 0}
+
+    def restore_checkpoint(self, checkpoint_id: str) -> dict[str, Any]:
+        if checkpoint_id != f"ckpt-{self.checkpoints}":
+            raise RecordNotFoundError("checkpoint", checkpoint_id)
+        return {"checkpoint_id": checkpoint_id, "from_checkpoint": 0, "replayed": 0}
+
+
+@pytest.fixture(scope="session")
+def world_model(micro_world: Path) -> WorldModel:
+    """The micro world's model (eval mode) and tokenizer."""
+    model = AutoModelForCausalLM.from_pretrained(str(micro_world))
+    model.train(False)
+    return WorldModel(model, AutoTokenizer.from_pretrained(str(micro_world)))
+
+
+@pytest.fixture
+def facade(store_path: Path, world_model: WorldModel) -> Iterator[StoreFacade]:
+    """A ready facade over a fresh store file."""
+    store = Store.open(store_path)
+    try:
+        yield StoreFacade(store, world_model)
+    finally:
+        store.close()
+
+
+ClientFactory = Callable[..., TestClient]
+
+
+@pytest.fixture
+def make_client(facade: StoreFacade) -> Iterator[ClientFactory]:
+    """``make_client(token=..., max_edits_per_request=...)``: a client on a fresh app."""
+    clients: list[TestClient] = []
+
+    def make(**settings: Any) -> TestClient:
+        client = TestClient(create_app(facade, ApiConfig(**settings)))
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.close()
+
+
+@pytest.fixture
+def client(make_client: ClientFactory) -> TestClient:
+    """A client on an app without a token and with the default limits."""
+    return make_client()
+
+
+@pytest.fixture
+def auth() -> dict[str, str]:
+    """The Authorization header for :data:`TOKEN`."""
+    return {"Authorization": f"Bearer {TOKEN}"}
+
+
+def assert_error(response: Any, status: int, field: str | None = None) -> dict[str, Any]:
+    """``response`` has ``status`` and the JSON error shape (and names ``field``, if given)."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}
+    error = body["error"]
+    assert set(error) == {"message", "field", "type"}
+    assert isinstance(error["message"], str) and error["message"]
+    assert isinstance(error["type"], str) and error["type"]
+    assert error["field"] is None or isinstance(error["field"], str)
+    if field is not None:
+        assert error["field"] == field, error
+    return dict(error)
