@@ -303,3 +303,7 @@ class CheckpointError(EditdError):
 
 class DaemonNotReadyError(EditdError):
     """The daemon is still starting (or stopping): the model or the store is not there."""
+
+
+class DriftDisabledError(EditdError):
+    """A drift check was asked for but drift validation is off in the config."""

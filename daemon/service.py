@@ -35,6 +35,7 @@ from daemon.engine import Engine
 from daemon.errors import (
     CheckpointError,
     DaemonNotReadyError,
+    DriftDisabledError,
     EditdError,
     InvalidTransitionError,
 )
@@ -280,10 +281,10 @@ class Daemon:
         finally:
             self.batches_done += 1
 
-    def run_drift_check(self) -> dict[str, Any] | None:
+    def run_drift_check(self) -> dict[str, Any]:
         """Score the probes now; roll back and isolate on failure. The run as JSON."""
         if self.drift is None:
-            return None
+            raise DriftDisabledError("drift validation is disabled ([drift] enabled = false)")
         engine = self._engine()
         with engine.lock:
             self._batches_since_drift = 0

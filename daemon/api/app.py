@@ -297,6 +297,16 @@ def restore_checkpoint(checkpoint_id: Annotated[str, Path()], facade: Facade) ->
     return facade.restore_checkpoint(checkpoint_id)
 
 
+@router.post(
+    "/v1/drift",
+    dependencies=[*_documented_auth, Depends(require_ready)],
+    summary="Run a drift check now",
+)
+def drift_check(facade: Facade) -> dict[str, Any]:
+    """Probes vs the base model plus retention; a failing check rolls back and isolates."""
+    return facade.run_drift_check()
+
+
 @router.get("/v1/status", summary="Queue depth, applied counts, last checkpoint and drift")
 def status(facade: Facade) -> dict[str, Any]:
     """The daemon's status document."""

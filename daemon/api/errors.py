@@ -23,6 +23,7 @@ from daemon.errors import (
     BlockCapacityError,
     CheckpointError,
     DaemonNotReadyError,
+    DriftDisabledError,
     EditConflictError,
     EditdError,
     EditNotFoundError,
@@ -64,6 +65,7 @@ STATUS_BY_ERROR: Mapping[type[EditdError], int] = {
     BlockCapacityError: 503,
     NotBuiltYetError: 501,
     DaemonNotReadyError: 503,
+    DriftDisabledError: 409,
     CheckpointError: 409,
 }
 """editd errors that a client caused or can wait out; other ``EditdError``s are 500s."""

@@ -89,6 +89,11 @@ class DaemonFacade(Protocol):
         """Write a checkpoint now (between batches); the registry record as JSON."""
         ...
 
+    def run_drift_check(self) -> dict[str, Any]:
+        """Score the drift probes now (rolling back on failure); the run as JSON.
+        Raises ``EditdError`` when drift validation is disabled."""
+        ...
+
     def restore_checkpoint(self, checkpoint_id: str) -> dict[str, Any]:
         """Load a checkpoint and replay the store's later edits; the restore report.
         Raises ``RecordNotFoundError`` or ``CheckpointError`` (corrupt, marked bad)."""

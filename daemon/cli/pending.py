@@ -8,15 +8,6 @@ from daemon.cli.app import EditdGroup, cli, config_option, not_built
 
 # --- verbs whose machinery arrives with later work --------------------------------------
 
-DAEMON = "the daemon (worker, router, checkpoints, HTTP API)"
-
-
-@cli.command()
-@config_option
-def probe() -> None:
-    """Score the drift probe set against the base model and the edited model."""
-    not_built("probe", "drift validation in " + DAEMON)
-
 
 @cli.group(cls=EditdGroup)
 def feeds() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import click
@@ -92,3 +93,27 @@ def checkpoint_restore(ctx: click.Context, checkpoint_id: str, as_json: bool) ->
             f"restored {checkpoint_id}: {report['from_checkpoint']} edits from the checkpoint, "
             f"{report['replayed']} replayed, {report['retracted']} retracted"
         )
+
+
+@cli.command()
+@config_option
+@json_option
+@click.pass_context
+def probe(ctx: click.Context, as_json: bool) -> None:
+    """Score the drift probe set: the running daemon's edited model against the base
+    model (top-1 agreement, mean KL) plus the retention of applied edits. A failing
+    check rolls the daemon back to its last good checkpoint and isolates the culprits."""
+    report = call(state(ctx).config(), "POST", "/v1/drift")
+    if as_json:
+        echo_json(report)
+        return
+    verdict = "passed" if report["passed"] else "FAILED"
+    click.echo(
+        f"drift {verdict}: top-1 agreement {report['top1_agreement']:.4f}, "
+        f"mean KL {report['mean_kl']:.6f}, retention {report['retention']} "
+        f"({report['retention_sampled']} sampled) over {report['n']} probes"
+    )
+    for reason in report["reasons"]:
+        click.echo(f"  - {reason}")
+    if report.get("rollback"):
+        click.echo(f"rolled back: {json.dumps(report['rollback'])}")

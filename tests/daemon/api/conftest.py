@@ -28,7 +28,7 @@ from daemon.api.app import create_app
 from daemon.api.facade import CompletionChoice, CompletionRequest
 from daemon.completions import complete
 from daemon.config import ApiConfig
-from daemon.errors import RecordNotFoundError
+from daemon.errors import DriftDisabledError, RecordNotFoundError
 from store.db import Store
 from store.edits import EditRecord
 from store.intake import EnqueueResult
@@ -107,6 +107,9 @@ class StoreFacade:
     def create_checkpoint(self) -> dict[str, Any]:
         self.checkpoints += 1
         return {"id": f"ckpt-{self.checkpoints}", "created_at": time.time(), "edits": 0}
+
+    def run_drift_check(self) -> dict[str, Any]:
+        raise DriftDisabledError("drift validation is disabled")
 
     def restore_checkpoint(self, checkpoint_id: str) -> dict[str, Any]:
         if checkpoint_id != f"ckpt-{self.checkpoints}":

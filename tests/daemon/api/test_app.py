@@ -229,6 +229,9 @@ def test_checkpoint_route(client: TestClient, facade: StoreFacade) -> None:
     restored = client.post("/v1/checkpoints/ckpt-1/restore")
     assert restored.status_code == 200
     assert restored.json()["checkpoint_id"] == "ckpt-1"
+    drift = client.post("/v1/drift")
+    assert drift.status_code == 409
+    assert "disabled" in drift.json()["error"]["message"]
     missing = client.post("/v1/checkpoints/nope/restore")
     assert missing.status_code == 404
     assert missing.json()["error"]["type"] == "not_found"

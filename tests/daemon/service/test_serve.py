@@ -105,3 +105,74 @@ def test_second_sigterm_exits_at_once(
     daemon.proc.send_signal(signal.SIGTERM)
     daemon.proc.send_signal(signal.SIGTERM)
     assert daemon.proc.wait(timeout=60) in (0, 1)
+
+
+def test_systemd_notifications_sighup_reload_and_cli_verbs(
+    micro_world: Path,
+    world_edits: list[dict[str, Any]],
+    tmp_path: Path,
+    daemon_factory: list[DaemonProcess],
+) -> None:
+    import json
+    import socket
+    import time
+
+    notify_path = tmp_path / "notify.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(notify_path))
+    listener.settimeout(0.2)
+    config = write_config(
+        tmp_path, micro_world, drift={"enabled": True}, router={"default_backend": "melo"}
+    )
+    daemon = DaemonProcess(config, extra_env={"NOTIFY_SOCKET": str(notify_path)})
+    daemon_factory.append(daemon)
+    daemon.start()
+
+    def messages() -> list[str]:
+        out = []
+        while True:
+            try:
+                out.append(listener.recv(4096).decode())
+            except TimeoutError:
+                return out
+
+    seen = messages()
+    assert any(m.startswith("EXTEND_TIMEOUT_USEC=") for m in seen), seen
+    assert "READY=1" in seen
+
+    ids = daemon.submit([dict(e) for e in world_edits[:3]])
+    assert set(daemon.wait_settled(ids).values()) == {"applied"}
+
+    def editd(*args: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "daemon.cli", "--config", str(config), *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=daemon.env)
+
+    config.write_text(
+        config.read_text().replace("[api]\n", "") + f"\n[api]\nport = {daemon.port}\n",
+        encoding="utf-8",
+    )
+    probe = editd("probe", "--json")
+    assert probe.returncode == 0, probe.stderr
+    report = json.loads(probe.stdout)
+    assert report["passed"] is True and report["top1_agreement"] == 1.0
+    created = editd("checkpoint", "create", "--json")
+    assert created.returncode == 0, created.stderr
+    assert json.loads(created.stdout)["edit_count"] == 3
+    retract = editd("edits", "retract", ids[0])
+    assert retract.returncode == 0, retract.stderr
+    assert daemon.edit(ids[0])["status"] == "retracted"
+
+    # SIGHUP: the worker's batch size is reloadable
+    config.write_text(config.read_text() + "\n", encoding="utf-8")
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 30
+    reload_seen: list[str] = []
+    while time.monotonic() < deadline and not any("RELOADING=1" in m for m in reload_seen):
+        reload_seen += messages()
+    assert any("RELOADING=1" in m for m in reload_seen), reload_seen
+    assert "config_reloaded" in daemon.tail(400)
+
+    assert daemon.terminate() == 0
+    assert "STOPPING=1" in messages()
+    listener.close()
