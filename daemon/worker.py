@@ -188,7 +188,7 @@ class Worker:
             for edit_id, outcome in taken.items():
                 batch_of[edit_id] = batch_id
                 report.applied[edit_id] = backend
-                details[edit_id] = dict(outcome.details)
+                details.setdefault(edit_id, {}).update(outcome.details)
             for edit_id, reason in refused.items():
                 nxt = escalation(backend, self.config.router, available)
                 if nxt is not None and edit_id not in report.escalated:
@@ -209,8 +209,16 @@ class Worker:
             )
             batches.finish_batch(self.store, batch_id, status)
             self.hooks.on_batch(backend, status.value)
+            self._heartbeat(list(by_id))
         self._record(by_id, report, routes, verifications, batch_of, details)
         return report
+
+    def _heartbeat(self, edit_ids: list[str]) -> None:
+        """Extend the batch's leases after each back-end step (a slow batch keeps them)."""
+        self.last_progress = time.monotonic()
+        held = self.queue.heartbeat(self.name, edit_ids, self.config.worker.lease_s)
+        if len(held) < len(edit_ids):
+            log.warning("leases_lost_mid_batch", lost=sorted(set(edit_ids) - set(held)))
 
     def _apply_verified(
         self,
