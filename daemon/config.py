@@ -157,10 +157,14 @@ class HookConfig:
     target_norm_clamp: float = 4.0
     gate_threshold: float = 3.0
     gate_floor: float = 1.0
+    gate_cos_floor: float = 0.7
+    shard_keys: int = 0
     max_update_norm_zscore: float = 6.0
     max_target_tokens: int = 8
 
     def __post_init__(self) -> None:
+        _require(-1.0 <= self.gate_cos_floor <= 1.0, "gate_cos_floor", "must be in [-1, 1]")
+        _non_negative(self, "shard_keys")
         _positive(self, "covariance_tokens", "covariance_weight", "target_steps")
         _positive(self, "target_learning_rate", "target_norm_clamp", "max_target_tokens")
         _positive(self, "max_update_norm_zscore")

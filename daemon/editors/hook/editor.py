@@ -19,16 +19,26 @@ For a batch of edits (subject, prompt, target):
    which equals the consecutive update of the issue (see ``math.solve_from_sums``).
    The state is constant in size (``M``, ``S``, the fp32 delta per layer) apart
    from the per-edit records ``(k, t)`` that make retraction exact.
-4. **Scope gate.** The batch's keys join each hook's key set and the gates are
-   re-calibrated on non-edit text, so the delta fires only near an edit's key.
-5. **Collapse guard.** ``||delta_l||/||W0||`` and the batch's update norm per
+4. **Shards.** A linear map from ``d_in`` cannot hold many more facts than ``d_in``
+   keys, so each hook layer's delta is split into shards of at most ``shard_keys``
+   live keys (default ``d_in // 2``); a batch goes to the newest shard and opens a
+   new one when it would overflow it. Each shard has its own running sums and
+   solve; the scope gate routes a token to the shard of its nearest eligible key.
+5. **Scope gate.** The batch's keys join each hook's key set, each with its own
+   reference (the distribution of its centred cosine over the calibration text,
+   computed once when the key is added), so the delta fires only near an edit's key
+   and adding keys never moves the gate of earlier ones. A **recall check** then
+   runs the batch's prompts through the gated model: every key site must be routed
+   to the batch's shard at every hook layer, else the batch is refused.
+6. **Collapse guard.** ``||delta_l||/||W0||`` and the batch's update norm per
    layer are tracked; a batch whose update norm is an outlier (z-score above
    ``max_update_norm_zscore`` against the history) is refused and rolled back, as
    is a batch whose solve meets NaN/inf or an indefinite system.
 
-Retraction subtracts the edits' ``(k, t)`` terms from ``M`` and ``S``, solves
-again, drops their gate keys and re-calibrates: the result is what the solve
-would have given had the edits never been part of it.
+Retraction subtracts the edits' ``(k, t)`` terms from their shard's ``M`` and ``S``,
+solves that shard again and drops their gate keys with their references; the other
+keys' references do not depend on them, so the gate stays as if the edits had
+never been applied.
 """
 
 from __future__ import annotations
@@ -37,7 +47,7 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +59,23 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from daemon.editors.base import EditOutcome, EditSpec
 from daemon.editors.hook import math as hmath
 from daemon.editors.hook.batching import fact_key, merge_batch, refusal_reason
-from daemon.editors.hook.keys import KeyKind, capture, encode_sites
-from daemon.editors.hook.layer import HookedProjection, calibrate_gates, install_hooks
+from daemon.editors.hook.keys import KeyKind, KeySites, capture, encode_sites, position_ids
+from daemon.editors.hook.layer import (
+    DEFAULT_COS_FLOOR,
+    HookedProjection,
+    calibrate_gates,
+    install_hooks,
+)
+from daemon.editors.hook.state import (
+    STATE_VERSION,
+    LayerSums,
+    Record,
+    hook_state,
+    pack_tensors,
+    records_manifest,
+    unpack_records,
+    unpack_sums,
+)
 from daemon.editors.hook.targets import EditText, TargetSettings, optimise_targets
 from daemon.errors import EditorStateError, SolveError
 from daemon.files import atomic_write, atomic_write_text
@@ -58,7 +83,6 @@ from daemon.model import arch
 
 log = structlog.get_logger()
 
-STATE_VERSION = 1
 MANIFEST = "manifest.json"
 TENSORS = "tensors.safetensors"
 
@@ -76,35 +100,19 @@ class HookSettings:
     max_update_norm_zscore: float = 6.0
     max_target_tokens: int = 8
     solve_rounds: int = 4
+    gate_cos_floor: float = DEFAULT_COS_FLOOR
+    shard_keys: int = 0  # live keys per shard; 0: half the smallest hook d_in
+    check_recall: bool = True
 
     def __post_init__(self) -> None:
         if self.solve_rounds < 1:
             raise ValueError("solve_rounds must be >= 1")
+        if self.shard_keys < 0 or not -1.0 <= self.gate_cos_floor <= 1.0:
+            raise ValueError("shard_keys >= 0 and gate_cos_floor in [-1, 1] are required")
         if not self.layers or list(self.layers) != sorted(set(self.layers)):
             raise ValueError(f"hook layers must be a non-empty increasing list: {self.layers}")
         if self.max_target_tokens < 1 or self.cov_weight < 0:
             raise ValueError("max_target_tokens >= 1 and cov_weight >= 0 are required")
-
-
-@dataclass
-class _Record:
-    """One applied edit: its request and, per hook layer, its key and target output."""
-
-    spec: EditSpec
-    fact: str
-    batch: int
-    keys: dict[int, torch.Tensor]  # layer -> (sites, d_in) float64
-    outputs: dict[int, torch.Tensor]  # layer -> (sites, d_out) float64
-    aliases: list[str] = field(default_factory=list)  # merged duplicates of this edit
-
-
-@dataclass
-class _LayerSums:
-    moment: torch.Tensor  # (d_out, d_in) float64
-    key_outer: torch.Tensor  # (d_in, d_in) float64
-
-    def clone(self) -> _LayerSums:
-        return _LayerSums(self.moment.clone(), self.key_outer.clone())
 
 
 def _hook_buffers(hook: HookedProjection) -> dict[str, torch.Tensor]:
@@ -151,14 +159,18 @@ class HookEditor:
             settings.layers,
             threshold=settings.gate_threshold,
             threshold_floor=settings.gate_floor,
+            cos_floor=settings.gate_cos_floor,
         )
         self._cov = {i: covariance[i].to(self.device, torch.float64) for i in settings.layers}
         self._w0_norm = {
             i: float(torch.linalg.matrix_norm(arch.projection_weight_out_in(h.base).double()))
             for i, h in self.hooks.items()
         }
-        self._sums = {i: self._zero_sums(h) for i, h in self.hooks.items()}
-        self._records: dict[str, _Record] = {}  # edit id -> record, in apply order
+        self._sums = {i: [self._zero_sums(h)] for i, h in self.hooks.items()}  # per shard
+        self._shard_keys = settings.shard_keys or max(
+            1, min(h.d_in for h in self.hooks.values()) // 2
+        )
+        self._records: dict[str, Record] = {}  # edit id -> record, in apply order
         self._by_fact: dict[str, str] = {}  # fact key -> live edit id
         self._alias_of: dict[str, str] = {}  # merged duplicate id -> edit id holding it
         self._key_owner: list[str] = []  # edit id of each gate key row (same in every hook)
@@ -167,10 +179,11 @@ class HookEditor:
         enc = tokenizer(list(calibration_texts), return_tensors="pt", padding=True)
         self._calib_ids = enc["input_ids"].to(self.device)
         self._calib_mask = enc["attention_mask"].to(self.device)
+        calibrate_gates(model, self.hooks, self._calib_ids, self._calib_mask)
 
-    def _zero_sums(self, hook: HookedProjection) -> _LayerSums:
+    def _zero_sums(self, hook: HookedProjection) -> LayerSums:
         f64 = torch.float64
-        return _LayerSums(
+        return LayerSums(
             torch.zeros(hook.d_out, hook.d_in, dtype=f64, device=self.device),
             torch.zeros(hook.d_in, hook.d_in, dtype=f64, device=self.device),
         )
@@ -194,12 +207,16 @@ class HookEditor:
             "edits": len(self._records),
             "batches": self._batches,
             "delta_norm_ratio": {
-                i: float(torch.linalg.matrix_norm(h.delta.double())) / self._w0_norm[i]
+                i: float(torch.linalg.vector_norm(h.delta.double())) / self._w0_norm[i]
                 for i, h in self.hooks.items()
             },
+            "shards": self._hook0().n_shards,
             "last_update_norm": {i: (v[-1] if v else None) for i, v in self.norm_history.items()},
-            "gate_keys": int(next(iter(self.hooks.values())).keys.shape[0]),
+            "gate_keys": int(self._hook0().keys.shape[0]),
         }
+
+    def _hook0(self) -> HookedProjection:
+        return self.hooks[self.settings.layers[0]]
 
     # --- apply -------------------------------------------------------------------
 
@@ -227,7 +244,7 @@ class HookEditor:
 
     def _snapshot(self) -> dict[str, Any]:
         return {
-            "sums": {i: s.clone() for i, s in self._sums.items()},
+            "sums": {i: [s.clone() for s in v] for i, v in self._sums.items()},
             "hooks": {i: _hook_buffers(h) for i, h in self.hooks.items()},
             "records": dict(self._records),
             "by_fact": dict(self._by_fact),
@@ -260,7 +277,17 @@ class HookEditor:
                     superseded[spec.edit_id] = [earlier, *self._records[earlier].aliases]
             stale = [ids[0] for ids in superseded.values()]  # the holders; aliases follow
             if stale:
-                self._retract_records(stale, recalibrate=False)
+                self._retract_records(stale)
+            enc, _ = encode_sites(
+                self.tokenizer,
+                [s.prompt for s in batch],
+                [s.target for s in batch],
+                [s.subject for s in batch],
+                list(range(len(batch))),
+                self.settings.key_position,
+                self.device,
+            )
+            shard = self._shard_for(int(enc.rows.shape[0]))
             result = optimise_targets(
                 self.model,
                 self.tokenizer,
@@ -270,18 +297,23 @@ class HookEditor:
                 self.settings.key_position,
                 self.settings.targets,
             )
-            keys, outputs = self._solve_layers(batch, result.values)
+            keys, outputs = self._solve_layers(enc, result.values, shard)
             site_edit = result.site_edit.tolist()
+            for i, h in self.hooks.items():
+                h.add_keys(keys[i].T.float(), shard)
+            if self.settings.check_recall:
+                self._check_recall(batch, enc, shard)
         except SolveError as exc:
             self._restore(snap)
             log.warning("hook_batch_refused", reason=str(exc), edits=[s.edit_id for s in batch])
             return self._refuse_all(batch, merged, f"the solve failed: {exc}")
         self._batches += 1
         for n, spec in enumerate(batch):
-            record = _Record(
+            record = Record(
                 spec=spec,
                 fact=fact_key(spec),
                 batch=self._batches,
+                shard=shard,
                 keys={i: keys[i][[e == n for e in site_edit]] for i in keys},
                 outputs={i: outputs[i][[e == n for e in site_edit]] for i in outputs},
                 aliases=list(merged.get(spec.edit_id, [])),
@@ -290,13 +322,11 @@ class HookEditor:
             self._by_fact[record.fact] = spec.edit_id
             for alias in record.aliases:
                 self._alias_of[alias] = spec.edit_id
-        for i, h in self.hooks.items():
-            h.add_keys(keys[i].T.float())
         self._key_owner.extend(batch[e].edit_id for e in site_edit)
-        self._calibrate()
         log.info(
             "hook_batch_applied",
             edits=len(batch),
+            shard=shard,
             target_steps=result.steps,
             converged=sum(result.converged),
             superseded=sorted(e for ids in superseded.values() for e in ids),
@@ -325,23 +355,26 @@ class HookEditor:
                 out[edit_id] = EditOutcome(edit_id, False, reason)
         return out
 
+    def _shard_for(self, n_sites: int) -> int:
+        """The shard a batch of ``n_sites`` key sites goes to (opening one when full)."""
+        hook = self._hook0()
+        last = hook.n_shards - 1
+        live = int((hook.key_shard == last).sum())
+        if live == 0 or live + n_sites <= self._shard_keys:
+            return last
+        for layer, h in self.hooks.items():
+            h.add_shard()
+            self._sums[layer].append(self._zero_sums(h))
+        log.info("hook_shard_opened", shard=last + 1, keys_in_previous=live)
+        return last + 1
+
     def _solve_layers(
-        self, batch: Sequence[EditSpec], values: torch.Tensor
+        self, enc: KeySites, values: torch.Tensor, shard: int
     ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-        """MEMIT's layer loop; returns per layer the batch's keys and target outputs."""
+        """MEMIT's layer loop on one shard; returns per layer the batch's keys and targets."""
         layers = self.settings.layers
-        kind = self.settings.key_position
-        enc, _ = encode_sites(
-            self.tokenizer,
-            [s.prompt for s in batch],
-            [s.target for s in batch],
-            [s.subject for s in batch],
-            list(range(len(batch))),
-            kind,
-            self.device,
-        )
         z = values.to(self.device, torch.float64)  # (sites, d_model)
-        before = {layer: self.hooks[layer].delta.double().clone() for layer in layers}
+        before = {layer: self.hooks[layer].delta[shard].double().clone() for layer in layers}
         keys: dict[int, torch.Tensor] = {}
         outputs: dict[int, torch.Tensor] = {}
         for _round in range(self.settings.solve_rounds):
@@ -351,24 +384,49 @@ class HookEditor:
                 missing = z - cap.residual.double()  # (sites, d_model)
                 share = hmath.spread_residual(missing, layer, len(layers) - pos)
                 hook = self.hooks[layer]
-                current = k @ hook.delta.double().T  # (sites, d_out): what the delta gives now
+                current = k @ hook.delta[shard].double().T  # (sites, d_out): the delta now
                 t = current + share
-                sums = self._sums[layer]
+                sums = self._sums[layer][shard]
                 if layer in keys:  # a later round replaces this batch's earlier terms
                     old_k, old_t = keys[layer], outputs[layer]
-                    sums = _LayerSums(
+                    sums = LayerSums(
                         sums.moment - old_t.T @ old_k, sums.key_outer - old_k.T @ old_k
                     )
-                new = _LayerSums(sums.moment + t.T @ k, sums.key_outer + k.T @ k)
+                new = LayerSums(sums.moment + t.T @ k, sums.key_outer + k.T @ k)
                 solution = hmath.solve_from_sums(
                     new.moment, new.key_outer, self._cov[layer], self.settings.cov_weight
                 )
-                self._sums[layer] = new
-                hook.set_delta(solution.delta)
+                self._sums[layer][shard] = new
+                hook.set_delta(solution.delta, shard)
                 keys[layer], outputs[layer] = k, t
         for layer in layers:
-            self._guard(layer, self.hooks[layer].delta.double() - before[layer])
+            self._guard(layer, self.hooks[layer].delta[shard].double() - before[layer])
         return keys, outputs
+
+    @torch.no_grad()
+    def _check_recall(self, batch: Sequence[EditSpec], enc: KeySites, shard: int) -> None:
+        """Raise SolveError unless the gate routes every key site of the batch to ``shard``."""
+        self.model(
+            input_ids=enc.input_ids,
+            attention_mask=enc.attention_mask,
+            position_ids=position_ids(enc.attention_mask),
+            use_cache=False,
+        )
+        for layer, hook in self.hooks.items():
+            route = hook.last_route
+            got = (
+                route[enc.rows, enc.positions]
+                if route is not None
+                else torch.full_like(enc.rows, -1)
+            )
+            missed = sorted({batch[int(e)].edit_id for e in enc.owner[got != shard].tolist()})
+            if missed:
+                raise SolveError(
+                    f"layer {layer}: the scope gate does not route {len(missed)} edit(s) of "
+                    f"the batch to their shard {shard} (gate recall check): {missed[:5]}",
+                    layer=layer,
+                    edit_ids=missed,
+                )
 
     def _guard(self, layer: int, update_delta: torch.Tensor) -> None:
         """Refuse a batch whose update is an outlier against this layer's history."""
@@ -383,9 +441,6 @@ class HookEditor:
             )
         history.append(update)
 
-    def _calibrate(self) -> None:
-        calibrate_gates(self.model, self.hooks, self._calib_ids, self._calib_mask)
-
     # --- retraction --------------------------------------------------------------
 
     def retract(self, edit_ids: Sequence[str]) -> None:
@@ -397,15 +452,16 @@ class HookEditor:
             )
         # A merged duplicate shares its fact's key: retracting either retracts the fact.
         holders = list(dict.fromkeys(self._alias_of.get(e, e) for e in edit_ids))
-        self._retract_records(holders, recalibrate=True)
+        self._retract_records(holders)
 
-    def _retract_records(self, holder_ids: Sequence[str], *, recalibrate: bool) -> None:
+    def _retract_records(self, holder_ids: Sequence[str]) -> None:
         gone = set(holder_ids)
         rows = [n for n, edit_id in enumerate(self._key_owner) if edit_id in gone]
+        shards = sorted({self._records[e].shard for e in holder_ids})
         for layer, hook in self.hooks.items():
-            sums = self._sums[layer]
             for edit_id in holder_ids:
                 record = self._records[edit_id]
+                sums = self._sums[layer][record.shard]
                 k, t = record.keys[layer], record.outputs[layer]  # (sites, d_in/d_out)
                 sums.moment -= t.T @ k
                 sums.key_outer -= k.T @ k
@@ -416,22 +472,28 @@ class HookEditor:
             self._by_fact.pop(record.fact, None)
             for alias in record.aliases:
                 self._alias_of.pop(alias, None)
-        self._resolve_all()
-        if recalibrate:
-            self._calibrate()
+        self._resolve(shards)
         log.info("hook_edits_retracted", edits=sorted(gone), remaining=len(self._records))
 
-    def _resolve_all(self) -> None:
-        for layer, hook in self.hooks.items():
-            if not self._records:
-                self._sums[layer] = self._zero_sums(hook)
+    def _resolve(self, shards: Sequence[int]) -> None:
+        """Solve ``shards`` again from their sums (an emptied shard is zeroed exactly)."""
+        if not self._records:
+            for layer, hook in self.hooks.items():
+                self._sums[layer] = [self._zero_sums(hook)]
                 hook.reset()
-                continue
-            sums = self._sums[layer]
-            solution = hmath.solve_from_sums(
-                sums.moment, sums.key_outer, self._cov[layer], self.settings.cov_weight
-            )
-            hook.set_delta(solution.delta)
+            return
+        live = {r.shard for r in self._records.values()}
+        for layer, hook in self.hooks.items():
+            for shard in shards:
+                if shard not in live:
+                    self._sums[layer][shard] = self._zero_sums(hook)
+                    hook.set_delta(torch.zeros(hook.d_out, hook.d_in), shard)
+                    continue
+                sums = self._sums[layer][shard]
+                solution = hmath.solve_from_sums(
+                    sums.moment, sums.key_outer, self._cov[layer], self.settings.cov_weight
+                )
+                hook.set_delta(solution.delta, shard)
 
     # --- state -------------------------------------------------------------------
 
@@ -447,39 +509,16 @@ class HookEditor:
             "covariance_sha": {str(i): _tensor_sha(c) for i, c in self._cov.items()},
             "batches": self._batches,
             "norm_history": {str(i): v for i, v in self.norm_history.items()},
-            "records": [
-                {
-                    "spec": {**asdict(r.spec), "rephrases": list(r.spec.rephrases)},
-                    "fact": r.fact,
-                    "batch": r.batch,
-                    "sites": int(r.keys[self.settings.layers[0]].shape[0]),
-                    "aliases": list(r.aliases),
-                }
-                for r in self._records.values()
-            ],
+            "records": records_manifest(self._records),
         }
 
     def _tensors(self) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
-        for layer, hook in self.hooks.items():
-            for name, value in _hook_buffers(hook).items():
-                out[f"hook.{layer}.{name}"] = value.cpu().contiguous()
-            sums = self._sums[layer]
-            out[f"sums.{layer}.moment"] = sums.moment.cpu().contiguous()
-            out[f"sums.{layer}.key_outer"] = sums.key_outer.cpu().contiguous()
-            recs = list(self._records.values())
-            hook_in, hook_out = hook.d_in, hook.d_out
-            out[f"records.{layer}.keys"] = (
-                torch.cat([r.keys[layer] for r in recs]).cpu()
-                if recs
-                else torch.zeros(0, hook_in, dtype=torch.float64)
-            )
-            out[f"records.{layer}.outputs"] = (
-                torch.cat([r.outputs[layer] for r in recs]).cpu()
-                if recs
-                else torch.zeros(0, hook_out, dtype=torch.float64)
-            )
-        return out
+        return pack_tensors(
+            {i: _hook_buffers(h) for i, h in self.hooks.items()},
+            self._sums,
+            self._records,
+            {i: (h.d_in, h.d_out) for i, h in self.hooks.items()},
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {"version": STATE_VERSION, "manifest": self._manifest(), "tensors": self._tensors()}
@@ -510,47 +549,19 @@ class HookEditor:
                 "(a different model, text source or token budget)"
             )
         try:
-            records: dict[str, _Record] = {}
-            specs = manifest["records"]
-            start = 0
-            for entry in specs:
-                rows = slice(start, start + int(entry["sites"]))
-                start = rows.stop
-                spec_data = dict(entry["spec"])
-                spec_data["rephrases"] = tuple(spec_data.get("rephrases", ()))
-                spec = EditSpec(**spec_data)
-                records[spec.edit_id] = _Record(
-                    spec=spec,
-                    fact=str(entry["fact"]),
-                    batch=int(entry["batch"]),
-                    keys={
-                        i: tensors[f"records.{i}.keys"][rows].to(self.device) for i in self.hooks
-                    },
-                    outputs={
-                        i: tensors[f"records.{i}.outputs"][rows].to(self.device) for i in self.hooks
-                    },
-                    aliases=[str(a) for a in entry.get("aliases", [])],
-                )
+            records = unpack_records(manifest["records"], tensors, list(self.hooks), self.device)
+            sums = {i: unpack_sums(tensors, i, self.device) for i in self.hooks}
             for layer, hook in self.hooks.items():
-                prefix = f"hook.{layer}."
-                hook_state = {
-                    k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)
-                }
-                hook.load_state_dict(hook_state, strict=False)
-                self._sums[layer] = _LayerSums(
-                    tensors[f"sums.{layer}.moment"].to(self.device, torch.float64),
-                    tensors[f"sums.{layer}.key_outer"].to(self.device, torch.float64),
-                )
+                hook.load_state_dict(hook_state(tensors, layer), strict=False)
+                if hook.n_shards != len(sums[layer]):
+                    raise ValueError(f"layer {layer}: shard counts of sums and deltas differ")
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise EditorStateError(f"hook editor state is malformed: {exc}") from exc
+        self._sums = sums
         self._records = records
         self._by_fact = {r.fact: e for e, r in records.items()}
         self._alias_of = {a: e for e, r in records.items() for a in r.aliases}
-        self._key_owner = [
-            e
-            for e, r in records.items()
-            for _ in range(int(r.keys[self.settings.layers[0]].shape[0]))
-        ]
+        self._key_owner = [e for e, r in records.items() for _ in range(r.sites)]
         self._batches = int(manifest.get("batches", 0))
         history = manifest.get("norm_history", {})
         self.norm_history = {i: [float(x) for x in history.get(str(i), [])] for i in self.hooks}

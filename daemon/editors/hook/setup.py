@@ -97,6 +97,8 @@ def settings_from_config(
         ),
         gate_threshold=cfg.gate_threshold,
         gate_floor=cfg.gate_floor,
+        gate_cos_floor=cfg.gate_cos_floor,
+        shard_keys=cfg.shard_keys,
         max_update_norm_zscore=cfg.max_update_norm_zscore,
         max_target_tokens=cfg.max_target_tokens,
     )

@@ -237,3 +237,52 @@ def test_key_sites_cover_each_target_token_or_the_subject(loaded: LoadedModel) -
         token = int(subject_sites.input_ids[r, subject_sites.positions[r]])
         piece = str(tok.decode([token])).strip()
         assert piece and "Velmora".endswith(piece)
+
+
+def _gate_fires_at_prompt_end(editor: HookEditor, loaded: LoadedModel, prompts: list[str]) -> bool:
+    """Whether every hook routes the last token of every prompt to some shard."""
+    enc = loaded.tokenizer(prompts, return_tensors="pt", padding=True)  # left padded
+    with torch.no_grad():
+        loaded.model(**enc)
+    for hook in editor.hooks.values():
+        route = hook.last_route
+        if route is None or not bool((route[:, -1] >= 0).all()):
+            return False
+    return True
+
+
+def test_the_gate_still_fires_on_early_edits_after_many_later_ones(
+    editor: HookEditor, loaded: LoadedModel, micro_world: Path
+) -> None:
+    """Per-key gate references: later keys never raise the bar for earlier edits.
+
+    (A reference pooled over all stored keys rose with every batch: after 100 micro
+    edits the first edits' own prompts no longer passed the gate.)
+    """
+    stream = counterfactual_edits(micro_world, loaded.model, loaded.tokenizer, 100, seed=11)
+    early = stream[:10]
+    assert all(o.accepted for o in editor.apply(_specs(early)))
+    assert _gate_fires_at_prompt_end(editor, loaded, [e["prompt"] for e in early])
+    for start in range(10, len(stream), 10):
+        outcomes = editor.apply(_specs(stream[start : start + 10]))
+        assert all(o.accepted for o in outcomes), [o.reason for o in outcomes]
+    assert len(editor.applied_ids()) == len(stream)
+    assert _gate_fires_at_prompt_end(editor, loaded, [e["prompt"] for e in early])
+    got = _answers(loaded, [e["prompt"] for e in early])
+    hits = [continuation_matches(g, e["target"]) for g, e in zip(got, early, strict=True)]
+    assert sum(hits) >= len(early) - 1, list(zip(got, [e["target"] for e in early], strict=True))
+
+
+def test_a_batch_whose_gate_misses_its_own_prompts_is_refused(
+    editor: HookEditor, loaded: LoadedModel, edits: list[dict[str, Any]]
+) -> None:
+    """The recall check: every applied edit's key sites must pass the gate, else refuse."""
+    prompts = [e["prompt"] for e in edits]
+    before = _logits(loaded, prompts)
+    for hook in editor.hooks.values():
+        hook.cos_floor.fill_(1.5)  # no cosine reaches it: the gate can never fire
+    outcomes = editor.apply(_specs(edits[:2]))
+    assert not any(o.accepted for o in outcomes)
+    assert all("recall" in (o.reason or "") for o in outcomes)
+    assert editor.applied_ids() == []
+    assert torch.equal(_logits(loaded, prompts), before)

@@ -16,6 +16,7 @@ from daemon.editors.hook.layer import (
     HookedProjection,
     calibrate_gates,
     install_hooks,
+    key_reference,
     remove_hooks,
 )
 from daemon.model import arch
@@ -156,13 +157,21 @@ def test_install_remove_restores_modules(llama: LoadedModel, gpt2: GPT2LMHeadMod
 def test_state_dict_round_trip() -> None:
     hook = HookedProjection(nn.Linear(6, 4))
     hook.set_delta(torch.randn(4, 6))
+    hook.add_shard()
+    hook.set_delta(torch.randn(4, 6), shard=1)
     hook.add_keys(torch.randn(6, 3))
-    hook.ref_count.fill_(10.0)
+    hook.set_calibration(torch.randn(20, 6))
+    hook.add_keys(torch.randn(6, 2), shard=1)
     fresh = HookedProjection(nn.Linear(6, 4))
     fresh.load_state_dict(hook.state_dict())
     for name, value in hook.state_dict().items():
         assert torch.equal(fresh.state_dict()[name], value), name
-    assert fresh._has_delta
+    assert fresh._has_delta and fresh.n_shards == 2
+    assert fresh.key_shard.tolist() == [0, 0, 0, 1, 1]
+    x = torch.randn(2, 5, 6)
+    x[0, 1] = hook.keys[4]
+    assert torch.equal(fresh(x), hook(x))
+    assert hook.last_route is not None and int(hook.last_route[0, 1]) == 1
 
 
 def _last_keys(lm: LoadedModel, hooks: dict[int, HookedProjection], text: str) -> None:
@@ -232,3 +241,44 @@ def test_generation_agrees_with_and_without_cache(llama: LoadedModel, prompts: l
         assert not torch.equal(cached, base)  # the gated edit did change the answer
     finally:
         remove_hooks(model, hooks)
+
+
+def test_key_reference_matches_a_naive_float64_loop() -> None:
+    """Per-key mean/std of centred cosines, computed key by key in float64."""
+    g = torch.Generator().manual_seed(5)
+    tokens, keys, center = (
+        torch.randn(30, 6, generator=g),
+        torch.randn(4, 6, generator=g),
+        torch.randn(6, generator=g),
+    )
+    mean, std = key_reference(tokens, keys, center)
+    for j in range(4):
+        cos = torch.stack(
+            [
+                torch.nn.functional.cosine_similarity(
+                    (t - center).double(), (keys[j] - center).double(), dim=0
+                )
+                for t in tokens
+            ]
+        )
+        torch.testing.assert_close(mean[j].double(), cos.mean(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(std[j].double(), cos.std(unbiased=False), rtol=1e-5, atol=1e-6)
+
+
+def test_adding_keys_never_moves_an_earlier_keys_gate() -> None:
+    """Each key's reference is its own: later keys leave the earlier references and gate alone."""
+    g = torch.Generator().manual_seed(7)
+    hook = HookedProjection(nn.Linear(16, 4))
+    hook.set_delta(torch.randn(4, 16, generator=g))
+    hook.set_calibration(torch.randn(200, 16, generator=g))
+    first = torch.randn(16, 1, generator=g)
+    hook.add_keys(first)
+    ref = (hook.key_mean.clone(), hook.key_std.clone())
+    x = first.T.unsqueeze(0)  # (1, 1, 16): the first key's own token
+    assert bool(hook.gate(x).all())
+    for _ in range(20):
+        hook.add_keys(torch.randn(16, 25, generator=g))
+    assert torch.equal(hook.key_mean[:1], ref[0]) and torch.equal(hook.key_std[:1], ref[1])
+    assert bool(hook.gate(x).all())
+    hook.remove_keys([0])
+    assert hook.keys.shape[0] == 500 and hook.key_mean.shape[0] == 500

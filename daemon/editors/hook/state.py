@@ -1,0 +1,146 @@
+"""The hook editor's per-edit records and per-shard sums, and their (de)serialisation.
+
+The persisted state (version ``STATE_VERSION``) is a JSON manifest plus flat tensors:
+
+- ``hook.{layer}.{buffer}``: each hook's buffers (sharded ``delta``, gate ``keys``
+  with ``key_shard``, ``key_mean``, ``key_std``, ``center``, thresholds);
+- ``sums.{layer}.moment`` ``(n_shards, d_out, d_in)`` and ``sums.{layer}.key_outer``
+  ``(n_shards, d_in, d_in)``: the running sums ``M`` and ``S`` of every shard;
+- ``records.{layer}.keys`` / ``records.{layer}.outputs``: the ``(k, t)`` rows of
+  every applied edit, in the manifest's record order (``sites`` rows each).
+
+Everything is stored as computed (float64 sums, fp32 hook buffers), so a round trip
+reproduces the logits bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from daemon.editors.base import EditSpec
+
+STATE_VERSION = 2
+"""2: sharded deltas and sums, per-key gate references (1: one delta, pooled reference)."""
+
+
+@dataclass
+class Record:
+    """One applied edit: its request, its shard and, per hook layer, its keys and targets."""
+
+    spec: EditSpec
+    fact: str
+    batch: int
+    shard: int
+    keys: dict[int, torch.Tensor]  # layer -> (sites, d_in) float64
+    outputs: dict[int, torch.Tensor]  # layer -> (sites, d_out) float64
+    aliases: list[str] = field(default_factory=list)  # merged duplicates of this edit
+
+    @property
+    def sites(self) -> int:
+        return int(next(iter(self.keys.values())).shape[0])
+
+
+@dataclass
+class LayerSums:
+    """One shard's running sums at one layer: ``M = sum t k^T`` and ``S = sum k k^T``."""
+
+    moment: torch.Tensor  # (d_out, d_in) float64
+    key_outer: torch.Tensor  # (d_in, d_in) float64
+
+    def clone(self) -> LayerSums:
+        return LayerSums(self.moment.clone(), self.key_outer.clone())
+
+
+def records_manifest(records: Mapping[str, Record]) -> list[dict[str, Any]]:
+    """The JSON part of the records (their tensors go to ``pack_tensors``)."""
+    return [
+        {
+            "spec": {**asdict(r.spec), "rephrases": list(r.spec.rephrases)},
+            "fact": r.fact,
+            "batch": r.batch,
+            "shard": r.shard,
+            "sites": r.sites,
+            "aliases": list(r.aliases),
+        }
+        for r in records.values()
+    ]
+
+
+def pack_tensors(
+    buffers: Mapping[int, Mapping[str, torch.Tensor]],
+    sums: Mapping[int, Sequence[LayerSums]],
+    records: Mapping[str, Record],
+    widths: Mapping[int, tuple[int, int]],
+) -> dict[str, torch.Tensor]:
+    """Flat CPU tensors of the hooks' ``buffers``, the shards' ``sums`` and the records.
+
+    ``widths`` gives ``(d_in, d_out)`` per layer (for empty record tensors).
+    """
+    out: dict[str, torch.Tensor] = {}
+    recs = list(records.values())
+    for layer, named in buffers.items():
+        for name, value in named.items():
+            out[f"hook.{layer}.{name}"] = value.detach().cpu().contiguous()
+        out[f"sums.{layer}.moment"] = torch.stack([s.moment for s in sums[layer]]).cpu()
+        out[f"sums.{layer}.key_outer"] = torch.stack([s.key_outer for s in sums[layer]]).cpu()
+        d_in, d_out = widths[layer]
+        f64 = torch.float64
+        out[f"records.{layer}.keys"] = (
+            torch.cat([r.keys[layer] for r in recs]).cpu()
+            if recs
+            else torch.zeros(0, d_in, dtype=f64)
+        )
+        out[f"records.{layer}.outputs"] = (
+            torch.cat([r.outputs[layer] for r in recs]).cpu()
+            if recs
+            else torch.zeros(0, d_out, dtype=f64)
+        )
+    return out
+
+
+def unpack_records(
+    entries: Sequence[Mapping[str, Any]],
+    tensors: Mapping[str, torch.Tensor],
+    layers: Sequence[int],
+    device: torch.device,
+) -> dict[str, Record]:
+    """Records from the manifest ``entries`` and the tensors (KeyError/TypeError on damage)."""
+    records: dict[str, Record] = {}
+    start = 0
+    for entry in entries:
+        rows = slice(start, start + int(entry["sites"]))
+        start = rows.stop
+        spec_data = dict(entry["spec"])
+        spec_data["rephrases"] = tuple(spec_data.get("rephrases", ()))
+        spec = EditSpec(**spec_data)
+        records[spec.edit_id] = Record(
+            spec=spec,
+            fact=str(entry["fact"]),
+            batch=int(entry["batch"]),
+            shard=int(entry["shard"]),
+            keys={i: tensors[f"records.{i}.keys"][rows].to(device) for i in layers},
+            outputs={i: tensors[f"records.{i}.outputs"][rows].to(device) for i in layers},
+            aliases=[str(a) for a in entry.get("aliases", [])],
+        )
+    return records
+
+
+def unpack_sums(
+    tensors: Mapping[str, torch.Tensor], layer: int, device: torch.device
+) -> list[LayerSums]:
+    """The per-shard sums of ``layer`` (KeyError when absent)."""
+    moments = tensors[f"sums.{layer}.moment"].to(device, torch.float64)
+    outers = tensors[f"sums.{layer}.key_outer"].to(device, torch.float64)
+    if moments.dim() != 3 or moments.shape[0] != outers.shape[0]:
+        raise ValueError(f"layer {layer}: sums of shape {tuple(moments.shape)} are not per shard")
+    return [LayerSums(m.clone(), s.clone()) for m, s in zip(moments, outers, strict=True)]
+
+
+def hook_state(tensors: Mapping[str, torch.Tensor], layer: int) -> dict[str, torch.Tensor]:
+    """The ``hook.{layer}.*`` tensors with the prefix removed."""
+    prefix = f"hook.{layer}."
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
