@@ -202,8 +202,8 @@ class DriftMonitor:
 
     def rollback(self, daemon: Daemon, evidence: DriftReport) -> dict[str, Any]:
         """Restore the last good state and isolate the damaging edits (see the module doc)."""
-        engine, queue, store = daemon._engine(), daemon._queue(), daemon._store()
-        manager = daemon._ck()
+        engine, queue, store = daemon.live_engine(), daemon.live_queue(), daemon.live_store()
+        manager = daemon.live_checkpoints()
         t0 = time.perf_counter()
         with engine.lock:
             found = manager.latest_valid()
@@ -216,7 +216,7 @@ class DriftMonitor:
                 return {"restored": None, "quarantined": 0, "culprits": []}
             engine.reset()
             if found is not None:
-                manager.restore(found[0], daemon._persistables())
+                manager.restore(found[0], daemon.persistables())
             why = "drift: " + "; ".join(evidence.reasons)
             for record in since:
                 queue.transition(record.id, EditStatus.QUARANTINED, reason=why)
@@ -242,7 +242,7 @@ class DriftMonitor:
                     queue.transition(record.id, EditStatus.APPLIED, reason="re-applied after drift")
             reconcile(engine, queue, store, verify=daemon.config.worker.verify)
             manager.create(
-                daemon._persistables(),
+                daemon.persistables(),
                 watermark=editlog.last_event_id(store),
                 reason="after drift rollback",
                 extra={"model": engine.loaded.name_or_path},

@@ -43,7 +43,7 @@ def _guarded(name: str, job: Callable[[], Any]) -> Callable[[], None]:
 
 def nightly_release(daemon: Daemon) -> int:
     """Release the nightly edits into the queue now; how many."""
-    return daemon._queue().release_schedule(Schedule.NIGHTLY)
+    return daemon.live_queue().release_schedule(Schedule.NIGHTLY)
 
 
 def interval_checkpoint(daemon: Daemon) -> str | None:
@@ -64,7 +64,7 @@ def start_scheduler(daemon: Daemon) -> BackgroundScheduler | None:
         timezone=cfg.scheduler.timezone,
         job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 60},
     )
-    queue = daemon._queue()
+    queue = daemon.live_queue()
     scheduler.add_job(
         _guarded("requeue_expired", queue.requeue_expired),
         "interval",

@@ -174,13 +174,18 @@ class Daemon:
 
     # --- restore, checkpoints ------------------------------------------------------------
 
-    def _persistables(self) -> dict[str, Persistable]:
-        engine = self._engine()
+    def persistables(self) -> dict[str, Persistable]:
+        engine = self.live_engine()
         return {b.value: e for b, e in engine.editors.items() if isinstance(e, Persistable)}
 
     def restore(self, checkpoint_id: str | None = None) -> RestoreReport:
         """Load a checkpoint (the newest valid one by default) and replay the store."""
-        store, queue, engine, manager = self._store(), self._queue(), self._engine(), self._ck()
+        store, queue, engine, manager = (
+            self.live_store(),
+            self.live_queue(),
+            self.live_engine(),
+            self.live_checkpoints(),
+        )
         t0 = time.perf_counter()
         with engine.lock:
             requeued = requeue_orphans(queue, store)
@@ -193,7 +198,7 @@ class Daemon:
             engine.reset()
             if found is not None:
                 try:
-                    count = manager.restore(found[0], self._persistables()).edit_count
+                    count = manager.restore(found[0], self.persistables()).edit_count
                     self.metrics.checkpoint_written(found[0].created_at)
                 except CheckpointError as exc:
                     if checkpoint_id is not None:
@@ -226,15 +231,15 @@ class Daemon:
     def checkpoint(self, reason: str) -> CheckpointRecord | None:
         """Write a checkpoint between batches. With drift validation on, the probes run
         first and a failing model is rolled back instead (a checkpoint is always good)."""
-        engine, store = self._engine(), self._store()
+        engine, store = self.live_engine(), self.live_store()
         with engine.lock:
             if self.drift is not None and reason != "shutdown":
-                report = self.drift.check(engine, self._queue(), store, self.metrics)
+                report = self.drift.check(engine, self.live_queue(), store, self.metrics)
                 if not report.passed:
                     self.drift.rollback(self, report)
                     return None
-            record = self._ck().create(
-                self._persistables(),
+            record = self.live_checkpoints().create(
+                self.persistables(),
                 watermark=editlog.last_event_id(store),
                 reason=reason,
                 extra={"model": engine.loaded.name_or_path},
@@ -285,10 +290,10 @@ class Daemon:
         """Score the probes now; roll back and isolate on failure. The run as JSON."""
         if self.drift is None:
             raise DriftDisabledError("drift validation is disabled ([drift] enabled = false)")
-        engine = self._engine()
+        engine = self.live_engine()
         with engine.lock:
             self._batches_since_drift = 0
-            report = self.drift.check(engine, self._queue(), self._store(), self.metrics)
+            report = self.drift.check(engine, self.live_queue(), self.live_store(), self.metrics)
             out = report.to_json_dict()
             if not report.passed:
                 out["rollback"] = self.drift.rollback(self, report)
@@ -297,18 +302,18 @@ class Daemon:
     # --- the facade ----------------------------------------------------------------------
 
     def submit(self, raws: Sequence[object]) -> list[EnqueueResult]:
-        return self._queue().submit_many(raws, limits=request_limits(self.config))
+        return self.live_queue().submit_many(raws, limits=request_limits(self.config))
 
     def get_edit(self, edit_id: str) -> EditRecord:
-        return self._queue().get(edit_id)
+        return self.live_queue().get(edit_id)
 
     def list_edits(
         self, status: EditStatus | None, limit: int, after: str | None
     ) -> list[EditRecord]:
-        return self._queue().list(status=status, limit=limit, after=after)
+        return self.live_queue().list(status=status, limit=limit, after=after)
 
     def retract(self, edit_id: str, reason: str) -> EditRecord:
-        queue, engine = self._queue(), self._engine()
+        queue, engine = self.live_queue(), self.live_engine()
         with engine.lock:  # between batches: the edit is not half-way through a batch
             record = queue.get(edit_id)
             if record.status is EditStatus.APPLIED and record.backend:
@@ -320,12 +325,12 @@ class Daemon:
         return updated
 
     def complete(self, request: CompletionRequest) -> list[CompletionChoice]:
-        choices = self._engine().complete(request)
+        choices = self.live_engine().complete(request)
         self.metrics.completions_served(len(choices))
         return choices
 
     def status(self) -> dict[str, Any]:
-        store, queue, engine = self._store(), self._queue(), self._engine()
+        store, queue, engine = self.live_store(), self.live_queue(), self.live_engine()
         counts = queue.counts()
         with store.read() as db:
             rows = db.execute(
@@ -357,7 +362,7 @@ class Daemon:
                     "GROUP BY status, backend"
                 ).fetchall()
             self.metrics.set_edit_counts({(s, b): int(n) for s, b, n in rows})
-            self.metrics.set_queue_depth(self._queue().depth())
+            self.metrics.set_queue_depth(self.live_queue().depth())
         return self.metrics.exposition()
 
     def restore_checkpoint(self, checkpoint_id: str) -> dict[str, Any]:
@@ -370,24 +375,24 @@ class Daemon:
             raise EditdError("drift validation failed: the model was rolled back, no checkpoint")
         return record.to_json_dict()
 
-    # --- internals -----------------------------------------------------------------------
+    # --- live parts (raise DaemonNotReadyError before start) --------------------------------
 
-    def _store(self) -> Store:
+    def live_store(self) -> Store:
         if self.store is None:
             raise DaemonNotReadyError("the daemon is not ready yet (starting or stopping)")
         return self.store
 
-    def _queue(self) -> EditQueue:
+    def live_queue(self) -> EditQueue:
         if self.queue is None:
             raise DaemonNotReadyError("the daemon is not ready yet (starting or stopping)")
         return self.queue
 
-    def _engine(self) -> Engine:
+    def live_engine(self) -> Engine:
         if self.engine is None:
             raise DaemonNotReadyError("the daemon is not ready yet (starting or stopping)")
         return self.engine
 
-    def _ck(self) -> CheckpointManager:
+    def live_checkpoints(self) -> CheckpointManager:
         if self.checkpoints is None:
             raise DaemonNotReadyError("the daemon is not ready yet (starting or stopping)")
         return self.checkpoints
