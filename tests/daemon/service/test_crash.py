@@ -76,15 +76,20 @@ def _applied_events(store: Path) -> dict[str, int]:
     return {str(e): int(n) for e, n in rows}
 
 
-@pytest.mark.slow
+@pytest.mark.parametrize(
+    "n_edits",
+    [pytest.param(40, id="40-edits"), pytest.param(200, id="200-edits", marks=pytest.mark.slow)],
+)
 def test_kill_9_at_random_moments_loses_and_doubles_nothing(
+    n_edits: int,
     micro_world: Path,
     world_edits: list[dict[str, Any]],
     tmp_path: Path,
     daemon_factory: list[DaemonProcess],
 ) -> None:
     rng = random.Random(7)
-    edits = [dict(e) for e in world_edits]
+    edits = [dict(e) for e in world_edits[:n_edits]]
+    per_run = max(4, n_edits // 8)
     for e in edits[::3]:
         e["backend"] = "melo"
     config = write_config(tmp_path / "crashed", micro_world, **SETTINGS)
@@ -95,10 +100,10 @@ def test_kill_9_at_random_moments_loses_and_doubles_nothing(
         daemon_factory.append(daemon)
         daemon.start()
         # resubmitting what may already be stored is idempotent by id
-        upto = min(len(edits), sent + rng.randint(10, 40))
+        upto = min(len(edits), sent + rng.randint(per_run // 2, per_run * 2))
         daemon.submit(edits[max(0, sent - 5) : upto])
         sent = upto
-        time.sleep(rng.uniform(0.2, 2.5))
+        time.sleep(rng.uniform(0.2, 2.5 if n_edits > 100 else 1.2))
         daemon.kill()
         assert time.monotonic() - started < TIME_BOUND_S, f"too slow after {kill + 1} kills"
     final = DaemonProcess(config)

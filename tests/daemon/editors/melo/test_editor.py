@@ -195,7 +195,7 @@ def test_conflicting_and_invalid_edits_are_refused_with_reasons(
     again = editor.apply([spec(b, edit_id="again", target=a["target"])])[0]
     assert not again.accepted and b["id"] in (again.reason or "")
     assert not editor.apply([spec(b)])[0].accepted  # the same id twice
-    long_target = " " + " ".join([b["target"].strip()] * 12)
+    long_target = " " + " ".join([b["target"].strip()] * 40)  # well past 16 tokens
     too_long = editor.apply([spec(a, edit_id="long", target=long_target)])[0]
     assert not too_long.accepted and "max_target_tokens" in (too_long.reason or "")
     assert editor.applied_ids() == [b["id"]]
