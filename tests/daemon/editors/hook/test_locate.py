@@ -283,7 +283,7 @@ def test_key_position_follows_mlp_then_residual_evidence() -> None:
         {"subject_last": [0, 0.5, 0, 0], "prompt_last": [0, 0, 0, 0.4]},
         {"subject_last": zero, "prompt_last": [1, 1, 1, 1]},
     )
-    assert choose(ev) == ("subject_last", (1,))
+    assert choose(ev) == ("subject_last", (1, 2))
     tie = _evidence(
         {"subject_last": zero, "prompt_last": zero},
         {"subject_last": zero, "prompt_last": [0, 0, 0, 1]},
@@ -292,7 +292,7 @@ def test_key_position_follows_mlp_then_residual_evidence() -> None:
     nothing = _evidence(
         {"subject_last": zero, "prompt_last": zero}, {"subject_last": zero, "prompt_last": zero}
     )
-    assert choose(nothing) == ("subject_last", (3,))  # all tied: the deepest window
+    assert choose(nothing) == ("subject_last", (2, 3))  # all tied: the deepest window
 
 
 def test_window_is_contiguous_highest_sum_and_deeper_on_ties() -> None:
@@ -301,12 +301,19 @@ def test_window_is_contiguous_highest_sum_and_deeper_on_ties() -> None:
         {k: [0.0] * 4 for k in KINDS},
     )
     assert best_window(ev, "subject_last", 2) == (1, 2)
-    assert best_window(ev, "subject_last", 3) == (1, 2, 3)  # ties 0.7 = 0.7: deeper
+    assert best_window(ev, "subject_last", 3) == (1, 2, 3)
     assert best_window(ev, "prompt_last", 1) == (3,)
-    assert best_window(ev, "prompt_last", 9) == (0, 1, 2, 3)
+    assert best_window(ev, "prompt_last", 9) == (0, 1, 2, 3)  # a window of all layers
+    # layer 0 is never a candidate from 4 layers, whatever its evidence
+    early = _evidence(
+        {"subject_last": [0.9, 0.0, 0.0, 0.0], "prompt_last": [0.9, 0.1, 0.0, 0.0]},
+        {k: [0.0] * 4 for k in KINDS},
+    )
+    assert best_window(early, "prompt_last", 2) == (1, 2)
+    assert best_window(early, "prompt_last", 1) == (1,)
     with pytest.raises(ValueError, match="window"):
         best_window(ev, "prompt_last", 0)
-    assert [default_window(n) for n in (1, 2, 4, 6, 12, 28, 48)] == [1, 1, 1, 2, 3, 7, 12]
+    assert [default_window(n) for n in (1, 2, 3, 4, 6, 12, 28, 48)] == [1, 1, 1, 2, 2, 3, 7, 12]
 
 
 def test_result_round_trips_through_json(result: LocateResult) -> None:
