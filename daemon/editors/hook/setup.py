@@ -122,6 +122,38 @@ def choose_layout(
     return layers, kind
 
 
+LOCATE_PAIRS = 64
+"""Prompt pairs traced when the editor runs locate itself (as ``editd locate`` does)."""
+
+
+def _located_layout(loaded: LoadedModel, config: Config) -> tuple[Sequence[int], KeyKind] | None:
+    """The cached locate result for this model; for a fact world with none cached,
+    locate now (about a second on the small world) and cache it. A model without
+    facts to trace and no cached result gets None (the defaults, with a warning
+    naming ``editd locate --facts``)."""
+    from daemon.editors.hook.locate import (
+        cached_locate,
+        latest_locate,
+        locate_cache_dir,
+        world_trace_facts,
+    )
+
+    cache = locate_cache_dir(config)
+    found = latest_locate(cache, loaded)
+    if found is None and (Path(loaded.name_or_path) / "world.json").is_file():
+        from daemon.world.build import load_world
+
+        facts = world_trace_facts(load_world(loaded.name_or_path), limit=4 * LOCATE_PAIRS)
+        found = cached_locate(cache, loaded, facts, max_pairs=LOCATE_PAIRS)
+    if found is None:
+        log.warning(
+            "hook_layout_defaults",
+            reason="no locate result for this model: run `editd locate --facts FILE`",
+        )
+        return None
+    return found.layout()
+
+
 def build_hook_editor(
     loaded: LoadedModel,
     config: Config,
@@ -133,10 +165,7 @@ def build_hook_editor(
     """A hook editor for ``loaded`` as ``config`` describes it (statistics cached)."""
     cfg = config.editors.hook
     if located is None and (not cfg.layers or cfg.key_position == "auto"):
-        from daemon.editors.hook.locate import latest_locate, locate_cache_dir
-
-        found = latest_locate(locate_cache_dir(config), loaded)
-        located = found.layout() if found is not None else None
+        located = _located_layout(loaded, config)
     layers, kind = choose_layout(loaded, cfg, located)
     texts = read_text_source(cfg.covariance_source, loaded.name_or_path)
     cache = stats_dir or config.store.path.parent / "stats"
