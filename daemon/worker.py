@@ -153,7 +153,8 @@ class Worker:
         records = self.queue.claim(cfg.batch_size, cfg.lease_s, self.name)
         if not records:
             return None
-        report = self.process(records)
+        with self.engine.lock:  # completions see the model before or after the batch
+            report = self.process(records)
         self.last_progress = time.monotonic()
         self.hooks.after_batch(report)
         return report
