@@ -60,6 +60,7 @@ import torch
 import transformers
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from bench.routing_quality import hook_gate_stats, melo_route_stats, position_ids, probe_groups
 from daemon.config import Config, load_config
 from daemon.drift.probes import left_padded, null_routing, probes_from_world
 from daemon.editors.base import EditSpec
@@ -74,7 +75,6 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 GREEDY_BATCH = 32  # Engine.greedy's chunk size
 FORWARD_BATCH = 32
-GATE_BATCH = 64
 EDIT_PROMPTS = 100
 TARGET_OVERHEAD = 0.10
 HOOK_LAYERS = (2, 3)
@@ -173,6 +173,64 @@ def generate(
 
 
 @torch.no_grad()
+def generate_fixed_steps(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    routing: Routing,
+    steps: int,
+) -> float:
+    """Seconds of greedy generation of exactly ``steps`` tokens per prompt (eos ignored).
+
+    Edited prompts give longer answers than the base model's, so plain greedy
+    generation (stopping at eos) also runs more decode steps; this measures the
+    per-step cost alone: base and edited run the same number of forwards.
+    """
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    t0 = time.perf_counter()
+    for start in range(0, len(prompts), GREEDY_BATCH):
+        chunk = list(prompts[start : start + GREEDY_BATCH])
+        ids, mask = left_padded(tokenizer, chunk)
+        with routing(chunk):
+            cast(Any, model).generate(
+                input_ids=ids,
+                attention_mask=mask,
+                do_sample=False,
+                num_beams=1,
+                max_new_tokens=steps,
+                min_new_tokens=steps,
+                pad_token_id=pad,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+    return time.perf_counter() - t0
+
+
+def time_fixed_steps(
+    base: LoadedModel,
+    edited: LoadedModel,
+    routing: Routing,
+    prompts: Sequence[str],
+    rounds: int,
+    steps: int,
+) -> dict[str, Any]:
+    """Interleaved fixed-step generation rounds (order alternates)."""
+    runs = {
+        "base": lambda: generate_fixed_steps(
+            base.model, base.tokenizer, prompts, null_routing, steps
+        ),
+        "edited": lambda: generate_fixed_steps(
+            edited.model, edited.tokenizer, prompts, routing, steps
+        ),
+    }
+    runs["base"](), runs["edited"]()  # warm-up
+    times: dict[str, list[float]] = {"base": [], "edited": []}
+    for r in range(rounds):
+        for name in ("base", "edited") if r % 2 == 0 else ("edited", "base"):
+            times[name].append(runs[name]())
+    return summarise(times["base"], times["edited"])
+
+
+@torch.no_grad()
 def forward(
     model: PreTrainedModel,
     batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
@@ -188,11 +246,6 @@ def forward(
             input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False
         )
     return time.perf_counter() - t0, t1 - t0
-
-
-def position_ids(mask: torch.Tensor) -> torch.Tensor:
-    """``generate``'s position ids: running count of real tokens minus one (pads: 1)."""
-    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
 
 
 def summarise(base: Sequence[float], edited: Sequence[float]) -> dict[str, Any]:
@@ -285,124 +338,6 @@ def sanity(
 # --- routing quality ----------------------------------------------------------------------
 
 
-def probe_groups(records: Sequence[dict[str, Any]], probes: Sequence[str]) -> dict[str, Any]:
-    """Prompts by group, each with the index of its edit (-1: none), for routing checks."""
-    groups: dict[str, tuple[list[str], list[int]]] = {
-        k: ([], []) for k in ("edit", "rephrase", "heldout", "locality", "probe")
-    }
-    edit_prompts = {r["prompt"] for r in records}
-
-    def add(group: str, prompt: str, owner: int) -> None:
-        groups[group][0].append(prompt)
-        groups[group][1].append(owner)
-
-    for i, r in enumerate(records):
-        add("edit", r["prompt"], i)
-        for p in r.get("rephrases", []):
-            add("rephrase", p, i)
-        for p in r.get("heldout_rephrases", []):
-            add("heldout", p, i)
-        for item in r.get("locality", []):
-            if item["prompt"] not in edit_prompts:
-                add("locality", item["prompt"], -1)
-    for p in probes:
-        if p not in edit_prompts:
-            add("probe", p, -1)
-    return groups
-
-
-@torch.no_grad()
-def hook_routes(
-    loaded: LoadedModel, hooks: dict[int, Any], prompts: Sequence[str]
-) -> tuple[dict[int, list[int]], dict[int, list[bool]]]:
-    """Per layer: the shard at each prompt's key site (-1: closed), and whether any token fired."""
-    site: dict[int, list[int]] = {i: [] for i in hooks}
-    anywhere: dict[int, list[bool]] = {i: [] for i in hooks}
-    for start in range(0, len(prompts), GATE_BATCH):
-        chunk = list(prompts[start : start + GATE_BATCH])
-        ids, mask = left_padded(loaded.tokenizer, chunk)
-        cast(Any, loaded.model)(
-            input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False
-        )
-        for i, hook in hooks.items():
-            route = hook.last_route
-            if route is None:  # no delta applied: the gate never opens
-                route = torch.full(ids.shape, -1, dtype=torch.long)
-            site[i].extend(route[:, -1].tolist())  # left padding: the last prompt token
-            fired = (route >= 0) & mask.bool()
-            anywhere[i].extend(fired.any(dim=1).tolist())
-    return site, anywhere
-
-
-def _rate(flags: Sequence[bool]) -> float:
-    return round(sum(flags) / len(flags), 4) if flags else float("nan")
-
-
-def hook_gate_stats(loaded: LoadedModel, editor: Any, groups: dict[str, Any]) -> dict[str, Any]:
-    """Gate firing rates per group, per hook layer and in any layer (see the module doc)."""
-    hooks: dict[int, Any] = editor.hooks
-    own: dict[int, list[int]] = {}
-    out: dict[str, Any] = {}
-    for name in ("edit", "rephrase", "heldout", "locality", "probe"):
-        prompts, owners = groups[name]
-        site, anywhere = hook_routes(loaded, hooks, prompts)
-        if name == "edit":
-            own = site  # the shard the edit's own prompt routes to, per layer
-        row: dict[str, Any] = {"n": len(prompts)}
-        for i in hooks:
-            row[f"site_fires_L{i}"] = _rate([s >= 0 for s in site[i]])
-            if name in ("locality", "probe"):
-                row[f"any_token_fires_L{i}"] = _rate(anywhere[i])
-        row["site_fires_any_layer"] = _rate(
-            [any(site[i][k] >= 0 for i in hooks) for k in range(len(prompts))]
-        )
-        if name in ("locality", "probe"):
-            row["any_token_fires_any_layer"] = _rate(
-                [any(anywhere[i][k] for i in hooks) for k in range(len(prompts))]
-            )
-        else:
-            row["site_own_shard_all_layers"] = _rate(
-                [
-                    all(site[i][k] >= 0 and site[i][k] == own[i][o] for i in hooks)
-                    for k, o in enumerate(owners)
-                ]
-            )
-        out[name] = row
-    out["false_negative_rephrase"] = round(1.0 - out["rephrase"]["site_fires_any_layer"], 4)
-    out["false_negative_heldout"] = round(1.0 - out["heldout"]["site_fires_any_layer"], 4)
-    out["false_positive_locality"] = out["locality"]["site_fires_any_layer"]
-    out["false_positive_locality_any_token"] = out["locality"]["any_token_fires_any_layer"]
-    out["false_positive_probe"] = out["probe"]["site_fires_any_layer"]
-    return out
-
-
-def melo_route_stats(editor: Any, groups: dict[str, Any]) -> dict[str, Any]:
-    """How MELO's index routes each group: to any block, and to the edit's own block."""
-    own: list[int | None] = []
-    out: dict[str, Any] = {}
-    for name in ("edit", "rephrase", "heldout", "locality", "probe"):
-        prompts, owners = groups[name]
-        blocks: list[int | None] = []
-        for start in range(0, len(prompts), GATE_BATCH):
-            blocks.extend(editor.route_blocks(prompts[start : start + GATE_BATCH]))
-        if name == "edit":
-            own = blocks
-        row: dict[str, Any] = {"n": len(prompts), "routed": _rate([b is not None for b in blocks])}
-        if name not in ("locality", "probe"):
-            row["routed_own_block"] = _rate(
-                [b is not None and b == own[o] for b, o in zip(blocks, owners, strict=True)]
-            )
-        out[name] = row
-    out["false_negative_rephrase"] = round(1.0 - out["rephrase"]["routed"], 4)
-    out["false_negative_heldout"] = round(1.0 - out["heldout"]["routed"], 4)
-    out["false_positive_locality"] = out["locality"]["routed"]
-    out["false_positive_probe"] = out["probe"]["routed"]
-    return out
-
-
-# --- one editor ---------------------------------------------------------------------------
-
-
 def editor_facts(name: str, editor: Any) -> dict[str, Any]:
     if name == "hook":
         health = editor.health()
@@ -442,6 +377,9 @@ def run_editor(
     gen, base_out, edited_out = time_generation(
         base, edited, editor.routing, prompts, args.rounds, args.max_new_tokens
     )
+    fixed = time_fixed_steps(
+        base, edited, editor.routing, prompts, args.rounds, args.max_new_tokens
+    )
     fwd = time_forward(base, edited, editor.routing, prompts, args.forward_reps)
     targets = {r["prompt"]: r["target"] for r in records}
     checks = sanity(groups, targets, base_out, edited_out)
@@ -463,6 +401,7 @@ def run_editor(
         "prompts": {k: len(v) for k, v in groups.items()},
         "max_new_tokens": args.max_new_tokens,
         "generation": gen,
+        "generation_fixed_steps": fixed,
         "forward": fwd,
         "target_overhead": TARGET_OVERHEAD,
         "meets_target": gen["overhead"] <= TARGET_OVERHEAD,
@@ -476,18 +415,19 @@ def run_editor(
 
 def print_table(results: Sequence[dict[str, Any]]) -> None:
     print(
-        f"\n{'editor':<6} {'edits':>5} {'what':<18} {'base s':>8} {'edited s':>9} "
+        f"\n{'editor':<6} {'edits':>5} {'what':<24} {'base s':>8} {'edited s':>9} "
         f"{'overhead':>9} {'paired':>8} {'<=10%':>6}"
     )
     for r in results:
         accepted = r["accepted"]
         for what, s in (
             ("greedy generation", r["generation"]),
+            ("generation, fixed steps", r["generation_fixed_steps"]),
             ("forward, batch 32", r["forward"]),
         ):
             ok = "yes" if s["overhead"] <= TARGET_OVERHEAD else "NO"
             print(
-                f"{r['editor']:<6} {accepted:>5} {what:<18} {s['median_base_s']:>8.4f} "
+                f"{r['editor']:<6} {accepted:>5} {what:<24} {s['median_base_s']:>8.4f} "
                 f"{s['median_edited_s']:>9.4f} {s['overhead']:>+9.1%} "
                 f"{s['paired_overhead_median']:>+8.1%} {ok:>6}"
             )

@@ -19,10 +19,12 @@ Applying a batch (``apply``):
    dropped and the rest re-inserted into a fresh copy; if an applied edit would
    break, the whole group is refused. Only a verified index replaces the live one.
 
-Serving (``routing``): the prompts' keys are looked up once per request and
-frozen for every decode step through ``route_rows`` (a context variable, so
-concurrent requests in other threads keep their own routes). Readers never see
-an index being changed: changes happen on a copy that is then swapped in.
+Serving (``routing``): the prompts' keys are looked up once per request, from
+the key layer's output in the request's own prefill (``inline``; up front by
+``KeyReader`` when the batch's layout does not allow it), and frozen for every
+decode step (a context variable, so concurrent requests in other threads keep
+their own routes). Readers never see an index being changed: changes happen on a
+copy that is then swapped in.
 
 Retracting drops the edits' keys, releases them in the table and clears freed
 blocks; a cluster still holding other edits' keys is pointed at a live block
@@ -56,6 +58,7 @@ from daemon.editors.melo import layer as blocks
 from daemon.editors.melo import state as melo_state
 from daemon.editors.melo.allocator import BlockTable
 from daemon.editors.melo.index import NeuronIndex
+from daemon.editors.melo.inline import InlineRouter
 from daemon.editors.melo.keys import F32, KeyReader
 from daemon.editors.melo.routing import route_rows
 from daemon.editors.melo.training import TrainSettings, train_block
@@ -93,6 +96,10 @@ def resolve_layers(model: PreTrainedModel, config: MeloConfig) -> tuple[tuple[in
     return layers, key_layer
 
 
+def _blocks_of(index: NeuronIndex, keys: F32) -> list[int | None]:
+    return [None if r is None else r.block for r in index.query(keys)]
+
+
 class MeloEditor:
     """MELO on one live model: block LoRA on ``layers``, a neuron index over prompt keys."""
 
@@ -127,6 +134,7 @@ class MeloEditor:
         )
         try:
             self.keys = KeyReader(model, tokenizer, self.key_layer)
+            self.inline = self._inline_router()
         except BaseException:
             blocks.remove_block_lora(model, self.installed)
             raise
@@ -145,8 +153,22 @@ class MeloEditor:
 
     def close(self) -> None:
         """Remove the LoRA layers and the key hook: the model is the base model again."""
+        if self.inline is not None:
+            self.inline.close()
         self.keys.close()
         blocks.remove_block_lora(self.model, self.installed)
+
+    def _inline_router(self) -> InlineRouter | None:
+        """Routes decided in the request's own prefill; None (keys up front) if not possible."""
+        if self.key_layer >= min(self.layers):
+            return None
+        return InlineRouter(
+            self.model,
+            self.tokenizer,
+            self.key_layer,
+            lookup=_blocks_of,
+            up_front=lambda index, prompts: _blocks_of(index, self.keys(prompts)),
+        )
 
     # --- the Editor protocol ------------------------------------------------------------
 
@@ -158,15 +180,22 @@ class MeloEditor:
 
     @contextmanager
     def _routing(self, prompts: list[str]) -> Iterator[None]:
-        with route_rows(self.route_blocks(prompts)):
-            yield
+        index = self.index  # one reference: a concurrent apply swaps, never mutates it
+        if index is None or index.key_count == 0 or self.inline is None:
+            with route_rows(self._route_blocks(index, prompts)):
+                yield
+        else:
+            with self.inline.routing(prompts, index):  # decided by the prefill's key layer
+                yield
 
     def route_blocks(self, prompts: Sequence[str]) -> list[int | None]:
         """The block each prompt routes to (None: base model), from the live index."""
-        index = self.index  # one reference: a concurrent apply swaps, never mutates it
+        return self._route_blocks(self.index, prompts)
+
+    def _route_blocks(self, index: NeuronIndex | None, prompts: Sequence[str]) -> list[int | None]:
         if index is None or index.key_count == 0:
             return [None] * len(prompts)
-        return [None if r is None else r.block for r in index.query(self.keys(prompts))]
+        return _blocks_of(index, self.keys(prompts))
 
     def apply(self, edits: Sequence[EditSpec]) -> list[EditOutcome]:
         if not edits:

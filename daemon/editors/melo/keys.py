@@ -2,9 +2,11 @@
 
 A prompt's key is the residual stream leaving block ``key_layer`` at the prompt's
 LAST REAL token (never from prompt + target, never at a pad), divided by its L2
-norm. The same :class:`KeyReader` computes the keys that go into the neuron
-index at edit time and the keys looked up for every request, so the two can
-only differ by float rounding between batch shapes.
+norm. :class:`KeyReader` computes the keys that go into the neuron index at
+edit time; a request's keys are read by :func:`unit_keys` from the same layer of
+its own prefill (``inline``), or by :class:`KeyReader` when the request's batch
+does not allow it, so the two can only differ by float rounding between batch
+shapes.
 
 Why these choices:
 
@@ -113,11 +115,7 @@ class KeyReader:
         device = next(self.model.parameters()).device
         mask = enc["attention_mask"].to(device)  # [B, T]
         hidden = self._hidden(enc["input_ids"].to(device), mask)  # [B, T, d]
-        last = last_prompt_token_indices(mask)  # [B]
-        rows = hidden[torch.arange(len(prompts), device=device), last].float()  # [B, d]
-        rows = rows / rows.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-        out: F32 = rows.cpu().numpy().astype(np.float32)
-        return out
+        return unit_keys(hidden, last_prompt_token_indices(mask))
 
     def _hidden(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         rows = [None] * input_ids.shape[0]
@@ -131,6 +129,15 @@ class KeyReader:
         if not slot:
             raise RuntimeError(f"the key layer {self.layer} did not run in the forward pass")
         return slot[0]
+
+
+@torch.no_grad()
+def unit_keys(hidden: torch.Tensor, last: torch.Tensor) -> F32:
+    """Unit-norm float32 keys ``(B, d)``: ``hidden`` ``[B, T, d]`` at row ``i``'s ``last[i]``."""
+    rows = hidden[torch.arange(hidden.shape[0], device=hidden.device), last].float()  # [B, d]
+    rows = rows / rows.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    out: F32 = rows.cpu().numpy().astype(np.float32)
+    return out
 
 
 @contextmanager

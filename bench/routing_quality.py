@@ -1,0 +1,138 @@
+"""Routing quality of the editors, for ``bench.inference``: how often each back-end's
+routing fires on edit prompts, rephrases, held-out rephrases, locality prompts and
+probes (the hook's scope gate at the key site; MELO's index)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, cast
+
+import torch
+
+from daemon.drift.probes import left_padded
+from daemon.model.loading import LoadedModel
+
+GATE_BATCH = 64
+
+
+def position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """``generate``'s position ids: running count of real tokens minus one (pads: 1)."""
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+
+
+def probe_groups(records: Sequence[dict[str, Any]], probes: Sequence[str]) -> dict[str, Any]:
+    """Prompts by group, each with the index of its edit (-1: none), for routing checks."""
+    groups: dict[str, tuple[list[str], list[int]]] = {
+        k: ([], []) for k in ("edit", "rephrase", "heldout", "locality", "probe")
+    }
+    edit_prompts = {r["prompt"] for r in records}
+
+    def add(group: str, prompt: str, owner: int) -> None:
+        groups[group][0].append(prompt)
+        groups[group][1].append(owner)
+
+    for i, r in enumerate(records):
+        add("edit", r["prompt"], i)
+        for p in r.get("rephrases", []):
+            add("rephrase", p, i)
+        for p in r.get("heldout_rephrases", []):
+            add("heldout", p, i)
+        for item in r.get("locality", []):
+            if item["prompt"] not in edit_prompts:
+                add("locality", item["prompt"], -1)
+    for p in probes:
+        if p not in edit_prompts:
+            add("probe", p, -1)
+    return groups
+
+
+@torch.no_grad()
+def hook_routes(
+    loaded: LoadedModel, hooks: dict[int, Any], prompts: Sequence[str]
+) -> tuple[dict[int, list[int]], dict[int, list[bool]]]:
+    """Per layer: the shard at each prompt's key site (-1: closed), and whether any token fired."""
+    site: dict[int, list[int]] = {i: [] for i in hooks}
+    anywhere: dict[int, list[bool]] = {i: [] for i in hooks}
+    for start in range(0, len(prompts), GATE_BATCH):
+        chunk = list(prompts[start : start + GATE_BATCH])
+        ids, mask = left_padded(loaded.tokenizer, chunk)
+        cast(Any, loaded.model)(
+            input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False
+        )
+        for i, hook in hooks.items():
+            route = hook.last_route
+            if route is None:  # no delta applied: the gate never opens
+                route = torch.full(ids.shape, -1, dtype=torch.long)
+            site[i].extend(route[:, -1].tolist())  # left padding: the last prompt token
+            fired = (route >= 0) & mask.bool()
+            anywhere[i].extend(fired.any(dim=1).tolist())
+    return site, anywhere
+
+
+def _rate(flags: Sequence[bool]) -> float:
+    return round(sum(flags) / len(flags), 4) if flags else float("nan")
+
+
+def hook_gate_stats(loaded: LoadedModel, editor: Any, groups: dict[str, Any]) -> dict[str, Any]:
+    """Gate firing rates per group, per hook layer and in any layer (see the module doc)."""
+    hooks: dict[int, Any] = editor.hooks
+    own: dict[int, list[int]] = {}
+    out: dict[str, Any] = {}
+    for name in ("edit", "rephrase", "heldout", "locality", "probe"):
+        prompts, owners = groups[name]
+        site, anywhere = hook_routes(loaded, hooks, prompts)
+        if name == "edit":
+            own = site  # the shard the edit's own prompt routes to, per layer
+        row: dict[str, Any] = {"n": len(prompts)}
+        for i in hooks:
+            row[f"site_fires_L{i}"] = _rate([s >= 0 for s in site[i]])
+            if name in ("locality", "probe"):
+                row[f"any_token_fires_L{i}"] = _rate(anywhere[i])
+        row["site_fires_any_layer"] = _rate(
+            [any(site[i][k] >= 0 for i in hooks) for k in range(len(prompts))]
+        )
+        if name in ("locality", "probe"):
+            row["any_token_fires_any_layer"] = _rate(
+                [any(anywhere[i][k] for i in hooks) for k in range(len(prompts))]
+            )
+        else:
+            row["site_own_shard_all_layers"] = _rate(
+                [
+                    all(site[i][k] >= 0 and site[i][k] == own[i][o] for i in hooks)
+                    for k, o in enumerate(owners)
+                ]
+            )
+        out[name] = row
+    out["false_negative_rephrase"] = round(1.0 - out["rephrase"]["site_fires_any_layer"], 4)
+    out["false_negative_heldout"] = round(1.0 - out["heldout"]["site_fires_any_layer"], 4)
+    out["false_positive_locality"] = out["locality"]["site_fires_any_layer"]
+    out["false_positive_locality_any_token"] = out["locality"]["any_token_fires_any_layer"]
+    out["false_positive_probe"] = out["probe"]["site_fires_any_layer"]
+    return out
+
+
+def melo_route_stats(editor: Any, groups: dict[str, Any]) -> dict[str, Any]:
+    """How MELO's index routes each group: to any block, and to the edit's own block."""
+    own: list[int | None] = []
+    out: dict[str, Any] = {}
+    for name in ("edit", "rephrase", "heldout", "locality", "probe"):
+        prompts, owners = groups[name]
+        blocks: list[int | None] = []
+        for start in range(0, len(prompts), GATE_BATCH):
+            blocks.extend(editor.route_blocks(prompts[start : start + GATE_BATCH]))
+        if name == "edit":
+            own = blocks
+        row: dict[str, Any] = {"n": len(prompts), "routed": _rate([b is not None for b in blocks])}
+        if name not in ("locality", "probe"):
+            row["routed_own_block"] = _rate(
+                [b is not None and b == own[o] for b, o in zip(blocks, owners, strict=True)]
+            )
+        out[name] = row
+    out["false_negative_rephrase"] = round(1.0 - out["rephrase"]["routed"], 4)
+    out["false_negative_heldout"] = round(1.0 - out["heldout"]["routed"], 4)
+    out["false_positive_locality"] = out["locality"]["routed"]
+    out["false_positive_probe"] = out["probe"]["routed"]
+    return out
+
+
+# --- one editor ---------------------------------------------------------------------------
