@@ -12,6 +12,7 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
+from daemon.editors.hook import layer
 from daemon.editors.hook.layer import (
     HookedProjection,
     calibrate_gates,
@@ -282,3 +283,112 @@ def test_adding_keys_never_moves_an_earlier_keys_gate() -> None:
     assert bool(hook.gate(x).all())
     hook.remove_keys([0])
     assert hook.keys.shape[0] == 500 and hook.key_mean.shape[0] == 500
+
+
+def _reference_route(hook: HookedProjection, x: torch.Tensor) -> torch.Tensor:
+    """The gate rule on the full float32 cosine matrix, as written before the pre-filter."""
+    xn = torch.nn.functional.normalize(x.float() - hook.center, dim=-1)
+    kn = torch.nn.functional.normalize(hook.keys - hook.center, dim=-1)
+    cos = xn @ kn.T
+    z = (cos - hook.key_mean) / hook.key_std
+    limit = max(float(hook.threshold), float(hook.threshold_floor))
+    eligible = (z >= limit) & (cos >= hook.cos_floor)
+    masked = torch.where(eligible, cos, torch.full_like(cos, float("-inf")))
+    best, nearest = masked.amax(dim=-1), masked.argmax(dim=-1)
+    closed = torch.full(x.shape[:-1], -1, dtype=torch.long)
+    return torch.where(torch.isfinite(best), hook.key_shard[nearest], closed)
+
+
+def _many_keys_hook(g: torch.Generator, d: int = 48, m: int = 300) -> HookedProjection:
+    """A calibrated hook with ``m`` keys over three shards, deltas in every shard."""
+    hook = HookedProjection(nn.Linear(d, 8))
+    hook.set_calibration(torch.randn(400, d, generator=g) + 0.5)
+    for s in range(3):
+        if s:
+            hook.add_shard()
+        hook.set_delta(torch.randn(8, d, generator=g), shard=s)
+        hook.add_keys(torch.randn(d, m // 3, generator=g), shard=s)
+    return hook
+
+
+def _near_keys(hook: HookedProjection, g: torch.Generator, n: int) -> torch.Tensor:
+    """``(1, n, d)`` tokens: stored keys plus noise from none to drowning, and random ones."""
+    pick = torch.randint(0, hook.keys.shape[0], (n,), generator=g)
+    scale = torch.linspace(0.0, 3.0, n).unsqueeze(1)
+    x = hook.keys[pick] + scale * torch.randn(n, hook.d_in, generator=g)
+    x[::7] = torch.randn(len(range(0, n, 7)), hook.d_in, generator=g)
+    return x.unsqueeze(0)
+
+
+def test_prefiltered_gate_routes_as_the_full_float32_rule() -> None:
+    """The bf16 pre-filter (where the CPU has it) changes no routing decision."""
+    g = torch.Generator().manual_seed(11)
+    hook = _many_keys_hook(g)
+    x = _near_keys(hook, g, 600)
+    for floor, z in ((0.7, 3.0), (0.5, 2.0), (0.9, 2.0), (-1.0, 2.0)):
+        hook.cos_floor.fill_(floor)  # in place: the gate cache must notice
+        hook.set_threshold(z)
+        route = hook.route(x)
+        assert torch.equal(route, _reference_route(hook, x)), (floor, z)
+    assert 0 < int((route >= 0).sum()) < route.numel()
+    cache = hook._gate_cache
+    assert cache is not None
+    assert (cache.prefilter is not None) == layer._bf16_dot_products(hook.keys.device)
+
+
+def test_gate_follows_key_changes() -> None:
+    """Adding, removing and re-referencing keys reach the cached gate tensors."""
+    g = torch.Generator().manual_seed(12)
+    hook = _many_keys_hook(g)
+    x = _near_keys(hook, g, 300)
+    before = hook.route(x)
+    hook.remove_keys(range(0, 150))
+    assert torch.equal(hook.route(x), _reference_route(hook, x))
+    assert not torch.equal(hook.route(x), before)
+    hook.add_keys(x[0, :40].T, shard=1)
+    assert torch.equal(hook.route(x), _reference_route(hook, x))
+    hook.set_calibration(torch.randn(300, hook.d_in, generator=g))
+    assert torch.equal(hook.route(x), _reference_route(hook, x))
+
+
+def test_keys_without_reference_never_fire_among_many() -> None:
+    """Keys added before any calibration stay closed, with or without the pre-filter."""
+    g = torch.Generator().manual_seed(13)
+    hook = HookedProjection(nn.Linear(32, 4))
+    hook.set_delta(torch.randn(4, 32, generator=g))
+    keys = torch.randn(32, 100, generator=g)
+    hook.add_keys(keys)
+    x = keys.T.unsqueeze(0)
+    assert bool((hook.route(x) == -1).all())
+    assert torch.equal(hook(x), hook.base(x))
+
+
+def test_routed_tokens_get_their_shards_delta() -> None:
+    """Each routed token gets ``x @ delta[its shard].T``; the others the base output exactly."""
+    g = torch.Generator().manual_seed(14)
+    hook = _many_keys_hook(g)
+    x = _near_keys(hook, g, 200)
+    out = hook(x)
+    route = hook.last_route
+    assert route is not None and len(set(route[route >= 0].tolist())) == 3
+    base = hook.base(x)
+    for t in range(x.shape[1]):
+        s = int(route[0, t])
+        if s < 0:
+            assert torch.equal(out[0, t], base[0, t]), t
+        else:
+            torch.testing.assert_close(out[0, t], base[0, t] + x[0, t] @ hook.delta[s].T)
+
+
+def test_bf16_cosines_stay_within_the_prefilter_margin() -> None:
+    """The bound the pre-filter's margin rests on, on unit vectors with outlier entries."""
+    g = torch.Generator().manual_seed(15)
+    a = torch.randn(200, 512, generator=g)
+    b = torch.randn(300, 512, generator=g)
+    a[:, :4] *= 30.0  # a few dominant dimensions, as MLP activations have
+    b[:, :4] *= 30.0
+    an = torch.nn.functional.normalize(a, dim=-1)
+    bn = torch.nn.functional.normalize(b, dim=-1)
+    exact = an.double() @ bn.double().T
+    low = (an.bfloat16() @ bn.bfloat16().T).double()
+    assert float((low - exact).abs().max()) < layer._PREFILTER_MARGIN / 2
