@@ -22,31 +22,10 @@ its nearest eligible key, so each shard is a closed-form solve over its own keys
 Scope gate
 ----------
 The hook stores the keys of its edits, ``keys`` ``(m, d_in)`` fp32 (one row per key
-site; rows can be removed for retraction). For a token with key ``x`` and stored key
-``k_j`` the score is the *centred* cosine similarity::
-
-    c_j(x) = cos(x - mu, k_j - mu)
-
-where ``mu`` (``center``) is the mean key of non-edit text: centring removes the
-component every MLP activation shares, which otherwise makes all cosines large.
-Each key has its **own** reference: the mean and standard deviation of ``c_j`` over
-the calibration tokens (``key_mean``, ``key_std``, persisted). Key ``j`` is eligible
-for ``x`` where::
-
-    (c_j(x) - key_mean_j) / key_std_j >= max(threshold, threshold_floor)
-    and c_j(x) >= cos_floor
-
-and the gate routes ``x`` to the shard of the eligible key with the largest cosine.
-A per-key reference does not move when other keys are added or removed, so the gate
-on an early edit is the same after a thousand later edits (a reference pooled over
-all keys, ``max_j c_j`` of non-edit tokens, rose with every key until the edits'
-own prompts fell below it). The cosine floor keeps prompts that merely share an
-edit's template (other subject, same words) out: on the small world (hook layers 2-3,
-prompt-last keys, 1000 edits) the best-matching key of a locality prompt has a
-centred cosine of .52-.79 at layer 2 (q10-q90) and .42-.66 at layer 3, a
-training-template rephrase .76-.99 and .63-.98; a floor of 0.7 measured efficacy
-.98, paraphrase .72, locality .93 (0.5: locality .78; 0.8: locality .99,
-paraphrase .65).
+site; rows can be removed for retraction), each with its own reference (``key_mean``,
+``key_std``, persisted) over the calibration tokens, and routes a token to the shard
+of the nearest eligible key. The rule, its measured floors and the cost of scoring
+every token against every key live in :mod:`daemon.editors.hook.gate`.
 
 ``calibrate_gates`` reads the calibration tokens' keys once (pads excluded, deltas
 closed, so they are the base model's), sets ``center``, caches up to
@@ -54,19 +33,6 @@ closed, so they are the base model's), sets ``center``, caches up to
 reference; ``add_keys`` computes the references of new keys from that cache. A key
 without a reference (NaN: added before any calibration) never fires, so an
 uncalibrated hook behaves as the base model.
-
-Cost: the normalised centred keys ``(m, d_in)`` are cached and rebuilt only when the
-keys, the centre, the references or the thresholds change, not per forward. On a CPU
-with bf16 dot products (AVX512-BF16) a bf16 pre-filter scores every token against
-every key, the key's threshold folded in as one more column, and keeps the (token,
-key) pairs within ``_PREFILTER_MARGIN`` of the threshold; the float32 cosines and the
-rule above then run on those tokens and keys alone, so the routing is the one the
-float32 scores give. The margin covers bf16 rounding: unit vectors rounded to bf16
-(relative error ``2**-8`` per entry) move a cosine by at most ``2**-7 + 2**-16``
-(Cauchy-Schwarz), the threshold column by ``2**-9``, fp32 accumulation by ~1e-4, and
-rounding the result keeps its sign: about .010 in all against a margin of .03. On the
-small world (1,613 keys of width 512, cosine floor .7) 7% of the tokens and 0.1 keys
-per token pass. Deltas are applied to the routed tokens only, one matmul per shard.
 
 Decode steps with a KV cache: the gate is decided **per token** from that token's own
 key, so a one-token decode step is scored exactly like the same position in a full
@@ -95,82 +61,38 @@ import structlog
 import torch
 from torch import nn
 
+from daemon.editors.hook.gate import (
+    DEFAULT_COS_FLOOR,
+    DEFAULT_THRESHOLD,
+    DEFAULT_THRESHOLD_FLOOR,
+    GateCache,
+    key_reference,
+    route_tokens,
+    tensor_stamp,
+)
 from daemon.model import arch
+
+__all__ = [
+    "DEFAULT_COS_FLOOR",
+    "DEFAULT_THRESHOLD",
+    "DEFAULT_THRESHOLD_FLOOR",
+    "GateMode",
+    "HookedProjection",
+    "calibrate_gates",
+    "gate_positions",
+    "install_hooks",
+    "key_reference",
+    "remove_hooks",
+]
 
 log = structlog.get_logger()
 
 GateMode = Literal["auto", "open", "closed", "mask"]
 
-DEFAULT_THRESHOLD = 3.0
-"""Default z-score threshold of the scope gate (against each key's own reference)."""
-
-DEFAULT_THRESHOLD_FLOOR = 2.0
-"""The z threshold never goes below this, whatever an adaptive update asks for."""
-
-DEFAULT_COS_FLOOR = 0.7
-"""A key fires only where its centred cosine reaches this, whatever its z-score."""
-
 MAX_CALIBRATION_TOKENS = 8192
 """At most this many calibration tokens (spread evenly) are cached per hook."""
 
-_STD_EPS = 1e-6
 _KEY_CHUNK = 4096
-_PREFILTER_MARGIN = 0.03  # above the bf16 error bound of the module docstring
-_PREFILTER_MIN_KEYS = 64  # below this many keys the float32 scores are cheap enough
-_NEVER = 4.0  # a threshold no cosine reaches (keys without a reference)
-
-
-def key_reference(
-    tokens: torch.Tensor, keys: torch.Tensor, center: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-key mean and std of the centred cosine of ``tokens`` ``(N, d)`` to ``keys`` ``(m, d)``.
-
-    Pure function; float64 accumulation, float32 results ``(m,)`` each.
-    """
-    tn = nn.functional.normalize(tokens.double() - center.double(), dim=-1)  # (N, d)
-    kn = nn.functional.normalize(keys.double() - center.double(), dim=-1)  # (m, d)
-    cos = tn @ kn.T  # (N, m)
-    mean = cos.mean(dim=0)
-    std = cos.var(dim=0, unbiased=False).clamp(min=0).sqrt().clamp(min=_STD_EPS)
-    return mean.float(), std.float()
-
-
-def _bf16_dot_products(device: torch.device) -> bool:
-    """Whether ``device`` multiplies bf16 matrices natively (fp32 accumulation)."""
-    if device.type != "cpu":
-        return False
-    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
-    return bool(probe()) if callable(probe) else False
-
-
-def _stamp(t: torch.Tensor) -> tuple[int, int]:
-    """Identity and in-place version of a tensor (version -1 where it cannot be read)."""
-    try:
-        version = int(getattr(t, "_version", -1))
-    except RuntimeError:  # inference tensors keep no version counter
-        version = -1
-    return id(t), version
-
-
-class _GateCache:
-    """What the gate derives from the keys and thresholds, rebuilt only when they change."""
-
-    def __init__(self, hook: HookedProjection, stamp: tuple[Any, ...]) -> None:
-        self.stamp = stamp
-        self.sources = (hook.keys, hook.center, hook.key_mean, hook.key_std)  # kept alive
-        self.limit = max(float(hook.threshold), float(hook.threshold_floor))
-        floor = float(hook.cos_floor)
-        self.keys_n = nn.functional.normalize(hook.keys - hook.center, dim=-1)  # (m, d)
-        reach = torch.maximum(
-            hook.key_mean.double() + self.limit * hook.key_std.double(),
-            torch.tensor(floor, dtype=torch.float64, device=hook.keys.device),
-        )  # (m,): the least cosine at which each key is eligible; NaN: never
-        reach = torch.nan_to_num(reach, nan=_NEVER).clamp(max=_NEVER)
-        self.any_reachable = bool((reach <= 1.0 + 1e-4).any())  # float32 cosines reach 1 + eps
-        self.prefilter: torch.Tensor | None = None  # (m, d + 1) bf16: [key, -threshold]
-        if hook.keys.shape[0] >= _PREFILTER_MIN_KEYS and _bf16_dot_products(hook.keys.device):
-            shifted = (-(reach - _PREFILTER_MARGIN)).to(self.keys_n.dtype).unsqueeze(1)
-            self.prefilter = torch.cat([self.keys_n, shifted], dim=1).to(torch.bfloat16)
 
 
 class HookedProjection(nn.Module):
@@ -221,7 +143,7 @@ class HookedProjection(nn.Module):
         self._collect: list[torch.Tensor] | None = None
         self._token_mask: torch.Tensor | None = None
         self._calib_tokens: torch.Tensor | None = None
-        self._gate_cache: _GateCache | None = None
+        self._gate_cache: GateCache | None = None
 
     @property
     def n_shards(self) -> int:
@@ -316,10 +238,10 @@ class HookedProjection(nn.Module):
 
     # --- gate ----------------------------------------------------------------------------
 
-    def _cache(self) -> _GateCache:
+    def _cache(self) -> GateCache:
         """The gate's derived tensors, rebuilt when a key, reference or threshold changed."""
         stamp = (
-            *(_stamp(t) for t in (self.keys, self.center, self.key_mean, self.key_std)),
+            *(tensor_stamp(t) for t in (self.keys, self.center, self.key_mean, self.key_std)),
             float(self.threshold),
             float(self.threshold_floor),
             float(self.cos_floor),
@@ -327,7 +249,15 @@ class HookedProjection(nn.Module):
         cache = self._gate_cache
         if cache is None or cache.stamp != stamp:
             with torch.no_grad():
-                cache = self._gate_cache = _GateCache(self, stamp)
+                cache = self._gate_cache = GateCache(
+                    stamp,
+                    self.keys,
+                    self.center,
+                    self.key_mean,
+                    self.key_std,
+                    max(float(self.threshold), float(self.threshold_floor)),
+                    float(self.cos_floor),
+                )
         return cache
 
     def _normalised(self, x: torch.Tensor) -> torch.Tensor:
@@ -360,42 +290,10 @@ class HookedProjection(nn.Module):
         cache = self._cache()
         if not cache.any_reachable:
             return closed
-        xn = self._normalised(x)  # (N, d)
-        if cache.prefilter is None:
-            return self._decide(xn, cache.keys_n, cache).reshape(closed.shape)
-        pad = nn.functional.pad(xn, (0, 1), value=1.0).to(torch.bfloat16)  # (N, d + 1)
-        near = pad @ cache.prefilter.T  # (N, m): bf16 cosine minus (threshold - margin)
-        rows = (near.amax(dim=-1) >= 0).nonzero().squeeze(1)  # tokens near some key
-        if rows.numel() == 0:
-            return closed
-        if rows.numel() < near.shape[0]:
-            near = near.index_select(0, rows)
-        cols = (near.amax(dim=0) >= 0).nonzero().squeeze(1)  # keys near any of those tokens
-        decided = self._decide(
-            xn.index_select(0, rows), cache.keys_n.index_select(0, cols), cache, cols
+        shards = route_tokens(
+            self._normalised(x), cache, self.key_mean, self.key_std, self.key_shard
         )
-        return closed.reshape(-1).index_copy(0, rows, decided).reshape(closed.shape)
-
-    def _decide(
-        self,
-        xn: torch.Tensor,
-        keys_n: torch.Tensor,
-        cache: _GateCache,
-        cols: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Shard per unit token key ``(n, d)`` from its float32 cosines (-1: closed).
-
-        ``keys_n`` holds the stored keys ``cols`` (ascending; None: all), the only ones
-        the pre-filter lets near any of these tokens: the eligible key with the largest
-        cosine wins, the lowest key index among equal cosines (``argmax``'s first).
-        """
-        mean, std, shard = self.key_mean, self.key_std, self.key_shard
-        if cols is not None:
-            mean, std, shard = mean[cols], std[cols], shard[cols]
-        cos = xn @ keys_n.T  # (n, c)
-        eligible = ((cos - mean) / std >= cache.limit) & (cos >= self.cos_floor)  # NaN: never
-        best, nearest = torch.where(eligible, cos, torch.full_like(cos, float("-inf"))).max(dim=-1)
-        return torch.where(torch.isfinite(best), shard[nearest], torch.full_like(nearest, -1))
+        return shards.reshape(closed.shape)
 
     def gate(self, x: torch.Tensor) -> torch.Tensor:
         """Boolean gate per token, shape ``x.shape[:-1]``."""

@@ -12,7 +12,7 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
-from daemon.editors.hook import layer
+from daemon.editors.hook import gate
 from daemon.editors.hook.layer import (
     HookedProjection,
     calibrate_gates,
@@ -333,7 +333,7 @@ def test_prefiltered_gate_routes_as_the_full_float32_rule() -> None:
     assert 0 < int((route >= 0).sum()) < route.numel()
     cache = hook._gate_cache
     assert cache is not None
-    assert (cache.prefilter is not None) == layer._bf16_dot_products(hook.keys.device)
+    assert (cache.prefilter is not None) == gate.bf16_dot_products(hook.keys.device)
 
 
 def test_gate_follows_key_changes() -> None:
@@ -391,4 +391,4 @@ def test_bf16_cosines_stay_within_the_prefilter_margin() -> None:
     bn = torch.nn.functional.normalize(b, dim=-1)
     exact = an.double() @ bn.double().T
     low = (an.bfloat16() @ bn.bfloat16().T).double()
-    assert float((low - exact).abs().max()) < layer._PREFILTER_MARGIN / 2
+    assert float((low - exact).abs().max()) < gate.PREFILTER_MARGIN / 2
