@@ -2,7 +2,7 @@
 
 The registry rows live in :mod:`store.checkpoints`; this module owns the folders under the
 checkpoint directory: ``ck-<utc stamp>-<hex>/`` (ids sort by time) holding ``manifest.json``
-(a :class:`CheckpointManifest`) and one sub-folder per editor with what its ``save`` wrote;
+(:mod:`daemon.checkpoint_manifest`) and one sub-folder per editor with what its ``save`` wrote;
 ``.tmp-*`` entries (being written or deleted, or a crash's leftovers); ``.lock``.
 
 :meth:`CheckpointManager.create` commits in four steps: (1) each editor saves into
@@ -32,35 +32,36 @@ import builtins
 import fcntl
 import hashlib
 import json
-import math
 import os
-import re
 import shutil
 import time
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import structlog
 
+from daemon.checkpoint_manifest import (
+    ID,
+    MANIFEST,
+    NAME,
+    CheckpointManifest,
+    is_int,
+)
 from daemon.errors import CheckpointError, RecordNotFoundError
+from daemon.files import fsync_dir, sha256_file
 from store import checkpoints as registry
 from store.checkpoints import CheckpointRecord, CheckpointStatus
 from store.db import Store
 
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 TMP_PREFIX = ".tmp-"
 LOCK_FILE = ".lock"
 PRUNED_NOTE = "pruned"
 
-_ID = re.compile(r"ck-\d{8}T\d{12}Z-[0-9a-f]{8}")
-_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 _ALL = 1_000_000  # a list_checkpoints limit meaning "every row"
 
 log = structlog.get_logger()
@@ -78,54 +79,6 @@ class Persistable(Protocol):
 
     def applied_ids(self) -> list[str]:
         """The ids of the edits the state holds, in applied order."""
-
-
-@dataclass(frozen=True)
-class CheckpointManifest:
-    """``manifest.json``: what a checkpoint holds, validated on construction.
-
-    ``edit_ids`` maps each editor name to its applied edit ids (in applied order);
-    ``files`` maps each file's path (relative, ``/``-separated, below an editor's folder)
-    to its sha256 hex digest; ``extra`` is free-form JSON (``reason``, model fingerprint).
-    """
-
-    checkpoint_id: str
-    created_at: float
-    watermark: int
-    edit_ids: dict[str, list[str]]
-    files: dict[str, str]
-    extra: dict[str, Any] = field(default_factory=dict)
-    format_version: int = FORMAT_VERSION
-
-    def __post_init__(self) -> None:
-        _validate_manifest(self)
-
-    @property
-    def edit_count(self) -> int:
-        """The number of distinct edit ids over all editors."""
-        return len({i for ids in self.edit_ids.values() for i in ids})
-
-    def to_json(self) -> str:
-        """Canonical JSON (sorted keys, ASCII, trailing newline)."""
-        data = {f.name: getattr(self, f.name) for f in fields(self)}
-        return json.dumps(data, indent=1, sort_keys=True, ensure_ascii=True) + "\n"
-
-    @classmethod
-    def from_json(cls, text: str | bytes) -> CheckpointManifest:
-        """Parse and validate; raise :class:`CheckpointError` naming what is wrong."""
-        try:
-            data = json.loads(text)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"{MANIFEST} is not valid JSON: {exc}") from exc
-        if not isinstance(data, dict):
-            raise CheckpointError(f"{MANIFEST} must hold a JSON object, not {_kind(data)}")
-        version = data.get("format_version")
-        _check(version == FORMAT_VERSION, "format_version", f"{version!r} is not supported")
-        names = {f.name for f in fields(cls)}
-        missing = sorted(names - set(data) - {"extra"})
-        unknown = sorted(set(data) - names)
-        _check(not missing and not unknown, "*", f"missing {missing}, unknown {unknown}")
-        return cls(**data)
 
 
 @dataclass(frozen=True)
@@ -154,7 +107,7 @@ class CheckpointManager:
     """Writes, verifies, restores and prunes the checkpoints under ``directory``."""
 
     def __init__(self, directory: Path, store: Store, keep: int) -> None:
-        if not _is_int(keep) or keep < 1:
+        if not is_int(keep) or keep < 1:
             raise CheckpointError(f"keep must be an integer >= 1, got {keep!r}")
         self.directory = Path(directory).absolute()
         self.store = store
@@ -175,10 +128,10 @@ class CheckpointManager:
         keeps edits from being applied meanwhile (an editor whose ``applied_ids`` change
         during its ``save`` fails the checkpoint). On failure nothing is left behind.
         """
-        bad_names = [name for name in editors if not _NAME.fullmatch(name)]
+        bad_names = [name for name in editors if not NAME.fullmatch(name)]
         if not editors or bad_names:
             raise CheckpointError(f"need one or more editors with safe names, got {bad_names}")
-        if not _is_int(watermark) or watermark < 0:
+        if not is_int(watermark) or watermark < 0:
             raise CheckpointError(f"watermark must be an integer >= 0, got {watermark!r}")
         details = {**(extra or {}), "reason": reason}
         try:
@@ -218,7 +171,7 @@ class CheckpointManager:
             files, dirs, odd = _entries(tmp)
             if odd:
                 raise CheckpointError(f"editors wrote entries that are not plain files: {odd}")
-            hashes = {_relative(p, tmp): _sha256_file(p, fsync=True) for p in files}
+            hashes = {_relative(p, tmp): sha256_file(p, fsync=True) for p in files}
             now = self.store.now()
             manifest = CheckpointManifest(checkpoint_id, now, watermark, edit_ids, hashes, extra)
             raw = manifest.to_json().encode("ascii")
@@ -227,10 +180,10 @@ class CheckpointManager:
                 f.flush()
                 os.fsync(f.fileno())
             for folder in reversed(dirs):  # children before their parents
-                _fsync_dir(folder)
+                fsync_dir(folder)
             size = sum(p.stat().st_size for p in files) + len(raw)
             tmp.rename(self.directory / checkpoint_id)
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)  # no row yet: neither folder is a checkpoint
             shutil.rmtree(self.directory / checkpoint_id, ignore_errors=True)
@@ -385,7 +338,7 @@ class CheckpointManager:
 
     def _checkpoint_dirs(self) -> builtins.list[Path]:
         entries = sorted(self.directory.iterdir())
-        return [e for e in entries if _ID.fullmatch(e.name) and e.is_dir() and not e.is_symlink()]
+        return [e for e in entries if ID.fullmatch(e.name) and e.is_dir() and not e.is_symlink()]
 
     def _has_row(self, checkpoint_id: str) -> bool:
         try:
@@ -401,7 +354,7 @@ class CheckpointManager:
             folder.rename(doomed)
         except FileNotFoundError:
             return
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         shutil.rmtree(doomed, ignore_errors=True)
 
     @contextmanager
@@ -457,7 +410,7 @@ def _file_problems(folder: Path, manifest: CheckpointManifest) -> list[str]:
         path = folder / rel
         if not path.is_file() or path.is_symlink():
             problems.append(f"{rel} is missing")
-        elif _sha256_file(path) != expected:
+        elif sha256_file(path) != expected:
             problems.append(f"{rel} does not match its sha256 (corrupt)")
     problems += [f"{n}/ is missing" for n in manifest.edit_ids if not (folder / n).is_dir()]
     files, _, odd = _entries(folder)
@@ -483,61 +436,3 @@ def _entries(root: Path) -> tuple[list[Path], list[Path], list[str]]:
 
 def _relative(path: Path, root: Path) -> str:
     return path.relative_to(root).as_posix()
-
-
-def _sha256_file(path: Path, *, fsync: bool = False) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-        if fsync:
-            os.fsync(f.fileno())
-    return digest.hexdigest()
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _kind(value: Any) -> str:
-    return "null" if value is None else type(value).__name__
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check(ok: bool, name: str, message: str) -> None:
-    if not ok:
-        raise CheckpointError(f"{MANIFEST} field '{name}': {message}")
-
-
-def _validate_manifest(m: CheckpointManifest) -> None:
-    """Field-named checks of every field; raises :class:`CheckpointError`."""
-    version = m.format_version
-    message = f"{version!r} is not supported (this code reads {FORMAT_VERSION})"
-    _check(_is_int(version) and version == FORMAT_VERSION, "format_version", message)
-    ok = isinstance(m.checkpoint_id, str) and _ID.fullmatch(m.checkpoint_id) is not None
-    _check(ok, "checkpoint_id", f"must be ck-<utc stamp>-<hex>, got {m.checkpoint_id!r}")
-    ok = isinstance(m.created_at, int | float) and not isinstance(m.created_at, bool)
-    _check(ok and math.isfinite(m.created_at), "created_at", f"bad time {m.created_at!r}")
-    _check(_is_int(m.watermark) and m.watermark >= 0, "watermark", f"bad id {m.watermark!r}")
-    ok = isinstance(m.edit_ids, dict) and bool(m.edit_ids)
-    _check(ok, "edit_ids", f"must be a non-empty object, not {_kind(m.edit_ids)}")
-    for name, ids in m.edit_ids.items():
-        ok = isinstance(name, str) and _NAME.fullmatch(name) is not None
-        _check(ok, "edit_ids", f"has an unsafe editor name {name!r}")
-        ok = isinstance(ids, list) and all(isinstance(i, str) and i for i in ids)
-        _check(ok, "edit_ids", f"['{name}'] must be a list of non-empty strings")
-    _check(isinstance(m.files, dict), "files", f"must be an object, not {_kind(m.files)}")
-    for rel, digest in m.files.items():
-        parts = PurePosixPath(rel).parts if isinstance(rel, str) else ()
-        ok = len(parts) >= 2 and rel == "/".join(parts) and parts[0] in m.edit_ids
-        _check(ok and ".." not in parts, "files", f"{rel!r} is outside the editors' folders")
-        ok = isinstance(digest, str) and _SHA256.fullmatch(digest) is not None
-        _check(ok, "files", f"['{rel}'] must be 64 lowercase hex digits, got {digest!r}")
-    _check(isinstance(m.extra, dict), "extra", f"must be an object, not {_kind(m.extra)}")

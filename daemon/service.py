@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
@@ -54,6 +54,8 @@ from store.queue import EditQueue, QueuePolicy
 from store.schema import Backend, EditStatus
 
 log = structlog.get_logger()
+
+T = TypeVar("T")
 
 Progress = Callable[[str], None]
 
@@ -378,24 +380,23 @@ class Daemon:
     # --- live parts (raise DaemonNotReadyError before start) --------------------------------
 
     def live_store(self) -> Store:
-        if self.store is None:
-            raise DaemonNotReadyError("the daemon is not ready yet (starting or stopping)")
-        return self.store
+        return _live(self.store)
 
     def live_queue(self) -> EditQueue:
-        if self.queue is None:
-            raise DaemonNotReadyError("the daemon is not ready yet (starting or stopping)")
-        return self.queue
+        return _live(self.queue)
 
     def live_engine(self) -> Engine:
-        if self.engine is None:
-            raise DaemonNotReadyError("the daemon is not ready yet (starting or stopping)")
-        return self.engine
+        return _live(self.engine)
 
     def live_checkpoints(self) -> CheckpointManager:
-        if self.checkpoints is None:
-            raise DaemonNotReadyError("the daemon is not ready yet (starting or stopping)")
-        return self.checkpoints
+        return _live(self.checkpoints)
+
+
+def _live(part: T | None) -> T:
+    """``part`` once the daemon has started it; DaemonNotReadyError before (or after stop)."""
+    if part is None:
+        raise DaemonNotReadyError("the daemon is not ready yet (starting or stopping)")
+    return part
 
 
 def _policy(cfg: Config) -> QueuePolicy:

@@ -18,13 +18,8 @@ import pytest
 from safetensors.numpy import load_file, save_file
 from structlog.testing import capture_logs
 
-from daemon.checkpoints import (
-    LOCK_FILE,
-    MANIFEST,
-    CheckpointManager,
-    CheckpointManifest,
-    Persistable,
-)
+from daemon.checkpoint_manifest import MANIFEST, CheckpointManifest
+from daemon.checkpoints import LOCK_FILE, CheckpointManager, Persistable
 from daemon.errors import CheckpointError, Shutdown, StoreBusyError
 from store import checkpoints as registry
 from store import editlog

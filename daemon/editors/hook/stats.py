@@ -34,7 +34,7 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from daemon.errors import CovarianceStatsError
-from daemon.files import atomic_write, atomic_write_text
+from daemon.files import atomic_write, atomic_write_text, sha256_file
 from daemon.model import arch
 
 log = structlog.get_logger()
@@ -229,14 +229,6 @@ def _manifest_path(path: Path) -> Path:
     return path.with_suffix(".json")
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def save_stats(path: Path | str, stats: dict[int, torch.Tensor], meta: StatsMeta) -> Path:
     """Write ``stats`` to ``path`` (safetensors) and its manifest beside it, atomically each.
 
@@ -256,7 +248,7 @@ def save_stats(path: Path | str, stats: dict[int, torch.Tensor], meta: StatsMeta
         **asdict(meta),
         "layers": list(meta.layers),
         "stats_dtype": "float64",
-        "sha256": _sha256_file(path),
+        "sha256": sha256_file(path),
     }
     text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
     atomic_write_text(_manifest_path(path), text)
@@ -286,7 +278,7 @@ def load_stats(path: Path | str, expect_meta: StatsMeta) -> dict[int, torch.Tens
     path = Path(path)
     manifest = _read_manifest(path)
     try:
-        digest = _sha256_file(path)
+        digest = sha256_file(path)
     except OSError as e:
         raise CovarianceStatsError(f"{path}: cannot read: {e}", path=path) from e
     if digest != manifest.get("sha256"):
