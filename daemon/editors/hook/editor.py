@@ -43,8 +43,6 @@ never been applied.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -53,13 +51,13 @@ from typing import Any
 
 import structlog
 import torch
-from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from daemon.editors.base import EditOutcome, EditSpec
 from daemon.editors.hook import math as hmath
 from daemon.editors.hook.batching import fact_key, merge_batch, refusal_reason
-from daemon.editors.hook.keys import KeyKind, KeySites, capture, encode_sites, position_ids
+from daemon.editors.hook.checks import check_recall, guard_update
+from daemon.editors.hook.keys import KeyKind, KeySites, capture, encode_sites
 from daemon.editors.hook.layer import (
     DEFAULT_COS_FLOOR,
     HookedProjection,
@@ -70,21 +68,22 @@ from daemon.editors.hook.state import (
     STATE_VERSION,
     LayerSums,
     Record,
+    check_compatible,
+    hook_buffers,
     hook_state,
     pack_tensors,
+    read_state,
     records_manifest,
+    tensor_sha,
     unpack_records,
     unpack_sums,
+    write_state,
 )
 from daemon.editors.hook.targets import EditText, TargetSettings, optimise_targets
 from daemon.errors import EditorStateError, SolveError
-from daemon.files import atomic_write, atomic_write_text
 from daemon.model import arch
 
 log = structlog.get_logger()
-
-MANIFEST = "manifest.json"
-TENSORS = "tensors.safetensors"
 
 
 @dataclass(frozen=True)
@@ -113,19 +112,6 @@ class HookSettings:
             raise ValueError(f"hook layers must be a non-empty increasing list: {self.layers}")
         if self.max_target_tokens < 1 or self.cov_weight < 0:
             raise ValueError("max_target_tokens >= 1 and cov_weight >= 0 are required")
-
-
-def _hook_buffers(hook: HookedProjection) -> dict[str, torch.Tensor]:
-    """The hook's own buffers (delta, gate keys, reference), without the base module."""
-    return {
-        name: value.detach().clone()
-        for name, value in hook.state_dict().items()
-        if not name.startswith("base.")
-    }
-
-
-def _tensor_sha(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
 class HookEditor:
@@ -245,7 +231,7 @@ class HookEditor:
     def _snapshot(self) -> dict[str, Any]:
         return {
             "sums": {i: [s.clone() for s in v] for i, v in self._sums.items()},
-            "hooks": {i: _hook_buffers(h) for i, h in self.hooks.items()},
+            "hooks": {i: hook_buffers(h) for i, h in self.hooks.items()},
             "records": dict(self._records),
             "by_fact": dict(self._by_fact),
             "alias_of": dict(self._alias_of),
@@ -302,7 +288,7 @@ class HookEditor:
             for i, h in self.hooks.items():
                 h.add_keys(keys[i].T.float(), shard)
             if self.settings.check_recall:
-                self._check_recall(batch, enc, shard)
+                check_recall(self.model, self.hooks, batch, enc, shard)
         except SolveError as exc:
             self._restore(snap)
             log.warning("hook_batch_refused", reason=str(exc), edits=[s.edit_id for s in batch])
@@ -400,47 +386,16 @@ class HookEditor:
                 hook.set_delta(solution.delta, shard)
                 keys[layer], outputs[layer] = k, t
         for layer in layers:
-            self._guard(layer, self.hooks[layer].delta[shard].double() - before[layer])
+            update = self.hooks[layer].delta[shard].double() - before[layer]
+            guard_update(
+                layer,
+                float(torch.linalg.matrix_norm(update)) / self._w0_norm[layer],
+                self.norm_history[layer],
+                self.settings.max_update_norm_zscore,
+            )
         return keys, outputs
 
     @torch.no_grad()
-    def _check_recall(self, batch: Sequence[EditSpec], enc: KeySites, shard: int) -> None:
-        """Raise SolveError unless the gate routes every key site of the batch to ``shard``."""
-        self.model(
-            input_ids=enc.input_ids,
-            attention_mask=enc.attention_mask,
-            position_ids=position_ids(enc.attention_mask),
-            use_cache=False,
-        )
-        for layer, hook in self.hooks.items():
-            route = hook.last_route
-            got = (
-                route[enc.rows, enc.positions]
-                if route is not None
-                else torch.full_like(enc.rows, -1)
-            )
-            missed = sorted({batch[int(e)].edit_id for e in enc.owner[got != shard].tolist()})
-            if missed:
-                raise SolveError(
-                    f"layer {layer}: the scope gate does not route {len(missed)} edit(s) of "
-                    f"the batch to their shard {shard} (gate recall check): {missed[:5]}",
-                    layer=layer,
-                    edit_ids=missed,
-                )
-
-    def _guard(self, layer: int, update_delta: torch.Tensor) -> None:
-        """Refuse a batch whose update is an outlier against this layer's history."""
-        update = float(torch.linalg.matrix_norm(update_delta)) / self._w0_norm[layer]
-        history = self.norm_history[layer]
-        if hmath.is_outlier(update, history, self.settings.max_update_norm_zscore):
-            raise SolveError(
-                f"layer {layer}: the batch's update norm {update:.4g} x ||W0|| is an outlier "
-                f"against the last {len(history)} batches (collapse guard)",
-                layer=layer,
-                update_norm_ratio=update,
-            )
-        history.append(update)
-
     # --- retraction --------------------------------------------------------------
 
     def retract(self, edit_ids: Sequence[str]) -> None:
@@ -506,7 +461,7 @@ class HookEditor:
                 "key_position": self.settings.key_position,
                 "cov_weight": self.settings.cov_weight,
             },
-            "covariance_sha": {str(i): _tensor_sha(c) for i, c in self._cov.items()},
+            "covariance_sha": {str(i): tensor_sha(c) for i, c in self._cov.items()},
             "batches": self._batches,
             "norm_history": {str(i): v for i, v in self.norm_history.items()},
             "records": records_manifest(self._records),
@@ -514,7 +469,7 @@ class HookEditor:
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         return pack_tensors(
-            {i: _hook_buffers(h) for i, h in self.hooks.items()},
+            {i: hook_buffers(h) for i, h in self.hooks.items()},
             self._sums,
             self._records,
             {i: (h.d_in, h.d_out) for i, h in self.hooks.items()},
@@ -532,22 +487,8 @@ class HookEditor:
         self._load(dict(state["manifest"]), dict(state["tensors"]))
 
     def _load(self, manifest: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> None:
-        settings = manifest.get("settings", {})
-        if (
-            list(settings.get("layers", [])) != list(self.settings.layers)
-            or settings.get("key_position") != self.settings.key_position
-        ):
-            raise EditorStateError(
-                f"hook editor state was made with layers {settings.get('layers')} and keys at "
-                f"{settings.get('key_position')}; this editor has {list(self.settings.layers)} "
-                f"and {self.settings.key_position}"
-            )
-        expected = {str(i): _tensor_sha(c) for i, c in self._cov.items()}
-        if manifest.get("covariance_sha") != expected:
-            raise EditorStateError(
-                "hook editor state was solved against other covariance statistics "
-                "(a different model, text source or token budget)"
-            )
+        expected = {str(i): tensor_sha(c) for i, c in self._cov.items()}
+        check_compatible(manifest, self.settings.layers, self.settings.key_position, expected)
         try:
             records = unpack_records(manifest["records"], tensors, list(self.hooks), self.device)
             sums = {i: unpack_sums(tensors, i, self.device) for i in self.hooks}
@@ -569,23 +510,8 @@ class HookEditor:
 
     def save(self, directory: Path | str) -> None:
         """Write the state as ``tensors.safetensors`` plus ``manifest.json`` (atomically)."""
-        folder = Path(directory)
-        folder.mkdir(parents=True, exist_ok=True)
-        tensors = self._tensors()
-        atomic_write(folder / TENSORS, lambda p: save_file(tensors, str(p)))
-        atomic_write_text(folder / MANIFEST, json.dumps(self._manifest(), indent=1))
+        write_state(Path(directory), self._manifest(), self._tensors())
 
     def load(self, directory: Path | str) -> None:
         """Read what ``save`` wrote; raise EditorStateError when it does not fit."""
-        folder = Path(directory)
-        try:
-            manifest = json.loads((folder / MANIFEST).read_text())
-            tensors = load_file(str(folder / TENSORS))
-        except (OSError, ValueError) as exc:
-            raise EditorStateError(f"{folder}: cannot read the hook editor state: {exc}") from exc
-        if manifest.get("version") != STATE_VERSION:
-            raise EditorStateError(
-                f"{folder}: hook editor state version {manifest.get('version')!r} "
-                f"(this code reads {STATE_VERSION})"
-            )
-        self._load(manifest, tensors)
+        self._load(*read_state(Path(directory)))

@@ -15,15 +15,23 @@ reproduces the logits bit for bit.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from daemon.editors.base import EditSpec
+from daemon.errors import EditorStateError
+from daemon.files import atomic_write, atomic_write_text
 
 STATE_VERSION = 2
+MANIFEST = "manifest.json"
+TENSORS = "tensors.safetensors"
 """2: sharded deltas and sums, per-key gate references (1: one delta, pooled reference)."""
 
 
@@ -144,3 +152,65 @@ def hook_state(tensors: Mapping[str, torch.Tensor], layer: int) -> dict[str, tor
     """The ``hook.{layer}.*`` tensors with the prefix removed."""
     prefix = f"hook.{layer}."
     return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def check_compatible(
+    manifest: Mapping[str, Any],
+    layers: Sequence[int],
+    key_position: str,
+    covariance_sha: Mapping[str, str],
+) -> None:
+    """Refuse a state made with other layers, key position or covariance statistics."""
+    settings = manifest.get("settings", {})
+    if (
+        list(settings.get("layers", [])) != list(layers)
+        or settings.get("key_position") != key_position
+    ):
+        raise EditorStateError(
+            f"hook editor state was made with layers {settings.get('layers')} and keys at "
+            f"{settings.get('key_position')}; this editor has {list(layers)} "
+            f"and {key_position}"
+        )
+    if manifest.get("covariance_sha") != dict(covariance_sha):
+        raise EditorStateError(
+            "hook editor state was solved against other covariance statistics "
+            "(a different model, text source or token budget)"
+        )
+
+
+def write_state(
+    folder: Path, manifest: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
+) -> None:
+    """``tensors.safetensors`` plus ``manifest.json`` in ``folder``, each written atomically."""
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write(folder / TENSORS, lambda p: save_file(dict(tensors), str(p)))
+    atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=1))
+
+
+def read_state(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """What ``write_state`` wrote, version-checked; EditorStateError when unreadable."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        tensors = load_file(str(folder / TENSORS))
+    except (OSError, ValueError) as exc:
+        raise EditorStateError(f"{folder}: cannot read the hook editor state: {exc}") from exc
+    if manifest.get("version") != STATE_VERSION:
+        raise EditorStateError(
+            f"{folder}: hook editor state version {manifest.get('version')!r} "
+            f"(this code reads {STATE_VERSION})"
+        )
+    return manifest, tensors
+
+
+def hook_buffers(hook: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A hook layer's own buffers (delta, gate keys, references), without the base module."""
+    return {
+        name: value.detach().clone()
+        for name, value in hook.state_dict().items()
+        if not name.startswith("base.")
+    }
+
+
+def tensor_sha(t: torch.Tensor) -> str:
+    """A short content digest of a tensor (covariance statistics in the manifest)."""
+    return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
