@@ -148,12 +148,60 @@ _CREATE_FEEDS = _sql(
     )""",
 )
 
+_FEED_ITEMS_AND_SPOOL = _sql(
+    # Polling state: consecutive failures (back-off) and when the feed is next due.
+    "ALTER TABLE feeds ADD COLUMN failures INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE feeds ADD COLUMN next_poll_at REAL",
+    "ALTER TABLE feeds ADD COLUMN added_at REAL",
+    # A malformed item is remembered with its reason; updated_at moves on a change.
+    "ALTER TABLE feed_items ADD COLUMN error TEXT",
+    "ALTER TABLE feed_items ADD COLUMN updated_at REAL",
+    # The edits an item produced, one per slot ("fact_edit", or an extractor's
+    # relation and subject), with the extractor and the text it matched (provenance).
+    """CREATE TABLE feed_item_edits (
+        feed TEXT NOT NULL,
+        item_id TEXT NOT NULL,
+        slot TEXT NOT NULL,
+        edit_id TEXT NOT NULL REFERENCES edits (id),
+        extractor TEXT NOT NULL,
+        evidence TEXT,
+        created_at REAL NOT NULL,
+        PRIMARY KEY (feed, item_id, slot),
+        FOREIGN KEY (feed, item_id) REFERENCES feed_items (feed, item_id) ON DELETE CASCADE
+    )""",
+    "CREATE INDEX feed_item_edits_edit ON feed_item_edits (edit_id)",
+    # One row per spool file imported, keyed by content: the import and this row
+    # commit in one transaction, so a file is imported exactly once.
+    """CREATE TABLE spool_files (
+        sha256 TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        status TEXT NOT NULL CHECK (status IN ('imported', 'processed', 'rejected')),
+        lines INTEGER NOT NULL DEFAULT 0,
+        accepted INTEGER NOT NULL DEFAULT 0,
+        rejected INTEGER NOT NULL DEFAULT 0,
+        duplicates INTEGER NOT NULL DEFAULT 0,
+        report TEXT NOT NULL DEFAULT '{}',
+        run_id INTEGER REFERENCES nightly_runs (id) ON DELETE SET NULL,
+        imported_at REAL NOT NULL,
+        finished_at REAL
+    )""",
+    """CREATE TABLE nightly_runs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        trigger TEXT NOT NULL,
+        status TEXT NOT NULL CHECK (status IN ('running', 'done', 'failed')),
+        started_at REAL NOT NULL,
+        finished_at REAL,
+        summary TEXT NOT NULL DEFAULT '{}'
+    )""",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "create_edits", _CREATE_EDITS),
     Migration(2, "create_events", _CREATE_EVENTS),
     Migration(3, "create_batches", _CREATE_BATCHES),
     Migration(4, "create_checkpoints_and_probe_runs", _CREATE_CHECKPOINTS_AND_PROBES),
     Migration(5, "create_feeds", _CREATE_FEEDS),
+    Migration(6, "feed_items_and_spool", _FEED_ITEMS_AND_SPOOL),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 
