@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -203,15 +204,22 @@ class WorkerConfig:
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """Periodic jobs (apscheduler 3.x): nightly release and lease housekeeping."""
+    """Periodic jobs (apscheduler 3.x): the nightly run and lease housekeeping.
+
+    ``nightly_enabled = false`` leaves the nightly run to ``editd nightly`` (the
+    ``editd-nightly.timer`` unit); ``nightly_wait_s`` bounds how long a nightly run
+    waits for its edits to be applied before it validates drift.
+    """
 
     enabled: bool = True
     timezone: str = "UTC"
     nightly_time: str = "02:00"
     requeue_interval_s: float = 30.0
+    nightly_enabled: bool = True
+    nightly_wait_s: float = 21600.0
 
     def __post_init__(self) -> None:
-        _positive(self, "requeue_interval_s")
+        _positive(self, "requeue_interval_s", "nightly_wait_s")
         parts = self.nightly_time.split(":")
         ok = len(parts) == 2 and all(p.isdigit() for p in parts)
         ok = ok and 0 <= int(parts[0]) <= 23 and 0 <= int(parts[1]) <= 59
@@ -271,6 +279,39 @@ class ApiConfig:
 
 
 @dataclass(frozen=True)
+class PatternRule:
+    """One rule of the pattern extractor (``[[feeds.patterns]]``).
+
+    ``pattern`` is a regular expression searched in an item's title and then its
+    summary; it must name the groups ``subject`` and ``object``. ``prompt`` and
+    ``target`` are templates over the named groups, e.g. prompt ``"The chief
+    executive of {subject} is"`` and target ``" {object}"``.
+    """
+
+    relation: str = ""
+    pattern: str = ""
+    prompt: str = ""
+    target: str = " {object}"
+    ignore_case: bool = True
+
+    def __post_init__(self) -> None:
+        _require(
+            bool(re.fullmatch(r"[a-z][a-z0-9_]*", self.relation)), "relation", "must be snake_case"
+        )
+        try:
+            groups = re.compile(self.pattern).groupindex
+        except re.error as exc:
+            raise _FieldError("pattern", f"is not a valid regular expression: {exc}") from None
+        _require(
+            {"subject", "object"} <= set(groups),
+            "pattern",
+            "must name the groups 'subject' and 'object'",
+        )
+        _require("{subject}" in self.prompt, "prompt", "must contain {subject}")
+        _require(bool(self.target.strip()), "target", "must not be empty")
+
+
+@dataclass(frozen=True)
 class FeedsConfig:
     """Feed polling (feeds themselves are added with ``editd feeds add``) and the spool."""
 
@@ -280,10 +321,17 @@ class FeedsConfig:
     max_bytes: int = 5 << 20
     user_agent: str = "editd/0.1"
     spool_dir: Path = Path("var/spool")
+    spool_max_file_bytes: int = 256 << 20
     pattern_extractor: bool = False
+    patterns: tuple[PatternRule, ...] = ()
+    tick_s: float = 30.0
+    retries: int = 2
+    backoff_s: float = 1.0
 
     def __post_init__(self) -> None:
-        _positive(self, "default_interval_s", "timeout_s", "max_bytes")
+        _positive(self, "default_interval_s", "timeout_s", "max_bytes", "spool_max_file_bytes")
+        _positive(self, "tick_s", "backoff_s")
+        _require(self.retries >= 0, "retries", "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -369,6 +417,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         (item_tp, _ellipsis) = typing.get_args(tp)
         if not isinstance(value, list):
             raise _FieldError(key, f"expected {_type_name(tp)}, got {_describe(value)}")
+        if dataclasses.is_dataclass(item_tp):
+            rule_tp = typing.cast(type[Any], item_tp)
+            return tuple(_build(rule_tp, v, f"{key}[{i}]") for i, v in enumerate(value))
         return tuple(_coerce(v, item_tp, key) for v in value)
     elif tp is bool:
         ok = isinstance(value, bool)
