@@ -1,4 +1,4 @@
-"""The systemd unit verifies (systemd-analyze) and runs editd the way serve expects."""
+"""The systemd units verify (systemd-analyze) and run editd the way its verbs expect."""
 
 from __future__ import annotations
 
@@ -9,13 +9,15 @@ from pathlib import Path
 
 import pytest
 
-UNIT = Path(__file__).resolve().parents[2] / "deploy" / "editd.service"
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+UNIT = DEPLOY / "editd.service"
+UNITS = ("editd.service", "editd-nightly.service", "editd-nightly.timer")
 
 
-def _unit() -> configparser.ConfigParser:
+def _unit(name: str = "editd.service") -> configparser.ConfigParser:
     parser = configparser.ConfigParser(strict=False, interpolation=None)
     parser.optionxform = str  # type: ignore[assignment,method-assign]
-    parser.read(UNIT)
+    parser.read(DEPLOY / name)
     return parser
 
 
@@ -30,22 +32,39 @@ def test_service_is_a_notify_unit_with_a_watchdog_and_a_state_directory() -> Non
     assert "MemoryDenyWriteExecute" not in service
 
 
+def test_nightly_timer_starts_a_oneshot_that_runs_editd_nightly() -> None:
+    """The timer's service only asks for the nightly run: no model, no serve."""
+    timer = _unit("editd-nightly.timer")
+    assert timer["Timer"]["Unit"] == "editd-nightly.service"
+    assert timer["Timer"]["Persistent"] == "yes"
+    assert timer["Install"]["WantedBy"] == "timers.target"
+    service = _unit("editd-nightly.service")["Service"]
+    assert service["Type"] == "oneshot"
+    args = service["ExecStart"].split()
+    assert args[-1] == "nightly" and "serve" not in args
+    daemon = _unit()["Service"]
+    for key in ("User", "StateDirectory", "WorkingDirectory", "EnvironmentFile"):
+        assert service[key] == daemon[key], key  # same user and state as the daemon
+
+
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
-def test_systemd_analyze_verifies_the_unit(tmp_path: Path) -> None:
+def test_systemd_analyze_verifies_the_units(tmp_path: Path) -> None:
     # verify checks that ExecStart's binary exists: point it at a real one for the check
-    text = UNIT.read_text(encoding="utf-8").replace(
-        "/opt/editd/.venv/bin/editd", shutil.which("true") or "/bin/true"
-    )
-    unit = tmp_path / "editd.service"
-    unit.write_text(text, encoding="utf-8")
+    for name in UNITS:
+        text = (DEPLOY / name).read_text(encoding="utf-8").replace(
+            "/opt/editd/.venv/bin/editd", shutil.which("true") or "/bin/true"
+        )
+        (tmp_path / name).write_text(text, encoding="utf-8")
     done = subprocess.run(
-        ["systemd-analyze", "verify", "--man=no", str(unit)],
+        ["systemd-analyze", "verify", "--man=no", *(str(tmp_path / n) for n in UNITS)],
         capture_output=True,
         text=True,
         timeout=60,
     )
     problems = [
-        line for line in (done.stdout + done.stderr).splitlines() if "editd.service" in line
+        line
+        for line in (done.stdout + done.stderr).splitlines()
+        if any(name in line for name in UNITS)
     ]
     assert done.returncode == 0, done.stdout + done.stderr
     assert not problems, problems  # e.g. "editd.service:12: Unknown key name 'Tpye'"
