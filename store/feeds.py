@@ -326,3 +326,11 @@ def provenance_of(store: Store, edit_id: str) -> ItemEdit | None:
 
 def _feed(row: dict[str, Any]) -> Feed:
     return Feed(**{**row, "status": FeedStatus(row["status"])})
+
+
+def feed_states(store: Store) -> list[dict[str, Any]]:
+    """Every feed's row and item counts as JSON objects (for ``editd feeds list`` and the API)."""
+    return [
+        {**feed.to_json_dict(), **feed_counts(store, feed.name).to_json_dict()}
+        for feed in list_feeds(store)
+    ]

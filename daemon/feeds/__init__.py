@@ -1,0 +1,1 @@
+"""News and data feeds, the spool, and the extractors that turn items into edit requests."""
