@@ -375,6 +375,7 @@ ENV_OVERRIDES: dict[str, tuple[str, str]] = {
     "EDITD_STORE_PATH": ("store", "path"),
     "EDITD_CHECKPOINTS_DIR": ("checkpoints", "dir"),
     "EDITD_MODEL_PATH": ("model", "name_or_path"),
+    "EDITD_SPOOL_DIR": ("feeds", "spool_dir"),
 }
 
 

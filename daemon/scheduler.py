@@ -2,8 +2,11 @@
 
 - ``requeue_expired`` every ``[scheduler] requeue_interval_s``: leases of dead
   workers go back to the queue;
-- ``nightly`` at ``[scheduler] nightly_time`` (``timezone``): edits submitted
-  with ``schedule = nightly`` become claimable;
+- ``nightly`` at ``[scheduler] nightly_time`` (``timezone``) unless
+  ``nightly_enabled = false``: the nightly run (:mod:`daemon.nightly`): edits
+  submitted with ``schedule = nightly`` become claimable, the spool is imported,
+  drift is validated once they are applied;
+- ``feeds`` every ``[feeds] tick_s`` (and at start): polls the feeds that are due;
 - ``checkpoint`` every ``[checkpoints] every_minutes`` when edits were applied
   since the last one;
 - ``drift`` every ``[drift] interval_minutes`` when drift validation is on.
@@ -16,6 +19,7 @@ must not stop the others.
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -71,12 +75,21 @@ def start_scheduler(daemon: Daemon) -> BackgroundScheduler | None:
         seconds=cfg.scheduler.requeue_interval_s,
         id="requeue_expired",
     )
-    hour, minute = (int(p) for p in cfg.scheduler.nightly_time.split(":"))
-    scheduler.add_job(
-        _guarded("nightly", lambda: nightly_release(daemon)),
-        CronTrigger(hour=hour, minute=minute, timezone=cfg.scheduler.timezone),
-        id="nightly",
-    )
+    if cfg.scheduler.nightly_enabled:
+        hour, minute = (int(p) for p in cfg.scheduler.nightly_time.split(":"))
+        scheduler.add_job(
+            _guarded("nightly", lambda: daemon.ingestion.nightly("schedule")),
+            CronTrigger(hour=hour, minute=minute, timezone=cfg.scheduler.timezone),
+            id="nightly",
+        )
+    if cfg.feeds.enabled:
+        scheduler.add_job(
+            _guarded("feeds", daemon.ingestion.poll_due),
+            "interval",
+            seconds=cfg.feeds.tick_s,
+            id="feeds",
+            next_run_time=datetime.now(UTC),
+        )
     scheduler.add_job(
         _guarded("checkpoint", lambda: interval_checkpoint(daemon)),
         "interval",

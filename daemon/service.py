@@ -39,6 +39,7 @@ from daemon.errors import (
     EditdError,
     InvalidTransitionError,
 )
+from daemon.ingest import Ingestion
 from daemon.metrics import DaemonMetrics
 from daemon.model.loading import LoadedModel
 from daemon.model.source import load_configured_model
@@ -48,10 +49,12 @@ from store import editlog
 from store.checkpoints import CheckpointRecord, get_checkpoint, latest_good
 from store.db import Store
 from store.edits import EditRecord
+from store.feeds import feed_states
 from store.intake import EnqueueResult
 from store.probes import latest_probe_run
 from store.queue import EditQueue, QueuePolicy
 from store.schema import Backend, EditStatus
+from store.spool import latest_nightly_run
 
 log = structlog.get_logger()
 
@@ -85,6 +88,7 @@ class Daemon:
         self._batches_since_drift = 0
         self._last_checkpoint_at = time.time()
         self.batches_done = 0  # batches whose follow-up (drift check, checkpoint) finished
+        self.ingestion = Ingestion(self)
 
     # --- life cycle ---------------------------------------------------------------------
 
@@ -96,6 +100,7 @@ class Daemon:
         self.queue = EditQueue(self.store, _policy(cfg))
         self.checkpoints = CheckpointManager(cfg.checkpoints.dir, self.store, cfg.checkpoints.keep)
         self.checkpoints.recover()
+        self.ingestion.recover()
         progress("loading the model")
         loaded = load_configured_model(cfg.model, progress=False)
         self.metrics.model_loaded(loaded.load_seconds)
@@ -158,14 +163,19 @@ class Daemon:
 
     def reload(self, config: Config) -> None:
         """Take the reloadable parts of ``config`` (SIGHUP): worker, router policy,
-        checkpoints cadence, drift thresholds, log level. Model, store, editors,
-        API binding need a restart."""
+        checkpoints cadence, drift thresholds, feed polling and extractor rules, the
+        nightly wait, log level. Model, store, editors, API binding, the spool folder
+        and the job times need a restart."""
         self.config = replace(
             self.config,
             worker=config.worker,
             router=replace(config.router, backends=self.config.router.backends),
             checkpoints=replace(config.checkpoints, dir=self.config.checkpoints.dir),
             drift=config.drift,
+            feeds=replace(config.feeds, spool_dir=self.config.feeds.spool_dir),
+            scheduler=replace(
+                self.config.scheduler, nightly_wait_s=config.scheduler.nightly_wait_s
+            ),
             log=config.log,
         )
         if self.worker is not None:
@@ -340,6 +350,7 @@ class Daemon:
             ).fetchall()
         last_ck = latest_good(store)
         drift = latest_probe_run(store, "drift")
+        nightly = latest_nightly_run(store)
         return {
             "version": __version__,
             "ready": self.is_ready(),
@@ -351,6 +362,7 @@ class Daemon:
             "last_checkpoint": None if last_ck is None else last_ck.to_json_dict(),
             "last_drift": None if drift is None else drift.to_json_dict(),
             "restore": None if self.restore_report is None else _restore_json(self.restore_report),
+            "last_nightly": None if nightly is None else nightly.to_json_dict(),
         }
 
     def is_ready(self) -> bool:
@@ -376,6 +388,15 @@ class Daemon:
         if record is None:
             raise EditdError("drift validation failed: the model was rolled back, no checkpoint")
         return record.to_json_dict()
+
+    def list_feeds(self) -> list[dict[str, Any]]:
+        return feed_states(self.live_store())
+
+    def poll_feeds(self, name: str | None) -> list[dict[str, Any]]:
+        return [report.to_json_dict() for report in self.ingestion.poll(name)]
+
+    def start_nightly(self, trigger: str) -> dict[str, Any]:
+        return self.ingestion.start_nightly(trigger)
 
     # --- live parts (raise DaemonNotReadyError before start) --------------------------------
 

@@ -176,7 +176,10 @@ def find_live_by_hash(db: Database, content_hash: str) -> EditRecord | None:
 def insert(db: Database, row: dict[str, Any]) -> None:
     """Insert a new edit at the tail of the queue (``seq`` assigned here)."""
     next_seq = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM edits").fetchone()[0]
-    db.table("edits").insert({**row, "seq": int(next_seq)})
+    values = {**row, "seq": int(next_seq)}
+    columns = ", ".join(values)  # our own column names, never user input
+    marks = ", ".join("?" for _ in values)
+    db.execute(f"INSERT INTO edits ({columns}) VALUES ({marks})", list(values.values()))
 
 
 def update(db: Database, edit_id: str, now: float, **values: Any) -> None:

@@ -307,6 +307,35 @@ def drift_check(facade: Facade) -> dict[str, Any]:
     return facade.run_drift_check()
 
 
+@router.get("/v1/feeds", summary="The feeds and their state")
+def list_feeds(facade: Facade) -> dict[str, Any]:
+    """Each feed: URL, status, last error, cache validators, next poll, item counts."""
+    return {"feeds": facade.list_feeds()}
+
+
+@router.post(
+    "/v1/feeds/poll",
+    dependencies=[*_documented_auth, Depends(require_ready)],
+    summary="Poll feeds now",
+)
+def poll_feeds(
+    facade: Facade, name: Annotated[str | None, Query(max_length=100)] = None
+) -> dict[str, Any]:
+    """Poll the feed ``name`` (due or not), or every feed that is due."""
+    return {"polls": facade.poll_feeds(name)}
+
+
+@router.post(
+    "/v1/nightly",
+    status_code=202,
+    dependencies=[*_documented_auth, Depends(require_ready)],
+    summary="Start the nightly run now",
+)
+def start_nightly(facade: Facade) -> dict[str, Any]:
+    """Releases nightly edits and imports the spool in the background; then drift."""
+    return facade.start_nightly("api")
+
+
 @router.get("/v1/status", summary="Queue depth, applied counts, last checkpoint and drift")
 def status(facade: Facade) -> dict[str, Any]:
     """The daemon's status document."""

@@ -98,3 +98,18 @@ class DaemonFacade(Protocol):
         """Load a checkpoint and replay the store's later edits; the restore report.
         Raises ``RecordNotFoundError`` or ``CheckpointError`` (corrupt, marked bad)."""
         ...
+
+    def list_feeds(self) -> list[dict[str, Any]]:
+        """Every feed with its state (status, last error, validators) and item counts."""
+        ...
+
+    def poll_feeds(self, name: str | None) -> list[dict[str, Any]]:
+        """Poll one feed (due or not) or every due feed now; one report per feed polled.
+        Raises ``RecordNotFoundError`` for an unknown feed."""
+        ...
+
+    def start_nightly(self, trigger: str) -> dict[str, Any]:
+        """Start the nightly run (release nightly edits, import the spool, apply, validate
+        drift) in the background; ``{"started": bool, "run": ...}``. A run already in
+        progress is not started twice."""
+        ...

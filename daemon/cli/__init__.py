@@ -1,7 +1,7 @@
 """The ``editd`` command.
 
-Every verb from DESIGN.md is listed in ``editd --help``. Verbs whose machinery
-is not built yet say so and exit with status 3, never a fake success. Errors
+Every verb from DESIGN.md is listed in ``editd --help``, plus ``nightly`` (what
+the ``editd-nightly.timer`` unit runs). Errors
 editd raises on purpose print one line (``editd: error: ...``) and exit 1;
 usage errors exit 2 (click's convention).
 """
@@ -12,8 +12,8 @@ from daemon.cli import (  # noqa: F401 - register verbs
     demo,
     edits,
     evaluate,
+    feeds,
     locate,
-    pending,
     serve,
     world,
 )

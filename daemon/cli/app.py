@@ -1,7 +1,7 @@
 """The ``editd`` command group, shared options and error handling.
 
-Every verb from DESIGN.md is listed in ``editd --help``. Verbs whose machinery
-is not built yet say so and exit with status 3 — never a fake success. Errors
+Every verb from DESIGN.md is listed in ``editd --help``, plus ``nightly``. An
+``EditdError`` that says something is not built exits 3, never a fake success. Errors
 editd raises on purpose print one line (``editd: error: ...``) and exit 1;
 usage errors exit 2 (click's convention).
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, NoReturn, TypeVar
+from typing import Any, TypeVar
 
 import click
 
@@ -102,10 +102,6 @@ def state(ctx: click.Context) -> CliState:
 
 def echo_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False))
-
-
-def not_built(verb: str, arrives_with: str) -> NoReturn:
-    raise NotBuiltYetError(f"'editd {verb}' is not built yet (it arrives with {arrives_with})")
 
 
 @click.group(cls=EditdGroup, context_settings={"help_option_names": ["-h", "--help"]})

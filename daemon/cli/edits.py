@@ -10,9 +10,10 @@ import click
 
 from daemon.cli.app import CliError, EditdGroup, cli, config_option, echo_json, json_option, state
 from daemon.config import Config, request_limits
-from daemon.errors import EditdError
+from daemon.errors import InvalidTransitionError
 from store.checkpoints import latest_good
 from store.db import Store
+from store.edits import EditRecord
 from store.probes import latest_probe_run
 from store.queue import EditQueue, EnqueueResult
 from store.records import EditStatus, SourceKind
@@ -33,6 +34,15 @@ def split_submission(data: bytes) -> list[object]:
     if isinstance(whole, list):
         return list(whole)
     return [line for line in data.splitlines() if line.strip()]
+
+
+def retract_in_store(st: Store, edit_id: str, reason: str) -> EditRecord:
+    """Record a retraction in the store alone (no daemon runs: its next start applies it)."""
+    queue = EditQueue(st)
+    current = queue.get(edit_id).status
+    if current is EditStatus.APPLYING:
+        raise InvalidTransitionError(edit_id, current.value, EditStatus.RETRACTED.value)
+    return queue.transition(edit_id, EditStatus.RETRACTED, reason=reason)
 
 
 def _open(cfg: Config, *, create: bool) -> Store:
@@ -179,8 +189,5 @@ def edits_retract(ctx: click.Context, edit_id: str, reason: str) -> None:
     except DaemonUnreachableError:
         pass
     with _open(cfg, create=False) as st:
-        queue = EditQueue(st)
-        if queue.get(edit_id).status is EditStatus.APPLYING:
-            raise EditdError(f"edit '{edit_id}' is being applied; retry in a moment")
-        record = queue.transition(edit_id, EditStatus.RETRACTED, reason=reason)
+        record = retract_in_store(st, edit_id, reason)
     click.echo(f"{record.id}: retracted (daemon not running: takes effect at its next start)")

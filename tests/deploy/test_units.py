@@ -51,8 +51,10 @@ def test_nightly_timer_starts_a_oneshot_that_runs_editd_nightly() -> None:
 def test_systemd_analyze_verifies_the_units(tmp_path: Path) -> None:
     # verify checks that ExecStart's binary exists: point it at a real one for the check
     for name in UNITS:
-        text = (DEPLOY / name).read_text(encoding="utf-8").replace(
-            "/opt/editd/.venv/bin/editd", shutil.which("true") or "/bin/true"
+        text = (
+            (DEPLOY / name)
+            .read_text(encoding="utf-8")
+            .replace("/opt/editd/.venv/bin/editd", shutil.which("true") or "/bin/true")
         )
         (tmp_path / name).write_text(text, encoding="utf-8")
     done = subprocess.run(

@@ -27,10 +27,12 @@ from transformers import (
 from daemon.api.app import create_app
 from daemon.api.facade import CompletionChoice, CompletionRequest
 from daemon.completions import complete
-from daemon.config import ApiConfig
+from daemon.config import ApiConfig, Config
 from daemon.errors import DriftDisabledError, RecordNotFoundError
+from daemon.feeds.poller import FeedPoller
 from store.db import Store
 from store.edits import EditRecord
+from store.feeds import feed_states
 from store.intake import EnqueueResult
 from store.queue import EditQueue
 from store.schema import EditStatus, SourceKind
@@ -68,6 +70,7 @@ class StoreFacade:
         self.routing = RecordingRouting()
         self.ready = True
         self.checkpoints = 0
+        self.nightly_triggers: list[str] = []
         self.registry = CollectorRegistry()
         self.requests = Counter("editd_test_calls", "Facade calls.", registry=self.registry)
 
@@ -110,6 +113,18 @@ class StoreFacade:
 
     def run_drift_check(self) -> dict[str, Any]:
         raise DriftDisabledError("drift validation is disabled")
+
+    def list_feeds(self) -> list[dict[str, Any]]:
+        return feed_states(self.store)
+
+    def poll_feeds(self, name: str | None) -> list[dict[str, Any]]:
+        poller = FeedPoller(self.store, Config(), retract=self.retract)
+        reports = poller.poll_due() if name is None else [poller.poll(name)]
+        return [report.to_json_dict() for report in reports]
+
+    def start_nightly(self, trigger: str) -> dict[str, Any]:
+        self.nightly_triggers.append(trigger)
+        return {"started": True, "run": None}
 
     def restore_checkpoint(self, checkpoint_id: str) -> dict[str, Any]:
         if checkpoint_id != f"ckpt-{self.checkpoints}":

@@ -106,6 +106,10 @@ class DaemonProcess:
         assert r.status_code == 200, r.text
         return dict(r.json())
 
+    def edit_or_none(self, edit_id: str) -> dict[str, Any] | None:
+        r = self.request("GET", f"/v1/edits/{edit_id}")
+        return None if r.status_code == 404 else dict(r.json())
+
     def wait_settled(self, ids: list[str], timeout: float = 300.0) -> dict[str, str]:
         """Wait until no edit of ``ids`` is queued or applying; their statuses."""
         deadline = time.monotonic() + timeout
