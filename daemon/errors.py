@@ -307,3 +307,37 @@ class DaemonNotReadyError(EditdError):
 
 class DriftDisabledError(EditdError):
     """A drift check was asked for but drift validation is off in the config."""
+
+
+class FeedFetchError(EditdError):
+    """A feed could not be fetched; ``transient`` says whether a later poll may succeed."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        url: str,
+        status_code: int | None = None,
+        attempts: int | None = None,
+        transient: bool = False,
+    ) -> None:
+        super().__init__(
+            f"{url}: {message}",
+            url=url,
+            status_code=status_code,
+            attempts=attempts,
+            transient=transient,
+        )
+        self.reason = message
+        self.url = url
+        self.status_code = status_code
+        self.attempts = attempts
+        self.transient = transient
+
+
+class FeedParseError(EditdError):
+    """The whole document is unusable as a feed (not JSON Feed, Atom or RSS, or broken)."""
+
+    def __init__(self, message: str, *, format: str | None = None) -> None:
+        super().__init__(message, format=format)
+        self.format = format

@@ -36,7 +36,7 @@ from enum import StrEnum
 import httpx
 import structlog
 
-from daemon.errors import EditdError
+from daemon.errors import FeedFetchError
 
 log = structlog.get_logger()
 
@@ -48,32 +48,6 @@ _PERMANENT_REDIRECTS = frozenset({301, 308})
 _TEMPORARY_REDIRECTS = frozenset({302, 303, 307})
 _RETRYABLE_4XX = frozenset({408, 429})
 _MAX_WAIT_S = 60.0
-
-
-class FeedFetchError(EditdError):
-    """A feed could not be fetched; ``transient`` says whether a later poll may succeed."""
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        url: str,
-        status_code: int | None = None,
-        attempts: int | None = None,
-        transient: bool = False,
-    ) -> None:
-        super().__init__(
-            f"{url}: {message}",
-            url=url,
-            status_code=status_code,
-            attempts=attempts,
-            transient=transient,
-        )
-        self.reason = message
-        self.url = url
-        self.status_code = status_code
-        self.attempts = attempts
-        self.transient = transient
 
 
 @dataclass(frozen=True)

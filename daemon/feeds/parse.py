@@ -71,7 +71,7 @@ from xml.parsers.expat import ExpatError
 import feedparser
 import structlog
 
-from daemon.errors import EditdError
+from daemon.errors import FeedParseError
 from daemon.feeds import factxml
 from daemon.feeds.factxml import FACT_EDIT_NS, ExtensionError, UnsafeXmlError
 
@@ -91,14 +91,6 @@ log = structlog.get_logger()
 JSONFEED_VERSION_PREFIX = "https://jsonfeed.org/version/1"
 _JSON_TYPES = frozenset({"application/feed+json", "application/json"})
 _OPS = ("update", "retract")
-
-
-class FeedParseError(EditdError):
-    """The whole document is unusable as a feed (not JSON Feed, Atom or RSS, or broken)."""
-
-    def __init__(self, message: str, *, format: str | None = None) -> None:
-        super().__init__(message, format=format)
-        self.format = format
 
 
 @dataclass(frozen=True)

@@ -42,10 +42,10 @@ import httpx
 import structlog
 
 from daemon.config import Config, request_limits
-from daemon.errors import EditdError, InvalidTransitionError
+from daemon.errors import EditdError, FeedFetchError, FeedParseError, InvalidTransitionError
 from daemon.feeds.extract import Extraction, Extractor, build_extractors
-from daemon.feeds.fetch import FeedFetchError, FetchOutcome, FetchPolicy, fetch_feed
-from daemon.feeds.parse import FeedEntry, FeedParseError, parse_feed
+from daemon.feeds.fetch import FetchOutcome, FetchPolicy, fetch_feed
+from daemon.feeds.parse import FeedEntry, parse_feed
 from store import editlog
 from store import feeds as feed_store
 from store.db import Store

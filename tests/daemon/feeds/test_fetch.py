@@ -10,7 +10,8 @@ import httpx
 import pytest
 from structlog.testing import capture_logs
 
-from daemon.feeds.fetch import FeedFetchError, FetchOutcome, FetchPolicy, fetch_feed
+from daemon.errors import FeedFetchError
+from daemon.feeds.fetch import FetchOutcome, FetchPolicy, fetch_feed
 from tests.daemon.feeds.conftest import FeedServer, Reply, SeenRequest
 
 FEED = b'{"version": "https://jsonfeed.org/version/1.1", "title": "t", "items": []}'

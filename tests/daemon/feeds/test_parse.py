@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
+from daemon.errors import FeedParseError
 from daemon.feeds.parse import (
     FACT_EDIT_NS,
     FeedEntry,
-    FeedParseError,
     ItemError,
     ParsedFeed,
     parse_feed,
