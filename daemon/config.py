@@ -145,7 +145,15 @@ class MeloConfig:
 
 @dataclass(frozen=True)
 class HookConfig:
-    """COMEBA-HK: hook layers with closed-form consecutive updates and a scope gate."""
+    """COMEBA-HK: hook layers with closed-form consecutive updates and a scope gate.
+
+    ``gate_scope = "subject"``: an edit is in scope only where its subject's tokens
+    occur in the input, and a token is scored against those edits' keys alone
+    (cosine floor ``gate_subject_cos_floor``); ``"key"``: every token against every
+    key (floor ``gate_cos_floor``). ``gate_snap_keys``: a routed token gets the
+    output stored for the key it matched; ``gate_shared_route``: the lowest hook
+    layer's routing serves the layers above it.
+    """
 
     layers: tuple[int, ...] = ()
     key_position: KeyPosition = "auto"
@@ -159,12 +167,21 @@ class HookConfig:
     gate_threshold: float = 3.0
     gate_floor: float = 1.0
     gate_cos_floor: float = 0.7
+    gate_scope: Literal["subject", "key"] = "subject"
+    gate_subject_cos_floor: float = 0.55
+    gate_snap_keys: bool = True
+    gate_shared_route: bool = True
     shard_keys: int = 0
     max_update_norm_zscore: float = 6.0
     max_target_tokens: int = 8
 
     def __post_init__(self) -> None:
         _require(-1.0 <= self.gate_cos_floor <= 1.0, "gate_cos_floor", "must be in [-1, 1]")
+        _require(
+            -1.0 <= self.gate_subject_cos_floor <= 1.0,
+            "gate_subject_cos_floor",
+            "must be in [-1, 1]",
+        )
         _non_negative(self, "shard_keys")
         _positive(self, "covariance_tokens", "covariance_weight", "target_steps")
         _positive(self, "target_learning_rate", "target_norm_clamp", "max_target_tokens")

@@ -8,11 +8,11 @@ agree and are all refused when they conflict.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from transformers import PreTrainedTokenizerBase
 
-from daemon.editors.base import EditSpec
+from daemon.editors.base import EditOutcome, EditSpec
 from daemon.model.batches import target_token_ids
 
 
@@ -69,3 +69,14 @@ def merge_batch(
         batch.append(group[0])
         merged[group[0].edit_id] = [s.edit_id for s in group[1:]]
     return batch, merged, conflicts
+
+
+def refuse_all(
+    batch: Sequence[EditSpec], merged: Mapping[str, list[str]], reason: str
+) -> dict[str, EditOutcome]:
+    """A refusal with ``reason`` for every edit of ``batch`` and every edit merged into one."""
+    out: dict[str, EditOutcome] = {}
+    for spec in batch:
+        for edit_id in (spec.edit_id, *merged.get(spec.edit_id, [])):
+            out[edit_id] = EditOutcome(edit_id, False, reason)
+    return out

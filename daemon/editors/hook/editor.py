@@ -27,7 +27,11 @@ For a batch of edits (subject, prompt, target):
 5. **Scope gate.** The batch's keys join each hook's key set, each with its own
    reference (the distribution of its centred cosine over the calibration text,
    computed once when the key is added), so the delta fires only near an edit's key
-   and adding keys never moves the gate of earlier ones. A **recall check** then
+   and adding keys never moves the gate of earlier ones. With ``gate_scope =
+   "subject"`` (default) a token is scored only against the keys of edits whose
+   subject its sequence names (``scope.SubjectScope``, rebuilt from the records, so
+   nothing new is persisted) and, with ``gate_snap_keys``, gets the matched key's
+   value; ``"key"`` scores it against every key. A **recall check** then
    runs the batch's prompts through the gated model: every key site must be routed
    to the batch's shard at every hook layer, else the batch is refused.
 6. **Collapse guard.** ``||delta_l||/||W0||`` and the batch's update norm per
@@ -38,7 +42,7 @@ For a batch of edits (subject, prompt, target):
 Retraction subtracts the edits' ``(k, t)`` terms from their shard's ``M`` and ``S``,
 solves that shard again and drops their gate keys with their references; the other
 keys' references do not depend on them, so the gate stays as if the edits had
-never been applied.
+never been applied; their subjects leave the subject index.
 """
 
 from __future__ import annotations
@@ -47,26 +51,22 @@ from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import structlog
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from daemon.editors.base import EditOutcome, EditSpec
-from daemon.editors.hook import math as hmath
-from daemon.editors.hook.batching import fact_key, merge_batch, refusal_reason
-from daemon.editors.hook.checks import check_recall, guard_update
-from daemon.editors.hook.keys import KeyKind, KeySites, capture, encode_sites
-from daemon.editors.hook.layer import (
-    DEFAULT_COS_FLOOR,
-    HookedProjection,
-    calibrate_gates,
-    install_hooks,
-)
+from daemon.editors.hook.batching import fact_key, merge_batch, refusal_reason, refuse_all
+from daemon.editors.hook.checks import check_recall
+from daemon.editors.hook.gate import DEFAULT_COS_FLOOR, DEFAULT_SUBJECT_COS_FLOOR
+from daemon.editors.hook.keys import KeyKind, encode_sites
+from daemon.editors.hook.layer import HookedProjection
+from daemon.editors.hook.scope import SubjectScope
+from daemon.editors.hook.solve import SolvePlan, resolve_shards, solve_layers, zero_sums
 from daemon.editors.hook.state import (
     STATE_VERSION,
-    LayerSums,
     Record,
     check_compatible,
     hook_buffers,
@@ -80,10 +80,14 @@ from daemon.editors.hook.state import (
     write_state,
 )
 from daemon.editors.hook.targets import EditText, TargetSettings, optimise_targets
+from daemon.editors.hook.wiring import calibrate_gates, install_hooks
 from daemon.errors import EditorStateError, SolveError
 from daemon.model import arch
 
 log = structlog.get_logger()
+
+GateScope = Literal["subject", "key"]
+GATE_SCOPES: tuple[GateScope, ...] = ("subject", "key")
 
 
 @dataclass(frozen=True)
@@ -102,8 +106,16 @@ class HookSettings:
     gate_cos_floor: float = DEFAULT_COS_FLOOR
     shard_keys: int = 0  # live keys per shard; 0: half the smallest hook d_in
     check_recall: bool = True
+    gate_scope: GateScope = "subject"  # "key": score every token against every key
+    gate_subject_cos_floor: float = DEFAULT_SUBJECT_COS_FLOOR
+    gate_snap_keys: bool = True  # subject gate: a routed token gets its matched key's value
+    gate_shared_route: bool = True  # subject gate: the first hook layer decides for all
 
     def __post_init__(self) -> None:
+        if self.gate_scope not in GATE_SCOPES:
+            raise ValueError(f"gate_scope must be one of {GATE_SCOPES}: {self.gate_scope!r}")
+        if not -1.0 <= self.gate_subject_cos_floor <= 1.0:
+            raise ValueError("gate_subject_cos_floor must be in [-1, 1]")
         if self.solve_rounds < 1:
             raise ValueError("solve_rounds must be >= 1")
         if self.shard_keys < 0 or not -1.0 <= self.gate_cos_floor <= 1.0:
@@ -146,13 +158,22 @@ class HookEditor:
             threshold=settings.gate_threshold,
             threshold_floor=settings.gate_floor,
             cos_floor=settings.gate_cos_floor,
+            subject_cos_floor=settings.gate_subject_cos_floor,
         )
+        self.scope: SubjectScope | None = None
+        if settings.gate_scope == "subject":
+            self.scope = SubjectScope(tokenizer)
+            self.scope.attach(model)
+            for h in self.hooks.values():
+                h.scope = self.scope
+                h.snap_keys = settings.gate_snap_keys
+                h.share_route = settings.gate_shared_route
         self._cov = {i: covariance[i].to(self.device, torch.float64) for i in settings.layers}
         self._w0_norm = {
             i: float(torch.linalg.matrix_norm(arch.projection_weight_out_in(h.base).double()))
             for i, h in self.hooks.items()
         }
-        self._sums = {i: [self._zero_sums(h)] for i, h in self.hooks.items()}  # per shard
+        self._sums = {i: [zero_sums(h)] for i, h in self.hooks.items()}  # per shard
         self._shard_keys = settings.shard_keys or max(
             1, min(h.d_in for h in self.hooks.values()) // 2
         )
@@ -167,13 +188,6 @@ class HookEditor:
         self._calib_mask = enc["attention_mask"].to(self.device)
         calibrate_gates(model, self.hooks, self._calib_ids, self._calib_mask)
 
-    def _zero_sums(self, hook: HookedProjection) -> LayerSums:
-        f64 = torch.float64
-        return LayerSums(
-            torch.zeros(hook.d_out, hook.d_in, dtype=f64, device=self.device),
-            torch.zeros(hook.d_in, hook.d_in, dtype=f64, device=self.device),
-        )
-
     # --- queries -----------------------------------------------------------------
 
     def applied_ids(self) -> list[str]:
@@ -184,8 +198,20 @@ class HookEditor:
         return ids
 
     def routing(self, prompts: Sequence[str]) -> AbstractContextManager[None]:
-        # The scope gate decides per token; there is nothing to route per request.
+        # The scope gate decides inside each forward (the subject scope at its prefill).
         return nullcontext()
+
+    def close(self) -> None:
+        """Remove the subject scope's model pre-hook (the hooks then gate by key alone)."""
+        if self.scope is not None:
+            self.scope.close()
+
+    def _sync_scope(self, pending: Sequence[EditSpec] = ()) -> None:
+        """Rebuild the subject index from the gate key owners (``pending``: not yet recorded)."""
+        if self.scope is None:
+            return
+        specs = [r.spec for r in self._records.values()] + list(pending)
+        self.scope.sync(self._key_owner, {s.edit_id: (s.subject or "", s.prompt) for s in specs})
 
     def health(self) -> dict[str, Any]:
         """The collapse guard's numbers, for the drift job and metrics."""
@@ -250,6 +276,7 @@ class HookEditor:
         self._key_owner = snap["key_owner"]
         self.norm_history = snap["history"]
         self._batches = snap["batches"]
+        self._sync_scope()
 
     def _apply_batch(
         self, batch: list[EditSpec], merged: Mapping[str, list[str]]
@@ -283,16 +310,29 @@ class HookEditor:
                 self.settings.key_position,
                 self.settings.targets,
             )
-            keys, outputs = self._solve_layers(enc, result.values, shard)
+            keys, outputs = solve_layers(
+                self.model,
+                self.hooks,
+                enc,
+                result.values,
+                shard,
+                self._plan(),
+                self._sums,
+                self._cov,
+                self._w0_norm,
+                self.norm_history,
+            )
             site_edit = result.site_edit.tolist()
             for i, h in self.hooks.items():
                 h.add_keys(keys[i].T.float(), shard)
+            self._key_owner.extend(batch[e].edit_id for e in site_edit)
+            self._sync_scope(batch)
             if self.settings.check_recall:
                 check_recall(self.model, self.hooks, batch, enc, shard)
         except SolveError as exc:
             self._restore(snap)
             log.warning("hook_batch_refused", reason=str(exc), edits=[s.edit_id for s in batch])
-            return self._refuse_all(batch, merged, f"the solve failed: {exc}")
+            return refuse_all(batch, merged, f"the solve failed: {exc}")
         self._batches += 1
         for n, spec in enumerate(batch):
             record = Record(
@@ -308,7 +348,6 @@ class HookEditor:
             self._by_fact[record.fact] = spec.edit_id
             for alias in record.aliases:
                 self._alias_of[alias] = spec.edit_id
-        self._key_owner.extend(batch[e].edit_id for e in site_edit)
         log.info(
             "hook_batch_applied",
             edits=len(batch),
@@ -332,14 +371,9 @@ class HookEditor:
                 )
         return outcomes
 
-    def _refuse_all(
-        self, batch: list[EditSpec], merged: Mapping[str, list[str]], reason: str
-    ) -> dict[str, EditOutcome]:
-        out: dict[str, EditOutcome] = {}
-        for spec in batch:
-            for edit_id in (spec.edit_id, *merged.get(spec.edit_id, [])):
-                out[edit_id] = EditOutcome(edit_id, False, reason)
-        return out
+    def _plan(self) -> SolvePlan:
+        s = self.settings
+        return SolvePlan(s.layers, s.cov_weight, s.solve_rounds, s.max_update_norm_zscore)
 
     def _shard_for(self, n_sites: int) -> int:
         """The shard a batch of ``n_sites`` key sites goes to (opening one when full)."""
@@ -350,50 +384,9 @@ class HookEditor:
             return last
         for layer, h in self.hooks.items():
             h.add_shard()
-            self._sums[layer].append(self._zero_sums(h))
+            self._sums[layer].append(zero_sums(h))
         log.info("hook_shard_opened", shard=last + 1, keys_in_previous=live)
         return last + 1
-
-    def _solve_layers(
-        self, enc: KeySites, values: torch.Tensor, shard: int
-    ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-        """MEMIT's layer loop on one shard; returns per layer the batch's keys and targets."""
-        layers = self.settings.layers
-        z = values.to(self.device, torch.float64)  # (sites, d_model)
-        before = {layer: self.hooks[layer].delta[shard].double().clone() for layer in layers}
-        keys: dict[int, torch.Tensor] = {}
-        outputs: dict[int, torch.Tensor] = {}
-        for _round in range(self.settings.solve_rounds):
-            for pos, layer in enumerate(layers):
-                cap = capture(self.model, self.hooks, enc, [layer], layers[-1])
-                k = cap.keys[layer].double()  # (sites, d_in)
-                missing = z - cap.residual.double()  # (sites, d_model)
-                share = hmath.spread_residual(missing, layer, len(layers) - pos)
-                hook = self.hooks[layer]
-                current = k @ hook.delta[shard].double().T  # (sites, d_out): the delta now
-                t = current + share
-                sums = self._sums[layer][shard]
-                if layer in keys:  # a later round replaces this batch's earlier terms
-                    old_k, old_t = keys[layer], outputs[layer]
-                    sums = LayerSums(
-                        sums.moment - old_t.T @ old_k, sums.key_outer - old_k.T @ old_k
-                    )
-                new = LayerSums(sums.moment + t.T @ k, sums.key_outer + k.T @ k)
-                solution = hmath.solve_from_sums(
-                    new.moment, new.key_outer, self._cov[layer], self.settings.cov_weight
-                )
-                self._sums[layer][shard] = new
-                hook.set_delta(solution.delta, shard)
-                keys[layer], outputs[layer] = k, t
-        for layer in layers:
-            update = self.hooks[layer].delta[shard].double() - before[layer]
-            guard_update(
-                layer,
-                float(torch.linalg.matrix_norm(update)) / self._w0_norm[layer],
-                self.norm_history[layer],
-                self.settings.max_update_norm_zscore,
-            )
-        return keys, outputs
 
     @torch.no_grad()
     # --- retraction --------------------------------------------------------------
@@ -427,28 +420,14 @@ class HookEditor:
             self._by_fact.pop(record.fact, None)
             for alias in record.aliases:
                 self._alias_of.pop(alias, None)
+        self._sync_scope()
         self._resolve(shards)
         log.info("hook_edits_retracted", edits=sorted(gone), remaining=len(self._records))
 
     def _resolve(self, shards: Sequence[int]) -> None:
         """Solve ``shards`` again from their sums (an emptied shard is zeroed exactly)."""
-        if not self._records:
-            for layer, hook in self.hooks.items():
-                self._sums[layer] = [self._zero_sums(hook)]
-                hook.reset()
-            return
         live = {r.shard for r in self._records.values()}
-        for layer, hook in self.hooks.items():
-            for shard in shards:
-                if shard not in live:
-                    self._sums[layer][shard] = self._zero_sums(hook)
-                    hook.set_delta(torch.zeros(hook.d_out, hook.d_in), shard)
-                    continue
-                sums = self._sums[layer][shard]
-                solution = hmath.solve_from_sums(
-                    sums.moment, sums.key_outer, self._cov[layer], self.settings.cov_weight
-                )
-                hook.set_delta(solution.delta, shard)
+        resolve_shards(self.hooks, self._sums, self._cov, self.settings.cov_weight, shards, live)
 
     # --- state -------------------------------------------------------------------
 
@@ -503,6 +482,7 @@ class HookEditor:
         self._by_fact = {r.fact: e for e, r in records.items()}
         self._alias_of = {a: e for e, r in records.items() for a in r.aliases}
         self._key_owner = [e for e, r in records.items() for _ in range(r.sites)]
+        self._sync_scope()
         self._batches = int(manifest.get("batches", 0))
         history = manifest.get("norm_history", {})
         self.norm_history = {i: [float(x) for x in history.get(str(i), [])] for i in self.hooks}

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from daemon.editors.hook.layer import HookedProjection, gate_positions
+from daemon.editors.hook.layer import HookedProjection
+from daemon.editors.hook.wiring import gate_positions
 from daemon.model import arch
 from daemon.model.batches import encode_prompt_target, target_token_ids
 from daemon.model.tokens import subject_last_token_index

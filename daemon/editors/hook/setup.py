@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -101,7 +102,16 @@ def settings_from_config(
         shard_keys=cfg.shard_keys,
         max_update_norm_zscore=cfg.max_update_norm_zscore,
         max_target_tokens=cfg.max_target_tokens,
+        **_subject_gate_keys(cfg),
     )
+
+
+SUBJECT_GATE_KEYS = ("gate_scope", "gate_subject_cos_floor", "gate_snap_keys", "gate_shared_route")
+"""``[editors.hook]`` keys of the subject gate, passed on to ``HookSettings``."""
+
+
+def _subject_gate_keys(cfg: HookConfig) -> dict[str, Any]:
+    return {key: getattr(cfg, key) for key in SUBJECT_GATE_KEYS}
 
 
 def choose_layout(

@@ -33,7 +33,8 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from daemon.editors.hook.keys import KeyKind, encode_sites, position_ids
-from daemon.editors.hook.layer import HookedProjection, gate_positions
+from daemon.editors.hook.layer import HookedProjection
+from daemon.editors.hook.wiring import gate_positions
 from daemon.model import arch
 from daemon.model.batches import target_nll, target_token_hits
 from daemon.model.tokens import subject_last_token_index

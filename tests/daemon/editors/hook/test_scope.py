@@ -1,0 +1,341 @@
+"""The subject gate: subject n-grams, the index, scope at prefill and decode, routing."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from daemon.config import Config, HookConfig
+from daemon.editors.base import EditSpec
+from daemon.editors.hook import setup
+from daemon.editors.hook import subject_gate as sg
+from daemon.editors.hook.editor import GateScope, HookEditor, HookSettings
+from daemon.editors.hook.scope import Scope, SubjectIndex, SubjectScope, subject_grams
+from daemon.editors.hook.setup import build_hook_editor
+from daemon.model.loading import LoadedModel, load_model
+from daemon.world.editsets import counterfactual_edits
+
+N_EDITS = 6
+
+
+def _config() -> Config:
+    cfg = Config()
+    hook = dataclasses.replace(
+        cfg.editors.hook,
+        layers=(1,),
+        key_position="prompt_last",
+        covariance_tokens=20_000,
+    )
+    return dataclasses.replace(cfg, editors=dataclasses.replace(cfg.editors, hook=hook))
+
+
+def _build(loaded: LoadedModel, stats: Path, gate_scope: GateScope = "subject") -> HookEditor:
+    """A hook editor on ``loaded`` with the given gate (the settings' default: subject)."""
+    made = setup.settings_from_config
+
+    def settings(*args: Any) -> HookSettings:
+        return dataclasses.replace(made(*args), gate_scope=gate_scope)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(setup, "settings_from_config", settings)
+        return build_hook_editor(loaded, _config(), stats_dir=stats)
+
+
+@pytest.fixture(scope="module")
+def edits(micro_world: Path) -> list[dict[str, Any]]:
+    loaded = load_model(str(micro_world), device="cpu")
+    return counterfactual_edits(micro_world, loaded.model, loaded.tokenizer, N_EDITS, seed=3)
+
+
+@pytest.fixture
+def loaded(micro_world: Path) -> LoadedModel:
+    return load_model(str(micro_world), device="cpu")
+
+
+@pytest.fixture
+def stats(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.getbasetemp() / "hook-stats"  # shared with test_editor
+
+
+@pytest.fixture
+def editor(loaded: LoadedModel, stats: Path) -> HookEditor:
+    return _build(loaded, stats)
+
+
+def _specs(edits: list[dict[str, Any]]) -> list[EditSpec]:
+    return [EditSpec(e["id"], e["prompt"], e["target"], e["subject"], e["relation"]) for e in edits]
+
+
+def _last_routes(editor: HookEditor, loaded: LoadedModel, prompts: list[str]) -> list[int]:
+    """The shard each prompt's last token is routed to at the (single) hook layer."""
+    enc = loaded.tokenizer(prompts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        loaded.model(**enc)
+    (hook,) = editor.hooks.values()
+    assert hook.last_route is not None
+    return [int(r) for r in hook.last_route[:, -1]]
+
+
+def _logits(loaded: LoadedModel, prompts: list[str]) -> torch.Tensor:
+    enc = loaded.tokenizer(prompts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out: torch.Tensor = loaded.model(**enc).logits
+    return out
+
+
+# --- subject n-grams and the index ------------------------------------------------------
+
+
+def test_subject_grams_hold_both_leading_space_variants(loaded: LoadedModel) -> None:
+    """BPE tokenises "Velmora" and " Velmora" differently: both are stored, and the
+    subject matches at the start of a prompt and in the middle of one."""
+    tok = loaded.tokenizer
+    grams = subject_grams(tok, "Velmora Duskine", "The home of Velmora Duskine is")
+    alone = tuple(tok("Velmora Duskine", add_special_tokens=False)["input_ids"])
+    spaced = tuple(tok(" Velmora Duskine", add_special_tokens=False)["input_ids"])
+    assert alone != spaced and {alone, spaced} <= grams
+    scope = SubjectScope(tok)
+    scope.sync(["e1"], {"e1": ("Velmora Duskine", "Velmora Duskine lives in")})
+    enc = tok(["Velmora Duskine lives in", "The home of Velmora Duskine is"], padding=True)
+    found = scope.scope_for(torch.tensor(enc["input_ids"]), torch.tensor(enc["attention_mask"]))
+    assert found.candidates.tolist() == [[0], [0]]
+
+
+def test_the_index_needs_the_whole_subject_and_ignores_pads(loaded: LoadedModel) -> None:
+    index = SubjectIndex({"a": frozenset({(5, 6, 7)}), "b": frozenset({(5,)})})
+    row = [0, 5, 6, 7, 5, 6]
+    assert index.matches_at(row, 1) == [("a", 3), ("b", 1)]
+    assert index.matches_at(row, 4) == [("b", 4)]  # 5 6 <end>: not "a"
+    assert index.matches_at([0, 5, -1, 7], 1) == [("b", 1)]  # a pad inside "a"
+    assert index.matches_at(row, 0) == []
+    scope = SubjectScope(loaded.tokenizer)
+    scope.sync(["e1"], {"e1": ("Velmora", "Velmora is")})
+    enc = loaded.tokenizer(["Velmora is"], return_tensors="pt")
+    pads = torch.zeros_like(enc["attention_mask"])
+    assert scope.scope_for(enc["input_ids"], pads).candidates.numel() == 0
+
+
+def test_a_token_sees_a_subject_only_from_where_it_ends(loaded: LoadedModel) -> None:
+    """Causal scope: tokens before the subject's last token have no candidates."""
+    tok = loaded.tokenizer
+    scope = SubjectScope(tok)
+    scope.sync(["e1", "e1", "e2"], {"e1": ("Velmora", "Velmora is"), "e2": ("Kest", "Kest is")})
+    enc = tok(["The home of Velmora is"], return_tensors="pt")
+    found = scope.scope_for(enc["input_ids"], enc["attention_mask"])
+    ends = int(found.active_from[0, 0])
+    assert sorted(found.candidates[0].tolist()) == [0, 1]  # both key rows of e1, none of e2
+    causal = found.causal(enc["input_ids"].shape[1])
+    assert causal is not None
+    assert not causal[0, :ends].any() and causal[0, ends:].all()  # (T, K)
+    decode = found.decoding()
+    assert decode.causal(1) is None  # every candidate active
+    assert decode.fits((1, 1)) and not found.fits((1, 1))
+
+
+def test_the_candidate_gate_scores_candidates_only_against_their_floor() -> None:
+    """Only candidate keys compete; the floor rejects a near-but-not-close key; rows
+    without candidates and tokens before their subject stay closed; snapped values
+    are the matched key's output through its shard."""
+    torch.manual_seed(0)
+    d, d_out = 16, 3
+    keys = torch.randn(5, d)
+    keys_n = nn.functional.normalize(keys, dim=-1)
+    mean, std = torch.zeros(5), torch.full((5,), 0.05)
+    basis, _ = torch.linalg.qr(torch.stack([keys_n[1], keys_n[3], torch.randn(d)]).T)
+    near = 0.3 * keys_n[1] + (1 - 0.09) ** 0.5 * basis[:, 2]  # cosine .3 to key 1, 0 to 3
+    x = torch.stack(
+        [
+            torch.stack([keys[3], keys[3], near]),  # row 0: candidates 1 and 3
+            torch.stack([keys[0], keys[1], keys[3]]),  # row 1: no candidates
+        ]
+    )  # (B=2, T=3, d)
+    candidates = torch.tensor([[1, 3], [-1, -1]])
+    causal = torch.tensor([[[False, False], [True, True], [True, True]]]).expand(2, -1, -1)
+    shard = torch.tensor([0, 0, 1, 1, 0])
+    delta = torch.randn(2, d_out, d)
+    values = sg.key_values(keys, shard, delta)
+    assert torch.allclose(values[3], keys[3] @ delta[1].T)
+
+    def routes(floor: float) -> list[list[int]]:
+        reach = sg.key_reach(mean, std, 3.0, floor)
+        table = sg.candidate_table(candidates, keys_n, reach, shard, values)
+        assert table is not None
+        fire, winner = sg.route_table(x, torch.zeros(d), table, causal)
+        return sg.routes_of(table, fire, winner).tolist()
+
+    assert routes(0.5) == [[-1, 1, -1], [-1, -1, -1]]
+    assert routes(0.2) == [[-1, 1, 0], [-1, -1, -1]]  # a lower floor lets .3 reach key 1
+    reach = sg.key_reach(mean, std, 3.0, 0.5)
+    table = sg.candidate_table(candidates, keys_n, reach, shard, values)
+    assert table is not None
+    fire, winner = sg.route_table(x, torch.zeros(d), table, causal)
+    out = torch.randn(2, 3, d_out)
+    got = sg.add_values(out, table, fire, winner)
+    assert torch.equal(got[1], out[1]) and torch.equal(got[0, [0, 2]], out[0, [0, 2]])
+    assert torch.allclose(got[0, 1], out[0, 1] + values[3])
+    assert sg.candidate_table(candidates[1:], keys_n, reach, shard, values) is None
+
+
+# --- the gate in the editor ---------------------------------------------------------------
+
+
+def test_the_gate_opens_only_where_the_subject_is_named(
+    editor: HookEditor, loaded: LoadedModel, edits: list[dict[str, Any]]
+) -> None:
+    """Rephrases (same subject) route; the same template about another subject never
+    does, and its logits are the base model's bit for bit."""
+    e = edits[0]
+    others = [p["prompt"] for p in e["locality"] if e["subject"] not in p["prompt"]]
+    base = _logits(loaded, others)
+    assert all(o.accepted for o in editor.apply(_specs(edits)))
+    assert all(r >= 0 for r in _last_routes(editor, loaded, [e["prompt"], *e["rephrases"]]))
+    assert others and _last_routes(editor, loaded, others) == [-1] * len(others)
+    (hook,) = editor.hooks.values()
+    assert hook.last_route is not None and not bool((hook.last_route >= 0).any())
+    assert torch.equal(_logits(loaded, others), base)
+
+
+def test_the_same_subject_under_another_relation_is_rejected_by_the_floor(
+    editor: HookEditor, loaded: LoadedModel, edits: list[dict[str, Any]]
+) -> None:
+    assert all(o.accepted for o in editor.apply(_specs(edits)))
+    probes = [p["prompt"] for e in edits for p in e["locality"] if e["subject"] in p["prompt"]]
+    assert probes
+    subject_of = {p: e["subject"] for e in edits for p in [q["prompt"] for q in e["locality"]]}
+    scope = editor.scope
+    assert scope is not None
+    enc = loaded.tokenizer(probes, return_tensors="pt", padding=True)
+    found = scope.scope_for(enc["input_ids"], enc["attention_mask"])
+    assert bool((found.candidates >= 0).any(dim=1).all()), "every probe names an edited subject"
+    assert _last_routes(editor, loaded, probes) == [-1] * len(probes), [
+        (p, subject_of[p]) for p in probes
+    ]
+
+
+def test_retraction_removes_the_subject_from_the_index(
+    editor: HookEditor, loaded: LoadedModel, edits: list[dict[str, Any]]
+) -> None:
+    e = edits[0]
+    base = _logits(loaded, [e["prompt"], *e["rephrases"]])
+    editor.apply(_specs(edits))
+    assert editor.scope is not None and e["id"] in editor.scope.edits()
+    editor.retract([e["id"]])
+    assert e["id"] not in editor.scope.edits()
+    assert sorted(editor.scope.edits()) == sorted(x["id"] for x in edits[1:])
+    enc = loaded.tokenizer([e["prompt"]], return_tensors="pt")
+    assert editor.scope.scope_for(enc["input_ids"], enc["attention_mask"]).candidates.numel() == 0
+    assert torch.equal(_logits(loaded, [e["prompt"], *e["rephrases"]]), base)
+
+
+def test_decode_steps_keep_the_prefill_scope(
+    editor: HookEditor, loaded: LoadedModel, edits: list[dict[str, Any]]
+) -> None:
+    """KV-cached generation: the prefill decides the candidates, every decode step keeps
+    them; cached and uncached greedy answers agree."""
+    editor.apply(_specs(edits))
+    assert editor.scope is not None
+    seen: list[Scope | None] = []
+    (hook,) = editor.hooks.values()
+    scope = editor.scope
+    handle = hook.register_forward_pre_hook(lambda *_: seen.append(scope.current()))
+    prompts = [edits[0]["prompt"], edits[1]["rephrases"][0]]
+    enc = loaded.tokenizer(prompts, return_tensors="pt", padding=True)
+    model: Any = loaded.model
+    gen = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": loaded.tokenizer.pad_token_id}
+    try:
+        with torch.no_grad():
+            cached = model.generate(**enc, **gen)
+    finally:
+        handle.remove()
+    assert len(seen) >= 2 and all(s is not None for s in seen)
+    first, *steps = [s for s in seen if s is not None]
+    assert first.prefill and not any(s.prefill for s in steps)
+    assert all(torch.equal(s.candidates, first.candidates) for s in steps)
+    with torch.no_grad():
+        uncached = model.generate(**enc, use_cache=False, **gen)
+    assert torch.equal(cached, uncached)
+
+
+def test_without_input_ids_the_key_gate_decides(
+    editor: HookEditor, loaded: LoadedModel, edits: list[dict[str, Any]]
+) -> None:
+    editor.apply(_specs(edits))
+    enc = loaded.tokenizer([edits[0]["prompt"]], return_tensors="pt")
+    embeds = loaded.model.get_input_embeddings()(enc["input_ids"])
+    with torch.no_grad():
+        loaded.model(inputs_embeds=embeds, attention_mask=enc["attention_mask"])
+    assert editor.scope is not None and editor.scope.current() is None
+    (hook,) = editor.hooks.values()
+    assert hook.last_route is not None and int(hook.last_route[0, -1]) >= 0
+
+
+def test_a_key_gate_state_loads_into_a_subject_gate_editor(
+    loaded: LoadedModel,
+    micro_world: Path,
+    stats: Path,
+    edits: list[dict[str, Any]],
+    tmp_path: Path,
+) -> None:
+    """The subject index is rebuilt from the records: no new persisted state, and the
+    subject editor's state round-trips to bit-identical logits."""
+    keyed = _build(loaded, stats, gate_scope="key")
+    keyed.apply(_specs(edits))
+    keyed.save(tmp_path / "keyed")
+    fresh = load_model(str(micro_world), device="cpu")
+    subject = _build(fresh, stats)
+    subject.load(tmp_path / "keyed")
+    assert subject.scope is not None
+    assert sorted(subject.scope.edits()) == sorted(e["id"] for e in edits)
+    assert all(r >= 0 for r in _last_routes(subject, fresh, [e["prompt"] for e in edits]))
+    prompts = [e["prompt"] for e in edits] + [p["prompt"] for e in edits for p in e["locality"]]
+    expected = _logits(fresh, prompts)
+    other = load_model(str(micro_world), device="cpu")
+    _build(other, stats).load_state_dict(subject.state_dict())
+    assert torch.equal(_logits(other, prompts), expected)
+
+
+def test_a_shared_route_lets_the_first_hook_layer_decide_for_all(
+    loaded: LoadedModel, stats: Path, edits: list[dict[str, Any]]
+) -> None:
+    """With ``gate_shared_route`` (default) every hook layer routes each token as the
+    lowest one did, and the edits still take."""
+    cfg = _config()
+    hook_cfg = dataclasses.replace(cfg.editors.hook, layers=(0, 1))
+    cfg = dataclasses.replace(cfg, editors=dataclasses.replace(cfg.editors, hook=hook_cfg))
+    editor = build_hook_editor(loaded, cfg, stats_dir=stats)
+    assert editor.settings.gate_shared_route
+    assert all(o.accepted for o in editor.apply(_specs(edits)))
+    prompts = [e["prompt"] for e in edits] + [p["prompt"] for e in edits for p in e["locality"]]
+    enc = loaded.tokenizer(prompts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        loaded.model(**enc)
+    low, high = (h.last_route for h in editor.hooks.values())
+    assert low is not None and high is not None and torch.equal(low, high)
+    assert bool((low[: len(edits), -1] >= 0).all())
+
+
+def test_settings_name_the_gate_scope() -> None:
+    with pytest.raises(ValueError, match="gate_scope"):
+        HookSettings(layers=(1,), key_position="prompt_last", gate_scope="tokens")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="gate_subject_cos_floor"):
+        HookSettings(layers=(1,), key_position="prompt_last", gate_subject_cos_floor=2.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class _GateConfig(HookConfig):
+    """``[editors.hook]`` once it names the subject gate's keys."""
+
+    gate_scope: str = "key"
+    gate_shared_route: bool = False
+
+
+def test_the_subject_gate_keys_are_read_when_the_config_has_them() -> None:
+    plain = setup.settings_from_config(HookConfig(), (1,), "prompt_last")
+    assert plain.gate_scope == "subject" and plain.gate_shared_route
+    named = setup.settings_from_config(_GateConfig(), (1,), "prompt_last")
+    assert named.gate_scope == "key" and not named.gate_shared_route
