@@ -113,6 +113,7 @@ class Daemon:
             self.drift.prepare(self.engine)
         progress("restoring edits")
         self.restore_report = self.restore()
+        self._resume_checkpoint_cadence(self.restore_report)
         self.worker = Worker(self.store, self.queue, self.engine, cfg, hooks=self._worker_hooks())
         self._worker_thread = threading.Thread(
             target=self.worker.run, args=(self._stop,), name="editd-worker", daemon=True
@@ -260,6 +261,17 @@ class Daemon:
             self._last_checkpoint_at = time.time()
             self.metrics.checkpoint_written(record.created_at)
             return record
+
+    def _resume_checkpoint_cadence(self, report: RestoreReport) -> None:
+        """Count replayed edits toward the checkpoint cadence, and time it from the last
+        checkpoint: a daemon that keeps crashing before ``every_edits`` new edits would
+        otherwise never checkpoint, and every restart would replay more. A replay that
+        already reaches the cadence is checkpointed now, before the worker starts."""
+        self._edits_since_checkpoint = report.reconcile.replayed
+        last = latest_good(self.live_store())
+        self._last_checkpoint_at = last.created_at if last is not None else time.time()
+        if self.due_checkpoint():
+            self.checkpoint("restore")
 
     def due_checkpoint(self) -> bool:
         cfg = self.config.checkpoints
