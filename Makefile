@@ -11,7 +11,8 @@ PYTEST_ARGS ?=
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test lint typecheck unit test-slow bench clean
+.PHONY: install demo test lint typecheck unit test-slow clean bench bench-data \
+	bench-lifelong bench-inference bench-cost bench-restore bench-throughput bench-load bench-soak
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "editd needs Python >= 3.11 (set PYTHON=...)")'
@@ -39,6 +40,26 @@ test: lint typecheck unit
 
 test-slow: install
 	$(BIN)/python -m pytest -m "slow" $(PYTEST_ARGS)
+
+# Benchmarks (BENCHMARKS.md): each prints a table and writes JSON under bench/results/.
+# They need the small world and its edit set (bench-data builds them once, ~5 min).
+# BENCH_ARGS passes options through, e.g. make bench-load BENCH_ARGS="--duration-s 60".
+BENCH_ARGS ?=
+SMALL_WORLD := var/worlds/small-llama
+EDITS_1000 := var/evals/world-cf-1000.jsonl
+
+$(SMALL_WORLD): | install
+	$(BIN)/editd world build --size small --arch llama --out $(SMALL_WORLD)
+
+$(EDITS_1000): | $(SMALL_WORLD)
+	$(BIN)/editd world edits --model $(SMALL_WORLD) --n 1000 --seed 0 --out $(EDITS_1000)
+
+bench-data: $(SMALL_WORLD) $(EDITS_1000)
+
+bench: bench-lifelong bench-inference bench-cost bench-restore bench-throughput bench-load bench-soak
+
+bench-lifelong bench-inference bench-cost bench-restore bench-throughput bench-load bench-soak: bench-data
+	$(BIN)/python -m bench.$(@:bench-%=%) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache
