@@ -1,44 +1,23 @@
-"""Inference overhead with N edits applied: the edited model against the base model.
+"""Inference overhead with 0, 100, 1,000, ... edits applied: the edited model against the base.
 
-Target: "Inference with 1,000 edits applied: at most 10% slower than the base model on
-the same prompts, same run."
+Target: inference with 1,000 edits applied at most 10% slower than the base model on the
+same prompts, same run. Per editor (``hook``, ``melo`` or both) the model is loaded twice:
+a base copy never edited, and a copy the editor is built on as the daemon builds it (MELO
+calibrated on the world's drift probes). One stream of edits (the JSONL's, batches of
+``--batch-size``) grows through ``--sizes`` (0: the editor installed, no edits); at each
+size, on one prompt set (the first 100 edit prompts, locality prompts, drift probes), base
+and edited passes are interleaved ``--rounds`` times after a warm-up (medians, ratios):
+greedy generation in chunks of 32 inside ``editor.routing`` as ``Engine.greedy`` runs it
+(completion latency); exactly ``--max-new-tokens`` per prompt, eos ignored (per-step cost,
+tokens/s); one forward of 32 prompts. Routing alone: MELO's index search per query (the
+live index, and synthetic indexes of N random keys for every size, also past the edit
+file) and the hook gate's ``route`` per token position. A sanity check reads the outputs;
+at the largest size, routing quality (``bench/routing_quality.py``). The hook runs at
+layers 2-3 with prompt-last keys, statistics cached under ``<--stats-home>/stats/``.
 
-For each editor (``hook``, ``melo`` or both) the benchmark loads the model twice in one
-process: a base copy that is never edited, and a copy the editor is built on exactly as
-the daemon builds it (``daemon.editors.registry.make_editor`` with the loaded config;
-MELO gets the world's drift probes as calibration prompts, as ``Daemon`` passes them).
-It applies the first N edits of the JSONL in batches of ``--batch-size`` and then times,
-on one fixed prompt set (the prompts of the first 100 edits, their locality prompts and
-the world's drift probes):
+    .venv/bin/python -m bench.inference --editor both --sizes 0,100,1000,10000
 
-- greedy generation, 32 prompts per call, each chunk inside ``editor.routing(chunk)`` as
-  ``Engine.greedy`` does (the base copy runs without routing); base and edited passes are
-  interleaved, alternating which goes first, ``--rounds`` times each after one warm-up;
-- one forward pass (logits) of a batch of 32 prompts, interleaved the same way, with the
-  routing cost (MELO's key look-up) timed on its own as well.
-
-Overhead = median edited seconds / median base seconds - 1 (the median of the paired
-per-round ratios is reported too). A sanity check reads the generations: edit prompts
-should answer their new targets and locality/probe prompts should mostly answer as the
-base model does, so the timed model really carries the edits.
-
-Routing quality, measured without generation: the hook's scope gate (``last_route`` of
-each ``HookedProjection`` after a forward pass, position ids as ``generate`` uses) at the
-key site of each prompt (prompt-last keys: the last prompt token), per hook layer and in
-any layer: how often edit prompts, training-template rephrases and held-out rephrases
-open the gate (a miss is a false negative) and how often locality prompts and drift
-probes do (a false positive), at the key site and at any of their tokens. For MELO the
-same groups go through ``route_blocks``: routed to any block, and to the edit's own one.
-
-The hook is configured as ``config.toml`` with ``[editors.hook] layers = [2, 3]`` and
-``key_position = "prompt_last"`` (the layout BENCHMARKS.md evaluates). Its covariance
-statistics are cached under ``<--stats-home>/stats/`` (the config's store folder); the
-default ``var/evals/var`` is where ``var/evals/hook.toml`` keeps them. The cache key
-holds the model path as given, so run from the repository root with the relative path.
-
-    .venv/bin/python -m bench.inference --editor both --n 1000
-
-Writes ``bench/results/inference-<editor>-<N>-<model>.json`` per editor and prints a table.
+Writes ``bench/results/inference-<editor>-<sizes joined by _>-<model>.json``.
 """
 
 from __future__ import annotations
@@ -60,7 +39,8 @@ import torch
 import transformers
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from bench.routing_quality import hook_gate_stats, melo_route_stats, position_ids, probe_groups
+from bench import plots
+from bench import routing_quality as rq
 from daemon.config import Config, load_config
 from daemon.drift.probes import left_padded, null_routing, probes_from_world
 from daemon.editors.base import EditSpec
@@ -100,13 +80,7 @@ def load(cfg: Config, model: str) -> LoadedModel:
 
 def edit_specs(records: Sequence[dict[str, Any]]) -> list[EditSpec]:
     return [
-        EditSpec(
-            edit_id=str(r["id"]),
-            prompt=r["prompt"],
-            target=r["target"],
-            subject=r.get("subject"),
-            relation=r.get("relation"),
-        )
+        EditSpec(str(r["id"]), r["prompt"], r["target"], r.get("subject"), r.get("relation"))
         for r in records
     ]
 
@@ -180,54 +154,18 @@ def generate_fixed_steps(
     routing: Routing,
     steps: int,
 ) -> float:
-    """Seconds of greedy generation of exactly ``steps`` tokens per prompt (eos ignored).
-
-    Edited prompts give longer answers than the base model's, so plain greedy
-    generation (stopping at eos) also runs more decode steps; this measures the
-    per-step cost alone: base and edited run the same number of forwards.
-    """
+    """Seconds of greedy generation of exactly ``steps`` tokens per prompt (eos ignored)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     t0 = time.perf_counter()
     for start in range(0, len(prompts), GREEDY_BATCH):
         chunk = list(prompts[start : start + GREEDY_BATCH])
         ids, mask = left_padded(tokenizer, chunk)
         with routing(chunk):
+            kwargs = {"max_new_tokens": steps, "min_new_tokens": steps, "num_beams": 1}
             cast(Any, model).generate(
-                input_ids=ids,
-                attention_mask=mask,
-                do_sample=False,
-                num_beams=1,
-                max_new_tokens=steps,
-                min_new_tokens=steps,
-                pad_token_id=pad,
-                eos_token_id=tokenizer.eos_token_id,
+                input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=pad, **kwargs
             )
     return time.perf_counter() - t0
-
-
-def time_fixed_steps(
-    base: LoadedModel,
-    edited: LoadedModel,
-    routing: Routing,
-    prompts: Sequence[str],
-    rounds: int,
-    steps: int,
-) -> dict[str, Any]:
-    """Interleaved fixed-step generation rounds (order alternates)."""
-    runs = {
-        "base": lambda: generate_fixed_steps(
-            base.model, base.tokenizer, prompts, null_routing, steps
-        ),
-        "edited": lambda: generate_fixed_steps(
-            edited.model, edited.tokenizer, prompts, routing, steps
-        ),
-    }
-    runs["base"](), runs["edited"]()  # warm-up
-    times: dict[str, list[float]] = {"base": [], "edited": []}
-    for r in range(rounds):
-        for name in ("base", "edited") if r % 2 == 0 else ("edited", "base"):
-            times[name].append(runs[name]())
-    return summarise(times["base"], times["edited"])
 
 
 @torch.no_grad()
@@ -248,6 +186,19 @@ def forward(
     return time.perf_counter() - t0, t1 - t0
 
 
+def interleaved(
+    base: Callable[[], float], edited: Callable[[], float], rounds: int
+) -> dict[str, Any]:
+    """``rounds`` timings of each after one warm-up, alternating which runs first."""
+    runs = {"base": base, "edited": edited}
+    base(), edited()
+    times: dict[str, list[float]] = {"base": [], "edited": []}
+    for r in range(rounds):
+        for name in ("base", "edited") if r % 2 == 0 else ("edited", "base"):
+            times[name].append(runs[name]())
+    return summarise(times["base"], times["edited"])
+
+
 def summarise(base: Sequence[float], edited: Sequence[float]) -> dict[str, Any]:
     mb, me = statistics.median(base), statistics.median(edited)
     ratios = [e / b for b, e in zip(base, edited, strict=True)]
@@ -256,6 +207,7 @@ def summarise(base: Sequence[float], edited: Sequence[float]) -> dict[str, Any]:
         "edited_s": [round(x, 4) for x in edited],
         "median_base_s": round(mb, 4),
         "median_edited_s": round(me, 4),
+        "ratio": round(me / mb, 4),
         "overhead": round(me / mb - 1.0, 4),
         "paired_overhead_median": round(statistics.median(ratios) - 1.0, 4),
         "paired_overhead_min": round(min(ratios) - 1.0, 4),
@@ -263,56 +215,47 @@ def summarise(base: Sequence[float], edited: Sequence[float]) -> dict[str, Any]:
     }
 
 
-def time_generation(
-    base: LoadedModel,
-    edited: LoadedModel,
-    routing: Routing,
-    prompts: Sequence[str],
-    rounds: int,
-    max_new_tokens: int,
+def time_size(
+    base: LoadedModel, edited: LoadedModel, routing: Routing, prompts: list[str], args: Any
 ) -> tuple[dict[str, Any], list[str], list[str]]:
-    """Interleaved generation rounds (order alternates); returns the summary and outputs."""
-    runs = {
-        "base": lambda: generate(base.model, base.tokenizer, prompts, null_routing, max_new_tokens),
-        "edited": lambda: generate(
-            edited.model, edited.tokenizer, prompts, routing, max_new_tokens
-        ),
-    }
-    _, base_out = runs["base"]()  # warm-up, and the outputs compared below
-    _, edited_out = runs["edited"]()
-    times: dict[str, list[float]] = {"base": [], "edited": []}
-    for r in range(rounds):
-        for name in ("base", "edited") if r % 2 == 0 else ("edited", "base"):
-            times[name].append(runs[name]()[0])
-    return summarise(times["base"], times["edited"]), base_out, edited_out
-
-
-def time_forward(
-    base: LoadedModel, edited: LoadedModel, routing: Routing, prompts: Sequence[str], reps: int
-) -> dict[str, Any]:
-    """Interleaved single forward passes of one batch of ``FORWARD_BATCH`` prompts."""
-    step = max(1, len(prompts) // FORWARD_BATCH)
-    chosen = list(prompts[::step][:FORWARD_BATCH])
+    """Greedy generation, fixed-step generation and one forward: edited against base."""
+    steps = args.max_new_tokens
+    _, base_out = generate(base.model, base.tokenizer, prompts, null_routing, steps)
+    _, edited_out = generate(edited.model, edited.tokenizer, prompts, routing, steps)
+    gen = interleaved(
+        lambda: generate(base.model, base.tokenizer, prompts, null_routing, steps)[0],
+        lambda: generate(edited.model, edited.tokenizer, prompts, routing, steps)[0],
+        args.rounds,
+    )
+    gen["ms_per_prompt_base"] = round(gen["median_base_s"] / len(prompts) * 1000, 3)
+    gen["ms_per_prompt_edited"] = round(gen["median_edited_s"] / len(prompts) * 1000, 3)
+    fixed = interleaved(
+        lambda: generate_fixed_steps(base.model, base.tokenizer, prompts, null_routing, steps),
+        lambda: generate_fixed_steps(edited.model, edited.tokenizer, prompts, routing, steps),
+        args.rounds,
+    )
+    tokens = len(prompts) * steps
+    fixed["tokens_per_s_base"] = round(tokens / fixed["median_base_s"], 1)
+    fixed["tokens_per_s_edited"] = round(tokens / fixed["median_edited_s"], 1)
+    chosen = prompts[:: max(1, len(prompts) // FORWARD_BATCH)][:FORWARD_BATCH]
     ids, mask = left_padded(base.tokenizer, chosen)
-    batch = (ids, mask, position_ids(mask))
-    forward(base.model, batch, chosen, null_routing)
-    forward(edited.model, batch, chosen, routing)
-    times: dict[str, list[float]] = {"base": [], "edited": []}
+    batch = (ids, mask, rq.position_ids(mask))
     route_s: list[float] = []
-    for r in range(reps):
-        for name in ("base", "edited") if r % 2 == 0 else ("edited", "base"):
-            if name == "base":
-                times["base"].append(forward(base.model, batch, chosen, null_routing)[0])
-            else:
-                total, routed = forward(edited.model, batch, chosen, routing)
-                times["edited"].append(total)
-                route_s.append(routed)
-    out = summarise(times["base"], times["edited"])
-    out.pop("base_s")
-    out.pop("edited_s")
-    out.update(batch=len(chosen), tokens=int(mask.sum()), width=int(mask.shape[1]), reps=reps)
-    out["median_routing_s"] = round(statistics.median(route_s), 5)
-    return out
+
+    def edited_forward() -> float:
+        total, routed = forward(edited.model, batch, chosen, routing)
+        route_s.append(routed)
+        return total
+
+    fwd = interleaved(
+        lambda: forward(base.model, batch, chosen, null_routing)[0], edited_forward, args.reps
+    )
+    for key in ("base_s", "edited_s"):
+        fwd.pop(key)
+    fwd.update(batch=len(chosen), tokens=int(mask.sum()), width=int(mask.shape[1]))
+    fwd["median_routing_s"] = round(statistics.median(route_s), 5)
+    timed = {"generation": gen, "generation_fixed_steps": fixed, "forward": fwd}
+    return timed, base_out, edited_out
 
 
 def sanity(
@@ -335,153 +278,111 @@ def sanity(
     return out
 
 
-# --- routing quality ----------------------------------------------------------------------
-
-
-def editor_facts(name: str, editor: Any) -> dict[str, Any]:
-    if name == "hook":
-        health = editor.health()
-        return {
-            "layers": list(editor.settings.layers),
-            "key_position": editor.settings.key_position,
-            "gate_cos_floor": editor.settings.gate_cos_floor,
-            "shards": health["shards"],
-            "gate_keys": health["gate_keys"],
-        }
-    index = editor.index
-    return {
-        "layers": list(editor.layers),
-        "key_layer": editor.key_layer,
-        "index_keys": 0 if index is None else index.key_count,
-        "blocks_used": editor.table.used,
-    }
+# --- one editor ---------------------------------------------------------------------------
 
 
 def run_editor(
     name: str, args: argparse.Namespace, cfg: Config, base: LoadedModel
 ) -> dict[str, Any]:
-    records = read_jsonl(args.edits)[: args.n]
-    if len(records) < args.n:
-        raise SystemExit(f"{args.edits} holds only {len(records)} edits")
+    records = read_jsonl(args.edits)
     probes = [p.prompt for p in probes_from_world(str(args.model))]
     edited = load(cfg, str(args.model))
     print(f"[{name}] building the editor ...", flush=True)
     t0 = time.perf_counter()
-    editor = make_editor(name, edited, cfg, calibration_prompts=probes)
+    editor: Any = make_editor(name, edited, cfg, calibration_prompts=probes)
     build_s = time.perf_counter() - t0
-    print(f"[{name}] applying {args.n} edits, batches of {args.batch_size} ...", flush=True)
-    applied = apply_edits(editor, edit_specs(records), args.batch_size)
+    specs = edit_specs(records)
     groups = prompt_set(records, probes, args.prompts)
     prompts = [p for g in groups.values() for p in g]
-    print(f"[{name}] timing {len(prompts)} prompts, {args.rounds} rounds ...", flush=True)
-    gen, base_out, edited_out = time_generation(
-        base, edited, editor.routing, prompts, args.rounds, args.max_new_tokens
-    )
-    fixed = time_fixed_steps(
-        base, edited, editor.routing, prompts, args.rounds, args.max_new_tokens
-    )
-    fwd = time_forward(base, edited, editor.routing, prompts, args.forward_reps)
     targets = {r["prompt"]: r["target"] for r in records}
-    checks = sanity(groups, targets, base_out, edited_out)
-    print(f"[{name}] routing quality ...", flush=True)
-    quality = probe_groups(records[: args.gate_edits], probes)
-    if name == "hook":
-        routing_quality = hook_gate_stats(edited, editor, quality)
-    else:
-        routing_quality = melo_route_stats(editor, quality)
-    return {
+    sizes: list[dict[str, Any]] = []
+    for size in args.sizes:
+        if size > len(specs):
+            print(f"[{name}] {size} edits: the file holds {len(specs)}; skipped", flush=True)
+            sizes.append({"edits": size, "skipped": f"{args.edits} holds {len(specs)} edits"})
+            continue
+        done = sizes[-1]["edits"] if sizes and "skipped" not in sizes[-1] else 0
+        if size > done:
+            print(f"[{name}] applying edits {done + 1}..{size}", flush=True)
+        applied = apply_edits(editor, specs[done:size], args.batch_size)
+        print(f"[{name}] {size} edits: timing {len(prompts)} prompts ...", flush=True)
+        timed, base_out, edited_out = time_size(base, edited, editor.routing, prompts, args)
+        sizes.append(
+            {
+                "edits": size,
+                **applied,
+                "editor_facts": rq.editor_facts(name, editor),
+                **timed,
+                "routing_cost": rq.routing_cost(name, editor, edited, prompts, args.reps),
+                "sanity": sanity(groups, targets, base_out, edited_out),
+            }
+        )
+        gc.collect()
+    result: dict[str, Any] = {
         "benchmark": "inference",
         "editor": name,
         "model": args.model.name,
-        "n_edits": args.n,
+        "sizes": args.sizes,
         "batch_size": args.batch_size,
         "editor_build_s": round(build_s, 1),
-        **applied,
-        "editor_facts": editor_facts(name, editor),
         "prompts": {k: len(v) for k, v in groups.items()},
         "max_new_tokens": args.max_new_tokens,
-        "generation": gen,
-        "generation_fixed_steps": fixed,
-        "forward": fwd,
         "target_overhead": TARGET_OVERHEAD,
-        "meets_target": gen["overhead"] <= TARGET_OVERHEAD,
-        "sanity": checks,
-        "routing_quality": {"edits_checked": min(args.gate_edits, args.n), **routing_quality},
+        "by_size": sizes,
     }
+    if name == "melo":
+        result["index_search_synthetic"] = rq.melo_synthetic_costs(
+            editor, cfg.editors.melo.exact_index_max, args.sizes, prompts, args.reps
+        )
+    applied_n = max((s["edits"] for s in sizes if "skipped" not in s), default=0)
+    if applied_n:
+        print(f"[{name}] routing quality at {applied_n} edits ...", flush=True)
+        quality = rq.probe_groups(records[: min(args.gate_edits, applied_n)], probes)
+        if name == "hook":
+            stats = rq.hook_gate_stats(edited, editor, quality)
+        else:
+            stats = rq.melo_route_stats(editor, quality)
+        result["routing_quality"] = {"edits_checked": min(args.gate_edits, applied_n), **stats}
+    return result
 
 
 # --- report -------------------------------------------------------------------------------
 
 
-def print_table(results: Sequence[dict[str, Any]]) -> None:
-    print(
-        f"\n{'editor':<6} {'edits':>5} {'what':<24} {'base s':>8} {'edited s':>9} "
-        f"{'overhead':>9} {'paired':>8} {'<=10%':>6}"
-    )
-    for r in results:
-        accepted = r["accepted"]
-        for what, s in (
-            ("greedy generation", r["generation"]),
-            ("generation, fixed steps", r["generation_fixed_steps"]),
-            ("forward, batch 32", r["forward"]),
-        ):
-            ok = "yes" if s["overhead"] <= TARGET_OVERHEAD else "NO"
-            print(
-                f"{r['editor']:<6} {accepted:>5} {what:<24} {s['median_base_s']:>8.4f} "
-                f"{s['median_edited_s']:>9.4f} {s['overhead']:>+9.1%} "
-                f"{s['paired_overhead_median']:>+8.1%} {ok:>6}"
-            )
-    for r in results:
-        c = r["sanity"]
-        print(
-            f"\n{r['editor']}: apply {r['apply_s']} s ({r['accepted']}/{r['n_edits']} accepted); "
-            f"forward routing {r['forward']['median_routing_s'] * 1000:.1f} ms; "
-            f"edit prompts answer target {c['edit']['answers_target']:.2f}, "
-            f"locality unchanged {c['locality']['unchanged']:.2f}, "
-            f"probes unchanged {c['probe']['unchanged']:.2f}"
-        )
-        q = r["routing_quality"]
-        print(
-            f"  routing ({q['edits_checked']} edits): "
-            f"FN rephrase {q['false_negative_rephrase']:.3f}, "
-            f"FN held-out {q['false_negative_heldout']:.3f}, "
-            f"FP locality {q['false_positive_locality']:.3f}, "
-            f"FP probes {q['false_positive_probe']:.3f}"
-        )
+def _sizes(value: str) -> list[int]:
+    sizes = sorted({int(v) for v in value.split(",") if v.strip()})
+    if not sizes or sizes[0] < 0:
+        raise argparse.ArgumentTypeError("expected comma-separated edit counts >= 0")
+    return sizes
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
     parser.add_argument("--model", type=Path, default=Path("var/worlds/small-llama"))
     parser.add_argument("--edits", type=Path, default=Path("var/evals/world-cf-1000.jsonl"))
-    parser.add_argument("--n", type=int, default=1000)
+    parser.add_argument("--sizes", type=_sizes, default=[0, 100, 1000])
+    parser.add_argument("--n", type=int, help="one size (as --sizes N)")
     parser.add_argument("--editor", choices=("hook", "melo", "both"), default="both")
     parser.add_argument("--batch-size", type=int, default=10)
     parser.add_argument("--prompts", type=int, default=200, help="size of the timed prompt set")
     parser.add_argument("--rounds", type=int, default=7, help="timed rounds per model")
-    parser.add_argument("--forward-reps", type=int, default=41)
+    parser.add_argument("--reps", "--forward-reps", type=int, default=41, help="forward reps")
     parser.add_argument("--max-new-tokens", type=int, default=8)
-    parser.add_argument(
-        "--gate-edits", type=int, default=1000, help="edits whose prompts probe routing"
-    )
+    parser.add_argument("--gate-edits", type=int, default=1000, help="edits probing routing")
     parser.add_argument("--config", type=Path, default=REPO / "config.toml")
-    parser.add_argument(
-        "--stats-home",
-        type=Path,
-        default=Path("var/evals/var"),
-        help="the config's store folder: hook covariance statistics are cached in its stats/",
-    )
+    parser.add_argument("--stats-home", type=Path, default=Path("var/evals/var"))
     parser.add_argument("--out", type=Path, default=RESULTS)
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    if args.n is not None:
+        args.sizes = [args.n]
     configure_logging("warning", "console")
     cfg = editor_config(args.config, args.stats_home)
     torch.set_num_threads(cfg.model.threads or 1)
     base = load(cfg, str(args.model))
-    names = ("hook", "melo") if args.editor == "both" else (args.editor,)
     results = []
     args.out.mkdir(parents=True, exist_ok=True)
-    for name in names:
+    for name in ("hook", "melo") if args.editor == "both" else (args.editor,):
         result = run_editor(name, args, cfg, base)
         result["machine"] = {
             "torch_threads": torch.get_num_threads(),
@@ -491,12 +392,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             "transformers": transformers.__version__,
         }
         result["command"] = " ".join([".venv/bin/python -m bench.inference", *argv])
-        path = args.out / f"inference-{name}-{args.n}-{args.model.name}.json"
+        tag = "_".join(str(s) for s in args.sizes)
+        path = args.out / f"inference-{name}-{tag}-{args.model.name}.json"
         path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         print(f"wrote {path}", flush=True)
         results.append(result)
         gc.collect()
-    print_table(results)
+    print(plots.inference_table(results))
     return 0
 
 

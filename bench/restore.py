@@ -10,20 +10,30 @@ daemon three ways, each a fresh ``Daemon(config).start()``:
 (c) with the newest checkpoint marked bad: from the 90% one plus replay of the last 10%.
 
 They run in the order (a), (c), (b), since marking a checkpoint bad is one-way.
+``--skip-full-replay`` leaves (b) out (it replays every edit: the longest part).
+
+Checkpoint writes are timed as ``Daemon.checkpoint`` runs them: the 90% and 100%
+ones, then ``--write-repeat`` more of the full state, each marked bad as soon as it
+is written (so the restarts still find the 90% and 100% ones); the table shows the
+median of the full-state writes.
 
 Each row reports ``Daemon.start()`` in total (model load, editors, restore, worker)
 and its restore part (``Daemon.restore_report.seconds``). Replays verify each edit
 as the daemon does (``[worker] verify``). The table is printed and the JSON written
 to ``bench/results/restore-<model>-<N>.json`` (``-hook+melo`` added with both back-ends:
 edits then go ``auto``, and the router sends them to the hook back-end first).
+Past the ``--edits`` file's edits the pool is topped up from the world's probe split
+(``bench.cost.edit_pool``; the world has ~2,070 editable facts in all).
 
     .venv/bin/python -m bench.restore --n 1000 --backends melo
+    .venv/bin/python -m bench.restore --n 2000 --backends hook,melo
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import statistics
@@ -35,10 +45,10 @@ from typing import Any
 
 import torch
 
+from bench.cost import edit_pool
 from daemon.config import Config, parse_config
 from daemon.log import configure_logging
 from daemon.service import Daemon
-from daemon.world.editsets import read_jsonl
 from store.checkpoints import list_checkpoints, mark_bad
 from store.db import Store
 
@@ -83,8 +93,9 @@ def _wait_idle(daemon: Daemon, total: int, t0: float, every_s: float = 30.0) -> 
         time.sleep(0.2)
 
 
-def build(cfg: Config, requests: list[dict[str, Any]]) -> dict[str, Any]:
-    """Apply ``requests`` through a daemon: checkpoint at 90% and at 100%."""
+def build(cfg: Config, requests: list[dict[str, Any]], write_repeat: int) -> dict[str, Any]:
+    """Apply ``requests`` through a daemon: checkpoint at 90% and at 100% (and time
+    ``write_repeat`` more writes of the full state, marked bad once written)."""
     daemon = Daemon(cfg)
     daemon.start()
     cut = len(requests) - len(requests) // 10
@@ -104,11 +115,27 @@ def build(cfg: Config, requests: list[dict[str, Any]]) -> dict[str, Any]:
                 "mb": round(_folder_bytes(Path(record.path)) / 2**20, 2),
             }
         out["apply_s"] = round(time.perf_counter() - t0, 1)
+        out["extra_writes_s"] = _extra_writes(daemon, cfg, write_repeat)
+        writes = [out["ck100"]["write_s"], *out["extra_writes_s"]]
+        out["write_s_median"] = statistics.median(writes)
         out["edits"] = counts
         out["applied_by_backend"] = daemon.status()["applied_by_backend"]
     finally:
         daemon.stop(checkpoint=False)
     return out
+
+
+def _extra_writes(daemon: Daemon, cfg: Config, repeat: int) -> list[float]:
+    """Seconds of ``repeat`` more checkpoints of the full state, each marked bad at once."""
+    seconds = []
+    for k in range(repeat):
+        t0 = time.perf_counter()
+        record = daemon.checkpoint(f"bench-write-{k}")
+        seconds.append(round(time.perf_counter() - t0, 3))
+        assert record is not None
+        with Store.open(cfg.store.path, create=False) as st:
+            mark_bad(st, record.id, note="bench: write timing only")
+    return seconds
 
 
 def _folder_bytes(folder: Path) -> int:
@@ -137,7 +164,9 @@ def timed_start(cfg: Config) -> dict[str, Any]:
         daemon.stop(checkpoint=False)
 
 
-def measure(cfg: Config, built: dict[str, Any], repeat: int) -> dict[str, dict[str, Any]]:
+def measure(
+    cfg: Config, built: dict[str, Any], repeat: int, full_replay: bool = True
+) -> dict[str, dict[str, Any]]:
     runs = [timed_start(cfg) for _ in range(repeat)]
     best = min(runs, key=lambda r: r["start_s"])
     a = {**best, "runs": len(runs), "start_s_median": statistics.median(r["start_s"] for r in runs)}
@@ -146,6 +175,8 @@ def measure(cfg: Config, built: dict[str, Any], repeat: int) -> dict[str, dict[s
     with Store.open(store, create=False) as st:
         mark_bad(st, built["ck100"]["id"], note="bench: force the 90% checkpoint")
     c = timed_start(cfg)
+    if not full_replay:
+        return {"checkpoint_all": a, "checkpoint_90_replay_10": c}
     with Store.open(store, create=False) as st:
         for record in list_checkpoints(st, status="good"):
             mark_bad(st, record.id, note="bench: force a full replay")
@@ -155,24 +186,30 @@ def measure(cfg: Config, built: dict[str, Any], repeat: int) -> dict[str, dict[s
 
 def print_table(result: dict[str, Any]) -> None:
     n = result["n_edits"]
+    runs = result["restarts"]
     rows = [
-        (f"(a) checkpoint with all {n} edits", result["restarts"]["checkpoint_all"]),
-        (f"(b) no checkpoint: replay all {n}", result["restarts"]["full_replay"]),
-        ("(c) checkpoint at 90% + replay last 10%", result["restarts"]["checkpoint_90_replay_10"]),
+        (f"(a) checkpoint with all {n} edits", runs["checkpoint_all"]),
+        (f"(b) no checkpoint: replay all {n}", runs.get("full_replay")),
+        ("(c) checkpoint at 90% + replay last 10%", runs["checkpoint_90_replay_10"]),
     ]
     print(f"\nrestart with {n} applied edits ({result['model']}, {'+'.join(result['backends'])})")
     print(f"{'restart':<42} {'start s':>8} {'restore s':>10} {'from ck':>8} {'replayed':>9}")
     for name, r in rows:
+        if r is None:
+            print(f"{name:<42} {'(skipped)':>8}")
+            continue
         print(
             f"{name:<42} {r['start_s']:>8.2f} {r['restore_s']:>10.2f} "
             f"{r['from_checkpoint']:>8} {r['replayed']:>9}"
         )
     b = result["build"]
-    print(
-        f"\nbuild: {b['apply_s']} s to apply {n} edits ({b['apply_s'] / n:.2f} s per edit); "
-        f"checkpoint of {b['ck100']['edit_count']} edits: {b['ck100']['mb']} MB, written in "
-        f"{b['ck100']['write_s']} s"
-    )
+    print(f"\nbuild: {b['apply_s']} s to apply {n} edits ({b['apply_s'] / n:.2f} s per edit)")
+    print(f"{'checkpoint write':<42} {'edits':>6} {'MB':>8} {'write s':>8}")
+    for name in ("ck90", "ck100"):
+        ck = b[name]
+        print(f"{name:<42} {ck['edit_count']:>6} {ck['mb']:>8.2f} {ck['write_s']:>8.3f}")
+    writes = len(b["extra_writes_s"]) + 1
+    print(f"{f'full state, median of {writes}':<42} {'':>6} {'':>8} {b['write_s_median']:>8.3f}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -185,6 +222,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--hook-layers", default="2,3", help="[editors.hook] layers (BENCHMARKS)")
     parser.add_argument("--hook-key-position", default="prompt_last")
     parser.add_argument("--repeat", type=int, default=3, help="runs of restart (a)")
+    parser.add_argument("--write-repeat", type=int, default=2, help="extra timed checkpoints")
+    parser.add_argument("--skip-full-replay", action="store_true", help="leave out restart (b)")
     parser.add_argument("--work", type=Path, default=None, help="state folder (recreated)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -199,9 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     work.mkdir(parents=True)
     if "hook" in backends and (REPO / "var" / "stats").is_dir():
         (work / "stats").symlink_to(REPO / "var" / "stats")  # hook covariance cache
-    requests = read_jsonl(args.edits)[: args.n]
-    if len(requests) < args.n:
-        parser.error(f"{args.edits} holds only {len(requests)} edits")
+    requests = edit_pool(args.edits, args.n, args.model)
     for r in requests:
         r["backend"] = "auto" if len(backends) > 1 else backends[0]
     hook = {
@@ -210,9 +247,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     cfg = bench_config(work, args.model, backends, args.batch_size, hook)
     print(f"building a store with {args.n} edits in {work} ...", flush=True)
-    built = build(cfg, requests)
+    built = build(cfg, requests, args.write_repeat)
     print("restarting ...", flush=True)
-    restarts = measure(cfg, built, args.repeat)
+    restarts = measure(cfg, built, args.repeat, full_replay=not args.skip_full_replay)
     result = {
         "benchmark": "restore",
         "model": model_name,
@@ -222,7 +259,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "hook": hook if "hook" in backends else None,
         "build": built,
         "restarts": restarts,
-        "machine": {"cpus_torch_threads": 1, "platform": platform.platform()},
+        "machine": {
+            "cpus_torch_threads": 1,
+            "platform": platform.platform(),
+            "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        },
         "command": " ".join([".venv/bin/python -m bench.restore", *argv]),
     }
     print_table(result)

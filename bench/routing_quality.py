@@ -4,9 +4,13 @@ probes (the hook's scope gate at the key site; MELO's index)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any, cast
 
+import numpy as np
 import torch
 
 from daemon.drift.probes import left_padded
@@ -136,3 +140,127 @@ def melo_route_stats(editor: Any, groups: dict[str, Any]) -> dict[str, Any]:
 
 
 # --- one editor ---------------------------------------------------------------------------
+
+
+# --- routing cost -------------------------------------------------------------------------
+
+
+def median_seconds(fn: Callable[[], object], reps: int) -> float:
+    """Median wall seconds of ``fn()`` over ``reps`` calls, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def index_search_cost(index: Any, queries: np.ndarray, reps: int) -> dict[str, Any]:
+    """A ``NeuronIndex``'s search time per query: in batches of ``GATE_BATCH``/2 and alone."""
+    batch = queries[: GATE_BATCH // 2]
+    per_batch = median_seconds(lambda: index.query(batch), reps)
+    single = median_seconds(lambda: index.query(queries[:1]), reps)
+    return {
+        "keys": index.key_count,
+        "clusters": index.cluster_count,
+        "approximate": index.is_approximate,
+        "us_per_query_batched": round(per_batch / len(batch) * 1e6, 2),
+        "us_single_query": round(single * 1e6, 2),
+    }
+
+
+def synthetic_index_costs(
+    dim: int, radius: float, exact_max: int, sizes: Sequence[int], queries: np.ndarray, reps: int
+) -> list[dict[str, Any]]:
+    """Search cost of a ``NeuronIndex`` holding N random unit keys (each its own cluster),
+    for each N of ``sizes``: the index at sizes the edit file cannot reach."""
+    from daemon.editors.melo.index import NeuronIndex
+
+    index = NeuronIndex(dim, radius=min(radius, 0.5), exact_max=exact_max)
+    keys = np.random.default_rng(0).standard_normal((max(sizes, default=0), dim))
+    keys = (keys / np.linalg.norm(keys, axis=1, keepdims=True)).astype(np.float32)
+    out = []
+    for size in sorted(sizes):
+        t0 = time.perf_counter()
+        for row in range(index.key_count, size):
+            index.add(f"synthetic-{row}", keys[row], f" t{row}", row)
+        build_s = time.perf_counter() - t0
+        cost = index_search_cost(index, queries, reps) if size else {"keys": 0}
+        out.append({"size": size, "added_s": round(build_s, 2), **cost})
+    return out
+
+
+@torch.no_grad()
+def hook_gate_cost(
+    loaded: LoadedModel, editor: Any, prompts: Sequence[str], reps: int
+) -> dict[str, Any]:
+    """The scope gate's routing time per token position: each hook's ``route`` on the
+    inputs it saw in one forward of ``prompts`` (one batch), timed on its own."""
+    hooks: dict[int, Any] = editor.hooks
+    ids, mask = left_padded(loaded.tokenizer, list(prompts))
+    seen: dict[int, torch.Tensor] = {}
+
+    def keep(layer: int) -> Callable[[Any, tuple[torch.Tensor, ...]], None]:
+        return lambda _module, inputs: seen.__setitem__(layer, inputs[0].detach())
+
+    handles = [h.register_forward_pre_hook(keep(i)) for i, h in hooks.items()]
+    try:
+        with editor.routing(list(prompts)):
+            cast(Any, loaded.model)(
+                input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False
+            )
+            route_s = {i: median_seconds(partial(h.route, seen[i]), reps) for i, h in hooks.items()}
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {
+        "positions": ids.numel(),
+        "real_tokens": int(mask.sum()),
+        "keys": {str(i): int(h.keys.shape[0]) for i, h in hooks.items()},
+        "route_ms": {str(i): round(s * 1000, 3) for i, s in route_s.items()},
+        "us_per_token_all_layers": round(sum(route_s.values()) / ids.numel() * 1e6, 3),
+    }
+
+
+def routing_cost(
+    name: str, editor: Any, loaded: LoadedModel, prompts: list[str], reps: int
+) -> dict[str, Any]:
+    """The live routing alone: MELO's index search per query, the hook's gate per token."""
+    try:
+        if name == "melo":
+            if editor.index is None or editor.index.key_count == 0:
+                return {"keys": 0}
+            return index_search_cost(editor.index, editor.keys(prompts), reps)
+        return hook_gate_cost(loaded, editor, prompts[: GATE_BATCH // 2], reps)
+    except Exception as e:  # a measurement beside the benchmark: report it and go on
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
+def melo_synthetic_costs(
+    editor: Any, exact_max: int, sizes: Sequence[int], prompts: Sequence[str], reps: int
+) -> list[dict[str, Any]]:
+    """``synthetic_index_costs`` at MELO's key width and radius, queried with real keys."""
+    radius = 0.5 if editor.index is None else editor.index.radius
+    queries = editor.keys(list(prompts))
+    return synthetic_index_costs(editor.keys.dim, radius, exact_max, sizes, queries, reps)
+
+
+def editor_facts(name: str, editor: Any) -> dict[str, Any]:
+    """What the routing holds: the hook's layers, shards and gate keys; MELO's index."""
+    if name == "hook":
+        health = editor.health()
+        return {
+            "layers": list(editor.settings.layers),
+            "key_position": editor.settings.key_position,
+            "gate_cos_floor": editor.settings.gate_cos_floor,
+            "shards": health["shards"],
+            "gate_keys": health["gate_keys"],
+        }
+    index = editor.index
+    return {
+        "layers": list(editor.layers),
+        "key_layer": editor.key_layer,
+        "index_keys": 0 if index is None else index.key_count,
+        "blocks_used": editor.table.used,
+    }

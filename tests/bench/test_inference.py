@@ -1,0 +1,47 @@
+"""``bench.inference``: the list of sizes on the micro world (MELO; the benchmark's hook
+layout, layers 2-3, needs the small world's four layers)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from bench import inference
+from daemon.world.editsets import counterfactual_edits, write_jsonl
+
+
+def test_sizes_time_each_size_against_the_base_model(
+    micro_world: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Sizes 0, 3 and 6 grow one stream; each has generation, fixed-step and forward
+    ratios and the index search time; a size past the edit file is skipped, yet the
+    synthetic index is still timed at it."""
+    model = AutoModelForCausalLM.from_pretrained(micro_world)
+    tok = AutoTokenizer.from_pretrained(micro_world)
+    edits = write_jsonl(tmp_path / "edits.jsonl", counterfactual_edits(micro_world, model, tok, 6))
+    out = tmp_path / "results"
+    argv = [
+        *("--model", str(micro_world), "--edits", str(edits), "--editor", "melo"),
+        *("--sizes", "0,3,6,50", "--batch-size", "3", "--prompts", "12", "--rounds", "1"),
+        *("--reps", "2", "--gate-edits", "6", "--stats-home", str(tmp_path), "--out", str(out)),
+    ]
+    assert inference.main(argv) == 0
+    result = json.loads((out / f"inference-melo-0_3_6_50-{micro_world.name}.json").read_text())
+    by_size = {s["edits"]: s for s in result["by_size"]}
+    assert sorted(by_size) == [0, 3, 6, 50] and "skipped" in by_size[50]
+    for size in (0, 3, 6):
+        row = by_size[size]
+        assert row["editor_facts"]["index_keys"] == size  # every edit accepted
+        for what in ("generation", "generation_fixed_steps", "forward"):
+            assert row[what]["ratio"] > 0
+        assert row["generation_fixed_steps"]["tokens_per_s_base"] > 0
+    assert by_size[0]["routing_cost"] == {"keys": 0}
+    assert by_size[6]["routing_cost"]["keys"] == 6
+    assert by_size[6]["routing_cost"]["us_per_query_batched"] > 0
+    synthetic = {row["size"]: row for row in result["index_search_synthetic"]}
+    assert synthetic[50]["keys"] == 50 and synthetic[50]["us_single_query"] > 0
+    assert result["routing_quality"]["edits_checked"] == 6
+    assert "| melo | 6 |" in capsys.readouterr().out
