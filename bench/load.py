@@ -57,6 +57,7 @@ from bench.stats import (
     DEFAULT_MODEL,
     REPO,
     RESULTS,
+    cli_parameters,
     machine_info,
     markdown_table,
     summary,
@@ -341,11 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "benchmark": "load",
         "model": args.model.name,
         "edits_file": str(args.edits),
-        "parameters": {
-            k: str(v) if isinstance(v, Path) else v
-            for k, v in vars(args).items()
-            if k not in ("work", "out")
-        },
+        "parameters": cli_parameters(args),
         "run": run(args, args.work),
         "machine": machine_info(),
         "command": " ".join([".venv/bin/python -m bench.load", *argv]),

@@ -48,6 +48,7 @@ from bench.stats import (
     DEFAULT_MODEL,
     REPO,
     RESULTS,
+    cli_parameters,
     machine_info,
     markdown_table,
     summary,
@@ -308,11 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "benchmark": "soak",
         "model": args.model.name,
         "edits_file": str(args.edits),
-        "parameters": {
-            k: str(v) if isinstance(v, Path) else v
-            for k, v in vars(args).items()
-            if k not in ("work", "out")
-        },
+        "parameters": cli_parameters(args),
         "run": soak_run(args),
         "machine": machine_info(),
         "command": " ".join([".venv/bin/python -m bench.soak", *argv]),

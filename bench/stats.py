@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -86,3 +87,12 @@ def write_result(out: Path, name: str, result: dict[str, Any]) -> Path:
     path = out / name
     path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return path
+
+
+def cli_parameters(args: argparse.Namespace) -> dict[str, Any]:
+    """A benchmark's command-line options for its JSON (paths as text; not work/out)."""
+    return {
+        k: str(v) if isinstance(v, Path) else v
+        for k, v in vars(args).items()
+        if k not in ("work", "out")
+    }
