@@ -326,16 +326,10 @@ def test_settings_name_the_gate_scope() -> None:
         HookSettings(layers=(1,), key_position="prompt_last", gate_subject_cos_floor=2.0)
 
 
-@dataclasses.dataclass(frozen=True)
-class _GateConfig(HookConfig):
-    """``[editors.hook]`` once it names the subject gate's keys."""
-
-    gate_scope: str = "key"
-    gate_shared_route: bool = False
-
-
-def test_the_subject_gate_keys_are_read_when_the_config_has_them() -> None:
+def test_the_subject_gate_keys_are_read_from_the_config() -> None:
     plain = setup.settings_from_config(HookConfig(), (1,), "prompt_last")
     assert plain.gate_scope == "subject" and plain.gate_shared_route
-    named = setup.settings_from_config(_GateConfig(), (1,), "prompt_last")
+    keyed = HookConfig(gate_scope="key", gate_shared_route=False, gate_subject_cos_floor=0.4)
+    named = setup.settings_from_config(keyed, (1,), "prompt_last")
     assert named.gate_scope == "key" and not named.gate_shared_route
+    assert named.gate_subject_cos_floor == 0.4
