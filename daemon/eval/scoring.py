@@ -14,7 +14,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from daemon.editors.base import Editor
 from daemon.eval.metrics import continuation_matches
-from daemon.model.batches import encode_prompt_target, target_token_hits, target_token_ids
+from daemon.model.batches import (
+    encode_prompt_target,
+    left_padded_position_ids,
+    target_token_hits,
+    target_token_ids,
+)
 from daemon.model.generate import greedy_continuations
 
 
@@ -79,6 +84,10 @@ def teacher_forced_accuracies(
         t_chunk = list(targets[start : start + batch_size])
         batch = encode_prompt_target(tokenizer, p_chunk, t_chunk).to(device)
         with editor.routing(p_chunk):
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            logits = model(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                position_ids=left_padded_position_ids(batch.attention_mask),
+            ).logits
         scores.extend(target_token_hits(logits, batch.labels).tolist())
     return scores

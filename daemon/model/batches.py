@@ -84,6 +84,16 @@ def encode_prompt_target(
     return PromptTargetBatch(ids, mask, labels, prompt_last)
 
 
+def left_padded_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that start at 0 on each row's first real token of a left-padded batch.
+
+    Models with absolute position embeddings (GPT-2) otherwise give a padded row's
+    tokens other positions than the same prompt alone; rotary ones (Llama) only see
+    relative positions and are unaffected. Pads get position 0.
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def target_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean negative log-likelihood per row over its target tokens: (B,)."""
     logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
