@@ -497,13 +497,8 @@ class NeuronIndex:
         if not isinstance(manifest, dict) or manifest.get("version") != STATE_VERSION:
             version = manifest.get("version") if isinstance(manifest, dict) else None
             raise NeuronIndexError(f"neuron index state has unknown version {version!r}")
+        index, clusters = cls._from_manifest(manifest, "neuron index state")
         try:
-            index = cls(**manifest["settings"])
-            index._next_cluster = int(manifest["next_cluster"])
-            index._meta = [
-                _KeyMeta(str(e), str(t), int(b), int(c)) for e, t, b, c in manifest["keys"]
-            ]
-            clusters = manifest["clusters"]
             keys = np.asarray(state["keys"], dtype=np.float32)
             centres = np.asarray(state["centres"], dtype=np.float32)
             raw_faiss = np.asarray(state["faiss"], dtype=np.uint8)
@@ -519,12 +514,10 @@ class NeuronIndex:
             )
         index._keys = keys
         index._load_clusters(Path("<state>"), clusters, centres)
-        index._faiss = faiss_ops.deserialize(raw_faiss)
-        if faiss_ops.ntotal(index._faiss) != len(clusters):
+        searcher = faiss_ops.deserialize(raw_faiss)
+        if faiss_ops.ntotal(searcher) != len(clusters):
             raise NeuronIndexError("neuron index state: faiss index and clusters disagree")
-        index._is_ivf = bool(manifest.get("approximate", False))
-        if index._is_ivf:
-            faiss_ops.set_nprobe(index._faiss, index.nprobe)
+        index._set_faiss(searcher, approximate=bool(manifest.get("approximate", False)))
         return index
 
     @classmethod
@@ -532,24 +525,36 @@ class NeuronIndex:
         """Read a saved index; raise NeuronIndexError naming the file that does not fit."""
         folder = Path(directory)
         manifest = index_files.read_manifest(folder / MANIFEST)
+        index, clusters = cls._from_manifest(manifest, f"{folder / MANIFEST}")
+        index._keys = index_files.read_npy(folder / KEYS_FILE, (len(index._meta), index.dim))
+        centres = index_files.read_npy(folder / CENTRES_FILE, (len(clusters), index.dim))
+        index._load_clusters(folder / MANIFEST, clusters, centres)
+        searcher = index_files.read_faiss(folder / FAISS_FILE, len(clusters), index.dim)
+        index._set_faiss(searcher, approximate=bool(manifest.get("approximate", False)))
+        log.info("neuron_index_loaded", path=str(folder), keys=index.key_count)
+        return index
+
+    @classmethod
+    def _from_manifest(
+        cls, manifest: Mapping[str, Any], where: str
+    ) -> tuple[NeuronIndex, list[dict[str, Any]]]:
+        """An empty index with the manifest's settings and key table; its cluster specs."""
         try:
             index = cls(**manifest["settings"])
             index._next_cluster = int(manifest["next_cluster"])
             index._meta = [
                 _KeyMeta(str(e), str(t), int(b), int(c)) for e, t, b, c in manifest["keys"]
             ]
-            clusters = manifest["clusters"]
+            clusters = list(manifest["clusters"])
         except (KeyError, TypeError, ValueError) as exc:
-            raise NeuronIndexError(f"{folder / MANIFEST}: malformed manifest: {exc}") from exc
-        index._keys = index_files.read_npy(folder / KEYS_FILE, (len(index._meta), index.dim))
-        centres = index_files.read_npy(folder / CENTRES_FILE, (len(clusters), index.dim))
-        index._load_clusters(folder / MANIFEST, clusters, centres)
-        index._faiss = index_files.read_faiss(folder / FAISS_FILE, len(clusters), index.dim)
-        index._is_ivf = bool(manifest.get("approximate", False))
-        if index._is_ivf:
-            faiss_ops.set_nprobe(index._faiss, index.nprobe)
-        log.info("neuron_index_loaded", path=str(folder), keys=index.key_count)
-        return index
+            raise NeuronIndexError(f"{where}: malformed manifest: {exc}") from exc
+        return index, clusters
+
+    def _set_faiss(self, searcher: Any, *, approximate: bool) -> None:
+        self._faiss = searcher
+        self._is_ivf = approximate
+        if approximate:
+            faiss_ops.set_nprobe(self._faiss, self.nprobe)
 
     def _load_clusters(self, path: Path, clusters: list[dict[str, Any]], centres: F32) -> None:
         try:
