@@ -19,8 +19,7 @@ from daemon.eval.metrics import continuation_matches
 from daemon.model.generate import greedy_continuations
 from daemon.model.loading import LoadedModel, load_model
 from daemon.world.editsets import counterfactual_edits
-
-N_EDITS = 6
+from tests.daemon.editors.hook.conftest import N_EDITS
 
 
 def _config() -> Config:
@@ -34,17 +33,6 @@ def _config() -> Config:
         gate_threshold=3.0,
     )
     return dataclasses.replace(cfg, editors=dataclasses.replace(cfg.editors, hook=hook))
-
-
-@pytest.fixture(scope="module")
-def edits(micro_world: Path) -> list[dict[str, Any]]:
-    loaded = load_model(str(micro_world), device="cpu")
-    return counterfactual_edits(micro_world, loaded.model, loaded.tokenizer, N_EDITS, seed=3)
-
-
-@pytest.fixture
-def loaded(micro_world: Path) -> LoadedModel:
-    return load_model(str(micro_world), device="cpu")
 
 
 @pytest.fixture

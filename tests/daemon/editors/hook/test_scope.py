@@ -18,9 +18,6 @@ from daemon.editors.hook.editor import GateScope, HookEditor, HookSettings
 from daemon.editors.hook.scope import Scope, SubjectIndex, SubjectScope, subject_grams
 from daemon.editors.hook.setup import build_hook_editor
 from daemon.model.loading import LoadedModel, load_model
-from daemon.world.editsets import counterfactual_edits
-
-N_EDITS = 6
 
 
 def _config() -> Config:
@@ -44,22 +41,6 @@ def _build(loaded: LoadedModel, stats: Path, gate_scope: GateScope = "subject") 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(setup, "settings_from_config", settings)
         return build_hook_editor(loaded, _config(), stats_dir=stats)
-
-
-@pytest.fixture(scope="module")
-def edits(micro_world: Path) -> list[dict[str, Any]]:
-    loaded = load_model(str(micro_world), device="cpu")
-    return counterfactual_edits(micro_world, loaded.model, loaded.tokenizer, N_EDITS, seed=3)
-
-
-@pytest.fixture
-def loaded(micro_world: Path) -> LoadedModel:
-    return load_model(str(micro_world), device="cpu")
-
-
-@pytest.fixture
-def stats(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.getbasetemp() / "hook-stats"  # shared with test_editor
 
 
 @pytest.fixture
