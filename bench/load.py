@@ -57,9 +57,8 @@ from bench.stats import (
     DEFAULT_MODEL,
     REPO,
     RESULTS,
-    cli_parameters,
-    machine_info,
     markdown_table,
+    result_header,
     summary,
     write_result,
 )
@@ -338,15 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     shutil.rmtree(args.work, ignore_errors=True)
-    result = {
-        "benchmark": "load",
-        "model": args.model.name,
-        "edits_file": str(args.edits),
-        "parameters": cli_parameters(args),
-        "run": run(args, args.work),
-        "machine": machine_info(),
-        "command": " ".join([".venv/bin/python -m bench.load", *argv]),
-    }
+    result = {**result_header("load", args, argv), "run": run(args, args.work)}
     print()
     print_table(result)
     tag = f"-{args.tag}" if args.tag else ""

@@ -48,9 +48,8 @@ from bench.stats import (
     DEFAULT_MODEL,
     REPO,
     RESULTS,
-    cli_parameters,
-    machine_info,
     markdown_table,
+    result_header,
     summary,
     write_result,
 )
@@ -305,15 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     shutil.rmtree(args.work, ignore_errors=True)
-    result = {
-        "benchmark": "soak",
-        "model": args.model.name,
-        "edits_file": str(args.edits),
-        "parameters": cli_parameters(args),
-        "run": soak_run(args),
-        "machine": machine_info(),
-        "command": " ".join([".venv/bin/python -m bench.soak", *argv]),
-    }
+    result = {**result_header("soak", args, argv), "run": soak_run(args)}
     print()
     print_table(result)
     tag = f"-{args.tag}" if args.tag else ""

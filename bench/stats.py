@@ -96,3 +96,15 @@ def cli_parameters(args: argparse.Namespace) -> dict[str, Any]:
         for k, v in vars(args).items()
         if k not in ("work", "out")
     }
+
+
+def result_header(benchmark: str, args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
+    """The fields every daemon benchmark's JSON starts with (its ``run`` is added by the caller)."""
+    return {
+        "benchmark": benchmark,
+        "model": args.model.name,
+        "edits_file": str(args.edits),
+        "parameters": cli_parameters(args),
+        "machine": machine_info(),
+        "command": " ".join([f".venv/bin/python -m bench.{benchmark}", *argv]),
+    }
