@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,6 +45,7 @@ from daemon.editors.melo import faiss_ops, index_files
 from daemon.editors.melo.distances import pairwise_sq
 from daemon.editors.melo.faiss_ops import F32
 from daemon.editors.melo.index_files import STATE_VERSION
+from daemon.editors.melo.index_records import AddResult, Cluster, Displaced, KeyMeta, Route
 from daemon.errors import EditConflictError, NeuronIndexError
 from daemon.files import atomic_write, atomic_write_text
 
@@ -55,58 +55,6 @@ CENTRES_FILE = "centres.npy"
 FAISS_FILE = "centres.faiss"
 
 log = structlog.get_logger()
-
-
-# --- results ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Route:
-    """Where one query goes: the block to activate, its cluster, the L2 distance."""
-
-    block: int
-    cluster_id: int
-    distance: float
-
-
-@dataclass(frozen=True)
-class Displaced:
-    """A key moved out of a shrunken cluster, and the cluster it was re-inserted into."""
-
-    edit_id: str
-    from_cluster: int
-    to_cluster: int
-
-
-@dataclass(frozen=True)
-class AddResult:
-    """What ``add`` did with one key. ``block`` is the block the key now routes to."""
-
-    edit_id: str
-    cluster_id: int
-    block: int
-    action: Literal["opened", "joined", "split"]
-    displaced: tuple[Displaced, ...] = ()
-
-
-@dataclass
-class Cluster:
-    """A ball around ``centre`` routed to ``block``; ``edit_ids`` has one entry per key."""
-
-    cluster_id: int
-    centre: F32
-    radius: float
-    target: str
-    block: int
-    edit_ids: list[str] = field(default_factory=list)
-
-
-@dataclass
-class _KeyMeta:
-    edit_id: str
-    target: str
-    block: int
-    cluster_id: int
 
 
 # --- the index -------------------------------------------------------------------------
@@ -133,8 +81,8 @@ class NeuronIndex:
         self.nprobe = nprobe
         self._buf: F32 = np.zeros((64, dim), dtype=np.float32)  # rows [0, _n) are the keys
         self._n = 0
-        self._meta: list[_KeyMeta] = []  # one per row of _keys
-        self._by_bytes: dict[bytes, list[_KeyMeta]] = {}  # exact key -> its entries
+        self._meta: list[KeyMeta] = []  # one per row of _keys
+        self._by_bytes: dict[bytes, list[KeyMeta]] = {}  # exact key -> its entries
         self._clusters: dict[int, Cluster] = {}
         self._next_cluster = 0
         self._faiss: Any = faiss_ops.flat_index(dim)
@@ -153,7 +101,7 @@ class NeuronIndex:
         for row, meta in zip(self._buf, self._meta, strict=False):
             self._by_bytes.setdefault(row.tobytes(), []).append(meta)
 
-    def _append_key(self, vec: F32, meta: _KeyMeta) -> int:
+    def _append_key(self, vec: F32, meta: KeyMeta) -> int:
         if self._n == len(self._buf):  # double the buffer: amortised O(d) per key
             grown = np.zeros((max(64, 2 * len(self._buf)), self.dim), dtype=np.float32)
             grown[: self._n] = self._buf[: self._n]
@@ -214,7 +162,7 @@ class NeuronIndex:
         if len(vec) != 1:
             raise ValueError(f"add takes one key, got {len(vec)}")
         self._check_same_key(edit_id, vec[0], target)
-        row = self._append_key(vec[0], _KeyMeta(edit_id, target, block, -1))
+        row = self._append_key(vec[0], KeyMeta(edit_id, target, block, -1))
         action, cluster_id, displaced = self._place(row)
         self._maybe_switch_backend()
         log.debug("neuron_key_added", edit_id=edit_id, cluster_id=cluster_id, action=action)
@@ -463,7 +411,7 @@ class NeuronIndex:
             nlist=self.nlist,
             nprobe=self.nprobe,
         )
-        twin._meta = [_KeyMeta(m.edit_id, m.target, m.block, m.cluster_id) for m in self._meta]
+        twin._meta = [KeyMeta(m.edit_id, m.target, m.block, m.cluster_id) for m in self._meta]
         twin._keys = self._keys  # the setter copies and re-indexes the exact keys
         twin._clusters = {  # centres are never written after _open: share them
             cid: Cluster(cid, c.centre, c.radius, c.target, c.block, list(c.edit_ids))
@@ -543,7 +491,7 @@ class NeuronIndex:
             index = cls(**manifest["settings"])
             index._next_cluster = int(manifest["next_cluster"])
             index._meta = [
-                _KeyMeta(str(e), str(t), int(b), int(c)) for e, t, b, c in manifest["keys"]
+                KeyMeta(str(e), str(t), int(b), int(c)) for e, t, b, c in manifest["keys"]
             ]
             clusters = list(manifest["clusters"])
         except (KeyError, TypeError, ValueError) as exc:

@@ -9,12 +9,8 @@ import numpy as np
 import pytest
 
 from daemon.editors.melo.distances import calibrate_radius
-from daemon.editors.melo.index import (
-    AddResult,
-    Displaced,
-    NeuronIndex,
-    Route,
-)
+from daemon.editors.melo.index import NeuronIndex
+from daemon.editors.melo.index_records import AddResult, Displaced, Route
 from daemon.errors import EditConflictError, NeuronIndexError
 
 DIM = 16
