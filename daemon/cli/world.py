@@ -8,6 +8,7 @@ import click
 
 from daemon.cli.app import EditdGroup, cli, config_option, echo_json, json_option, state
 from daemon.model.source import apply_threads
+from daemon.world.facts import WORLD_SPECS
 
 
 @cli.group(cls=EditdGroup)
@@ -18,7 +19,7 @@ def world() -> None:
 @world.command(name="build")
 @config_option
 @json_option
-@click.option("--size", type=click.Choice(["micro", "small"]), default="micro", show_default=True)
+@click.option("--size", type=click.Choice(sorted(WORLD_SPECS)), default="micro", show_default=True)
 @click.option("--arch", type=click.Choice(["llama", "gpt2"]), default="llama", show_default=True)
 @click.option(
     "--out",

@@ -194,6 +194,15 @@ WORLD_SPECS: dict[str, WorldSpec] = {
     "small": WorldSpec(
         n_countries=24, n_cities=180, n_companies=150, n_people=520, n_languages=8, n_professions=16
     ),
+    # About 20,000 facts: enough for 10,000 sequential edits from the edit split alone.
+    "medium": WorldSpec(
+        n_countries=40,
+        n_cities=1000,
+        n_companies=1000,
+        n_people=5800,
+        n_languages=12,
+        n_professions=16,
+    ),
 }
 
 
