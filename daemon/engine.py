@@ -114,21 +114,29 @@ class Engine:
             return complete(self.loaded.model, self.loaded.tokenizer, request, self.routing)
 
     def verify(self, specs: Sequence[EditSpec]) -> dict[str, Verification]:
-        """Greedy-generate each edit's prompt and rephrases; passed = the prompt took."""
+        """Greedy-generate each edit's prompt and rephrases; passed = the prompt took.
+
+        Specs with the same token budget share batched generation (``GREEDY_BATCH``
+        rows at a time), so each edit's output is exactly what it gets alone.
+        """
+        by_budget: dict[int, list[EditSpec]] = {}
+        for spec in specs:
+            by_budget.setdefault(self._budget(spec), []).append(spec)
         results: dict[str, Verification] = {}
         with self.lock:
-            for spec in specs:
-                budget = self._budget(spec)
-                prompts = [spec.prompt, *spec.rephrases]
-                outs = self.greedy(prompts, budget)
-                hits = [continuation_matches(o, spec.target) for o in outs]
-                results[spec.edit_id] = Verification(
-                    passed=hits[0],
-                    prompt_output=outs[0],
-                    rephrases_passed=sum(hits[1:]),
-                    rephrases_total=len(hits) - 1,
-                )
-        return results
+            for budget, group in by_budget.items():
+                prompts = [p for spec in group for p in (spec.prompt, *spec.rephrases)]
+                outs = iter(self.greedy(prompts, budget))
+                for spec in group:
+                    mine = [next(outs) for _ in range(1 + len(spec.rephrases))]
+                    hits = [continuation_matches(o, spec.target) for o in mine]
+                    results[spec.edit_id] = Verification(
+                        passed=hits[0],
+                        prompt_output=mine[0],
+                        rephrases_passed=sum(hits[1:]),
+                        rephrases_total=len(hits) - 1,
+                    )
+        return {spec.edit_id: results[spec.edit_id] for spec in specs}
 
     def _budget(self, spec: EditSpec) -> int:
         n = len(target_token_ids(self.loaded.tokenizer, spec.prompt, spec.target))
