@@ -71,8 +71,8 @@ PRESETS: dict[str, SizePreset] = {
         ),
         vocab_size=2048,
     ),
-    # Ten times the small world's facts; ~0.33 s per step on one CPU thread, so a build
-    # takes about an hour on a CPU and minutes on a GPU.
+    # Six times the small world's facts; ~0.33 s per step on one CPU thread, so a build
+    # takes most of an hour on a CPU and minutes on a GPU.
     "medium": SizePreset(
         world=WORLD_SPECS["medium"],
         train=TrainSpec(
@@ -80,7 +80,7 @@ PRESETS: dict[str, SizePreset] = {
             hidden=256,
             n_heads=4,
             intermediate=1024,
-            max_steps=16000,
+            max_steps=12000,
             batch_size=64,
             lr=1e-3,
             stop_accuracy=0.97,
