@@ -43,13 +43,11 @@ from daemon.log import configure_logging
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 SHARED_DATA = REPO.parent / "shared" / "data"
-EVAL_EDITORS = ("hook", "melo", "ft")  # the `editd eval --editor` choices this grid runs
-UNAVAILABLE = {
-    "auto": "not an `editd eval` editor: routing plus escalation live in the daemon's worker "
-    "(daemon/router.py, daemon/worker.py); evaluating it needs an Editor that routes each "
-    "spec, verifies hook edits and re-applies failures on MELO, in daemon/editors/registry.py",
-}
-BATCH_SIZE = {"ft": 1, "hook": 10, "melo": 10}  # ft: the sequential baseline of BENCHMARKS.md
+# The `editd eval --editor` choices this grid runs; auto: the daemon's routing, verification
+# and escalation (daemon/dispatch.py) over hook and MELO, its counts under "routing".
+EVAL_EDITORS = ("hook", "melo", "ft", "auto")
+UNAVAILABLE: dict[str, str] = {}  # editor -> why this grid cannot run it
+BATCH_SIZE = {"ft": 1, "hook": 10, "melo": 10, "auto": 10}  # ft: the sequential baseline
 DATA = {
     "world": None,
     "counterfact": ("counterfact", Path("counterfact/counterfact-edit.json")),
@@ -58,6 +56,7 @@ DATA = {
 # Edit files the earlier BENCHMARKS.md runs used (seed 0), reused while they are long enough.
 KNOWN_EDITS = {"small-llama": Path("var/evals/world-cf-1000.jsonl")}
 HOOK_CONFIGS = {"small-llama": Path("var/evals/hook.toml")}  # layers [2, 3], prompt_last
+HOOKED = ("hook", "auto")  # editors that build the hook back-end (and take its config)
 
 
 @dataclass(frozen=True)
@@ -206,7 +205,7 @@ def plan(args: argparse.Namespace) -> tuple[list[Run], list[dict[str, str]]]:
             capped = ns[-1] if top < ns[-1] else None
             for e in chosen:
                 config = args.config
-                if e == "hook":
+                if e in HOOKED:
                     config = dict(args.hook_config).get(model, HOOK_CONFIGS.get(model, config))
                 batch = args.batch_size or BATCH_SIZE[e]
                 run = Run(model, model_dir, e, data, edits, fmt, top, marks, batch, config, capped)
@@ -296,6 +295,7 @@ def run_entry(out_dir: Path, root: Path) -> dict[str, Any] | None:
         "batch_size": report.get("settings", {}).get("batch_size"),
         "source": meta.get("source", "run"),
         "capped_from": meta.get("capped_from"),
+        "routing": (report["checkpoints"][-1].get("routing") if report["checkpoints"] else None),
         "wall_s": meta.get("wall_s"),
         "path": str(path.relative_to(root.parent) if path.is_relative_to(root.parent) else path),
         "report": report,
@@ -349,7 +349,7 @@ def _pair(value: str) -> tuple[str, Path]:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
     p.add_argument("--models", type=_csv, default=["small-llama", "small-gpt2"])
-    p.add_argument("--editors", type=_csv, default=[*EVAL_EDITORS, "auto"])
+    p.add_argument("--editors", type=_csv, default=list(EVAL_EDITORS))
     p.add_argument("--n", type=_ints, default=[10, 100, 1000, 10000])
     p.add_argument("--data", type=_csv, default=list(DATA), help="world,counterfact,zsre")
     p.add_argument(

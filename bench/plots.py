@@ -29,6 +29,7 @@ COLUMNS = (
     ("base_task", "base task"),
     ("seconds_per_edit", "s/edit"),
     ("refused", "refused"),
+    ("routing", "auto: hook/melo/esc/failed"),
     ("run", "run"),
 )
 EDITOR_ORDER = ("hook", "melo", "auto", "ft", "noop")
@@ -64,6 +65,10 @@ def _cell(value: Any, column: str) -> str:
         return "-"
     if column == "refused":
         return str(int(value))
+    if column == "routing":  # applied per back-end, escalated, failed (editor auto)
+        applied = value.get("applied", {})
+        counts = (applied.get("hook", 0), applied.get("melo", 0))
+        return "/".join(str(v) for v in (*counts, value["escalated"], value["failed"]))
     if isinstance(value, str):
         return value
     return f"{value:.3f}"

@@ -1,17 +1,16 @@
 """The worker: claims batches from the queue and turns them into model edits.
 
-One batch, one step (all under the engine's lock per back-end call):
+One batch, one step (all under the engine's lock):
 
-1. route each edit (``daemon.router``); a request that names a disabled back-end fails;
-2. per back-end (hook first, then MELO with the hook's escalations), record a
-   batch, ``apply`` it, and verify every accepted edit by greedy generation;
-3. an edit the hook refuses or that fails verification there is retracted and
-   escalated to MELO once (``router.escalate_to_melo``); an edit that fails
-   everywhere is ``failed`` with the reason (no retry: the same input fails the
-   same way);
-4. an applied edit's ``supersedes`` target is retracted in the same step, as are
+1. route, apply per back-end (hook first, then MELO with the hook's escalations),
+   verify by greedy generation, retract failures and escalate them once: the
+   store-free ``daemon.dispatch`` (also what ``editd eval --editor auto`` runs);
+2. around each back-end step, record a batch in the store (``store.batches``) and
+   extend the batch's leases; an edit that fails everywhere is ``failed`` with
+   the reason (no retry: the same input fails the same way);
+3. an applied edit's ``supersedes`` target is retracted in the same step, as are
    the earlier edits a back-end reports it replaced (the hook merges facts);
-5. acks go to the store only after the model holds the edit, so a crash before
+4. acks go to the store only after the model holds the edit, so a crash before
    the ack leaves the edit ``applying`` (taken back at the next start) and a
    crash after it leaves it ``applied`` (replayed from the log at the next start).
 """
@@ -30,10 +29,11 @@ from typing import Any
 import structlog
 
 from daemon.config import Config
-from daemon.editors.base import EditOutcome, EditSpec
+from daemon.dispatch import DispatchHooks, DispatchItem, Step, dispatch
+from daemon.editors.base import EditSpec
 from daemon.engine import Engine, Verification
 from daemon.errors import EditdError, InvalidTransitionError
-from daemon.router import Route, escalation, route
+from daemon.router import Route
 from store import batches
 from store.batches import BatchStatus
 from store.db import Store
@@ -42,8 +42,6 @@ from store.queue import EditQueue
 from store.schema import Backend, EditStatus
 
 log = structlog.get_logger()
-
-BACKEND_ORDER = (Backend.HOOK, Backend.MELO)
 
 
 def worker_name() -> str:
@@ -163,55 +161,39 @@ class Worker:
 
     def process(self, records: Sequence[EditRecord]) -> BatchReport:
         """Apply leased ``records``; every one ends applied, failed or back in the queue."""
-        report = BatchReport()
-        specs = {r.id: spec_of(r) for r in records}
         by_id = {r.id: r for r in records}
-        routes: dict[str, Route] = {}
-        waiting: dict[Backend, list[str]] = {b: [] for b in BACKEND_ORDER}
-        available = self.engine.backends
+        items = []
         for r in records:
             assert r.request is not None  # claimed edits are valid requests
-            chosen = route(r.request, self.config.router, self.engine.loaded.tokenizer, available)
-            routes[r.id] = chosen
-            if chosen.backend not in available:
-                report.failed[r.id] = f"back-end '{chosen.backend.value}' is not enabled"
-            else:
-                waiting[chosen.backend].append(r.id)
-        verifications: dict[str, Verification] = {}
+            items.append(DispatchItem(spec_of(r), r.request))
+        batch_ids: dict[Backend, str] = {}
         batch_of: dict[str, str] = {}
-        details: dict[str, dict[str, Any]] = {}
-        for backend in BACKEND_ORDER:
-            ids = waiting[backend]
-            if not ids:
-                continue
-            batch_id = batches.create_batch(self.store, backend, ids)
-            taken, refused = self._apply_verified(backend, [specs[i] for i in ids], verifications)
-            for edit_id, outcome in taken.items():
-                batch_of[edit_id] = batch_id
-                report.applied[edit_id] = backend
-                details.setdefault(edit_id, {}).update(outcome.details)
-            for edit_id, reason in refused.items():
-                nxt = escalation(backend, self.config.router, available)
-                if nxt is not None and edit_id not in report.escalated:
-                    report.escalated.append(edit_id)
-                    waiting[nxt].append(edit_id)
-                    details.setdefault(edit_id, {})["escalated_from"] = {
-                        "backend": backend.value,
-                        "reason": reason,
-                    }
-                else:
-                    report.failed[edit_id] = reason
+
+        def before_step(backend: Backend, edit_ids: Sequence[str]) -> None:
+            batch_ids[backend] = batches.create_batch(self.store, backend, list(edit_ids))
+
+        def after_step(step: Step) -> None:
+            batch_id = batch_ids[step.backend]
+            batch_of.update({edit_id: batch_id for edit_id in step.taken})
             status = (
                 BatchStatus.SUCCEEDED
-                if not refused
+                if not step.refused
                 else BatchStatus.PARTIAL
-                if taken
+                if step.taken
                 else BatchStatus.FAILED
             )
             batches.finish_batch(self.store, batch_id, status)
-            self.hooks.on_batch(backend, status.value)
+            self.hooks.on_batch(step.backend, status.value)
             self._heartbeat(list(by_id))
-        self._record(by_id, report, routes, verifications, batch_of, details)
+
+        hooks = DispatchHooks(before_step, after_step, self.hooks.on_verification_failure)
+        result = dispatch(
+            self.engine, items, self.config.router, verify=self.config.worker.verify, hooks=hooks
+        )
+        report = BatchReport(
+            applied=result.applied, failed=result.failed, escalated=result.escalated
+        )
+        self._record(by_id, report, result.routes, result.verifications, batch_of, result.details)
         return report
 
     def _heartbeat(self, edit_ids: list[str]) -> None:
@@ -220,37 +202,6 @@ class Worker:
         held = self.queue.heartbeat(self.name, edit_ids, self.config.worker.lease_s)
         if len(held) < len(edit_ids):
             log.warning("leases_lost_mid_batch", lost=sorted(set(edit_ids) - set(held)))
-
-    def _apply_verified(
-        self,
-        backend: Backend,
-        specs: Sequence[EditSpec],
-        verifications: dict[str, Verification],
-    ) -> tuple[dict[str, EditOutcome], dict[str, str]]:
-        """Apply on ``backend`` and verify; failed edits are retracted again."""
-        try:
-            outcomes = self.engine.apply(backend, specs)
-        except Exception as exc:  # the editor's own guarantees: refused edits leave no trace
-            log.exception("backend_apply_crashed", backend=backend.value)
-            self.engine.retract(backend, [s.edit_id for s in specs])
-            reason = f"{backend.value} apply raised {type(exc).__name__}: {exc}"
-            return {}, {s.edit_id: reason for s in specs}
-        taken = {o.edit_id: o for o in outcomes if o.accepted}
-        refused = {o.edit_id: f"{backend.value}: {o.reason}" for o in outcomes if not o.accepted}
-        if self.config.worker.verify and taken:
-            checked = self.engine.verify([s for s in specs if s.edit_id in taken])
-            verifications.update(checked)
-            bad = [e for e, v in checked.items() if not v.passed]
-            if bad:
-                self.engine.retract(backend, bad)
-                for edit_id in bad:
-                    self.hooks.on_verification_failure(backend)
-                    out = checked[edit_id].prompt_output
-                    refused[edit_id] = (
-                        f"{backend.value}: verification failed (greedy output {out!r})"
-                    )
-                    del taken[edit_id]
-        return taken, refused
 
     def _record(
         self,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -11,6 +11,7 @@ from daemon.cli.app import cli, config_option, state
 from daemon.errors import EvalDataError
 
 if TYPE_CHECKING:
+    from daemon.config import Config
     from daemon.eval.harness import EvalCase
 
 
@@ -48,6 +49,22 @@ def read_cases(path: Path, fmt: str) -> tuple[list[EvalCase], list[str]]:
     return cases, [str(e) for e in conversion.errors]
 
 
+def _auto_settings(editor_name: str, cfg: Config) -> dict[str, Any]:
+    """What shapes ``auto``'s dispatch: the router section and whether edits are verified."""
+    if editor_name != "auto":
+        return {}
+    router = cfg.router
+    return {
+        "router": {
+            "default_backend": router.default_backend,
+            "hook_max_target_tokens": router.hook_max_target_tokens,
+            "escalate_to_melo": router.escalate_to_melo,
+            "backends": list(router.backends),
+        },
+        "verify": cfg.worker.verify,
+    }
+
+
 @cli.command(name="eval")
 @config_option
 @click.option(
@@ -57,7 +74,11 @@ def read_cases(path: Path, fmt: str) -> tuple[list[EvalCase], list[str]]:
     type=click.Path(exists=True, file_okay=False, path_type=Path),
 )
 @click.option(
-    "--editor", "editor_name", required=True, type=click.Choice(["noop", "ft", "hook", "melo"])
+    "--editor",
+    "editor_name",
+    required=True,
+    type=click.Choice(["noop", "ft", "hook", "melo", "auto"]),
+    help="auto: the daemon's routing, verification and escalation over [router] backends.",
 )
 @click.option(
     "--edits",
@@ -99,6 +120,7 @@ def eval_(
     from daemon.eval.basetask import world_base_task
     from daemon.eval.harness import EvalSettings, Harness
     from daemon.eval.report import EvalReport, markdown_table, write_report
+    from daemon.eval.routed import build_routed_editor
     from daemon.model.loading import load_model
     from daemon.model.source import apply_threads
 
@@ -112,7 +134,11 @@ def eval_(
     if not cases:
         raise EvalDataError("no usable edits", path=str(edits_path))
     loaded = load_model(str(model_dir), device=cfg.model.device, dtype=cfg.model.dtype)
-    editor = make_editor(editor_name, loaded, cfg)
+    editor = (
+        build_routed_editor(loaded, cfg)
+        if editor_name == "auto"
+        else make_editor(editor_name, loaded, cfg)
+    )
     settings = EvalSettings(
         n=min(n, len(cases)),
         checkpoints=checkpoints,
@@ -134,6 +160,7 @@ def eval_(
             "checkpoints": list(checkpoints),
             "threads": cfg.model.threads,
             "device": str(loaded.device),
+            **_auto_settings(editor_name, cfg),
         },
         data={
             "edits": str(edits_path),

@@ -41,6 +41,7 @@ def case_from_request(request: EditRequest, fallback_id: str) -> EvalCase:
         rephrases=request.rephrases,
         heldout=request.heldout_rephrases,
         locality=tuple((p.prompt, p.target) for p in request.locality),
+        backend=request.backend,
     )
 
 

@@ -13,7 +13,12 @@ At each checkpoint ALL edits applied so far are scored:
   the base answers being computed before any edit;
 - retention: efficacy over the first 10% of the edits applied so far;
 - teacher_forced: token accuracy of efficacy / paraphrase / locality targets;
-- base_task: generation accuracy on facts the stream never touched (if given).
+- base_task: generation accuracy on facts the stream never touched (if given);
+- routing (editor ``auto`` only): where the edits went so far (``RoutingTally``).
+
+With ``auto`` (:class:`~daemon.eval.routed.RoutedEditor`) each batch goes through
+the daemon's own dispatch: routing (honouring a case's requested back-end),
+verification, retraction and escalation.
 """
 
 from __future__ import annotations
@@ -30,9 +35,11 @@ from tqdm import tqdm
 
 from daemon.editors.base import Editor, EditSpec
 from daemon.eval.metrics import fraction_or_none
+from daemon.eval.routed import RoutedEditor
 from daemon.eval.scoring import generate, generation_hits, teacher_forced_accuracies
 from daemon.model.batches import target_token_ids
 from daemon.model.loading import LoadedModel
+from store.schema import Backend
 
 log = structlog.get_logger()
 
@@ -47,6 +54,7 @@ class EvalCase:
     rephrases: tuple[str, ...] = ()
     heldout: tuple[str, ...] = ()
     locality: tuple[tuple[str, str], ...] = ()  # (prompt, given answer)
+    backend: Backend = Backend.AUTO  # the request's back-end (read only by ``auto``)
 
 
 @dataclass(frozen=True)
@@ -82,9 +90,10 @@ class CheckpointScores:
     refused: int
     seconds_per_edit: float
     peak_rss_mb: float
+    routing: dict[str, Any] | None = None  # editor ``auto`` only (RoutingTally)
 
     def to_json_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "edits": self.edits,
             "efficacy": self.efficacy,
             "paraphrase": self.paraphrase,
@@ -97,6 +106,9 @@ class CheckpointScores:
             "seconds_per_edit": self.seconds_per_edit,
             "peak_rss_mb": self.peak_rss_mb,
         }
+        if self.routing is not None:
+            out["routing"] = dict(self.routing)
+        return out
 
 
 @dataclass
@@ -180,7 +192,12 @@ class Harness:
     def _apply(self, batch: Sequence[EvalCase], state: _Stream) -> None:
         specs = [self._spec_for(c) for c in batch]
         t0 = time.perf_counter()
-        outcomes = self.editor.apply(specs)
+        if isinstance(self.editor, RoutedEditor):
+            outcomes = self.editor.apply_routed(
+                [(s, c.backend) for s, c in zip(specs, batch, strict=True)]
+            )
+        else:
+            outcomes = self.editor.apply(specs)
         state.edit_seconds += time.perf_counter() - t0
         refused = [o for o in outcomes if not o.accepted]
         state.refused += len(refused)
@@ -294,6 +311,9 @@ class Harness:
             refused=state.refused,
             seconds_per_edit=state.edit_seconds / max(1, len(cases)),
             peak_rss_mb=round(peak_rss_mb(), 1),
+            routing=(
+                self.editor.tally.to_json_dict() if isinstance(self.editor, RoutedEditor) else None
+            ),
         )
         log.info("eval_checkpoint_scored", editor=self.editor.name, **scores.to_json_dict())
         return scores

@@ -60,7 +60,20 @@ def markdown_table(report: EvalReport) -> str:
             f"| {_fmt(tf.get('efficacy'))} | {_fmt(tf.get('paraphrase'))} "
             f"| {_fmt(tf.get('locality'))} | {c.seconds_per_edit:.3f} | {c.peak_rss_mb:.0f} |"
         )
+    last = report.checkpoints[-1] if report.checkpoints else None
+    if last is not None and last.routing is not None:
+        lines += ["", routing_line(last.routing)]
     return "\n".join(lines) + "\n"
+
+
+def routing_line(routing: dict[str, Any]) -> str:
+    """Where ``auto`` sent the edits, in words (routed first, then where they ended)."""
+    routed, applied = routing.get("routed", {}), routing.get("applied", {})
+    return (
+        f"routing: routed hook {routed.get('hook', 0)}, melo {routed.get('melo', 0)}; "
+        f"applied hook {applied.get('hook', 0)}, melo {applied.get('melo', 0)}; "
+        f"escalated {routing.get('escalated', 0)}; failed {routing.get('failed', 0)}"
+    )
 
 
 def plot(report: EvalReport, path: Path) -> None:

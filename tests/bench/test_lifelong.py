@@ -70,22 +70,54 @@ def test_reusable_needs_the_same_stream_and_its_checkpoints(tmp_path: Path) -> N
     assert not lifelong.reusable(run, {**report, "editor": "melo"})
 
 
-def test_plan_caps_the_world_edit_set_and_names_auto(
+def test_plan_caps_the_world_edit_set_and_plans_auto(
     micro_world: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Past the facts that qualify, the largest run is the maximum, recorded as capped;
-    ``auto`` is reported as not runnable through ``editd eval``."""
+    ``auto`` is an ``editd eval`` editor like the others, in batches of 10."""
     argv = _argv(micro_world, tmp_path, "--editors", "melo,auto", "--n", "5,100000", "--dry-run")
     args = lifelong.parser().parse_args(argv)
     runs, skipped = lifelong.plan(args)
-    assert [r.editor for r in runs] == ["melo"]
+    assert [r.editor for r in runs] == ["melo", "auto"] and skipped == []
     run = runs[0]
     assert run.capped_from == 100000 and 5 < run.n < 100000
     assert run.checkpoints == (5, run.n) and run.name == f"melo-{run.n}"
     assert lifelong.count_lines(run.edits) == run.n and run.edits.name.endswith("-max.jsonl")
-    assert [s["id"] for s in skipped] == ["*/auto"]
+    assert runs[1].batch_size == 10 and "auto" in runs[1].command(tmp_path)
     assert lifelong.main(argv) == 0
     assert "planned" in capsys.readouterr().out
+
+
+def test_auto_runs_record_their_routing_counts(tmp_path: Path) -> None:
+    """The merged entry of an ``auto`` run carries the last checkpoint's routing counts,
+    and the table shows them (applied hook/melo, escalated, failed)."""
+    routing = {
+        "routed": {"hook": 7, "melo": 3},
+        "applied": {"hook": 5, "melo": 4},
+        "escalated": 2,
+        "failed": 1,
+    }
+    out_dir = tmp_path / "lifelong" / "m" / "auto-10"
+    out_dir.mkdir(parents=True)
+    report = {
+        "editor": "auto",
+        "n_edits": 10,
+        "checkpoints": [
+            {
+                "edits": 10,
+                "efficacy": 0.9,
+                "seconds_per_edit": 0.1,
+                "refused": 1,
+                "routing": routing,
+            }
+        ],
+    }
+    (out_dir / "report.json").write_text(json.dumps(report))
+    entry = lifelong.run_entry(out_dir, tmp_path / "lifelong")
+    assert entry is not None and entry["routing"] == routing
+    table = plots.markdown_tables([entry, _run("m", "melo", 10, [(10, 0.5)])])
+    assert "| auto | 10 | 0.900 |" in table and "| 5/4/2/1 |" in table
+    assert "auto: hook/melo/esc/failed" in table
 
 
 @pytest.mark.slow

@@ -1,0 +1,181 @@
+"""One batch of edits through the engine: route, apply, verify, retract, escalate.
+
+The daemon's algorithm for turning edit requests into model edits, without a
+store, so that the worker and the evaluation harness (editor ``auto``) run
+exactly the same steps:
+
+1. route each edit (``daemon.router``); a request that names a disabled back-end
+   fails;
+2. per back-end (hook first, then MELO with the hook's escalations) apply the
+   edits and, when ``verify``, check every accepted one by greedy generation
+   (``Engine.verify``); an edit that fails verification is retracted again;
+3. an edit a back-end refuses or that fails verification there is escalated once
+   (``router.escalation``: hook to MELO); an edit that fails everywhere is failed
+   with the reason (no retry: the same input fails the same way).
+
+Callers see each back-end step through :class:`DispatchHooks` (the worker records
+a batch in the store and extends its leases there). Callers that need the whole
+batch atomic for readers hold ``engine.lock`` around :func:`dispatch`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from daemon.config import RouterConfig
+from daemon.editors.base import EditOutcome, EditSpec
+from daemon.engine import Engine, Verification
+from daemon.router import Route, escalation, route
+from store.schema import Backend, EditRequest
+
+log = structlog.get_logger()
+
+BACKEND_ORDER = (Backend.HOOK, Backend.MELO)
+
+
+@dataclass(frozen=True)
+class DispatchItem:
+    """One edit: what the editor sees (``spec``) and what the router reads (``request``)."""
+
+    spec: EditSpec
+    request: EditRequest
+
+
+@dataclass(frozen=True)
+class Step:
+    """One back-end's part of a batch: the edits it got, took and refused (with why)."""
+
+    backend: Backend
+    edit_ids: tuple[str, ...]
+    taken: Mapping[str, EditOutcome]
+    refused: Mapping[str, str]
+
+
+@dataclass
+class DispatchResult:
+    """Where every edit of a batch ended, and why (edit id keyed)."""
+
+    applied: dict[str, Backend] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    escalated: list[str] = field(default_factory=list)
+    routes: dict[str, Route] = field(default_factory=dict)
+    verifications: dict[str, Verification] = field(default_factory=dict)
+    details: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def _before_step(backend: Backend, edit_ids: Sequence[str]) -> None:
+    return None
+
+
+def _after_step(step: Step) -> None:
+    return None
+
+
+def _on_verification_failure(backend: Backend) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class DispatchHooks:
+    """Callbacks around each back-end step (all optional)."""
+
+    before_step: Callable[[Backend, Sequence[str]], None] = _before_step
+    after_step: Callable[[Step], None] = _after_step
+    on_verification_failure: Callable[[Backend], None] = _on_verification_failure
+
+
+def request_for(spec: EditSpec, backend: Backend = Backend.AUTO) -> EditRequest:
+    """The request a client would have sent for ``spec`` (what the router reads)."""
+    return EditRequest(
+        prompt=spec.prompt,
+        target=spec.target,
+        id=spec.edit_id,
+        subject=spec.subject,
+        relation=spec.relation,
+        rephrases=spec.rephrases,
+        backend=backend,
+    )
+
+
+def dispatch(
+    engine: Engine,
+    items: Sequence[DispatchItem],
+    router: RouterConfig,
+    *,
+    verify: bool,
+    hooks: DispatchHooks | None = None,
+) -> DispatchResult:
+    """Route, apply, verify and escalate ``items`` (see the module doc)."""
+    hooks = hooks or DispatchHooks()
+    result = DispatchResult()
+    specs = {item.spec.edit_id: item.spec for item in items}
+    waiting: dict[Backend, list[str]] = {b: [] for b in BACKEND_ORDER}
+    available = engine.backends
+    for item in items:
+        edit_id = item.spec.edit_id
+        chosen = route(item.request, router, engine.loaded.tokenizer, available)
+        result.routes[edit_id] = chosen
+        if chosen.backend not in available:
+            result.failed[edit_id] = f"back-end '{chosen.backend.value}' is not enabled"
+        else:
+            waiting[chosen.backend].append(edit_id)
+    for backend in BACKEND_ORDER:
+        ids = waiting[backend]
+        if not ids:
+            continue
+        hooks.before_step(backend, list(ids))
+        taken, refused = _apply_verified(
+            engine, backend, [specs[i] for i in ids], result.verifications, verify, hooks
+        )
+        for edit_id, outcome in taken.items():
+            result.applied[edit_id] = backend
+            result.details.setdefault(edit_id, {}).update(outcome.details)
+        for edit_id, reason in refused.items():
+            nxt = escalation(backend, router, available)
+            if nxt is not None and edit_id not in result.escalated:
+                result.escalated.append(edit_id)
+                waiting[nxt].append(edit_id)
+                result.details.setdefault(edit_id, {})["escalated_from"] = {
+                    "backend": backend.value,
+                    "reason": reason,
+                }
+            else:
+                result.failed[edit_id] = reason
+        hooks.after_step(Step(backend, tuple(ids), taken, refused))
+    return result
+
+
+def _apply_verified(
+    engine: Engine,
+    backend: Backend,
+    specs: Sequence[EditSpec],
+    verifications: dict[str, Verification],
+    verify: bool,
+    hooks: DispatchHooks,
+) -> tuple[dict[str, EditOutcome], dict[str, str]]:
+    """Apply on ``backend`` and verify; failed edits are retracted again."""
+    try:
+        outcomes = engine.apply(backend, specs)
+    except Exception as exc:  # the editor's own guarantees: refused edits leave no trace
+        log.exception("backend_apply_crashed", backend=backend.value)
+        engine.retract(backend, [s.edit_id for s in specs])
+        reason = f"{backend.value} apply raised {type(exc).__name__}: {exc}"
+        return {}, {s.edit_id: reason for s in specs}
+    taken = {o.edit_id: o for o in outcomes if o.accepted}
+    refused = {o.edit_id: f"{backend.value}: {o.reason}" for o in outcomes if not o.accepted}
+    if verify and taken:
+        checked = engine.verify([s for s in specs if s.edit_id in taken])
+        verifications.update(checked)
+        bad = [e for e, v in checked.items() if not v.passed]
+        if bad:
+            engine.retract(backend, bad)
+            for edit_id in bad:
+                hooks.on_verification_failure(backend)
+                out = checked[edit_id].prompt_output
+                refused[edit_id] = f"{backend.value}: verification failed (greedy output {out!r})"
+                del taken[edit_id]
+    return taken, refused

@@ -1,0 +1,127 @@
+"""``auto`` as an evaluation editor: the daemon's routing, verification and escalation.
+
+:class:`RoutedEditor` is an :class:`~daemon.editors.base.Editor` over an
+:class:`~daemon.engine.Engine` holding every enabled back-end (``[router]
+backends``, each built from its ``[editors.*]`` section as the daemon builds it).
+Its ``apply`` is the worker's algorithm, ``daemon.dispatch``: route each edit,
+apply per back-end, verify by greedy generation (``[worker] verify``), retract
+failures and escalate them once. :class:`RoutingTally` counts where edits went.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any
+
+from daemon.config import Config, RouterConfig
+from daemon.dispatch import DispatchItem, DispatchResult, dispatch, request_for
+from daemon.editors.base import Editor, EditOutcome, EditSpec
+from daemon.engine import Engine
+from daemon.model.loading import LoadedModel
+from store.schema import Backend
+
+STATE_VERSION = 1
+
+
+@dataclass
+class RoutingTally:
+    """Where the edits of a stream went, counted over every dispatched batch.
+
+    ``routed``: the router's first choice per back-end; ``applied``: the back-end
+    holding the edit in the end; ``escalated``: edits retried on another back-end
+    (after a refusal or a failed verification); ``failed``: edits no back-end took.
+    """
+
+    routed: dict[str, int] = field(default_factory=dict)
+    applied: dict[str, int] = field(default_factory=dict)
+    escalated: int = 0
+    failed: int = 0
+
+    def add(self, result: DispatchResult) -> None:
+        for chosen in result.routes.values():
+            key = chosen.backend.value
+            self.routed[key] = self.routed.get(key, 0) + 1
+        for backend in result.applied.values():
+            self.applied[backend.value] = self.applied.get(backend.value, 0) + 1
+        self.escalated += len(result.escalated)
+        self.failed += len(result.failed)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        names = [b.value for b in (Backend.HOOK, Backend.MELO)]
+        return {
+            "routed": {n: self.routed.get(n, 0) for n in names},
+            "applied": {n: self.applied.get(n, 0) for n in names},
+            "escalated": self.escalated,
+            "failed": self.failed,
+        }
+
+
+class RoutedEditor:
+    """The daemon's ``auto`` back-end choice, as one editor (see the module doc)."""
+
+    name = "auto"
+
+    def __init__(self, engine: Engine, router: RouterConfig, *, verify: bool) -> None:
+        self.engine = engine
+        self.router = router
+        self.verify = verify
+        self.tally = RoutingTally()
+
+    def apply(self, edits: Sequence[EditSpec]) -> list[EditOutcome]:
+        """Dispatch as the daemon does ``"backend": "auto"`` requests."""
+        return self.apply_routed([(spec, Backend.AUTO) for spec in edits])
+
+    def apply_routed(self, edits: Sequence[tuple[EditSpec, Backend]]) -> list[EditOutcome]:
+        """Dispatch specs with the back-end each request names (``auto``: the router's)."""
+        items = [DispatchItem(spec, request_for(spec, backend)) for spec, backend in edits]
+        with self.engine.lock:
+            result = dispatch(self.engine, items, self.router, verify=self.verify)
+        self.tally.add(result)
+        return [self._outcome(spec.edit_id, result) for spec, _ in edits]
+
+    @staticmethod
+    def _outcome(edit_id: str, result: DispatchResult) -> EditOutcome:
+        details: dict[str, Any] = {
+            "route": result.routes[edit_id].backend.value,
+            **result.details.get(edit_id, {}),
+        }
+        backend = result.applied.get(edit_id)
+        if backend is None:
+            return EditOutcome(edit_id, False, reason=result.failed.get(edit_id), details=details)
+        return EditOutcome(edit_id, True, details={**details, "backend": backend.value})
+
+    def retract(self, edit_ids: Sequence[str]) -> None:
+        for backend, held in self.engine.applied_ids().items():
+            mine = [e for e in edit_ids if e in set(held)]
+            if mine:
+                self.engine.retract(backend, mine)
+
+    def applied_ids(self) -> list[str]:
+        return [e for ids in self.engine.applied_ids().values() for e in ids]
+
+    def routing(self, prompts: Sequence[str]) -> AbstractContextManager[None]:
+        return self.engine.routing(prompts)
+
+    def state_dict(self) -> dict[str, Any]:
+        with self.engine.lock:
+            editors = {b.value: e.state_dict() for b, e in self.engine.editors.items()}
+        return {"version": STATE_VERSION, "editors": editors}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"unsupported auto editor state version {state.get('version')!r}")
+        with self.engine.lock:
+            for name, editor_state in state["editors"].items():
+                self.engine.editor(Backend(name)).load_state_dict(editor_state)
+
+
+def build_routed_editor(loaded: LoadedModel, config: Config) -> RoutedEditor:
+    """An Engine with every back-end of ``[router] backends``, wrapped for the harness."""
+    from daemon.editors.registry import make_editor
+
+    editors: dict[Backend, Editor] = {
+        Backend(name): make_editor(name, loaded, config) for name in config.router.backends
+    }
+    return RoutedEditor(Engine(loaded, editors), config.router, verify=config.worker.verify)

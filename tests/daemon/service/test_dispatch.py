@@ -1,0 +1,144 @@
+"""The shared dispatch (route, apply, verify, retract, escalate) with scripted back-ends.
+
+The back-ends here never touch the model, so every verification of a
+counterfactual target fails: that is the retraction path. The micro world gives
+the tokenizer the router counts target tokens with and the model verify runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from daemon.config import RouterConfig
+from daemon.dispatch import DispatchHooks, DispatchItem, Step, dispatch, request_for
+from daemon.editors.base import Editor, EditOutcome, EditSpec
+from daemon.engine import Engine
+from daemon.model.loading import LoadedModel, load_model
+from store.schema import Backend
+
+
+class Scripted:
+    """Accepts every edit except ``refuse``; ``crash`` makes ``apply`` raise."""
+
+    def __init__(self, name: str, refuse: Sequence[str] = (), crash: bool = False) -> None:
+        self.name = name
+        self.refuse = set(refuse)
+        self.crash = crash
+        self.held: list[str] = []
+        self.calls: list[list[str]] = []
+
+    def apply(self, edits: Sequence[EditSpec]) -> list[EditOutcome]:
+        self.calls.append([e.edit_id for e in edits])
+        if self.crash:
+            self.held.extend(e.edit_id for e in edits)  # half-applied, then raises
+            raise RuntimeError("boom")
+        out = []
+        for e in edits:
+            ok = e.edit_id not in self.refuse
+            if ok:
+                self.held.append(e.edit_id)
+            out.append(EditOutcome(e.edit_id, ok, None if ok else "scripted refusal", {"by": 1}))
+        return out
+
+    def retract(self, edit_ids: Sequence[str]) -> None:
+        self.held = [e for e in self.held if e not in set(edit_ids)]
+
+    def applied_ids(self) -> list[str]:
+        return list(self.held)
+
+    def routing(self, prompts: Sequence[str]) -> AbstractContextManager[None]:
+        return nullcontext()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": 1}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        return None
+
+
+@pytest.fixture(scope="module")
+def loaded(micro_world: Path) -> LoadedModel:
+    return load_model(str(micro_world), device="cpu")
+
+
+def _engine(loaded: LoadedModel, **editors: Scripted) -> Engine:
+    table: dict[Backend, Editor] = {Backend(k): v for k, v in editors.items()}
+    return Engine(loaded, table)
+
+
+def _items() -> list[DispatchItem]:
+    specs = [
+        EditSpec("a", "The capital of Zorland is", " Quux", subject="Zorland"),
+        EditSpec("b", "The capital of Blip is", " Frob", subject="Blip"),
+        EditSpec("c", "A note without a subject:", " anything at all"),
+    ]
+    return [DispatchItem(s, request_for(s)) for s in specs]
+
+
+def test_routes_per_edit_and_escalates_a_refused_hook_edit_once(loaded: LoadedModel) -> None:
+    """Subject edits go to the hook, the subjectless one to MELO; the hook's refusal is
+    retried on MELO in the same batch, and each step is reported to the hooks."""
+    hook, melo = Scripted("hook", refuse=["b"]), Scripted("melo")
+    engine = _engine(loaded, hook=hook, melo=melo)
+    steps: list[Step] = []
+    started: list[tuple[Backend, list[str]]] = []
+    hooks = DispatchHooks(
+        before_step=lambda b, ids: started.append((b, list(ids))), after_step=steps.append
+    )
+    result = dispatch(engine, _items(), RouterConfig(), verify=False, hooks=hooks)
+    assert result.applied == {"a": Backend.HOOK, "c": Backend.MELO, "b": Backend.MELO}
+    assert result.escalated == ["b"] and result.failed == {}
+    assert result.routes["b"].backend is Backend.HOOK
+    assert result.details["b"]["escalated_from"] == {
+        "backend": "hook",
+        "reason": "hook: scripted refusal",
+    }
+    assert started == [(Backend.HOOK, ["a", "b"]), (Backend.MELO, ["c", "b"])]
+    assert [(s.backend, sorted(s.taken), dict(s.refused)) for s in steps] == [
+        (Backend.HOOK, ["a"], {"b": "hook: scripted refusal"}),
+        (Backend.MELO, ["b", "c"], {}),
+    ]
+    assert hook.held == ["a"] and melo.held == ["c", "b"]
+
+
+def test_failed_verification_is_retracted_and_fails_after_escalation(
+    loaded: LoadedModel,
+) -> None:
+    """Back-ends that do not change the model: every edit fails verification, is
+    retracted from the back-end that took it, and fails with the reason."""
+    hook, melo = Scripted("hook"), Scripted("melo")
+    engine = _engine(loaded, hook=hook, melo=melo)
+    failures: list[Backend] = []
+    hooks = DispatchHooks(on_verification_failure=failures.append)
+    result = dispatch(engine, _items()[:1], RouterConfig(), verify=True, hooks=hooks)
+    assert result.applied == {} and result.escalated == ["a"]
+    assert result.failed["a"].startswith("melo: verification failed (greedy output")
+    assert "verification failed" in result.details["a"]["escalated_from"]["reason"]
+    assert not result.verifications["a"].passed
+    assert failures == [Backend.HOOK, Backend.MELO]
+    assert hook.held == [] and melo.held == []
+
+
+def test_no_escalation_a_disabled_backend_and_a_crashing_apply(loaded: LoadedModel) -> None:
+    """Without escalation a refusal fails; an explicit request for a missing back-end
+    fails without an apply; a crashing apply is retracted and fails every edit."""
+    hook = Scripted("hook", refuse=["a"])
+    engine = _engine(loaded, hook=hook)
+    items = _items()
+    forced = DispatchItem(items[2].spec, request_for(items[2].spec, Backend.MELO))
+    router = RouterConfig(escalate_to_melo=False, backends=("hook",))
+    result = dispatch(engine, [items[0], forced], router, verify=False)
+    assert result.failed == {
+        "c": "back-end 'melo' is not enabled",
+        "a": "hook: scripted refusal",
+    }
+    crashing = Scripted("hook", crash=True)
+    result = dispatch(_engine(loaded, hook=crashing), items[:2], router, verify=False)
+    assert set(result.failed) == {"a", "b"}
+    assert result.failed["a"] == "hook apply raised RuntimeError: boom"
+    assert crashing.held == []
