@@ -125,7 +125,7 @@ class MeloConfig:
     key_layer: int = -1
     rank_per_block: int = 4
     edits_per_block: int = 1
-    max_blocks: int = 1024
+    max_blocks: int = 100_000  # a limit: LoRA blocks are created as used (see melo.layer)
     learning_rate: float = 1e-2
     max_steps: int = 100
     radius: float = 0.0
@@ -153,6 +153,12 @@ class HookConfig:
     key (floor ``gate_cos_floor``). ``gate_snap_keys``: a routed token gets the
     output stored for the key it matched; ``gate_shared_route``: the lowest hook
     layer's routing serves the layers above it.
+
+    ``stats_device``: where the float64 running sums, the covariance and the per-edit
+    key rows live (they are read only when a batch is solved or retracted):
+    ``"model"`` (with the model, the default), ``"cpu"`` (host memory: on a GPU the
+    solve then runs on the CPU, slower, and only the applied deltas take GPU
+    memory) or ``"cuda"``/``"cuda:N"``.
     """
 
     layers: tuple[int, ...] = ()
@@ -174,9 +180,15 @@ class HookConfig:
     shard_keys: int = 0
     max_update_norm_zscore: float = 6.0
     max_target_tokens: int = 8
+    stats_device: str = "model"
 
     def __post_init__(self) -> None:
         _require(-1.0 <= self.gate_cos_floor <= 1.0, "gate_cos_floor", "must be in [-1, 1]")
+        _require(
+            re.fullmatch(r"model|cpu|cuda(:\d+)?", self.stats_device) is not None,
+            "stats_device",
+            f"must be 'model', 'cpu', 'cuda' or 'cuda:N'; got {self.stats_device!r}",
+        )
         _require(
             -1.0 <= self.gate_subject_cos_floor <= 1.0,
             "gate_subject_cos_floor",

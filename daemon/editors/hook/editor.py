@@ -18,7 +18,11 @@ For a batch of edits (subject, prompt, target):
 
    which equals the consecutive update of the issue (see ``math.solve_from_sums``).
    The state is constant in size (``M``, ``S``, the fp32 delta per layer) apart
-   from the per-edit records ``(k, t)`` that make retraction exact.
+   from the per-edit records ``(k, t)`` that make retraction exact. A shard solved
+   from fewer key rows than ``d_out d_in / (d_out + d_in)`` keeps its delta as two
+   factors ``T (A^-1 K)^T`` (``math.solve_factors``), smaller than the dense matrix.
+   The sums, the covariance and the records live on ``stats_device`` (the model's
+   device, or the host: they are needed only to solve), the deltas on the model's.
 4. **Shards.** A linear map from ``d_in`` cannot hold many more facts than ``d_in``
    keys, so each hook layer's delta is split into shards of at most ``shard_keys``
    live keys (default ``d_in // 2``); a batch goes to the newest shard and opens a
@@ -38,6 +42,9 @@ For a batch of edits (subject, prompt, target):
    layer are tracked; a batch whose update norm is an outlier (z-score above
    ``max_update_norm_zscore`` against the history) is refused and rolled back, as
    is a batch whose solve meets NaN/inf or an indefinite system.
+
+A batch is a transaction without copies: sums, shard deltas and gate keys are
+replaced, never written into, so the rollback keeps references to the old objects.
 
 Retraction subtracts the edits' ``(k, t)`` terms from their shard's ``M`` and ``S``,
 solves that shard again and drops their gate keys with their references; the other
@@ -60,12 +67,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from daemon.editors.base import EditOutcome, EditSpec
 from daemon.editors.hook.batching import fact_key, merge_batch, refusal_reason, refuse_all
 from daemon.editors.hook.checks import check_recall
+from daemon.editors.hook.deltas import frobenius
 from daemon.editors.hook.gate import DEFAULT_COS_FLOOR, DEFAULT_SUBJECT_COS_FLOOR
 from daemon.editors.hook.keys import KeyKind, encode_sites
 from daemon.editors.hook.layer import HookedProjection
 from daemon.editors.hook.scope import SubjectScope
 from daemon.editors.hook.solve import SolvePlan, resolve_shards, solve_layers, zero_sums
 from daemon.editors.hook.state import (
+    READABLE_VERSIONS,
     STATE_VERSION,
     Record,
     check_compatible,
@@ -90,6 +99,17 @@ GateScope = Literal["subject", "key"]
 GATE_SCOPES: tuple[GateScope, ...] = ("subject", "key")
 
 
+def stats_device_error(value: str) -> str | None:
+    """Why ``value`` is no ``stats_device`` (``"model"`` or a torch device name), or None."""
+    if value == "model":
+        return None
+    try:
+        torch.device(value)
+    except (RuntimeError, ValueError) as exc:
+        return f"must be 'model' or a torch device such as 'cpu' or 'cuda:0': {exc}"
+    return None
+
+
 @dataclass(frozen=True)
 class HookSettings:
     """Everything the editor needs besides the model; built from ``[editors.hook]``."""
@@ -110,8 +130,12 @@ class HookSettings:
     gate_subject_cos_floor: float = DEFAULT_SUBJECT_COS_FLOOR
     gate_snap_keys: bool = True  # subject gate: a routed token gets its matched key's value
     gate_shared_route: bool = True  # subject gate: the first hook layer decides for all
+    stats_device: str = "model"  # where sums, covariance, records live: "model" or a device
 
     def __post_init__(self) -> None:
+        reason = stats_device_error(self.stats_device)
+        if reason is not None:
+            raise ValueError(f"stats_device {self.stats_device!r} {reason}")
         if self.gate_scope not in GATE_SCOPES:
             raise ValueError(f"gate_scope must be one of {GATE_SCOPES}: {self.gate_scope!r}")
         if not -1.0 <= self.gate_subject_cos_floor <= 1.0:
@@ -168,12 +192,17 @@ class HookEditor:
                 h.scope = self.scope
                 h.snap_keys = settings.gate_snap_keys
                 h.share_route = settings.gate_shared_route
-        self._cov = {i: covariance[i].to(self.device, torch.float64) for i in settings.layers}
+        self._stats_device = (
+            self.device if settings.stats_device == "model" else torch.device(settings.stats_device)
+        )
+        self._cov = {
+            i: covariance[i].to(self._stats_device, torch.float64) for i in settings.layers
+        }
         self._w0_norm = {
             i: float(torch.linalg.matrix_norm(arch.projection_weight_out_in(h.base).double()))
             for i, h in self.hooks.items()
         }
-        self._sums = {i: [zero_sums(h)] for i, h in self.hooks.items()}  # per shard
+        self._sums = {i: [zero_sums(h, self._stats_device)] for i, h in self.hooks.items()}
         self._shard_keys = settings.shard_keys or max(
             1, min(h.d_in for h in self.hooks.values()) // 2
         )
@@ -219,9 +248,10 @@ class HookEditor:
             "edits": len(self._records),
             "batches": self._batches,
             "delta_norm_ratio": {
-                i: float(torch.linalg.vector_norm(h.delta.double())) / self._w0_norm[i]
+                i: sum(frobenius(d) ** 2 for d in h.deltas) ** 0.5 / self._w0_norm[i]
                 for i, h in self.hooks.items()
             },
+            "factored_shards": sum(d.factored for d in self._hook0().deltas),
             "shards": self._hook0().n_shards,
             "last_update_norm": {i: (v[-1] if v else None) for i, v in self.norm_history.items()},
             "gate_keys": int(self._hook0().keys.shape[0]),
@@ -255,9 +285,10 @@ class HookEditor:
         return [outcomes[spec.edit_id] for spec in edits]
 
     def _snapshot(self) -> dict[str, Any]:
+        """What a batch's rollback needs: references, no tensor copy (see the docstring)."""
         return {
-            "sums": {i: [s.clone() for s in v] for i, v in self._sums.items()},
-            "hooks": {i: hook_buffers(h) for i, h in self.hooks.items()},
+            "sums": {i: list(v) for i, v in self._sums.items()},
+            "hooks": {i: h.snapshot() for i, h in self.hooks.items()},
             "records": dict(self._records),
             "by_fact": dict(self._by_fact),
             "alias_of": dict(self._alias_of),
@@ -269,7 +300,7 @@ class HookEditor:
     def _restore(self, snap: Mapping[str, Any]) -> None:
         self._sums = snap["sums"]
         for i, h in self.hooks.items():
-            h.load_state_dict(snap["hooks"][i], strict=False)
+            h.restore(snap["hooks"][i])
         self._records = snap["records"]
         self._by_fact = snap["by_fact"]
         self._alias_of = snap["alias_of"]
@@ -321,6 +352,7 @@ class HookEditor:
                 self._cov,
                 self._w0_norm,
                 self.norm_history,
+                self._shard_rows,
             )
             site_edit = result.site_edit.tolist()
             for i, h in self.hooks.items():
@@ -384,7 +416,7 @@ class HookEditor:
             return last
         for layer, h in self.hooks.items():
             h.add_shard()
-            self._sums[layer].append(zero_sums(h))
+            self._sums[layer].append(zero_sums(h, self._stats_device))
         log.info("hook_shard_opened", shard=last + 1, keys_in_previous=live)
         return last + 1
 
@@ -409,10 +441,8 @@ class HookEditor:
         for layer, hook in self.hooks.items():
             for edit_id in holder_ids:
                 record = self._records[edit_id]
-                sums = self._sums[layer][record.shard]
                 k, t = record.keys[layer], record.outputs[layer]  # (sites, d_in/d_out)
-                sums.moment -= t.T @ k
-                sums.key_outer -= k.T @ k
+                self._sums[layer][record.shard] = self._sums[layer][record.shard].minus(k, t)
             hook.remove_keys(rows)
         self._key_owner = [e for e in self._key_owner if e not in gone]
         for edit_id in holder_ids:
@@ -427,7 +457,29 @@ class HookEditor:
     def _resolve(self, shards: Sequence[int]) -> None:
         """Solve ``shards`` again from their sums (an emptied shard is zeroed exactly)."""
         live = {r.shard for r in self._records.values()}
-        resolve_shards(self.hooks, self._sums, self._cov, self.settings.cov_weight, shards, live)
+        resolve_shards(
+            self.hooks,
+            self._sums,
+            self._cov,
+            self.settings.cov_weight,
+            shards,
+            live,
+            self._shard_rows,
+        )
+
+    def _shard_rows(self, layer: int, shard: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys ``(n, d_in)`` and outputs ``(n, d_out)`` of ``shard``'s live edits."""
+        held = [r for r in self._records.values() if r.shard == shard]
+        if not held:
+            hook, f64 = self.hooks[layer], torch.float64
+            return (
+                torch.zeros(0, hook.d_in, dtype=f64, device=self._stats_device),
+                torch.zeros(0, hook.d_out, dtype=f64, device=self._stats_device),
+            )
+        return (
+            torch.cat([r.keys[layer] for r in held]),
+            torch.cat([r.outputs[layer] for r in held]),
+        )
 
     # --- state -------------------------------------------------------------------
 
@@ -458,10 +510,10 @@ class HookEditor:
         return {"version": STATE_VERSION, "manifest": self._manifest(), "tensors": self._tensors()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if state.get("version") != STATE_VERSION:
+        if state.get("version") not in READABLE_VERSIONS:
             raise EditorStateError(
                 f"hook editor state has version {state.get('version')!r}; "
-                f"this code reads {STATE_VERSION}"
+                f"this code reads {READABLE_VERSIONS}"
             )
         self._load(dict(state["manifest"]), dict(state["tensors"]))
 
@@ -469,8 +521,9 @@ class HookEditor:
         expected = {str(i): tensor_sha(c) for i, c in self._cov.items()}
         check_compatible(manifest, self.settings.layers, self.settings.key_position, expected)
         try:
-            records = unpack_records(manifest["records"], tensors, list(self.hooks), self.device)
-            sums = {i: unpack_sums(tensors, i, self.device) for i in self.hooks}
+            stats = self._stats_device
+            records = unpack_records(manifest["records"], tensors, list(self.hooks), stats)
+            sums = {i: unpack_sums(tensors, i, stats) for i in self.hooks}
             for layer, hook in self.hooks.items():
                 hook.load_state_dict(hook_state(tensors, layer), strict=False)
                 if hook.n_shards != len(sums[layer]):

@@ -13,7 +13,9 @@ the base output bit for bit.
 
 Shards
 ------
-``delta`` is ``(n_shards, d_out, d_in)``: the editor fills one shard with a bounded
+``deltas`` holds one :class:`~daemon.editors.hook.deltas.ShardDelta` per shard
+(``d_out x d_in``, dense or as two low-rank factors; immutable, replaced on every
+change): the editor fills one shard with a bounded
 number of edit keys (a linear map from ``d_in`` cannot hold many more facts than
 ``d_in`` keys) and then opens the next. Every stored key carries its shard
 (``key_shard``); a token that the gate lets through gets the delta of the shard of
@@ -65,12 +67,15 @@ token of the latest forward (-1: closed) and ``last_gate`` its boolean form
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import structlog
 import torch
 from torch import nn
 
+from daemon.editors.hook import deltas as shard_deltas
+from daemon.editors.hook.deltas import ShardDelta
 from daemon.editors.hook.gate import (
     DEFAULT_COS_FLOOR,
     DEFAULT_SUBJECT_COS_FLOOR,
@@ -87,7 +92,6 @@ from daemon.editors.hook.subject_gate import (
     add_values,
     candidate_table,
     key_reach,
-    key_values,
     route_table,
     routes_of,
 )
@@ -112,13 +116,24 @@ MAX_CALIBRATION_TOKENS = 8192
 
 _KEY_CHUNK = 4096
 
+
+@dataclass(frozen=True)
+class HookSnapshot:
+    """What ``HookedProjection.snapshot`` keeps: the replaced objects themselves."""
+
+    deltas: list[ShardDelta]
+    keys: torch.Tensor
+    key_shard: torch.Tensor
+    key_mean: torch.Tensor
+    key_std: torch.Tensor
+
+
 RouteParts = tuple[CandidateTable, torch.Tensor, torch.Tensor]  # table, fire, winner
 
 
 class HookedProjection(nn.Module):
     """An MLP output projection plus gated fp32 deltas; ``base`` is the original module."""
 
-    delta: torch.Tensor
     keys: torch.Tensor
     key_shard: torch.Tensor
     key_mean: torch.Tensor
@@ -144,7 +159,9 @@ class HookedProjection(nn.Module):
         self.d_in = d_in
         self.d_out = d_out
         f32 = torch.float32
-        self.register_buffer("delta", torch.zeros(1, d_out, d_in, dtype=f32, device=device))
+        self._device = device
+        self.deltas: list[ShardDelta] = [ShardDelta.zero(d_out, d_in, device)]
+        self._delta_version = 0  # bumped on every change of ``deltas`` (gate tables)
         self.register_buffer("keys", torch.zeros(0, d_in, dtype=f32, device=device))
         self.register_buffer("key_shard", torch.zeros(0, dtype=torch.long, device=device))
         self.register_buffer("key_mean", torch.zeros(0, dtype=f32, device=device))
@@ -176,7 +193,17 @@ class HookedProjection(nn.Module):
 
     @property
     def n_shards(self) -> int:
-        return int(self.delta.shape[0])
+        return len(self.deltas)
+
+    @property
+    def delta(self) -> torch.Tensor:
+        """Every shard's delta, dense ``(n_shards, d_out, d_in)`` fp32 (materialised:
+        for tests and diagnostics, never on the forward path)."""
+        return torch.stack([d.to_dense() for d in self.deltas])
+
+    def shard_output(self, x: torch.Tensor, shard: int) -> torch.Tensor:
+        """``x @ delta[shard].T`` for rows ``x`` ``(n, d_in)``, in ``x``'s dtype."""
+        return self.deltas[self._shard_index(shard)].apply(x.to(self._device))
 
     @property
     def last_gate(self) -> torch.Tensor | None:
@@ -193,32 +220,62 @@ class HookedProjection(nn.Module):
             )
         if not bool(torch.isfinite(delta_out_in).all()):
             raise ValueError("delta holds non-finite values (NaN/inf)")
-        return delta_out_in.detach().to(device=self.delta.device, dtype=torch.float32)
+        return delta_out_in.detach().to(device=self._device, dtype=torch.float32)
 
     def _shard_index(self, shard: int) -> int:
         if not 0 <= shard < self.n_shards:
             raise ValueError(f"shard {shard} outside 0..{self.n_shards - 1}")
         return shard
 
+    def _set_deltas(self, deltas: list[ShardDelta]) -> None:
+        """Replace the shard list (never written into: a rollback may hold the old one)."""
+        self.deltas = deltas
+        self._delta_version += 1
+        self._has_delta = any(d.nonzero() for d in deltas)
+
+    def _replace(self, shard: int, delta: ShardDelta) -> None:
+        s = self._shard_index(shard)
+        self._set_deltas([*self.deltas[:s], delta, *self.deltas[s + 1 :]])
+
     @torch.no_grad()
     def add_shard(self) -> int:
         """Open a new, empty shard; returns its index."""
-        self.delta = torch.cat([self.delta, self.delta.new_zeros(1, self.d_out, self.d_in)])
+        zero = ShardDelta.zero(self.d_out, self.d_in, self._device)
+        self._set_deltas([*self.deltas, zero])
         return self.n_shards - 1
 
     @torch.no_grad()
     def set_delta(self, delta_out_in: torch.Tensor, shard: int = 0) -> None:
         """Replace one shard's delta (``[out, in]``, any float dtype; stored fp32)."""
-        self.delta[self._shard_index(shard)] = self._as_delta(delta_out_in)
-        self._has_delta = bool(self.delta.any())
+        self._replace(shard, ShardDelta(dense=self._as_delta(delta_out_in)))
+
+    @torch.no_grad()
+    def set_factors(self, up: torch.Tensor, down: torch.Tensor, shard: int = 0) -> None:
+        """Replace one shard's delta by ``up @ down``: ``(d_out, r)`` and ``(r, d_in)``
+        (any float dtype; stored fp32)."""
+        if up.dim() != 2 or down.dim() != 2 or up.shape[1] != down.shape[0]:
+            raise ValueError(f"factors {tuple(up.shape)} @ {tuple(down.shape)} do not multiply")
+        if up.shape[0] != self.d_out or down.shape[1] != self.d_in:
+            raise ValueError(
+                f"factors give [{up.shape[0]}, {down.shape[1]}], not the projection's "
+                f"[out, in] = [{self.d_out}, {self.d_in}]"
+            )
+        if not (bool(torch.isfinite(up).all()) and bool(torch.isfinite(down).all())):
+            raise ValueError("delta factors hold non-finite values (NaN/inf)")
+        f32 = torch.float32
+        self._replace(
+            shard,
+            ShardDelta(
+                up=up.detach().to(self._device, f32), down=down.detach().to(self._device, f32)
+            ),
+        )
 
     @torch.no_grad()
     def add_delta(self, delta_out_in: torch.Tensor, shard: int = 0) -> None:
         """Add an ``[out, in]`` update to one shard's delta (summed in float64, stored fp32)."""
         s = self._shard_index(shard)
-        add = delta_out_in.detach().to(device=self.delta.device, dtype=torch.float64)
-        self.delta[s] = self._as_delta(self.delta[s].to(torch.float64) + add)
-        self._has_delta = bool(self.delta.any())
+        add = delta_out_in.detach().to(device=self._device, dtype=torch.float64)
+        self.set_delta(self.deltas[s].to_dense(torch.float64) + add, s)
 
     @torch.no_grad()
     def add_keys(self, keys_in_n: torch.Tensor, shard: int = 0) -> None:
@@ -254,8 +311,7 @@ class HookedProjection(nn.Module):
     @torch.no_grad()
     def reset(self) -> None:
         """Forget all edits: one zero shard, no keys (gate closed). The centre is kept."""
-        self.delta = self.delta.new_zeros(1, self.d_out, self.d_in)
-        self._has_delta = False
+        self._set_deltas([ShardDelta.zero(self.d_out, self.d_in, self._device)])
         self.remove_keys(range(self.keys.shape[0]))
 
     @torch.no_grad()
@@ -349,13 +405,13 @@ class HookedProjection(nn.Module):
         if not scope.prefill and held is not None and held[0] is scope.candidates:
             return held[2]
         cache = self._cache()
-        stamp = (cache.stamp, tensor_stamp(self.delta), self.subject_cos_floor, self.snap_keys)
+        stamp = (cache.stamp, self._delta_version, self.subject_cos_floor, self.snap_keys)
         if held is not None and held[0] is scope.candidates and held[1] == stamp:
             return held[2]
         with torch.no_grad():
             if self._per_key is None or self._per_key[0] != stamp:
                 reach = key_reach(self.key_mean, self.key_std, cache.limit, self.subject_cos_floor)
-                snapped = key_values(self.keys, self.key_shard, self.delta)
+                snapped = shard_deltas.key_values(self.keys, self.key_shard, self.deltas)
                 self._per_key = (stamp, reach, snapped if self.snap_keys else None)
             _, fire_at, values = self._per_key
             table = candidate_table(scope.candidates, cache.keys_n, fire_at, self.key_shard, values)
@@ -427,7 +483,7 @@ class HookedProjection(nn.Module):
         parts, start = [], 0
         for s, count in enumerate(counts):
             if count:
-                parts.append(xf[start : start + count] @ self.delta[s].T)  # (count, d_out)
+                parts.append(self.deltas[s].apply(xf[start : start + count]))  # (count, d_out)
                 start += count
         update = parts[0] if len(parts) == 1 else torch.cat(parts)
         flat_out = out.reshape(-1, self.d_out)
@@ -463,20 +519,64 @@ class HookedProjection(nn.Module):
             self.key_mean = torch.cat(means).to(self.key_mean.device)
             self.key_std = torch.cat(stds).to(self.key_std.device)
 
+    def _save_to_state_dict(
+        self, destination: dict[str, Any], prefix: str, keep_vars: bool
+    ) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name, value in shard_deltas.state_entries(self.deltas).items():
+            destination[prefix + name] = value if keep_vars else value.detach()
+
     def _load_from_state_dict(
         self,
         state_dict: Mapping[str, Any],
         prefix: str,
-        *args: Any,
-        **kwargs: Any,
+        local_metadata: Any,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
     ) -> None:
-        for name in ("delta", "keys", "key_shard", "key_mean", "key_std"):  # they grow
+        ours = {
+            k[len(prefix) :]: v
+            for k, v in state_dict.items()
+            if k.startswith(prefix)
+            and k[len(prefix) :].split(".", 1)[0] in shard_deltas.ENTRY_NAMES
+        }
+        try:
+            loaded = shard_deltas.from_entries(ours, self._device)
+        except ValueError as exc:
+            error_msgs.append(f"{prefix}delta: {exc}")
+            loaded = None
+        if loaded is not None:
+            self._set_deltas(loaded)
+        elif strict:
+            missing_keys.append(prefix + shard_deltas.DENSE)
+        for name in ("keys", "key_shard", "key_mean", "key_std"):  # they grow
             incoming = state_dict.get(prefix + name)
             current = getattr(self, name)
             if isinstance(incoming, torch.Tensor) and incoming.dim() == current.dim():
                 setattr(self, name, current.new_zeros(tuple(incoming.shape)))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._has_delta = bool(self.delta.any())
+        rest = {
+            k: v
+            for k, v in state_dict.items()
+            if not (k.startswith(prefix) and k[len(prefix) :] in ours)
+        }
+        super()._load_from_state_dict(
+            rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    # --- transactions --------------------------------------------------------------------
+
+    def snapshot(self) -> HookSnapshot:
+        """References to everything an edit batch replaces (no tensor is copied: the
+        hook replaces its deltas and key tensors, it never writes into them)."""
+        return HookSnapshot(self.deltas, self.keys, self.key_shard, self.key_mean, self.key_std)
+
+    def restore(self, snap: HookSnapshot) -> None:
+        """Return to ``snap`` (taken by ``snapshot``)."""
+        self._set_deltas(snap.deltas)
+        self.keys, self.key_shard = snap.keys, snap.key_shard
+        self.key_mean, self.key_std = snap.key_mean, snap.key_std
 
     def extra_repr(self) -> str:
         return (

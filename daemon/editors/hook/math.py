@@ -256,3 +256,49 @@ def solve_from_sums(
     delta = x.T  # (d_out, d_in)
     _check_finite("delta", delta)
     return UpdateSolution(delta=delta, ridge=ridge, ridge_attempts=attempts)
+
+
+@dataclass(frozen=True)
+class FactorSolution:
+    """``solve_from_sums``'s delta as ``up @ down`` (float64) and the ridge it needed."""
+
+    up: torch.Tensor  # (d_out, r)
+    down: torch.Tensor  # (r, d_in)
+    ridge: float
+    ridge_attempts: int
+
+
+def solve_factors(
+    keys: torch.Tensor,
+    outputs: torch.Tensor,
+    key_outer: torch.Tensor,
+    cov: torch.Tensor,
+    cov_weight: float,
+) -> FactorSolution:
+    """``solve_from_sums``'s delta in factored form, from the rows the sums hold.
+
+    With the live keys ``K`` ``(d_in, r)`` and their outputs ``T`` ``(d_out, r)``
+    (so that ``M = T K^T``), ``M (lambda C + S)^-1 = T (A^-1 K)^T`` for the symmetric
+    ``A = lambda C + S``: ``up = T``, ``down = (A^-1 K)^T``, of rank at most ``r``.
+    One Cholesky factorisation and ``r`` right-hand sides instead of ``d_out``.
+    """
+    if keys.dim() != 2 or outputs.dim() != 2 or keys.shape[1] != outputs.shape[1]:
+        raise ValueError(
+            f"keys (d_in, r) and outputs (d_out, r) do not fit: "
+            f"{tuple(keys.shape)} and {tuple(outputs.shape)}"
+        )
+    d_in = keys.shape[0]
+    if tuple(key_outer.shape) != (d_in, d_in) or tuple(cov.shape) != (d_in, d_in):
+        raise ValueError(
+            f"key_outer and cov must be ({d_in}, {d_in}); got "
+            f"{tuple(key_outer.shape)} and {tuple(cov.shape)}"
+        )
+    if not _m.isfinite(cov_weight) or cov_weight < 0.0:
+        raise ValueError(f"cov_weight must be finite and >= 0; got {cov_weight}")
+    k, t, s, c = _f64(keys), _f64(outputs), _f64(key_outer), _f64(cov)
+    for name, x in (("keys", k), ("outputs", t), ("key_outer", s), ("cov", c)):
+        _check_finite(name, x)
+    x, ridge, attempts = solve_spd(cov_weight * c + s, k)  # (d_in, r)
+    down = x.T  # (r, d_in)
+    _check_finite("delta", down)
+    return FactorSolution(up=t, down=down, ridge=ridge, ridge_attempts=attempts)

@@ -102,6 +102,7 @@ def settings_from_config(
         shard_keys=cfg.shard_keys,
         max_update_norm_zscore=cfg.max_update_norm_zscore,
         max_target_tokens=cfg.max_target_tokens,
+        stats_device=cfg.stats_device,
         **_subject_gate_keys(cfg),
     )
 

@@ -6,7 +6,7 @@ math itself is :mod:`daemon.editors.hook.math`.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +14,7 @@ from torch import nn
 
 from daemon.editors.hook import math as hmath
 from daemon.editors.hook.checks import guard_update
+from daemon.editors.hook.deltas import frobenius, use_factors
 from daemon.editors.hook.keys import KeySites, capture
 from daemon.editors.hook.layer import HookedProjection
 from daemon.editors.hook.state import LayerSums
@@ -29,6 +30,31 @@ class SolvePlan:
     max_update_norm_zscore: float
 
 
+ShardRows = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
+"""``(layer, shard) -> (keys (n, d_in), outputs (n, d_out))``: the rows of the live edits
+of a shard at a layer (float64, where the sums live), for the factored solve."""
+
+
+def set_shard(
+    hook: HookedProjection,
+    shard: int,
+    sums: LayerSums,
+    keys: torch.Tensor,
+    outputs: torch.Tensor,
+    cov: torch.Tensor,
+    cov_weight: float,
+) -> None:
+    """Solve ``shard`` of ``hook`` from its ``sums`` and set its delta: as two factors
+    while its rows ``keys`` ``(r, d_in)`` / ``outputs`` ``(r, d_out)`` (those the sums
+    hold) are few enough (``deltas.use_factors``), dense otherwise."""
+    if use_factors(int(keys.shape[0]), hook.d_out, hook.d_in):
+        factors = hmath.solve_factors(keys.T, outputs.T, sums.key_outer, cov, cov_weight)
+        hook.set_factors(factors.up, factors.down, shard)
+    else:
+        solution = hmath.solve_from_sums(sums.moment, sums.key_outer, cov, cov_weight)
+        hook.set_delta(solution.delta, shard)
+
+
 def solve_layers(
     model: nn.Module,
     hooks: Mapping[int, HookedProjection],
@@ -40,13 +66,16 @@ def solve_layers(
     covariance: Mapping[int, torch.Tensor],
     w0_norm: Mapping[int, float],
     history: Mapping[int, list[float]],
+    rows: ShardRows,
 ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
     """Solve ``shard`` of every hook layer for the batch; returns per layer its keys and
-    targets. Updates ``sums`` and the hooks' deltas in place; raises SolveError (from
-    the solve or the collapse guard, which appends to ``history``)."""
+    targets (float64, on the sums' device). Replaces ``sums`` entries and the hooks'
+    shard deltas (never writes into them); raises SolveError (from the solve or the
+    collapse guard, which appends to ``history``). ``rows``: the shard's earlier rows."""
     layers = plan.layers
     z = values.to(enc.input_ids.device, torch.float64)  # (sites, d_model)
-    before = {layer: hooks[layer].delta[shard].double().clone() for layer in layers}
+    before = {layer: hooks[layer].deltas[shard] for layer in layers}  # immutable
+    earlier = {layer: rows(layer, shard) for layer in layers}
     keys: dict[int, torch.Tensor] = {}
     outputs: dict[int, torch.Tensor] = {}
     for _round in range(plan.rounds):
@@ -56,35 +85,26 @@ def solve_layers(
             missing = z - cap.residual.double()  # (sites, d_model)
             share = hmath.spread_residual(missing, layer, len(layers) - pos)
             hook = hooks[layer]
-            current = k @ hook.delta[shard].double().T  # (sites, d_out): the delta now
-            t = current + share
+            t = hook.shard_output(k, shard) + share  # (sites, d_out): the delta now + share
             running = sums[layer][shard]
+            k, t = k.to(running.moment.device), t.to(running.moment.device)
             if layer in keys:  # a later round replaces this batch's earlier terms
-                old_k, old_t = keys[layer], outputs[layer]
-                running = LayerSums(
-                    running.moment - old_t.T @ old_k, running.key_outer - old_k.T @ old_k
-                )
-            new = LayerSums(running.moment + t.T @ k, running.key_outer + k.T @ k)
-            solution = hmath.solve_from_sums(
-                new.moment, new.key_outer, covariance[layer], plan.cov_weight
-            )
+                running = running.minus(keys[layer], outputs[layer])
+            new = running.plus(k, t)
+            old_k, old_t = earlier[layer]
+            all_k, all_t = torch.cat([old_k.to(k), k]), torch.cat([old_t.to(t), t])
             sums[layer][shard] = new
-            hook.set_delta(solution.delta, shard)
+            set_shard(hook, shard, new, all_k, all_t, covariance[layer], plan.cov_weight)
             keys[layer], outputs[layer] = k, t
     for layer in layers:
-        update = hooks[layer].delta[shard].double() - before[layer]
-        guard_update(
-            layer,
-            float(torch.linalg.matrix_norm(update)) / w0_norm[layer],
-            history[layer],
-            plan.max_update_norm_zscore,
-        )
+        update = frobenius(hooks[layer].deltas[shard], before[layer])
+        guard_update(layer, update / w0_norm[layer], history[layer], plan.max_update_norm_zscore)
     return keys, outputs
 
 
-def zero_sums(hook: HookedProjection) -> LayerSums:
-    """Empty running sums for one shard of ``hook`` (float64, on the hook's device)."""
-    f64, device = torch.float64, hook.delta.device
+def zero_sums(hook: HookedProjection, device: torch.device | str) -> LayerSums:
+    """Empty running sums for one shard of ``hook`` (float64, on ``device``)."""
+    f64 = torch.float64
     return LayerSums(
         torch.zeros(hook.d_out, hook.d_in, dtype=f64, device=device),
         torch.zeros(hook.d_in, hook.d_in, dtype=f64, device=device),
@@ -98,27 +118,24 @@ def resolve_shards(
     cov_weight: float,
     shards: Sequence[int],
     live: Collection[int],
+    rows: ShardRows,
 ) -> None:
     """Solve ``shards`` of every hook again from ``sums`` after a retraction.
 
     A shard that holds no ``live`` edit any more is zeroed exactly; with no live
     shard at all every hook is reset to one empty shard.
     """
+    device = covariance[next(iter(hooks))].device if hooks else torch.device("cpu")
     if not live:
         for layer, hook in hooks.items():
-            sums[layer] = [zero_sums(hook)]
+            sums[layer] = [zero_sums(hook, device)]
             hook.reset()
         return
     for layer, hook in hooks.items():
         for shard in shards:
             if shard not in live:
-                sums[layer][shard] = zero_sums(hook)
-                hook.set_delta(torch.zeros(hook.d_out, hook.d_in), shard)
+                sums[layer][shard] = zero_sums(hook, device)
+                hook.set_factors(torch.zeros(hook.d_out, 0), torch.zeros(0, hook.d_in), shard)
                 continue
-            solution = hmath.solve_from_sums(
-                sums[layer][shard].moment,
-                sums[layer][shard].key_outer,
-                covariance[layer],
-                cov_weight,
-            )
-            hook.set_delta(solution.delta, shard)
+            k, t = rows(layer, shard)
+            set_shard(hook, shard, sums[layer][shard], k, t, covariance[layer], cov_weight)

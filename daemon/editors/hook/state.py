@@ -2,8 +2,9 @@
 
 The persisted state (version ``STATE_VERSION``) is a JSON manifest plus flat tensors:
 
-- ``hook.{layer}.{buffer}``: each hook's buffers (sharded ``delta``, gate ``keys``
-  with ``key_shard``, ``key_mean``, ``key_std``, ``center``, thresholds);
+- ``hook.{layer}.{buffer}``: each hook's buffers (the shard deltas ``delta.{s}``, or
+  ``delta_up.{s}`` and ``delta_down.{s}`` for a factored shard; gate ``keys`` with
+  ``key_shard``, ``key_mean``, ``key_std``, ``center``, thresholds);
 - ``sums.{layer}.moment`` ``(n_shards, d_out, d_in)`` and ``sums.{layer}.key_outer``
   ``(n_shards, d_in, d_in)``: the running sums ``M`` and ``S`` of every shard;
 - ``records.{layer}.keys`` / ``records.{layer}.outputs``: the ``(k, t)`` rows of
@@ -29,10 +30,12 @@ from daemon.editors.base import EditSpec
 from daemon.errors import EditorStateError
 from daemon.files import atomic_write, atomic_write_text
 
-STATE_VERSION = 2
+STATE_VERSION = 3
+"""3: a shard's delta dense or as two low-rank factors; 2: dense ``delta`` ``(n_shards,
+d_out, d_in)``, sharded sums, per-key gate references (1: one delta, pooled reference)."""
+READABLE_VERSIONS = (2, 3)
 MANIFEST = "manifest.json"
 TENSORS = "tensors.safetensors"
-"""2: sharded deltas and sums, per-key gate references (1: one delta, pooled reference)."""
 
 
 @dataclass
@@ -52,15 +55,27 @@ class Record:
         return int(next(iter(self.keys.values())).shape[0])
 
 
-@dataclass
+@dataclass(frozen=True)
 class LayerSums:
-    """One shard's running sums at one layer: ``M = sum t k^T`` and ``S = sum k k^T``."""
+    """One shard's running sums at one layer: ``M = sum t k^T`` and ``S = sum k k^T``.
+
+    Never written into: a change makes new sums (``plus``/``minus``), so an edit
+    batch's rollback keeps the old object instead of a copy.
+    """
 
     moment: torch.Tensor  # (d_out, d_in) float64
     key_outer: torch.Tensor  # (d_in, d_in) float64
 
-    def clone(self) -> LayerSums:
-        return LayerSums(self.moment.clone(), self.key_outer.clone())
+    def plus(self, keys: torch.Tensor, outputs: torch.Tensor) -> LayerSums:
+        """With the rows ``keys`` ``(n, d_in)`` and ``outputs`` ``(n, d_out)`` added."""
+        k, t = keys.to(self.moment), outputs.to(self.moment)
+        return LayerSums(self.moment + t.T @ k, self.key_outer + k.T @ k)
+
+    def minus(self, keys: torch.Tensor, outputs: torch.Tensor) -> LayerSums:
+        """With the rows ``keys`` and ``outputs`` taken out (undoes ``plus`` up to
+        float64 round-off)."""
+        k, t = keys.to(self.moment), outputs.to(self.moment)
+        return LayerSums(self.moment - t.T @ k, self.key_outer - k.T @ k)
 
 
 def records_manifest(records: Mapping[str, Record]) -> list[dict[str, Any]]:
@@ -194,10 +209,10 @@ def read_state(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         tensors = load_file(str(folder / TENSORS))
     except (OSError, ValueError) as exc:
         raise EditorStateError(f"{folder}: cannot read the hook editor state: {exc}") from exc
-    if manifest.get("version") != STATE_VERSION:
+    if manifest.get("version") not in READABLE_VERSIONS:
         raise EditorStateError(
             f"{folder}: hook editor state version {manifest.get('version')!r} "
-            f"(this code reads {STATE_VERSION})"
+            f"(this code reads {READABLE_VERSIONS})"
         )
     return manifest, tensors
 

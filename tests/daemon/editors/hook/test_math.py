@@ -13,6 +13,8 @@ from daemon.editors.hook.math import (
     consecutive_update,
     is_outlier,
     remove_outer,
+    solve_factors,
+    solve_from_sums,
     solve_update,
     spread_residual,
     update_norm_ratio,
@@ -240,7 +242,6 @@ def test_is_outlier() -> None:
 
 def test_solving_from_running_sums_equals_the_consecutive_updates() -> None:
     """Recursive least squares: the sum of consecutive updates is the joint solve."""
-    from daemon.editors.hook.math import solve_from_sums
 
     gen = torch.Generator().manual_seed(7)
     d_in, d_out = 12, 5
@@ -258,3 +259,20 @@ def test_solving_from_running_sums_equals_the_consecutive_updates() -> None:
         acc = accumulate_outer(acc, keys)
     joint = solve_from_sums(moment, acc, cov, 2.0).delta
     assert torch.allclose(joint, delta, atol=1e-9)
+
+
+def test_factored_solve_equals_the_dense_solve_from_sums() -> None:
+    """``T (A^-1 K)^T`` is ``M (lambda C + S)^-1`` when the sums hold exactly K and T."""
+    g = _gen(7)
+    d_in, d_out, r = 12, 5, 3
+    k = torch.randn(d_in, r, generator=g, dtype=F64)
+    t = torch.randn(d_out, r, generator=g, dtype=F64)
+    c = _spd(d_in, g)
+    dense = solve_from_sums(t @ k.T, k @ k.T, c, 2.0).delta
+    factors = solve_factors(k, t, k @ k.T, c, 2.0)
+    assert factors.up.shape == (d_out, r) and factors.down.shape == (r, d_in)
+    torch.testing.assert_close(factors.up @ factors.down, dense, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="do not fit"):
+        solve_factors(k, t[:, :2], k @ k.T, c, 2.0)
+    with pytest.raises(SolveError, match="non-finite"):
+        solve_factors(k, t * float("nan"), k @ k.T, c, 2.0)

@@ -1,0 +1,198 @@
+"""The hook editor's batch transaction and compact state: a refused batch changes
+nothing and copies nothing, factored shards behave as dense ones, version-2 states
+load, and the solve state lives on ``stats_device``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from daemon.config import Config, HookConfig
+from daemon.editors.base import EditSpec
+from daemon.editors.hook import solve as solve_module
+from daemon.editors.hook import targets as targets_module
+from daemon.editors.hook.editor import HookEditor, HookSettings
+from daemon.editors.hook.setup import build_hook_editor, settings_from_config
+from daemon.editors.hook.state import MANIFEST, write_state
+from daemon.model.loading import LoadedModel, load_model
+
+
+def _config(**hook: Any) -> Config:
+    cfg = Config()
+    settings = dataclasses.replace(
+        cfg.editors.hook,
+        layers=(1,),
+        key_position="prompt_last",
+        covariance_tokens=20_000,
+        covariance_weight=10.0,
+        gate_threshold=3.0,
+        **hook,
+    )
+    return dataclasses.replace(cfg, editors=dataclasses.replace(cfg.editors, hook=settings))
+
+
+def _editor(loaded: LoadedModel, stats: Path, **hook: Any) -> HookEditor:
+    return build_hook_editor(loaded, _config(**hook), stats_dir=stats)
+
+
+def _specs(edits: list[dict[str, Any]]) -> list[EditSpec]:
+    return [EditSpec(e["id"], e["prompt"], e["target"], e["subject"], e["relation"]) for e in edits]
+
+
+def _logits(loaded: LoadedModel, prompts: list[str]) -> torch.Tensor:
+    enc = loaded.tokenizer(prompts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out: torch.Tensor = loaded.model(**enc).logits
+    return out
+
+
+def _assert_same_state(a: dict[str, Any], b: dict[str, Any]) -> None:
+    assert json.dumps(a["manifest"], sort_keys=True) == json.dumps(b["manifest"], sort_keys=True)
+    assert sorted(a["tensors"]) == sorted(b["tensors"])
+    for name, value in a["tensors"].items():
+        assert torch.equal(value, b["tensors"][name]), name
+
+
+def _poison(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = targets_module.optimise_targets
+
+    def poisoned(*args: Any, **kwargs: Any) -> targets_module.TargetResult:
+        result = real(*args, **kwargs)
+        return dataclasses.replace(result, values=result.values * float("nan"))
+
+    monkeypatch.setattr("daemon.editors.hook.editor.optimise_targets", poisoned)
+
+
+def test_a_refused_batch_that_supersedes_and_opens_a_shard_leaves_the_state_unchanged(
+    loaded: LoadedModel,
+    stats: Path,
+    edits: list[dict[str, Any]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Retraction of the superseded edit, a new shard and the solve are all undone."""
+    editor = _editor(loaded, stats)
+    assert all(o.accepted for o in editor.apply(_specs(edits[:3])))
+    before = editor.state_dict()
+    editor._shard_keys = 1  # the next batch opens a shard
+    _poison(monkeypatch)
+    first = edits[0]
+    newer = EditSpec(
+        "newer", first["prompt"], edits[1]["target"], first["subject"], first["relation"]
+    )
+    outcomes = editor.apply([newer, *_specs(edits[3:5])])
+    assert not any(o.accepted for o in outcomes)
+    _assert_same_state(editor.state_dict(), before)
+    assert editor._hook0().n_shards == 1
+
+
+def test_the_rollback_snapshot_copies_no_tensor(
+    loaded: LoadedModel, stats: Path, edits: list[dict[str, Any]]
+) -> None:
+    """The transaction keeps the live sums, deltas and gate keys themselves."""
+    editor = _editor(loaded, stats)
+    editor.apply(_specs(edits[:2]))
+    snap = editor._snapshot()
+    for layer, hook in editor.hooks.items():
+        assert all(a is b for a, b in zip(snap["sums"][layer], editor._sums[layer], strict=True))
+        kept = snap["hooks"][layer]
+        assert kept.deltas is hook.deltas and kept.keys is hook.keys
+        assert kept.key_mean is hook.key_mean and kept.key_std is hook.key_std
+
+
+def test_factored_shards_give_the_dense_outputs(
+    micro_world: Path, stats: Path, edits: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same batch solved into two factors or one dense matrix: the same logits
+    (fp32 round-off), and the factors take less memory."""
+    prompts = [e["prompt"] for e in edits] + [p["prompt"] for e in edits for p in e["locality"]]
+    factored_model = load_model(str(micro_world), device="cpu")
+    factored = _editor(factored_model, stats)
+    factored.apply(_specs(edits[:4]))
+    monkeypatch.setattr(solve_module, "use_factors", lambda *_: False)
+    dense_model = load_model(str(micro_world), device="cpu")
+    dense = _editor(dense_model, stats)
+    dense.apply(_specs(edits[:4]))
+    (f_delta,), (d_delta,) = factored._hook0().deltas, dense._hook0().deltas
+    assert f_delta.factored and not d_delta.factored
+    assert f_delta.nbytes < d_delta.nbytes
+    torch.testing.assert_close(f_delta.to_dense(), d_delta.to_dense(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        _logits(factored_model, prompts), _logits(dense_model, prompts), rtol=1e-4, atol=1e-4
+    )
+
+
+def _as_version_2(state: dict[str, Any], layers: list[int]) -> dict[str, Any]:
+    """``state`` in the version-2 layout: one dense ``delta`` stack per hook layer."""
+    tensors = dict(state["tensors"])
+    for layer in layers:
+        prefix = f"hook.{layer}."
+        mine = {
+            k[len(prefix) :]: tensors.pop(k)
+            for k in list(tensors)
+            if k.startswith(prefix + "delta")
+        }
+        n = 1 + max(int(k.rsplit(".", 1)[1]) for k in mine)
+        dense = [
+            mine[f"delta.{s}"]
+            if f"delta.{s}" in mine
+            else mine[f"delta_up.{s}"] @ mine[f"delta_down.{s}"]
+            for s in range(n)
+        ]
+        tensors[prefix + "delta"] = torch.stack(dense)
+    manifest = {**state["manifest"], "version": 2}
+    return {"version": 2, "manifest": manifest, "tensors": tensors}
+
+
+def test_a_version_2_state_with_dense_deltas_still_loads(
+    micro_world: Path,
+    loaded: LoadedModel,
+    stats: Path,
+    edits: list[dict[str, Any]],
+    tmp_path: Path,
+) -> None:
+    editor = _editor(loaded, stats)
+    editor.apply(_specs(edits[:4]))
+    prompts = [e["prompt"] for e in edits]
+    expected = _logits(loaded, prompts)
+    old = _as_version_2(editor.state_dict(), [1])
+    write_state(tmp_path / "v2", old["manifest"], old["tensors"])
+    assert json.loads((tmp_path / "v2" / MANIFEST).read_text())["version"] == 2
+    for restore in ("state_dict", "directory"):
+        fresh = load_model(str(micro_world), device="cpu")
+        other = _editor(fresh, stats)
+        if restore == "state_dict":
+            other.load_state_dict(old)
+        else:
+            other.load(tmp_path / "v2")
+        assert other.applied_ids() == editor.applied_ids()
+        assert not any(d.factored for d in other._hook0().deltas)  # read as stored
+        torch.testing.assert_close(_logits(fresh, prompts), expected, rtol=1e-4, atol=1e-4)
+        other.retract([edits[0]["id"]])  # and it keeps working
+        assert edits[0]["id"] not in other.applied_ids()
+
+
+def test_the_solve_state_lives_on_stats_device(
+    loaded: LoadedModel, stats: Path, edits: list[dict[str, Any]]
+) -> None:
+    editor = _editor(loaded, stats, stats_device="cpu")
+    assert all(o.accepted for o in editor.apply(_specs(edits[:2])))
+    cpu = torch.device("cpu")
+    assert all(s.moment.device == cpu and s.key_outer.device == cpu for s in editor._sums[1])
+    assert editor._cov[1].device == cpu
+    assert all(r.keys[1].device == cpu for r in editor._records.values())
+
+
+def test_stats_device_is_validated_and_passed_on() -> None:
+    with pytest.raises(ValueError, match="'cpu', 'cuda' or 'cuda:N'") as bad:
+        HookConfig(stats_device="gpu")
+    assert getattr(bad.value, "key", None) == "stats_device"
+    with pytest.raises(ValueError, match="stats_device"):
+        HookSettings(layers=(1,), key_position="prompt_last", stats_device="nowhere")
+    settings = settings_from_config(HookConfig(stats_device="cuda:1"), [1], "prompt_last")
+    assert settings.stats_device == "cuda:1"
+    assert HookConfig().stats_device == "model"
