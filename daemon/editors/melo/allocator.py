@@ -12,6 +12,7 @@ every operation; ``to_state()``/``from_state()`` persist it with a version.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -33,6 +34,9 @@ class BlockTable:
         self._capacity = capacity
         self._blocks: dict[int, list[str]] = {}  # block id -> edit ids (allocated only)
         self._edit_block: dict[str, int] = {}  # edit id -> block id
+        # Free ids: every id >= _next, and the heap of freed ids below it (O(log n) allocate).
+        self._next = 0
+        self._freed: list[int] = []
 
     # --- queries ---------------------------------------------------------------------
 
@@ -78,7 +82,10 @@ class BlockTable:
                 capacity=self._capacity,
                 used=self.used,
             )
-        block = next(b for b in range(self._capacity) if b not in self._blocks)
+        if self._freed:
+            block = heapq.heappop(self._freed)
+        else:
+            block, self._next = self._next, self._next + 1
         self._blocks[block] = ids
         for edit_id in ids:
             self._edit_block[edit_id] = block
@@ -102,6 +109,7 @@ class BlockTable:
         freed = sorted(b for b in touched if not self._blocks[b])
         for block in freed:
             del self._blocks[block]
+            heapq.heappush(self._freed, block)
         log.info("block_edits_released", edit_ids=ids, freed_blocks=freed, used=self.used)
         return freed
 
@@ -111,6 +119,7 @@ class BlockTable:
         if block not in self._blocks:
             raise ValueError(f"block {block} is not allocated")
         edits = self._blocks.pop(block)
+        heapq.heappush(self._freed, block)
         for edit_id in edits:
             del self._edit_block[edit_id]
         log.info("block_freed", block=block, edit_ids=edits, used=self.used)
@@ -124,6 +133,16 @@ class BlockTable:
             )
         self._capacity = new_capacity
         log.info("block_table_grown", capacity=new_capacity, used=self.used)
+
+    def resize(self, capacity: int) -> None:
+        """Set the capacity, larger or smaller, as long as every allocated block fits."""
+        if capacity < 1 or any(b >= capacity for b in self._blocks):
+            raise ValueError(
+                f"block table capacity {capacity} does not hold blocks {sorted(self._blocks)}"
+            )
+        self._capacity = capacity
+        self._freed = [b for b in self._freed if b < capacity]  # a sorted prefix: still a heap
+        log.info("block_table_resized", capacity=capacity, used=self.used)
 
     # --- state -----------------------------------------------------------------------
 
@@ -161,6 +180,8 @@ class BlockTable:
                 raise NeuronIndexError(f"block table state, block {block}: {exc}") from exc
             table._blocks[block] = edits
             table._edit_block.update(dict.fromkeys(edits, block))
+        table._next = max(blocks, default=-1) + 1
+        table._freed = [b for b in range(table._next) if b not in blocks]  # sorted: a heap
         return table
 
     # --- checks ----------------------------------------------------------------------

@@ -11,20 +11,24 @@ Applying a batch (``apply``):
    (prompts and, when sent, rephrases) routed to it, until each row greedy-decodes
    its target (teacher-forced argmax, not run on into a longer word) with a mean
    NLL of at most ``stop_nll``, or ``max_steps`` (``training``).
-4. **Index and verify**, as one transaction on a copy of the neuron index:
-   insert the keys of the group's prompts and rephrases (``keys``), then check by
-   real greedy generation under ``routing`` (``continuation_matches``) the new
-   edits and every applied edit whose prompt now routes differently (a key can
-   JOIN another block's cluster, a split can displace keys). Edits that fail are
-   dropped and the rest re-inserted into a fresh copy; if an applied edit would
-   break, the whole group is refused. Only a verified index replaces the live one.
+4. **Index and verify**, as one transaction on the neuron index (``begin`` /
+   ``commit`` / ``rollback``: an undo journal, not a copy of the index): insert
+   the keys of the group's prompts and rephrases (``keys``), then check by real
+   greedy generation under ``routing`` (``continuation_matches``) the new edits
+   and every applied edit whose prompt now routes differently (a key can JOIN
+   another block's cluster, a split can displace keys). Edits that fail are
+   dropped, the insert rolled back and the rest inserted again; if an applied
+   edit would break, the whole group is refused. A refused edit leaves the index
+   exactly as it was (``to_state()`` byte for byte).
 
 Serving (``routing``): the prompts' keys are looked up once per request, from
 the key layer's output in the request's own prefill (``inline``; up front by
 ``KeyReader`` when the batch's layout does not allow it), and frozen for every
 decode step (a context variable, so concurrent requests in other threads keep
-their own routes). Readers never see an index being changed: changes happen on a
-copy that is then swapped in.
+their own routes). Each lookup holds the index's lock, so it sees the index
+before or after a batch of keys; a request in another thread during ``apply`` may
+see the keys being verified (the daemon's ``Engine`` lock keeps requests and
+edits apart anyway).
 
 Retracting drops the edits' keys, releases them in the table and clears freed
 blocks; a cluster still holding other edits' keys is pointed at a live block
@@ -59,6 +63,7 @@ from daemon.editors.melo import state as melo_state
 from daemon.editors.melo.allocator import BlockTable
 from daemon.editors.melo.index import NeuronIndex
 from daemon.editors.melo.inline import InlineRouter
+from daemon.editors.melo.key_table import KeyTable
 from daemon.editors.melo.keys import F32, KeyReader
 from daemon.editors.melo.routing import route_rows
 from daemon.editors.melo.training import TrainSettings, train_block
@@ -141,7 +146,7 @@ class MeloEditor:
         self.table = BlockTable(config.max_blocks)
         self.index: NeuronIndex | None = None
         self._specs: dict[str, EditSpec] = {}  # applied edits, in applied order
-        self._prompt_keys: dict[str, F32] = {}  # edit id -> key of its prompt (d,)
+        self._prompt_keys = KeyTable(self.keys.dim)  # edit id -> key of its prompt (d,)
         self._write_lock = threading.RLock()
         log.info(
             "melo_editor_ready",
@@ -180,7 +185,7 @@ class MeloEditor:
 
     @contextmanager
     def _routing(self, prompts: list[str]) -> Iterator[None]:
-        index = self.index  # one reference: a concurrent apply swaps, never mutates it
+        index = self.index  # lookups lock the index: never seen half-way through a batch
         if index is None or index.key_count == 0 or self.inline is None:
             with route_rows(self._route_blocks(index, prompts)):
                 yield
@@ -305,11 +310,9 @@ class MeloEditor:
             log.warning("melo_block_table_full", edit_ids=ids, **self.stats())
             return [self._refuse(e, str(exc)) for e in ids]
         t0 = time.perf_counter()
-        base_index = self.index
         try:
             steps, reasons = self._train_and_insert(group, block, keys)
         except BaseException:  # Shutdown included: leave no half-applied group behind
-            self.index = base_index
             if self.table.edits_in(block):
                 self.table.free(block)
             blocks.clear_block(self.installed, block)
@@ -359,48 +362,46 @@ class MeloEditor:
     def _insert_verified(
         self, specs: Sequence[EditSpec], block: int, keys: Mapping[str, F32]
     ) -> tuple[list[EditSpec], dict[str, str]]:
-        """Insert the specs' keys on a copy of the index until every routed edit verifies.
+        """Insert the specs' keys into the live index until every routed edit verifies.
 
-        Returns the edits now live and a reason per edit refused. The live index is
-        replaced only by a copy on which the new edits and every applied edit whose
-        route changed pass greedy verification.
+        Returns the edits now live and a reason per edit refused. Each attempt is an
+        insert transaction, committed only when the new edits and every applied edit
+        whose route changed pass greedy verification, else rolled back.
         """
-        base = self.index
-        assert base is not None
+        index = self.index
+        assert index is not None
+        fresh = [keys[t] for s in specs for t in checks.edit_prompts(s)]
+        watched = verify.watch_routes(index, self._prompt_keys, fresh)
         pending, reasons = list(specs), {}
         while pending:
-            trial = base.copy()
-            conflicts, displaced = verify.insert_keys(trial, pending, block, keys)
-            reasons.update(conflicts)
-            pending = [s for s in pending if s.edit_id not in conflicts]
-            moved = self._rerouted(base, trial, pending, keys) | (displaced & set(self._specs))
-            self.index = trial
-            failures = self._verify([*pending, *(self._specs[e] for e in sorted(moved))])
+            index.begin()
+            try:
+                conflicts, displaced = verify.insert_keys(index, pending, block, keys)
+                reasons.update(conflicts)
+                pending = [s for s in pending if s.edit_id not in conflicts]
+                moved = self._rerouted(index, watched) | (displaced & set(self._specs))
+                failures = self._verify([*pending, *(self._specs[e] for e in sorted(moved))])
+            except BaseException:
+                index.rollback()
+                raise
             broken = sorted(e for e in failures if e in self._specs)
             if broken:
-                self.index = base
+                index.rollback()
                 reason = f"would break applied edits {broken} (their prompts re-route)"
                 reasons.update({s.edit_id: reason for s in pending})
                 return [], reasons
             if not any(s.edit_id in failures for s in pending):
+                index.commit()
                 return pending, reasons
-            self.index = base
+            index.rollback()
             for s in pending:
                 if s.edit_id in failures:
                     reasons[s.edit_id] = f"verification failed: got {failures[s.edit_id]!r}"
             pending = [s for s in pending if s.edit_id not in failures]
-        self.index = base
         return [], reasons
 
-    def _rerouted(
-        self,
-        before: NeuronIndex,
-        after: NeuronIndex,
-        new: Sequence[EditSpec],
-        keys: Mapping[str, F32],
-    ) -> set[str]:
-        fresh = [keys[t] for s in new for t in checks.edit_prompts(s)]
-        return verify.rerouted(before, after, self._prompt_keys, fresh)
+    def _rerouted(self, index: NeuronIndex, watched: verify.WatchedRoutes) -> set[str]:
+        return verify.rerouted(index, watched)
 
     def _verify(self, specs: Sequence[EditSpec]) -> dict[str, str]:
         """Greedy-generate each spec's prompt under routing; edit id -> text, failures only."""
@@ -504,12 +505,20 @@ class MeloEditor:
                 f"expected a melo editor state of version {STATE_VERSION}, got "
                 f"editor={state.get('editor')!r} version={state.get('version')!r}"
             )
-        if dict(state.get("settings", {})) != self._settings():
+        ours = self._settings()
+        saved = dict(state.get("settings", {}))
+        saved.pop("capacity", None)  # a limit, not a shape: blocks are created on demand
+        ours.pop("capacity")
+        if saved != ours:
             raise EditorStateError(
                 f"melo state was saved for other settings {state.get('settings')} "
                 f"(this editor: {self._settings()})"
             )
         parsed = melo_state.parse_state(state, self.keys.dim)
+        try:
+            parsed.table.resize(self.config.max_blocks)
+        except ValueError as exc:
+            raise EditorStateError(f"melo state does not fit max_blocks: {exc}") from exc
         with self._write_lock:
             for block in self.table.snapshot()["blocks"]:
                 blocks.clear_block(self.installed, block)
@@ -517,7 +526,9 @@ class MeloEditor:
                 blocks.load_block_state(self.installed, block, tensors)
             self.table, self.index = parsed.table, parsed.index
             self._specs = {s.edit_id: s for s in parsed.specs}
-            self._prompt_keys = dict(zip(self._specs, parsed.prompt_keys, strict=True))
+            self._prompt_keys = KeyTable(self.keys.dim)
+            for edit_id, key in zip(self._specs, parsed.prompt_keys, strict=True):
+                self._prompt_keys[edit_id] = key
             log.info("melo_state_loaded", **self.stats())
 
     def save(self, directory: Path | str) -> None:

@@ -27,11 +27,19 @@ faiss searches the cluster *centres* (ids = cluster ids): an exact
 ``IndexIVFFlat`` (its own id list; trained on the centres) past that. The numpy
 copies of all keys and centres are the source of truth: the faiss index can
 always be rebuilt from them, and is after removals from an IVF index.
+
+Transactions (``begin`` / ``commit`` / ``rollback``): inserts made after ``begin``
+are journalled (``index_journal``) and ``rollback`` restores the index exactly as
+it was at ``begin`` (``to_state()`` byte for byte), in time proportional to what
+changed, not to the index size. ``query``, ``add_batch`` and ``rollback`` hold the
+index's lock, so a reader in another thread sees the index before or after a
+batch of keys, never half-way through one.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -45,6 +53,7 @@ from daemon.editors.melo import faiss_ops, index_files
 from daemon.editors.melo.distances import pairwise_sq
 from daemon.editors.melo.faiss_ops import F32
 from daemon.editors.melo.index_files import STATE_VERSION
+from daemon.editors.melo.index_journal import Journal
 from daemon.editors.melo.index_records import AddResult, Cluster, Displaced, KeyMeta, Route
 from daemon.errors import EditConflictError, NeuronIndexError
 from daemon.files import atomic_write, atomic_write_text
@@ -87,6 +96,8 @@ class NeuronIndex:
         self._next_cluster = 0
         self._faiss: Any = faiss_ops.flat_index(dim)
         self._is_ivf = False
+        self._journal: Journal | None = None  # open between begin() and commit()/rollback()
+        self._lock = threading.RLock()
 
     @property
     def _keys(self) -> F32:
@@ -142,17 +153,78 @@ class NeuronIndex:
     def query(self, keys: npt.ArrayLike) -> list[Route | None]:
         """Per query row of ``keys`` (B, d): the nearest centre's block if within radius."""
         q = self._as_keys(keys)
-        if not self._clusters:
-            return [None] * len(q)
-        dist, ids = faiss_ops.search(self._faiss, q, 1)
-        routes: list[Route | None] = []
-        for d, cid in zip(dist[:, 0], ids[:, 0], strict=True):
-            cluster = self._clusters.get(int(cid))
-            if cluster is None or float(d) > cluster.radius:
-                routes.append(None)
-            else:
-                routes.append(Route(cluster.block, cluster.cluster_id, float(d)))
-        return routes
+        with self._lock:
+            if not self._clusters:
+                return [None] * len(q)
+            dist, ids = faiss_ops.search(self._faiss, q, 1)
+            routes: list[Route | None] = []
+            for d, cid in zip(dist[:, 0], ids[:, 0], strict=True):
+                cluster = self._clusters.get(int(cid))
+                if cluster is None or float(d) > cluster.radius:
+                    routes.append(None)
+                else:
+                    routes.append(Route(cluster.block, cluster.cluster_id, float(d)))
+            return routes
+
+    # --- transactions --------------------------------------------------------------
+
+    def begin(self) -> None:
+        """Start journalling inserts so that ``rollback`` can undo them (no nesting)."""
+        with self._lock:
+            if self._journal is not None:
+                raise NeuronIndexError("an insert transaction is already open")
+            self._journal = Journal(self._n, self._next_cluster, self._faiss, self._is_ivf)
+
+    def commit(self) -> None:
+        """Keep what was inserted since ``begin``; stop journalling."""
+        with self._lock:
+            self._end()
+
+    def rollback(self) -> None:
+        """Undo every insert since ``begin``: the index is exactly as it was then."""
+        with self._lock:
+            j = self._end()
+            dropped = self._n - j.key_count
+            for row in range(self._n - 1, j.key_count - 1, -1):  # appended keys, newest first
+                exact = self._buf[row].tobytes()
+                same = self._by_bytes[exact]
+                if same.pop() is not self._meta[row]:  # pragma: no cover - appended in row order
+                    raise NeuronIndexError("neuron index journal out of order")
+                if not same:
+                    del self._by_bytes[exact]
+            del self._meta[j.key_count :]
+            self._n = j.key_count
+            for row, cid in j.key_clusters.items():
+                self._meta[row].cluster_id = cid
+            for cid, (radius, members) in j.clusters.items():
+                self._clusters[cid].radius = radius
+                self._clusters[cid].edit_ids = members
+            opened = j.opened(self._next_cluster)
+            for cid in opened:
+                del self._clusters[cid]
+            self._next_cluster = j.next_cluster
+            self._faiss, self._is_ivf = j.searcher, j.approximate
+            if opened:  # ids a rebuilt (IVF) index took are simply not in the old one
+                faiss_ops.remove(self._faiss, opened)
+            log.debug("neuron_keys_rolled_back", keys=dropped, clusters=len(opened))
+
+    def _end(self) -> Journal:
+        if self._journal is None:
+            raise NeuronIndexError("no insert transaction is open")
+        journal, self._journal = self._journal, None
+        return journal
+
+    def _no_journal(self, what: str) -> None:
+        if self._journal is not None:
+            raise NeuronIndexError(f"{what} is not allowed during an insert transaction")
+
+    def _touch_key(self, row: int) -> None:
+        if self._journal is not None:
+            self._journal.touch_key(row, self._meta[row])
+
+    def _touch_cluster(self, cluster: Cluster) -> None:
+        if self._journal is not None:
+            self._journal.touch_cluster(cluster)
 
     # --- insertion -----------------------------------------------------------------
 
@@ -161,10 +233,11 @@ class NeuronIndex:
         vec = self._as_keys(key)
         if len(vec) != 1:
             raise ValueError(f"add takes one key, got {len(vec)}")
-        self._check_same_key(edit_id, vec[0], target)
-        row = self._append_key(vec[0], KeyMeta(edit_id, target, block, -1))
-        action, cluster_id, displaced = self._place(row)
-        self._maybe_switch_backend()
+        with self._lock:
+            self._check_same_key(edit_id, vec[0], target)
+            row = self._append_key(vec[0], KeyMeta(edit_id, target, block, -1))
+            action, cluster_id, displaced = self._place(row)
+            self._maybe_switch_backend()
         log.debug("neuron_key_added", edit_id=edit_id, cluster_id=cluster_id, action=action)
         return AddResult(
             edit_id, cluster_id, self._clusters[cluster_id].block, action, tuple(displaced)
@@ -182,12 +255,13 @@ class NeuronIndex:
         if not len(edit_ids) == len(vecs) == len(targets):
             raise ValueError(f"{len(edit_ids)} ids, {len(vecs)} keys, {len(targets)} targets")
         self._check_batch_conflicts(edit_ids, vecs, targets)
-        for e, v, t in zip(edit_ids, vecs, targets, strict=True):
-            self._check_same_key(e, v, t)
-        return [
-            self.add(e, v[None, :], t, block)
-            for e, v, t in zip(edit_ids, vecs, targets, strict=True)
-        ]
+        with self._lock:
+            for e, v, t in zip(edit_ids, vecs, targets, strict=True):
+                self._check_same_key(e, v, t)
+            return [
+                self.add(e, v[None, :], t, block)
+                for e, v, t in zip(edit_ids, vecs, targets, strict=True)
+            ]
 
     def _check_same_key(self, edit_id: str, vec: F32, target: str) -> None:
         """An identical stored key with another target cannot be split apart: reject."""
@@ -239,6 +313,8 @@ class NeuronIndex:
             return "opened", self._open(row, self.radius), []
         cluster, dist = nearest
         if cluster.target == meta.target:
+            self._touch_key(row)
+            self._touch_cluster(cluster)
             meta.cluster_id = cluster.cluster_id
             cluster.edit_ids.append(meta.edit_id)
             return "joined", cluster.cluster_id, []
@@ -248,6 +324,7 @@ class NeuronIndex:
                 f"(edits {cluster.edit_ids}) but a different target",
                 edit_ids=[meta.edit_id, *cluster.edit_ids],
             )
+        self._touch_cluster(cluster)
         cluster.radius = dist / 2.0
         new_id = self._open(row, dist / 2.0)
         log.info("neuron_clusters_split", cluster_id=cluster.cluster_id, new_cluster_id=new_id)
@@ -269,6 +346,7 @@ class NeuronIndex:
         self._next_cluster += 1
         centre = self._keys[row].copy()
         self._clusters[cid] = Cluster(cid, centre, radius, meta.target, meta.block, [meta.edit_id])
+        self._touch_key(row)
         meta.cluster_id = cid
         # IVF: new centres are added without retraining
         faiss_ops.add(self._faiss, centre[None, :], np.array([cid], dtype=np.int64))
@@ -279,7 +357,9 @@ class NeuronIndex:
         rows = [i for i, m in enumerate(self._meta) if m.cluster_id == cluster.cluster_id]
         dist = np.linalg.norm(self._keys[rows] - cluster.centre, axis=1)
         out = [r for r, d in zip(rows, dist.tolist(), strict=True) if d > cluster.radius]
+        self._touch_cluster(cluster)
         for r in out:
+            self._touch_key(r)
             cluster.edit_ids.remove(self._meta[r].edit_id)
             self._meta[r].cluster_id = -1
         return out
@@ -288,6 +368,7 @@ class NeuronIndex:
 
     def remove(self, edit_ids: Sequence[str]) -> list[int]:
         """Remove every key of ``edit_ids``; return the ids of clusters left empty (dropped)."""
+        self._no_journal("remove")
         gone = set(edit_ids)
         keep = np.array([m.edit_id not in gone for m in self._meta], dtype=bool)
         for m in self._meta:
@@ -316,6 +397,7 @@ class NeuronIndex:
         was inserted with (that member's edit is live, so its block is too).
         Returns ``(cluster_id, old_block, new_block)`` per reassigned cluster.
         """
+        self._no_journal("reassign_blocks")
         gone = set(freed)
         moves: list[tuple[int, int, int]] = []
         for cluster in self._clusters.values():
@@ -395,15 +477,21 @@ class NeuronIndex:
             },
             "next_cluster": self._next_cluster,
             "approximate": self._is_ivf,
-            "clusters": [
-                {k: getattr(c, k) for k in ("cluster_id", "radius", "target", "block", "edit_ids")}
+            "clusters": [  # edit_ids copied: a state must not change with the index
+                {
+                    "cluster_id": c.cluster_id,
+                    "radius": c.radius,
+                    "target": c.target,
+                    "block": c.block,
+                    "edit_ids": list(c.edit_ids),
+                }
                 for c in (self._clusters[i] for i in sorted(self._clusters))
             ],
             "keys": [[m.edit_id, m.target, m.block, m.cluster_id] for m in self._meta],
         }
 
     def copy(self) -> NeuronIndex:
-        """An independent copy (keys, clusters, faiss index): a snapshot to roll back to."""
+        """An independent copy (keys, clusters, faiss index): ``retract`` changes one, O(N)."""
         twin = NeuronIndex(
             self.dim,
             radius=self.radius,

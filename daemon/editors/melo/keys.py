@@ -17,8 +17,10 @@ Why these choices:
   hook raises once the block's output is captured): keys cost only the layers
   up to ``key_layer``.
 * **Positions from the mask.** Prompts are padded (left or right, whatever the
-  tokenizer does); ``position_ids`` are the running count of real tokens, as
-  ``generate`` computes them, so a padded prompt gets the key it would get alone.
+  tokenizer does); ``position_ids`` are the running count of real tokens
+  (``batches.left_padded_position_ids``, as ``generate`` and teacher-forced scoring
+  compute them for real tokens), so a padded prompt gets the key it would get
+  alone, also with absolute position embeddings (GPT-2).
 * **Unit norm.** Measured on the small fact world (1,000 counterfactual edits,
   key = block 2 of 4): at a radius that keeps 99% of locality probes unrouted,
   unit-norm keys route 87% of training-template rephrases to their edit at 100
@@ -45,6 +47,7 @@ from transformers import PreTrainedTokenizerBase
 
 from daemon.editors.melo.routing import route_rows
 from daemon.model import arch
+from daemon.model.batches import left_padded_position_ids
 from daemon.model.tokens import last_prompt_token_indices
 
 F32 = npt.NDArray[np.float32]
@@ -55,15 +58,6 @@ class _KeyCaptured(Exception):
 
 
 _CAPTURE: ContextVar[list[torch.Tensor] | None] = ContextVar("melo_key_capture", default=None)
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """``generate``'s position ids: running count of real tokens minus one (pads: 1).
-
-    ``attention_mask`` is ``[B, T]``; returns a long ``[B, T]``.
-    """
-    positions = attention_mask.long().cumsum(-1) - 1
-    return positions.masked_fill(attention_mask == 0, 1)
 
 
 def _capture_hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
@@ -123,7 +117,7 @@ class KeyReader:
             self.model(
                 input_ids=input_ids,
                 attention_mask=mask,
-                position_ids=position_ids_from_mask(mask),
+                position_ids=left_padded_position_ids(mask),
                 use_cache=False,
             )
         if not slot:

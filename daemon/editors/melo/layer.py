@@ -23,7 +23,11 @@ not one matmul per block.
 
 Memory per block and projection: ``rank_per_block * (d_in + d_out)`` parameters
 in the LoRA dtype (float32 unless the base weight is float64); see
-``block_nbytes`` and :func:`block_memory_bytes`.
+``block_nbytes`` and :func:`block_memory_bytes`. Blocks are allocated on demand:
+block ``b``'s parameters are created the first time it is initialised, loaded or
+trained (with every block below it, so ids stay list positions); ``capacity`` is
+only the highest block id allowed, so an unused capacity costs nothing. A route
+to a block never created is a route to a cleared block: the base output.
 """
 
 from __future__ import annotations
@@ -62,53 +66,72 @@ class BlockLoraProjection(nn.Module):
         self.capacity = capacity
         self.rank = rank_per_block
         self.scale = float(scale)
-        dtype = _lora_dtype(weight.dtype)
-        device = weight.device
-        # lora_A[b]: [r, d_in]; lora_B[b]: [d_out, r]. Frozen until trainable_block(b).
-        self.lora_A = nn.ParameterList(
-            nn.Parameter(
-                torch.zeros(rank_per_block, self.d_in, dtype=dtype, device=device),
-                requires_grad=False,
-            )
-            for _ in range(capacity)
-        )
-        self.lora_B = nn.ParameterList(
-            nn.Parameter(
-                torch.zeros(self.d_out, rank_per_block, dtype=dtype, device=device),
-                requires_grad=False,
-            )
-            for _ in range(capacity)
-        )
+        self._dtype = _lora_dtype(weight.dtype)
+        # lora_A[b]: [r, d_in]; lora_B[b]: [d_out, r]. Created by _grow, frozen until
+        # trainable_block(b).
+        self.lora_A = nn.ParameterList()
+        self.lora_B = nn.ParameterList()
         # Blocks that take part in the forward pass; cleared blocks are skipped.
-        self._active = [False] * capacity
+        self._active: list[bool] = []
         # The same Parameter objects as plain lists: indexing a ParameterList costs ~2 us
         # per item, a noticeable share of a decode step. Blocks change only in place.
-        self._a_params: list[nn.Parameter] = list(self.lora_A)
-        self._b_params: list[nn.Parameter] = list(self.lora_B)
+        self._a_params: list[nn.Parameter] = []
+        self._b_params: list[nn.Parameter] = []
+
+    def _grow(self, block: int) -> None:
+        """Create the parameters of every block up to ``block`` (zeros, inactive)."""
+        self._check_block(block)
+        weight = arch.unwrap_projection(self.base).weight
+        assert isinstance(weight, torch.Tensor)
+        while len(self._active) <= block:
+            a = nn.Parameter(
+                torch.zeros(self.rank, self.d_in, dtype=self._dtype, device=weight.device),
+                requires_grad=False,
+            )
+            b = nn.Parameter(
+                torch.zeros(self.d_out, self.rank, dtype=self._dtype, device=weight.device),
+                requires_grad=False,
+            )
+            self.lora_A.append(a)
+            self.lora_B.append(b)
+            self._a_params.append(a)
+            self._b_params.append(b)
+            self._active.append(False)
+
+    @property
+    def allocated(self) -> int:
+        """Blocks whose parameters exist (the highest block id used, plus one)."""
+        return len(self._active)
 
     # --- introspection ---------------------------------------------------------------
 
     @property
     def r_total(self) -> int:
-        return self.capacity * self.rank
+        """The rank of the allocated blocks together (``allocated * rank``)."""
+        return self.allocated * self.rank
 
     @property
     def block_nbytes(self) -> int:
         """Bytes of LoRA weights one block holds in this projection."""
-        element = int(self.lora_A[0].element_size())
+        element = torch.empty((), dtype=self._dtype).element_size()
         return self.rank * (self.d_in + self.d_out) * element
 
     def full_A(self) -> torch.Tensor:
-        """The partitioned ``A`` ``[r_total, d_in]`` (a copy)."""
-        return torch.cat(list(self.lora_A), dim=0)
+        """The partitioned ``A`` ``[r_total, d_in]`` of the allocated blocks (a copy)."""
+        return torch.cat([*self.lora_A, self._zeros(0, self.d_in)], dim=0)
 
     def full_B(self) -> torch.Tensor:
-        """The partitioned ``B`` ``[d_out, r_total]`` (a copy)."""
-        return torch.cat(list(self.lora_B), dim=1)
+        """The partitioned ``B`` ``[d_out, r_total]`` of the allocated blocks (a copy)."""
+        return torch.cat([*self.lora_B, self._zeros(self.d_out, 0)], dim=1)
+
+    def _zeros(self, rows: int, cols: int) -> torch.Tensor:
+        weight = arch.unwrap_projection(self.base).weight
+        assert isinstance(weight, torch.Tensor)
+        return torch.zeros(rows, cols, dtype=self._dtype, device=weight.device)
 
     def is_active(self, block: int) -> bool:
         self._check_block(block)
-        return self._active[block]
+        return block < self.allocated and self._active[block]
 
     def _check_block(self, block: int) -> None:
         if not 0 <= block < self.capacity:
@@ -119,7 +142,7 @@ class BlockLoraProjection(nn.Module):
     @torch.no_grad()
     def init_block(self, block: int, seed: int) -> None:
         """LoRA's init: A uniform in +-1/sqrt(d_in) (kaiming, a=sqrt(5)), B zeros."""
-        self._check_block(block)
+        self._grow(block)
         gen = torch.Generator(device="cpu").manual_seed(seed)
         bound = 1.0 / math.sqrt(self.d_in)
         a = torch.empty(self.rank, self.d_in, dtype=self.lora_A[block].dtype)
@@ -132,13 +155,15 @@ class BlockLoraProjection(nn.Module):
     def clear_block(self, block: int) -> None:
         """Zero the block and stop applying it: routed rows get the base output exactly."""
         self._check_block(block)
+        if block >= self.allocated:
+            return
         self.lora_A[block].zero_()
         self.lora_B[block].zero_()
         self._active[block] = False
 
     def block_state(self, block: int) -> dict[str, torch.Tensor]:
         """``{"lora_A": [r, d_in], "lora_B": [d_out, r]}``, detached CPU copies."""
-        self._check_block(block)
+        self._grow(block)
         return {
             "lora_A": self.lora_A[block].detach().to("cpu", copy=True),
             "lora_B": self.lora_B[block].detach().to("cpu", copy=True),
@@ -147,7 +172,7 @@ class BlockLoraProjection(nn.Module):
     @torch.no_grad()
     def load_block_state(self, block: int, tensors: Mapping[str, torch.Tensor]) -> None:
         """Load what ``block_state`` returned (shapes checked) and activate the block."""
-        self._check_block(block)
+        self._grow(block)
         for key, params in (("lora_A", self.lora_A), ("lora_B", self.lora_B)):
             target = params[block]
             value = tensors[key]
@@ -167,7 +192,7 @@ class BlockLoraProjection(nn.Module):
         yielded, so they get no gradient and no optimizer can change them. The
         block is activated (it must be applied for its loss to depend on it).
         """
-        self._check_block(block)
+        self._grow(block)
         params = [self.lora_A[block], self.lora_B[block]]
         self._active[block] = True
         for p in params:
@@ -198,7 +223,7 @@ class BlockLoraProjection(nn.Module):
             if block is None:
                 continue
             self._check_block(block)
-            if self._active[block]:
+            if block < len(self._active) and self._active[block]:
                 rows.append(row)
                 picked.append(block)
         if not rows:

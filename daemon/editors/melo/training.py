@@ -29,11 +29,15 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from daemon.editors.melo.keys import position_ids_from_mask
 from daemon.editors.melo.layer import BlockLoraProjection, trainable_block
 from daemon.editors.melo.routing import route_rows
 from daemon.eval.metrics import continuation_matches
-from daemon.model.batches import PromptTargetBatch, target_nll, target_token_hits
+from daemon.model.batches import (
+    PromptTargetBatch,
+    left_padded_position_ids,
+    target_nll,
+    target_token_hits,
+)
 
 
 @dataclass(frozen=True)
@@ -124,7 +128,7 @@ def train_block(
     ``row_hits`` comes from a forward with the final weights.
     """
     rows = int(batch.input_ids.shape[0])
-    positions = position_ids_from_mask(batch.attention_mask)
+    positions = left_padded_position_ids(batch.attention_mask)  # [B, T]
     avoid: dict[int, set[int]] = {}
     was_training = model.training
     model.train(False)  # no dropout: the block must work in eval mode

@@ -1,15 +1,17 @@
 """The pieces of MELO's insert-and-verify transaction: add keys, find re-routed edits, verify.
 
-``editor.MeloEditor._insert_verified`` runs them on a copy of the neuron index:
+``editor.MeloEditor._insert_verified`` runs them on the live neuron index inside an
+insert transaction (``NeuronIndex.begin``), rolled back when verification fails:
 
 * ``insert_keys`` adds each edit's keys (prompt and rephrases) and reports the
   edits refused for an identical-key conflict and the edits whose keys a split
   displaced (logged as ``melo_keys_displaced``).
-* ``rerouted`` finds applied edits whose prompt now routes differently: a new
-  cluster can open nearer to an applied key than its own cluster's centre, a
-  split can shrink its cluster. Only prompts within twice the radius of a new
-  key can be affected (a new centre must come within one radius of them, a
-  split cluster spans two), so only those are queried, before and after.
+* ``watch_routes`` / ``rerouted`` find applied edits whose prompt now routes
+  differently: a new cluster can open nearer to an applied key than its own
+  cluster's centre, a split can shrink its cluster. Only prompts within twice the
+  radius of a new key can be affected (a new centre must come within one radius
+  of them, a split cluster spans two), so only those are queried, before the
+  insert (``watch_routes``) and after it (``rerouted``).
 * ``generation_failures`` is the verification itself: real greedy generation
   under the editor's routing, judged by ``continuation_matches`` (the same rule
   the evaluation uses).
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 
 import numpy as np
 import structlog
@@ -28,6 +31,7 @@ from daemon.editors.base import EditSpec
 from daemon.editors.melo.checks import edit_prompts
 from daemon.editors.melo.index import NeuronIndex
 from daemon.editors.melo.index_records import AddResult
+from daemon.editors.melo.key_table import KeyTable
 from daemon.editors.melo.keys import F32
 from daemon.errors import EditConflictError
 from daemon.eval.metrics import continuation_matches
@@ -69,27 +73,46 @@ def insert_keys(
     return conflicts, {d.edit_id for r in results for d in r.displaced}
 
 
-def rerouted(
-    before: NeuronIndex,
-    after: NeuronIndex,
-    stored: Mapping[str, F32],
-    fresh: Sequence[F32],
-) -> set[str]:
-    """Ids in ``stored`` (edit id -> prompt key) whose route differs between the indexes."""
+@dataclass(frozen=True)
+class WatchedRoutes:
+    """Applied edits whose route a batch of new keys may change, and their blocks before."""
+
+    edit_ids: tuple[str, ...]
+    keys: F32  # (n, d) their prompt keys
+    blocks: tuple[int | None, ...]
+
+
+def _blocks(index: NeuronIndex, keys: F32) -> tuple[int | None, ...]:
+    return tuple(None if r is None else r.block for r in index.query(keys))
+
+
+def watch_routes(index: NeuronIndex, stored: KeyTable, fresh: Sequence[F32]) -> WatchedRoutes:
+    """The ids in ``stored`` (edit id -> prompt key) within twice the radius of a ``fresh`` key.
+
+    Call before inserting ``fresh``; ``rerouted`` then tells which of them moved.
+    """
+    empty = WatchedRoutes((), np.zeros((0, index.dim), np.float32), ())
     if not stored or not fresh:
-        return set()
-    ids = list(stored)
-    old_keys = np.stack([stored[e] for e in ids])  # (N, d)
+        return empty
+    ids = stored.ids()
+    old_keys = stored.matrix()  # (N, d), a view of the table
     new_keys = np.stack(list(fresh))  # (K, d)
     sq = (
         (old_keys**2).sum(1)[:, None] + (new_keys**2).sum(1)[None, :] - 2.0 * old_keys @ new_keys.T
     )  # (N, K)
-    near = np.nonzero((sq <= (2.0 * before.radius) ** 2 + 1e-6).any(axis=1))[0]
+    near = np.nonzero((sq <= (2.0 * index.radius) ** 2 + 1e-6).any(axis=1))[0]
     if len(near) == 0:
+        return empty
+    keys = np.ascontiguousarray(old_keys[near])
+    return WatchedRoutes(tuple(ids[i] for i in near.tolist()), keys, _blocks(index, keys))
+
+
+def rerouted(index: NeuronIndex, watched: WatchedRoutes) -> set[str]:
+    """The watched ids whose prompt now routes to another block (or none) in ``index``."""
+    if not watched.edit_ids:
         return set()
-    was = [None if r is None else r.block for r in before.query(old_keys[near])]
-    now = [None if r is None else r.block for r in after.query(old_keys[near])]
-    return {ids[i] for i, a, b in zip(near.tolist(), was, now, strict=True) if a != b}
+    now = _blocks(index, watched.keys)
+    return {e for e, a, b in zip(watched.edit_ids, watched.blocks, now, strict=True) if a != b}
 
 
 def generation_failures(

@@ -126,7 +126,10 @@ def test_retraction_restores_base_logits_exactly_and_frees_the_block(
         _routed_logits(editor, loaded, [first["prompt"]]), logits(base, [first["prompt"]])
     )
     assert continuation_matches(_answer(editor, loaded, [second["prompt"]])[0], second["target"])
-    assert editor.table.snapshot() == {"capacity": 1024, "blocks": {1: [second["id"]]}}
+    assert editor.table.snapshot() == {
+        "capacity": editor.config.max_blocks,
+        "blocks": {1: [second["id"]]},
+    }
     assert editor.applied_ids() == [second["id"]]
 
 
@@ -258,7 +261,7 @@ def test_state_of_another_version_or_shape_is_refused(
     with pytest.raises(EditorStateError, match="version"):
         editor.load_state_dict({**state, "version": 99})
     fresh = load_model(str(micro_world), device="cpu")
-    other = MeloEditor(fresh.model, fresh.tokenizer, MeloConfig(max_blocks=8))
+    other = MeloEditor(fresh.model, fresh.tokenizer, MeloConfig(rank_per_block=2))
     try:
         with pytest.raises(EditorStateError, match="settings"):
             other.load_state_dict(state)
@@ -324,3 +327,27 @@ def test_empty_batch_and_edit_spec_fields(make_editor: Any) -> None:
     assert editor.apply([]) == []
     with pytest.raises(ValueError):
         EditSpec("x", "prompt", " ")
+
+
+def test_a_state_loads_under_another_max_blocks_when_its_blocks_fit(
+    make_editor: Any, micro_world: Path, world_edits: list[dict[str, Any]]
+) -> None:
+    """max_blocks is a limit, not a shape: a state loads wherever its block ids fit."""
+    source = make_editor(max_blocks=8)
+    source.apply([spec(r) for r in world_edits[:3]])
+    state = source.state_dict()
+    for max_blocks in (100_000, 2):
+        fresh = load_model(str(micro_world), device="cpu")
+        config = MeloConfig(radius=RADIUS, max_blocks=max_blocks)
+        other = MeloEditor(fresh.model, fresh.tokenizer, config)
+        try:
+            if max_blocks == 2:  # blocks 0..2 do not fit: a clear refusal
+                with pytest.raises(EditorStateError, match="does not fit max_blocks"):
+                    other.load_state_dict(state)
+                continue
+            other.load_state_dict(state)
+            assert other.table.capacity == max_blocks
+            assert other.table.snapshot()["blocks"] == source.table.snapshot()["blocks"]
+            assert other.route_blocks([world_edits[1]["prompt"]]) == [1]
+        finally:
+            other.close()

@@ -3,23 +3,36 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from daemon.config import MeloConfig
 from daemon.editors.melo.editor import MeloEditor
-from daemon.editors.melo.keys import KeyReader, position_ids_from_mask
+from daemon.editors.melo.keys import KeyReader
 from daemon.editors.melo.routing import route_rows
 from daemon.model import arch
 from daemon.model.loading import LoadedModel
 from tests.daemon.editors.melo.helpers import RADIUS, logits, spec
+from tests.daemon.model.conftest import build_bos_tokenizer, tiny_gpt2
 
 PROMPTS = ["The capital of", "A", "Who is the chief executive officer of the company"]
 
 
-def test_position_ids_count_real_tokens_like_generate() -> None:
-    """Left pads get position 1 (ignored), real tokens count from 0."""
-    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
-    assert position_ids_from_mask(mask).tolist() == [[1, 1, 0, 1, 2], [0, 1, 2, 3, 4]]
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_gpt2_keys_are_the_same_alone_and_in_a_padded_batch(side: str) -> None:
+    """Absolute positions (GPT-2): a short prompt padded next to a longer one keeps its key."""
+    tokenizer = build_bos_tokenizer()
+    tokenizer.padding_side = side
+    model = tiny_gpt2(vocab_size=len(tokenizer), n_layer=3)
+    reader = KeyReader(model, tokenizer, 1)
+    try:
+        short, long = "Jane Roe", "The chief executive of Acme Corporation is Jane Roe"
+        assert tokenizer([short, long], padding=True)["attention_mask"][0].count(0) > 3
+        alone = reader([short])
+        np.testing.assert_allclose(reader([short, long])[0], alone[0], atol=1e-5)
+        np.testing.assert_allclose(reader([long, short])[1], alone[0], atol=1e-5)
+    finally:
+        reader.close()
 
 
 def test_keys_are_unit_norm_and_the_same_batched_or_alone(loaded: LoadedModel) -> None:

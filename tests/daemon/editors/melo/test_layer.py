@@ -278,6 +278,8 @@ def test_install_remove_restores_exact_modules(
         assert installed[n].base is originals[n]
         d_in, d_out = arch.projection_in_out(originals[n])
         assert installed[n].block_nbytes == RANK * (d_in + d_out) * 4
+        assert installed[n].full_A().shape == (0, d_in)  # blocks are created on demand
+        installed[n].init_block(CAPACITY - 1, seed=1)
         assert installed[n].full_A().shape == (CAPACITY * RANK, d_in)
         assert installed[n].full_B().shape == (d_out, CAPACITY * RANK)
     assert bl.block_memory_bytes(installed) == sum(i.block_nbytes for i in installed.values())
@@ -309,3 +311,23 @@ def test_block_state_round_trips(
     bad = {"lora_A": torch.zeros(RANK + 1, one.d_in), "lora_B": torch.zeros(one.d_out, RANK)}
     with pytest.raises(ValueError, match="shape"):
         one.load_block_state(0, bad)
+
+
+def test_blocks_are_created_on_demand_up_to_the_capacity(
+    model_and_batch: tuple[nn.Module, dict[str, torch.Tensor]],
+) -> None:
+    """A huge capacity costs nothing until used; unused blocks route to the base output."""
+    model, batch = model_and_batch
+    base = _logits(model, batch)
+    installed = install_block_lora(model, arch.default_melo_layers(model), 100_000, RANK)
+    try:
+        assert all(layer.allocated == 0 for layer in installed.values())
+        with route_rows([7, None, 99_999]):
+            assert torch.equal(_logits(model, batch), base)
+        bl.init_block(installed, 2, seed=3)
+        assert all(layer.allocated == 3 for layer in installed.values())
+        assert all(not layer.is_active(1) and layer.is_active(2) for layer in installed.values())
+        with pytest.raises(IndexError, match="out of range"):
+            bl.init_block(installed, 100_000, seed=3)
+    finally:
+        remove_block_lora(model, installed)
