@@ -47,6 +47,7 @@ from daemon.editors.base import EditSpec
 from daemon.editors.registry import make_editor
 from daemon.eval.metrics import continuation_matches
 from daemon.log import configure_logging
+from daemon.model.batches import left_padded_position_ids
 from daemon.model.generate import greedy_continuations
 from daemon.model.loading import LoadedModel, load_model
 from daemon.world.editsets import read_jsonl
@@ -239,7 +240,7 @@ def time_size(
     fixed["tokens_per_s_edited"] = round(tokens / fixed["median_edited_s"], 1)
     chosen = prompts[:: max(1, len(prompts) // FORWARD_BATCH)][:FORWARD_BATCH]
     ids, mask = left_padded(base.tokenizer, chosen)
-    batch = (ids, mask, rq.position_ids(mask))
+    batch = (ids, mask, left_padded_position_ids(mask))
     route_s: list[float] = []
 
     def edited_forward() -> float:

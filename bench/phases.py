@@ -56,6 +56,7 @@ HOOK_PROBES = (
     Probe("targets", "daemon.editors.hook.editor:optimise_targets"),
     Probe("solve", "daemon.editors.hook.editor:solve_layers"),  # spread, sums, guard
     Probe("solve_linalg", "daemon.editors.hook.math:solve_from_sums"),  # float64 Cholesky
+    Probe("solve_linalg", "daemon.editors.hook.math:solve_factors"),  # the same, as factors
     Probe("gate", "daemon.editors.hook.layer:HookedProjection.add_keys"),  # key references
     Probe("gate", "daemon.editors.hook.editor:HookEditor._sync_scope"),  # subject index
     Probe("recall_check", "daemon.editors.hook.editor:check_recall"),
@@ -69,7 +70,9 @@ MELO_PROBES = (
     Probe("training", "daemon.editors.melo.editor:train_block"),
     Probe("index_insert", "daemon.editors.melo.verify:insert_keys"),
     Probe("index_reroute", "daemon.editors.melo.editor:MeloEditor._rerouted"),
-    Probe("index_copy", "daemon.editors.melo.index:NeuronIndex.copy"),  # copy-on-write trials
+    Probe("index_journal", "daemon.editors.melo.index:NeuronIndex.begin"),  # undo journal
+    Probe("index_journal", "daemon.editors.melo.index:NeuronIndex.commit"),
+    Probe("index_journal", "daemon.editors.melo.index:NeuronIndex.rollback"),
     Probe("editor_verify", "daemon.editors.melo.editor:MeloEditor._verify"),
 )
 FT_PROBES = (Probe("training", "daemon.editors.ft:FtEditor._train"),)

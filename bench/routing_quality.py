@@ -14,14 +14,10 @@ import numpy as np
 import torch
 
 from daemon.drift.probes import left_padded
+from daemon.model.batches import padded_forward_inputs
 from daemon.model.loading import LoadedModel
 
 GATE_BATCH = 64
-
-
-def position_ids(mask: torch.Tensor) -> torch.Tensor:
-    """``generate``'s position ids: running count of real tokens minus one (pads: 1)."""
-    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
 
 
 def probe_groups(records: Sequence[dict[str, Any]], probes: Sequence[str]) -> dict[str, Any]:
@@ -60,9 +56,7 @@ def hook_routes(
     for start in range(0, len(prompts), GATE_BATCH):
         chunk = list(prompts[start : start + GATE_BATCH])
         ids, mask = left_padded(loaded.tokenizer, chunk)
-        cast(Any, loaded.model)(
-            input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False
-        )
+        cast(Any, loaded.model)(**padded_forward_inputs(ids, mask), use_cache=False)
         for i, hook in hooks.items():
             route = hook.last_route
             if route is None:  # no delta applied: the gate never opens
@@ -207,9 +201,7 @@ def hook_gate_cost(
     handles = [h.register_forward_pre_hook(keep(i)) for i, h in hooks.items()]
     try:
         with editor.routing(list(prompts)):
-            cast(Any, loaded.model)(
-                input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False
-            )
+            cast(Any, loaded.model)(**padded_forward_inputs(ids, mask), use_cache=False)
             route_s = {i: median_seconds(partial(h.route, seen[i]), reps) for i, h in hooks.items()}
     finally:
         for handle in handles:

@@ -38,6 +38,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from daemon.errors import EditdError, EvalDataError, WorldError
 from daemon.log import get_logger
+from daemon.model.batches import padded_forward_inputs
 from daemon.model.tokens import last_prompt_token_indices
 from daemon.world.facts import RELATIONS_BY_NAME, World, fill
 
@@ -340,10 +341,9 @@ def _forward_last(
     ids, mask = left_padded(tokenizer, prompts)
     device = next(model.parameters()).device
     ids, mask = ids.to(device), mask.to(device)
-    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # (B, T), as generate does
     with routing(prompts):
         logits = cast(Any, model)(
-            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False
+            **padded_forward_inputs(ids, mask), use_cache=False
         ).logits  # (B, T, V)
     last = last_prompt_token_indices(mask)  # (B,)
     rows = logits[torch.arange(len(prompts), device=device), last].float()  # (B, V)

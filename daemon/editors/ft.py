@@ -27,7 +27,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from daemon.editors.base import EditOutcome, EditSpec
 from daemon.errors import EditorStateError
 from daemon.model import arch
-from daemon.model.batches import encode_prompt_target, target_nll, target_token_hits
+from daemon.model.batches import (
+    encode_prompt_target,
+    padded_forward_inputs,
+    target_nll,
+    target_token_hits,
+)
 
 log = structlog.get_logger()
 
@@ -104,15 +109,14 @@ class FtEditor:
         targets = [e.target for e in edits] + [e.target for e in edits for _ in e.rephrases]
         device = self.weight.device
         batch = encode_prompt_target(self.tokenizer, prompts, targets).to(device)
+        inputs = padded_forward_inputs(batch.input_ids, batch.attention_mask)  # left padded
         torch.manual_seed(seed)
         self.weight.requires_grad_(True)
         optimizer = torch.optim.Adam([self.weight], lr=self.config.learning_rate)
         steps = 0
         try:
             for steps in range(1, self.config.max_steps + 1):
-                logits = self.model(
-                    input_ids=batch.input_ids, attention_mask=batch.attention_mask
-                ).logits
+                logits = self.model(**inputs, use_cache=False).logits
                 if bool((target_token_hits(logits, batch.labels) == 1.0).all()):
                     steps -= 1
                     break

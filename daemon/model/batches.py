@@ -3,6 +3,11 @@
 Used wherever a target is scored or optimised (teacher-forced metrics, the FT
 baseline, the editors' target optimisation), so all of them agree on which
 tokens are "the target" and which logits predict them.
+
+Any forward over a padded batch goes through :func:`padded_forward_inputs`, which
+adds position ids counted from each row's first real token: GPT-2's absolute
+position embeddings would otherwise see a left-padded row at shifted positions.
+(``generate`` derives the same position ids from the attention mask itself.)
 """
 
 from __future__ import annotations
@@ -85,13 +90,57 @@ def encode_prompt_target(
 
 
 def left_padded_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that start at 0 on each row's first real token of a left-padded batch.
+    """Position ids that start at 0 on each row's first real token of a padded batch: (B, T).
 
-    Models with absolute position embeddings (GPT-2) otherwise give a padded row's
-    tokens other positions than the same prompt alone; rotary ones (Llama) only see
-    relative positions and are unaffected. Pads get position 0.
+    Models with absolute position embeddings (GPT-2) otherwise give a left-padded
+    row's tokens other positions than the same prompt alone; rotary ones (Llama) only
+    see relative positions and are unaffected. The count runs over real tokens only,
+    as ``generate`` computes it, so a right-padded row gets ``0 .. n-1`` as well; pads
+    get whatever the count is there (0 before the first real token).
     """
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def padded_forward_inputs(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Keyword arguments of a forward pass over a padded batch: ids, mask and position ids.
+
+    ``model(**padded_forward_inputs(ids, mask), use_cache=False)`` gives every row the
+    positions it has alone, whichever side it is padded on (see
+    :func:`left_padded_position_ids`).
+    """
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": left_padded_position_ids(attention_mask),
+    }
+
+
+def padding_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id to pad with: the pad token, else eos, else 0 (pads are masked out anyway)."""
+    for attr in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows padded on the left into ``(input_ids, attention_mask)``, both (B, T) long.
+
+    Independent of ``tokenizer.padding_side``, so callers that index from the right
+    (a row's last token is column -1) hold on any tokenizer.
+    """
+    if not rows or not all(rows):
+        raise ValueError("need at least one row, and no empty row")
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = torch.tensor(list(row), dtype=torch.long)
+        mask[i, width - len(row) :] = 1
+    return ids, mask
 
 
 def target_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -93,7 +93,7 @@ def test_phases_stage_times_every_phase(
     assert sorted(runs) == [("ft", 1), ("hook", 2), ("melo", 2)]
     expected = {
         "hook": {"keys", "targets", "solve", "solve_linalg", "gate", "recall_check", "verify"},
-        "melo": {"checks", "keys", "training", "index_insert", "index_copy", "editor_verify"},
+        "melo": {"checks", "keys", "training", "index_insert", "index_journal", "editor_verify"},
         "ft": {"training", "verify", "apply_other"},
     }
     for (name, _), r in runs.items():

@@ -12,7 +12,7 @@ from transformers import PreTrainedModel
 
 from daemon.editors.base import EditSpec
 from daemon.editors.hook import math as hmath
-from daemon.editors.hook.keys import KeySites, position_ids
+from daemon.editors.hook.keys import KeySites
 from daemon.editors.hook.layer import HookedProjection
 from daemon.errors import SolveError
 
@@ -25,12 +25,7 @@ def check_recall(
     shard: int,
 ) -> None:
     """Raise SolveError unless the gate routes every key site of the batch to ``shard``."""
-    model(
-        input_ids=enc.input_ids,
-        attention_mask=enc.attention_mask,
-        position_ids=position_ids(enc.attention_mask),
-        use_cache=False,
-    )
+    model(**enc.forward_inputs(), use_cache=False)
     for layer, hook in hooks.items():
         route = hook.last_route
         got = route[enc.rows, enc.positions] if route is not None else torch.full_like(enc.rows, -1)

@@ -30,7 +30,7 @@ from transformers import PreTrainedTokenizerBase
 from daemon.editors.hook.layer import HookedProjection
 from daemon.editors.hook.wiring import gate_positions
 from daemon.model import arch
-from daemon.model.batches import encode_prompt_target, target_token_ids
+from daemon.model.batches import encode_prompt_target, padded_forward_inputs, target_token_ids
 from daemon.model.tokens import subject_last_token_index
 
 KeyKind = Literal["subject_last", "prompt_last"]
@@ -56,6 +56,14 @@ class KeySites:
         mask = torch.zeros_like(self.attention_mask, dtype=torch.bool)
         mask[self.rows, self.positions] = True
         return mask
+
+    def forward_inputs(self) -> dict[str, torch.Tensor]:
+        """The batch as forward keyword arguments, position ids included.
+
+        Every row keeps the positions it has alone (GPT-2's absolute positions
+        would otherwise shift by the row's left padding).
+        """
+        return padded_forward_inputs(self.input_ids, self.attention_mask)
 
 
 def site_offsets(kind: KeyKind, subject_index: int, prompt_len: int, n_target: int) -> list[int]:
@@ -111,15 +119,6 @@ def encode_sites(
         torch.tensor(site_owner, dtype=torch.long, device=device),
     )
     return sites, batch.labels.to(device)
-
-
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids counted over real tokens only, as generation computes them: (B, T).
-
-    Passing them explicitly makes a left-padded forward pass agree with
-    ``generate`` for absolute-position models (GPT-2) as well as rotary ones.
-    """
-    return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
 
 
 @dataclass(frozen=True)
@@ -183,10 +182,5 @@ def capture(
         gate_positions(hooks, mask),
         _recording(model, key_layers, residual_layer, batch.rows, batch.positions) as out,
     ):
-        model(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=position_ids(batch.attention_mask),
-            use_cache=False,
-        )
+        model(**batch.forward_inputs(), use_cache=False)
     return Captured(keys=dict(out["keys"]), residual=out["residual"])

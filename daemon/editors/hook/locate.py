@@ -79,7 +79,6 @@ from daemon.editors.hook.patching import (
     Site,
     TraceFact,
     capture_donor_states,
-    padding_id,
     patched_scores,
     prepare,
     recalled_tokens,
@@ -88,6 +87,7 @@ from daemon.editors.hook.stats import model_fingerprint
 from daemon.errors import EditValidationError, LocateError
 from daemon.files import atomic_write_text
 from daemon.model import arch
+from daemon.model.batches import padding_id
 from daemon.model.loading import LoadedModel
 from daemon.world.facts import World, fill
 from store.records import iter_jsonl

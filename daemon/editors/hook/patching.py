@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from daemon.errors import EditValidationError
 from daemon.model import arch
-from daemon.model.batches import target_token_ids
+from daemon.model.batches import left_pad, padded_forward_inputs, padding_id, target_token_ids
 from daemon.model.tokens import subject_char_span, subject_last_token_index
 
 PositionKind = Literal["subject_last", "prompt_last"]
@@ -58,24 +58,20 @@ class _Batch:
 
     input_ids: torch.Tensor  # (B, T)
     attention_mask: torch.Tensor  # (B, T)
-    position_ids: torch.Tensor  # (B, T), 0 at each row's first real token
     kind_pos: torch.Tensor  # (B, 2)
 
 
 def _batch(
     rows: Sequence[list[int]], subject_last: Sequence[int], pad_id: int, device: torch.device
 ) -> _Batch:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, T)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
-    kind_pos = torch.zeros((len(rows), 2), dtype=torch.long)  # (B, 2)
-    for b, (row, subj) in enumerate(zip(rows, subject_last, strict=True)):
-        offset = width - len(row)
-        ids[b, offset:] = torch.tensor(row, dtype=torch.long)
-        mask[b, offset:] = 1
-        kind_pos[b] = torch.tensor([offset + subj, width - 1])
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
-    return _Batch(ids.to(device), mask.to(device), positions.to(device), kind_pos.to(device))
+    ids, mask = left_pad(rows, pad_id)  # (B, T) each
+    width = ids.shape[1]
+    offsets = [width - len(row) for row in rows]
+    kind_pos = torch.tensor(
+        [[off + subj, width - 1] for off, subj in zip(offsets, subject_last, strict=True)],
+        dtype=torch.long,
+    )  # (B, 2)
+    return _Batch(ids.to(device), mask.to(device), kind_pos.to(device))
 
 
 def _fact_batch(
@@ -90,9 +86,7 @@ def _fact_batch(
 def _last_logits(model: nn.Module, batch: _Batch) -> torch.Tensor:
     """Logits at each row's last (real) token: ``(B, V)`` float32."""
     out = model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
+        **padded_forward_inputs(batch.input_ids, batch.attention_mask),
         logits_to_keep=1,
         use_cache=False,
     )
@@ -305,11 +299,3 @@ def _plan(
         vectors = states[donors, s, layer, kinds.to(states.device)]  # (R, d)
         plan[(s, layer)] = (where, kind_pos[where, kinds], vectors)
     return plan
-
-
-def padding_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    for attr in ("pad_token_id", "eos_token_id"):
-        value = getattr(tokenizer, attr, None)
-        if isinstance(value, int):
-            return value
-    return 0  # pads are masked out, any id works

@@ -36,6 +36,7 @@ from transformers import PreTrainedTokenizerBase
 from daemon.errors import CovarianceStatsError
 from daemon.files import atomic_write, atomic_write_text, sha256_file
 from daemon.model import arch
+from daemon.model.batches import padded_forward_inputs
 
 log = structlog.get_logger()
 
@@ -176,8 +177,7 @@ def collect_covariance_counted(
     ):
         for ids in _batches(tokenizer, texts, batch_size, max_length):
             input_ids, mask = _pad_left(ids, _pad_id(tokenizer), device)  # (B, T) each
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): 0 at each first real token
-            model(input_ids=input_ids, attention_mask=mask, position_ids=positions)
+            model(**padded_forward_inputs(input_ids, mask))
             keep = mask.bool()  # (B, T)
             take = min(int(keep.sum()), token_budget - seen)
             for i in layers:

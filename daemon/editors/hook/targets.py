@@ -32,11 +32,17 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from daemon.editors.hook.keys import KeyKind, encode_sites, position_ids
+from daemon.editors.hook.keys import KeyKind, encode_sites
 from daemon.editors.hook.layer import HookedProjection
 from daemon.editors.hook.wiring import gate_positions
 from daemon.model import arch
-from daemon.model.batches import target_nll, target_token_hits
+from daemon.model.batches import (
+    left_pad,
+    padded_forward_inputs,
+    padding_id,
+    target_nll,
+    target_token_hits,
+)
 from daemon.model.tokens import subject_last_token_index
 
 ESSENCE_TEMPLATE = "{subject} is a"
@@ -168,16 +174,11 @@ def optimise_targets(
     # rows run edit-major, variants inner: the plain prompt's sites, in site-id order
     plain = [s for s, row in enumerate(sites.rows.tolist()) if row % len(variants) == 0]
     site_edit = torch.tensor([owners[int(sites.rows[s])] for s in plain], device=device)
-    pos_ids = position_ids(sites.attention_mask)
+    inputs = sites.forward_inputs()
     key_mask = sites.position_mask()
 
     def forward() -> torch.Tensor:
-        logits: torch.Tensor = model(
-            input_ids=sites.input_ids,
-            attention_mask=sites.attention_mask,
-            position_ids=pos_ids,
-            use_cache=False,
-        ).logits
+        logits: torch.Tensor = model(**inputs, use_cache=False).logits
         return logits
 
     essence = _essence_batch(tokenizer, edits, kind, device)
@@ -255,8 +256,7 @@ def _essence_batch(
     if kind != "subject_last":
         return None
     prompts = [ESSENCE_TEMPLATE.format(subject=e.subject) for e in edits]
-    enc = tokenizer(prompts, return_tensors="pt", padding=True)
-    mask = enc["attention_mask"]
+    ids, mask = left_pad([tokenizer(p)["input_ids"] for p in prompts], padding_id(tokenizer))
     idx = [
         subject_last_token_index(tokenizer, p, e.subject or "")
         for p, e in zip(prompts, edits, strict=True)
@@ -265,7 +265,7 @@ def _essence_batch(
     width = mask.shape[1]
     positions = torch.tensor(idx) + (width - lengths)  # left padding
     return {
-        "input_ids": enc["input_ids"].to(device),
+        "input_ids": ids.to(device),
         "attention_mask": mask.to(device),
         "rows": torch.arange(len(prompts), device=device),
         "positions": positions.to(device),
@@ -275,11 +275,6 @@ def _essence_batch(
 
 def _essence_logits(model: nn.Module, essence: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """Next-token logits at the last token of each essence prompt: (n, V)."""
-    mask = essence["attention_mask"]
-    logits: torch.Tensor = model(
-        input_ids=essence["input_ids"],
-        attention_mask=mask,
-        position_ids=position_ids(mask),
-        use_cache=False,
-    ).logits
+    inputs = padded_forward_inputs(essence["input_ids"], essence["attention_mask"])
+    logits: torch.Tensor = model(**inputs, use_cache=False).logits
     return logits[:, -1].float()

@@ -24,6 +24,7 @@ from daemon.editors.hook.gate import (
 )
 from daemon.editors.hook.layer import HookedProjection
 from daemon.model import arch
+from daemon.model.batches import padded_forward_inputs
 
 log = structlog.get_logger()
 
@@ -123,7 +124,7 @@ def calibrate_gates(
             mask = attention_mask[start : start + batch_size]
             for h in hooks.values():
                 h._token_mask = mask.bool()
-            model(input_ids=ids, attention_mask=mask, use_cache=False)
+            model(**padded_forward_inputs(ids, mask), use_cache=False)
         for h in hooks.values():
             assert h._collect is not None
             h.set_calibration(torch.cat(h._collect))

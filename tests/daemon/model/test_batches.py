@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 import torch
@@ -10,10 +11,14 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from daemon.model.batches import (
     encode_prompt_target,
+    left_pad,
+    padded_forward_inputs,
+    padding_id,
     target_nll,
     target_token_hits,
     target_token_ids,
 )
+from tests.daemon.model.conftest import tiny_gpt2
 
 
 @pytest.fixture(scope="module")
@@ -75,3 +80,38 @@ def test_nll_and_hits_on_constructed_logits() -> None:
 def test_mismatched_or_empty_input_is_refused(gpt2: PreTrainedTokenizerBase) -> None:
     with pytest.raises(ValueError, match="equally many"):
         encode_prompt_target(gpt2, ["a"], [])
+
+
+def test_left_pad_puts_pads_first_whatever_the_tokenizer_does() -> None:
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    with pytest.raises(ValueError, match="empty row"):
+        left_pad([[1], []], pad_id=0)
+
+
+def test_padding_id_falls_back_to_eos(gpt2: PreTrainedTokenizerBase) -> None:
+    assert padding_id(gpt2) == gpt2.eos_token_id  # the fixture pads with eos
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_forward_inputs_give_a_gpt2_row_its_positions_alone(side: str) -> None:
+    """GPT-2's absolute positions: a padded row's logits equal the row's alone."""
+    model = tiny_gpt2()
+    with torch.no_grad():
+        cast(Any, model).transformer.wpe.weight.mul_(50.0)  # positions matter a lot
+    short, long = [3, 9, 4], [7, 1, 2, 8, 5, 6]
+    if side == "left":
+        ids = torch.tensor([[0, 0, 0, *short], long])
+        real = slice(3, 6)
+    else:
+        ids = torch.tensor([[*short, 0, 0, 0], long])
+        real = slice(0, 3)
+    mask = torch.tensor([[int(real.start <= t < real.stop) for t in range(6)], [1] * 6])
+    with torch.no_grad():
+        alone = model(input_ids=torch.tensor([short])).logits[0]
+        padded = model(**padded_forward_inputs(ids, mask), use_cache=False).logits[0, real]
+        shifted = model(input_ids=ids, attention_mask=mask).logits[0, real]
+    torch.testing.assert_close(padded, alone, rtol=1e-4, atol=1e-4)
+    if side == "left":  # without position ids the left-padded row is shifted
+        assert not torch.allclose(shifted, alone, atol=1e-2)

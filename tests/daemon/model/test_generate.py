@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import pytest
 import torch
 from transformers import (
@@ -139,3 +141,29 @@ def test_first_sentence() -> None:
     assert first_sentence(" Velmora") == " Velmora"
     assert first_sentence(" Velmora is big\nand") == " Velmora is big"
     assert first_sentence(".") == ""
+
+
+def test_gpt2_generate_counts_positions_from_the_mask(tokenizer: PreTrainedTokenizerFast) -> None:
+    """``generate`` (transformers 5) derives GPT-2's position ids from the attention mask:
+    a left-padded row's prefill starts at position 0 and each decode step continues it,
+    so batched answers equal one-by-one answers even where positions matter a lot."""
+    model = _tiny("gpt2", tokenizer)
+    model.train(False)
+    with torch.no_grad():
+        cast(Any, model).transformer.wpe.weight.mul_(50.0)
+    seen: list[torch.Tensor] = []
+    handle = cast(Any, model).transformer.register_forward_pre_hook(
+        lambda _m, _a, kw: seen.append(kw["position_ids"]), with_kwargs=True
+    )
+    try:
+        batched = greedy_continuations(model, tokenizer, PROMPTS, max_new_tokens=4, batch_size=8)
+    finally:
+        handle.remove()
+    lengths = [len(tokenizer(p)["input_ids"]) for p in PROMPTS]
+    width = max(lengths)
+    prefill = seen[0]
+    for row, n in enumerate(lengths):
+        assert prefill[row, width - n :].tolist() == list(range(n))
+        assert int(seen[1][row, -1]) == n  # the first new token follows the prompt
+    alone = [greedy_continuations(model, tokenizer, [p], max_new_tokens=4)[0] for p in PROMPTS]
+    assert batched == alone
