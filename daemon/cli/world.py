@@ -92,9 +92,18 @@ def world_build(
 )
 @click.option("--n", type=click.IntRange(min=1), required=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--split",
+    default="edit",
+    show_default=True,
+    help="The world's split(s) the facts come from, comma-separated and used in order "
+    "(edit,probe: the probe split only past the edit split's qualifying facts).",
+)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True)
 @click.pass_context
-def world_edits(ctx: click.Context, model_dir: Path, n: int, seed: int, out: Path) -> None:
+def world_edits(
+    ctx: click.Context, model_dir: Path, n: int, seed: int, split: str, out: Path
+) -> None:
     """Write N counterfactual edit requests (JSONL) drawn from a built world."""
     from daemon.model.loading import load_model
     from daemon.world.editsets import counterfactual_edits, write_jsonl
@@ -102,6 +111,9 @@ def world_edits(ctx: click.Context, model_dir: Path, n: int, seed: int, out: Pat
     cfg = state(ctx).config()
     apply_threads(cfg.model.threads)
     loaded = load_model(str(model_dir), device=cfg.model.device, dtype=cfg.model.dtype)
-    records = counterfactual_edits(model_dir, loaded.model, loaded.tokenizer, n, seed=seed)
+    splits = tuple(part.strip() for part in split.split(",") if part.strip())
+    records = counterfactual_edits(
+        model_dir, loaded.model, loaded.tokenizer, n, seed=seed, split=splits
+    )
     write_jsonl(out, records)
     click.echo(f"wrote {len(records)} edits to {out}")

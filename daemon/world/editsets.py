@@ -54,7 +54,7 @@ def counterfactual_edits(
     n: int,
     *,
     seed: int = 0,
-    split: str = "edit",
+    split: str | Sequence[str] = "edit",
     same_relation: int = 2,
     same_subject: int = 2,
     require_known: bool = True,
@@ -63,16 +63,24 @@ def counterfactual_edits(
     """``n`` counterfactual edit requests (ids ``world-cf-0001``...), deterministic in seed.
 
     ``world`` is a ``World`` or a built world folder. Facts come from the world's
-    ``split`` (``"edit"`` by default); with ``require_known`` only facts whose main
-    prompt the base model answers correctly are used. Raises ``WorldError`` when
-    fewer than ``n`` facts qualify.
+    ``split`` (``"edit"`` by default), or from several splits in the order given
+    (each shuffled on its own, so ``("edit", "probe")`` uses probe-split facts only
+    past the edit split's); with ``require_known`` only facts whose main prompt the
+    base model answers correctly are used. Locality probes never touch a fact the
+    set edits, whichever split it came from. Raises ``WorldError`` when fewer than
+    ``n`` facts qualify.
     """
     w = _as_world(world)
-    if split not in w.splits:
-        raise WorldError(f"unknown split {split!r} (expected one of {sorted(w.splits)})")
+    splits = (split,) if isinstance(split, str) else tuple(split)
+    unknown = [s for s in splits if s not in w.splits]
+    if unknown or not splits:
+        raise WorldError(f"unknown split {unknown!r} (expected one of {sorted(w.splits)})")
     rng = random.Random(f"editd-counterfactual-{seed}")
-    order = list(w.splits[split])
-    rng.shuffle(order)
+    order: list[int] = []
+    for name in splits:
+        part = list(w.splits[name])
+        rng.shuffle(part)
+        order += part
     budget = answer_budget(tokenizer, w)
     templates = {
         i: rng.choice(RELATIONS_BY_NAME[w.facts[i].relation].train_templates) for i in order

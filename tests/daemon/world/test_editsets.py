@@ -13,7 +13,7 @@ from daemon.model.generate import first_sentence, greedy_continuations
 from daemon.world.build import load_world
 from daemon.world.editsets import counterfactual_edits, probe_set, read_jsonl, write_jsonl
 from daemon.world.evaluate import answer_budget
-from daemon.world.facts import World, fill
+from daemon.world.facts import RELATIONS_BY_NAME, World, fill
 
 REQUEST_KEYS = {
     "id",
@@ -146,3 +146,27 @@ def test_jsonl_round_trip(edits: list[dict[str, Any]], tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "sets" / "edits.jsonl", edits)
     assert len(path.read_text(encoding="utf-8").splitlines()) == len(edits)
     assert read_jsonl(path) == edits
+
+
+def test_several_splits_are_used_in_order_and_locality_avoids_every_edit(
+    loaded: tuple[World, PreTrainedModel, Any],
+) -> None:
+    world, model, tok = loaded
+    n_edit = len(world.splits["edit"])
+    n = n_edit + 5
+    edits = counterfactual_edits(world, model, tok, n, split=("edit", "probe"), require_known=False)
+    index = {(f.subject, f.relation): i for i, f in enumerate(world.facts)}
+    facts = [index[(e["subject"], e["relation"])] for e in edits]
+    assert set(facts[:n_edit]) == set(world.splits["edit"])
+    assert set(facts[n_edit:]) <= set(world.splits["probe"])
+    edited_prompts = {
+        fill(t, world.facts[i].subject)
+        for i in facts
+        for t in (
+            *RELATIONS_BY_NAME[world.facts[i].relation].train_templates,
+            *RELATIONS_BY_NAME[world.facts[i].relation].heldout_templates,
+        )
+    }
+    localities = [p["prompt"] for e in edits for p in e["locality"]]
+    assert localities
+    assert not set(localities) & edited_prompts
