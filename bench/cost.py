@@ -358,7 +358,7 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--stage", choices=("phases", "covariance", "scale"), default="phases")
     parser.add_argument("--model", type=Path, default=Path("var/worlds/small-llama"))
     parser.add_argument("--edits", type=Path, default=Path("var/evals/world-cf-1000.jsonl"))
-    parser.add_argument("--config", type=Path, default=Path("var/evals/hook.toml"))
+    parser.add_argument("--config", type=Path, default=Path("bench/hook.toml"))
     parser.add_argument("--stats-home", type=Path, default=Path("var/evals/var"), help=STATS)
     parser.add_argument("--hook-layers", type=ints, default=[2, 3])
     parser.add_argument("--backends", default="hook,melo", help="comma list of hook, melo, ft")

@@ -55,7 +55,10 @@ DATA = {
 }
 # Edit files the earlier BENCHMARKS.md runs used (seed 0), reused while they are long enough.
 KNOWN_EDITS = {"small-llama": Path("var/evals/world-cf-1000.jsonl")}
-HOOK_CONFIGS = {"small-llama": Path("var/evals/hook.toml")}  # layers [2, 3], prompt_last
+HOOK_CONFIGS = {  # bench/hook.toml: layers [2, 3], prompt_last
+    "small-llama": REPO / "bench" / "hook.toml",
+    "medium-llama": REPO / "bench" / "hook.toml",
+}
 HOOKED = ("hook", "auto")  # editors that build the hook back-end (and take its config)
 
 
