@@ -12,7 +12,8 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
 .PHONY: install demo test lint typecheck unit test-slow clean bench bench-data \
-	bench-lifelong bench-inference bench-cost bench-restore bench-throughput bench-load bench-soak
+	bench-lifelong bench-inference bench-cost bench-restore bench-throughput bench-load bench-soak \
+	bench-data-medium bench-10k
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "editd needs Python >= 3.11 (set PYTHON=...)")'
@@ -55,6 +56,25 @@ $(EDITS_1000): | $(SMALL_WORLD)
 	$(BIN)/editd world edits --model $(SMALL_WORLD) --n 1000 --seed 0 --out $(EDITS_1000)
 
 bench-data: $(SMALL_WORLD) $(EDITS_1000)
+
+# The 10,000-edit runs need the medium world (about an hour on a CPU, minutes on a GPU)
+# and 10,000 edits drawn from its edit split, topped up from the probe split.
+MEDIUM_WORLD := var/worlds/medium-llama
+EDITS_10000 := var/evals/lifelong/medium-llama-cf-10000.jsonl
+
+$(MEDIUM_WORLD): | install
+	$(BIN)/editd world build --size medium --arch llama --out $(MEDIUM_WORLD)
+
+$(EDITS_10000): | $(MEDIUM_WORLD)
+	$(BIN)/editd world edits --model $(MEDIUM_WORLD) --n 10000 --split edit,probe --out $(EDITS_10000)
+
+bench-data-medium: $(MEDIUM_WORLD) $(EDITS_10000)
+
+bench-10k: bench-data-medium
+	$(BIN)/python -m bench.lifelong --models medium-llama --editors hook,melo,auto \
+		--n 10,100,1000,10000 --data world $(BENCH_ARGS)
+	$(BIN)/python -m bench.restore --model $(MEDIUM_WORLD) --edits $(EDITS_10000) --n 10000 \
+		--backends hook,melo --skip-full-replay
 
 bench: bench-lifelong bench-inference bench-cost bench-restore bench-throughput bench-load bench-soak
 
