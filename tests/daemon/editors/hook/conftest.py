@@ -2,15 +2,32 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from daemon.config import Config
 from daemon.model.loading import LoadedModel, load_model
 from daemon.world.editsets import counterfactual_edits
 
 N_EDITS = 6
+
+
+def hook_config(**hook: Any) -> Config:
+    """The default config with the hook the micro-world tests use (layer 1, prompt_last)."""
+    cfg = Config()
+    settings = dataclasses.replace(
+        cfg.editors.hook,
+        layers=(1,),
+        key_position="prompt_last",
+        covariance_tokens=20_000,
+        covariance_weight=10.0,
+        gate_threshold=3.0,
+        **hook,
+    )
+    return dataclasses.replace(cfg, editors=dataclasses.replace(cfg.editors, hook=settings))
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from typing import Any
 import pytest
 import torch
 
-from daemon.config import Config
 from daemon.editors.base import EditSpec
 from daemon.editors.hook import targets as targets_module
 from daemon.editors.hook.editor import HookEditor
@@ -19,26 +18,13 @@ from daemon.eval.metrics import continuation_matches
 from daemon.model.generate import greedy_continuations
 from daemon.model.loading import LoadedModel, load_model
 from daemon.world.editsets import counterfactual_edits
-from tests.daemon.editors.hook.conftest import N_EDITS
-
-
-def _config() -> Config:
-    cfg = Config()
-    hook = dataclasses.replace(
-        cfg.editors.hook,
-        layers=(1,),
-        key_position="prompt_last",
-        covariance_tokens=20_000,
-        covariance_weight=10.0,
-        gate_threshold=3.0,
-    )
-    return dataclasses.replace(cfg, editors=dataclasses.replace(cfg.editors, hook=hook))
+from tests.daemon.editors.hook.conftest import N_EDITS, hook_config
 
 
 @pytest.fixture
 def editor(loaded: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> HookEditor:
     stats = tmp_path_factory.getbasetemp() / "hook-stats"  # shared: computed once
-    return build_hook_editor(loaded, _config(), stats_dir=stats)
+    return build_hook_editor(loaded, hook_config(), stats_dir=stats)
 
 
 def _specs(edits: list[dict[str, Any]]) -> list[EditSpec]:
@@ -122,7 +108,7 @@ def test_state_round_trips_to_bit_identical_logits(
     for restore in ("directory", "state_dict"):
         fresh = load_model(str(micro_world), device="cpu")
         other = build_hook_editor(
-            fresh, _config(), stats_dir=tmp_path_factory.getbasetemp() / "hook-stats"
+            fresh, hook_config(), stats_dir=tmp_path_factory.getbasetemp() / "hook-stats"
         )
         if restore == "directory":
             other.load(tmp_path / "hook")

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from daemon.config import Config, HookConfig
+from daemon.config import HookConfig
 from daemon.editors.base import EditSpec
 from daemon.editors.hook import solve as solve_module
 from daemon.editors.hook import targets as targets_module
@@ -20,24 +20,11 @@ from daemon.editors.hook.editor import HookEditor, HookSettings
 from daemon.editors.hook.setup import build_hook_editor, settings_from_config
 from daemon.editors.hook.state import MANIFEST, write_state
 from daemon.model.loading import LoadedModel, load_model
-
-
-def _config(**hook: Any) -> Config:
-    cfg = Config()
-    settings = dataclasses.replace(
-        cfg.editors.hook,
-        layers=(1,),
-        key_position="prompt_last",
-        covariance_tokens=20_000,
-        covariance_weight=10.0,
-        gate_threshold=3.0,
-        **hook,
-    )
-    return dataclasses.replace(cfg, editors=dataclasses.replace(cfg.editors, hook=settings))
+from tests.daemon.editors.hook.conftest import hook_config
 
 
 def _editor(loaded: LoadedModel, stats: Path, **hook: Any) -> HookEditor:
-    return build_hook_editor(loaded, _config(**hook), stats_dir=stats)
+    return build_hook_editor(loaded, hook_config(**hook), stats_dir=stats)
 
 
 def _specs(edits: list[dict[str, Any]]) -> list[EditSpec]:
