@@ -23,6 +23,7 @@ from daemon.eval.routed import RoutedEditor, build_routed_editor
 from daemon.model.loading import LoadedModel, load_model
 from daemon.world.editsets import counterfactual_edits, write_jsonl
 from store.schema import Backend
+from tests.daemon.service.conftest import write_toml
 
 HOOK = {"layers": [1], "key_position": "prompt_last", "covariance_tokens": 20000}
 
@@ -46,15 +47,12 @@ def mixed_edits(micro_world: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 def _config(folder: Path, **sections: dict[str, Any]) -> Path:
-    sections = {"editors.hook": dict(HOOK), "editors.melo": {"max_blocks": 16}, **sections}
-    lines = []
-    for name, values in sections.items():
-        lines.append(f"[{name}]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "editd.toml"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
+    tables: dict[str, dict[str, Any]] = {
+        "editors.hook": dict(HOOK),
+        "editors.melo": {"max_blocks": 16},
+        **sections,
+    }
+    return write_toml(folder, tables)
 
 
 def test_auto_routes_to_both_backends_and_escalates_a_refused_hook_edit(

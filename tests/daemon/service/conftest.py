@@ -35,8 +35,13 @@ def write_config(folder: Path, model: Path, **sections: dict[str, Any]) -> Path:
     }
     for name, values in sections.items():
         base.setdefault(name.replace("__", "."), {}).update(values)
+    return write_toml(folder, base)
+
+
+def write_toml(folder: Path, tables: dict[str, dict[str, Any]]) -> Path:
+    """``folder/editd.toml`` holding these tables (JSON literals are valid TOML values)."""
     lines = []
-    for name, values in base.items():
+    for name, values in tables.items():
         lines.append(f"[{name}]")
         lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
     folder.mkdir(parents=True, exist_ok=True)
