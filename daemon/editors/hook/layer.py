@@ -11,37 +11,20 @@ in float32 and casts back to the base output's dtype. The base module and its we
 edits accumulate in fp32 deltas. Where the gate is closed for a token the output is
 the base output bit for bit.
 
-Shards
-------
-``deltas`` holds one :class:`~daemon.editors.hook.deltas.ShardDelta` per shard
-(``d_out x d_in``, dense or as two low-rank factors; immutable, replaced on every
-change): the editor fills one shard with a bounded
-number of edit keys (a linear map from ``d_in`` cannot hold many more facts than
-``d_in`` keys) and then opens the next. Every stored key carries its shard
-(``key_shard``); a token that the gate lets through gets the delta of the shard of
-its nearest eligible key, so each shard is a closed-form solve over its own keys.
+The class is assembled from three modules, one job each:
+:mod:`daemon.editors.hook.layer_shards` keeps the shard deltas and their edits
+(``set_delta``, ``add_shard``, ...), :mod:`daemon.editors.hook.layer_routing`
+decides which shard each token gets (the scope gate, ``gate_mode``,
+``last_route``), and this module holds :class:`HookedProjection` itself: its
+buffers, the stored keys and their calibration, the forward pass, its
+``state_dict`` and its snapshots.
 
-Scope gate
-----------
+Stored keys
+-----------
 The hook stores the keys of its edits, ``keys`` ``(m, d_in)`` fp32 (one row per key
-site; rows can be removed for retraction), each with its own reference (``key_mean``,
-``key_std``, persisted) over the calibration tokens, and routes a token to the shard
-of the nearest eligible key. The rules, their measured floors and costs live in
-:mod:`daemon.editors.hook.gate`. Two gates:
-
-- **subject** (``scope`` set: a :class:`~daemon.editors.hook.scope.SubjectScope` the
-  editor attaches): a token is scored only against the keys of the edits whose
-  subject its sequence names up to it (cosine floor ``subject_cos_floor``). The
-  candidates are decided at the prefill and kept for the KV-cached decode steps.
-  With ``snap_keys`` a routed token gets the value of the key it matched,
-  ``keys[j] @ delta[s].T``, instead of ``x @ delta[s].T``: a rephrasing whose key
-  is merely near the edit's then receives the edit's whole residual (on the small
-  world, 300 edits: paraphrase .93 against .78 with ``x``). With ``share_route``
-  the first hook layer of a forward decides for the layers above it (the key rows
-  are the same in every hook), which halves the gate's cost.
-- **key** (no scope, or no scope for this forward, e.g. ``inputs_embeds``): every
-  token against every key, decided per token from its own key, so a one-token
-  decode step is scored like the same position of a full forward pass.
+site; rows can be removed for retraction), each with its shard (``key_shard``) and
+its own reference (``key_mean``, ``key_std``) over the calibration tokens, all
+persisted; :mod:`daemon.editors.hook.layer_routing` describes how they route.
 
 ``calibrate_gates`` (:mod:`daemon.editors.hook.wiring`) reads the calibration
 tokens' keys once (pads excluded, deltas closed, so they are the base model's),
@@ -49,26 +32,13 @@ sets ``center``, caches up to ``MAX_CALIBRATION_TOKENS`` of them (not persisted)
 and computes every key's reference; ``add_keys`` computes the references of new
 keys from that cache. A key without a reference (NaN: added before any
 calibration) never fires, so an uncalibrated hook behaves as the base model.
-
-Measured limit (2-layer micro world, hook layer 0, key at the prompt's last token):
-the layer-0 input at the last token carries almost no subject information, so
-same-template prompts about other subjects pass the key gate; deeper hook layers
-separate far better and the editor's locate step should prefer them.
-
-``gate_mode`` (``"auto"``, ``"open"``, ``"closed"``) forces the gate for tests and
-diagnostics (``"open"`` applies the shard ``mask_shard``); ``"mask"`` (entered
-through :func:`~daemon.editors.hook.wiring.gate_positions`) applies shard
-``mask_shard``'s delta exactly at given token positions, which is how the editor
-computes keys and residuals while it solves. ``last_route`` holds the shard per
-token of the latest forward (-1: closed) and ``last_gate`` its boolean form
-(neither persisted).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import structlog
 import torch
@@ -83,18 +53,11 @@ from daemon.editors.hook.gate import (
     DEFAULT_THRESHOLD_FLOOR,
     GateCache,
     key_reference,
-    route_tokens,
-    tensor_stamp,
 )
+from daemon.editors.hook.layer_routing import GateMode, GateRoutingMixin, RouteParts
+from daemon.editors.hook.layer_shards import ShardDeltasMixin
 from daemon.editors.hook.scope import Scope, SubjectScope
-from daemon.editors.hook.subject_gate import (
-    CandidateTable,
-    add_values,
-    candidate_table,
-    key_reach,
-    route_table,
-    routes_of,
-)
+from daemon.editors.hook.subject_gate import CandidateTable, add_values, route_table
 from daemon.model import arch
 
 __all__ = [
@@ -108,8 +71,6 @@ __all__ = [
 ]
 
 log = structlog.get_logger()
-
-GateMode = Literal["auto", "open", "closed", "mask"]
 
 MAX_CALIBRATION_TOKENS = 8192
 """At most this many calibration tokens (spread evenly) are cached per hook."""
@@ -128,10 +89,7 @@ class HookSnapshot:
     key_std: torch.Tensor
 
 
-RouteParts = tuple[CandidateTable, torch.Tensor, torch.Tensor]  # table, fire, winner
-
-
-class HookedProjection(nn.Module):
+class HookedProjection(ShardDeltasMixin, GateRoutingMixin, nn.Module):
     """An MLP output projection plus gated fp32 deltas; ``base`` is the original module."""
 
     keys: torch.Tensor
@@ -191,91 +149,7 @@ class HookedProjection(nn.Module):
         self._calib_tokens: torch.Tensor | None = None
         self._gate_cache: GateCache | None = None
 
-    @property
-    def n_shards(self) -> int:
-        return len(self.deltas)
-
-    @property
-    def delta(self) -> torch.Tensor:
-        """Every shard's delta, dense ``(n_shards, d_out, d_in)`` fp32 (materialised:
-        for tests and diagnostics, never on the forward path)."""
-        return torch.stack([d.to_dense() for d in self.deltas])
-
-    def shard_output(self, x: torch.Tensor, shard: int) -> torch.Tensor:
-        """``x @ delta[shard].T`` for rows ``x`` ``(n, d_in)``, in ``x``'s dtype."""
-        return self.deltas[self._shard_index(shard)].apply(x.to(self._device))
-
-    @property
-    def last_gate(self) -> torch.Tensor | None:
-        """Boolean gate per token of the latest forward (None when no delta applied)."""
-        return None if self.last_route is None else self.last_route >= 0
-
-    # --- edits -------------------------------------------------------------------------
-
-    def _as_delta(self, delta_out_in: torch.Tensor) -> torch.Tensor:
-        if tuple(delta_out_in.shape) != (self.d_out, self.d_in):
-            raise ValueError(
-                f"delta shape {tuple(delta_out_in.shape)} does not match the projection's "
-                f"[out, in] = [{self.d_out}, {self.d_in}]"
-            )
-        if not bool(torch.isfinite(delta_out_in).all()):
-            raise ValueError("delta holds non-finite values (NaN/inf)")
-        return delta_out_in.detach().to(device=self._device, dtype=torch.float32)
-
-    def _shard_index(self, shard: int) -> int:
-        if not 0 <= shard < self.n_shards:
-            raise ValueError(f"shard {shard} outside 0..{self.n_shards - 1}")
-        return shard
-
-    def _set_deltas(self, deltas: list[ShardDelta]) -> None:
-        """Replace the shard list (never written into: a rollback may hold the old one)."""
-        self.deltas = deltas
-        self._delta_version += 1
-        self._has_delta = any(d.nonzero() for d in deltas)
-
-    def _replace(self, shard: int, delta: ShardDelta) -> None:
-        s = self._shard_index(shard)
-        self._set_deltas([*self.deltas[:s], delta, *self.deltas[s + 1 :]])
-
-    @torch.no_grad()
-    def add_shard(self) -> int:
-        """Open a new, empty shard; returns its index."""
-        zero = ShardDelta.zero(self.d_out, self.d_in, self._device)
-        self._set_deltas([*self.deltas, zero])
-        return self.n_shards - 1
-
-    @torch.no_grad()
-    def set_delta(self, delta_out_in: torch.Tensor, shard: int = 0) -> None:
-        """Replace one shard's delta (``[out, in]``, any float dtype; stored fp32)."""
-        self._replace(shard, ShardDelta(dense=self._as_delta(delta_out_in)))
-
-    @torch.no_grad()
-    def set_factors(self, up: torch.Tensor, down: torch.Tensor, shard: int = 0) -> None:
-        """Replace one shard's delta by ``up @ down``: ``(d_out, r)`` and ``(r, d_in)``
-        (any float dtype; stored fp32)."""
-        if up.dim() != 2 or down.dim() != 2 or up.shape[1] != down.shape[0]:
-            raise ValueError(f"factors {tuple(up.shape)} @ {tuple(down.shape)} do not multiply")
-        if up.shape[0] != self.d_out or down.shape[1] != self.d_in:
-            raise ValueError(
-                f"factors give [{up.shape[0]}, {down.shape[1]}], not the projection's "
-                f"[out, in] = [{self.d_out}, {self.d_in}]"
-            )
-        if not (bool(torch.isfinite(up).all()) and bool(torch.isfinite(down).all())):
-            raise ValueError("delta factors hold non-finite values (NaN/inf)")
-        f32 = torch.float32
-        self._replace(
-            shard,
-            ShardDelta(
-                up=up.detach().to(self._device, f32), down=down.detach().to(self._device, f32)
-            ),
-        )
-
-    @torch.no_grad()
-    def add_delta(self, delta_out_in: torch.Tensor, shard: int = 0) -> None:
-        """Add an ``[out, in]`` update to one shard's delta (summed in float64, stored fp32)."""
-        s = self._shard_index(shard)
-        add = delta_out_in.detach().to(device=self._device, dtype=torch.float64)
-        self.set_delta(self.deltas[s].to_dense(torch.float64) + add, s)
+    # --- stored keys ---------------------------------------------------------------------
 
     @torch.no_grad()
     def add_keys(self, keys_in_n: torch.Tensor, shard: int = 0) -> None:
@@ -321,102 +195,21 @@ class HookedProjection(nn.Module):
         self.threshold.fill_(effective)
         return effective
 
-    # --- gate ----------------------------------------------------------------------------
+    # --- forward -------------------------------------------------------------------------
 
-    def _cache(self) -> GateCache:
-        """The gate's derived tensors, rebuilt when a key, reference or threshold changed."""
-        limits = (self.threshold, self.threshold_floor, self.cos_floor)
-        sources = (self.keys, self.center, self.key_mean, self.key_std, *limits)
-        stamp = tuple(tensor_stamp(t) for t in sources)  # no .item() per forward
-        cache = self._gate_cache
-        if cache is None or cache.stamp != stamp:
-            with torch.no_grad():
-                cache = self._gate_cache = GateCache(
-                    stamp,
-                    self.keys,
-                    self.center,
-                    self.key_mean,
-                    self.key_std,
-                    max(float(self.threshold), float(self.threshold_floor)),
-                    float(self.cos_floor),
-                )
-                cache.sources = sources  # kept alive: ids stay unique
-        return cache
-
-    def _normalised(self, x: torch.Tensor) -> torch.Tensor:
-        """Centred unit token keys ``(N, d_in)`` float32 from ``x`` ``(..., d_in)``."""
-        return nn.functional.normalize(x.reshape(-1, self.d_in).float() - self.center, dim=-1)
-
-    def cosines(self, x: torch.Tensor) -> torch.Tensor:
-        """Centred cosine of each token's key to every stored key: ``x.shape[:-1] + (m,)``."""
-        cos = self._normalised(x) @ self._cache().keys_n.T
-        return cos.reshape(*x.shape[:-1], self.keys.shape[0])
-
-    def scores(self, x: torch.Tensor) -> torch.Tensor:
-        """Max centred cosine to the stored keys, shape ``x.shape[:-1]`` (-inf: no keys)."""
-        if self.keys.shape[0] == 0:
-            return torch.full(x.shape[:-1], float("-inf"), device=x.device)
-        return self.cosines(x).amax(dim=-1)
-
-    def route(self, x: torch.Tensor) -> torch.Tensor:
-        """Shard per token (``x.shape[:-1]``, long), -1 where the gate is closed."""
-        closed = torch.full(x.shape[:-1], -1, dtype=torch.long, device=x.device)
-        if self.gate_mode == "open":
-            return closed + 1 + self.mask_shard
-        if self.gate_mode == "mask":
-            if self.position_mask is None or tuple(self.position_mask.shape) != tuple(x.shape[:-1]):
-                shape = None if self.position_mask is None else tuple(self.position_mask.shape)
-                raise ValueError(f"gate position mask {shape} does not fit input {tuple(x.shape)}")
-            return torch.where(self.position_mask.to(x.device), self.mask_shard, closed)
-        if self.gate_mode == "closed" or self.keys.shape[0] == 0:
-            return closed
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._collect is not None:
+            self._observe(x)
+        out: torch.Tensor = self.base(x)
+        if not self._has_delta or self.gate_mode == "closed":
+            self.last_route = None
+            return out
         scope = self._subject_scope(x)
         if scope is not None:
-            table = self._table(scope)
-            if table is None:
-                return closed
-            fire, winner = route_table(x, self.center, table, scope.causal(x.shape[1]))
-            return routes_of(table, fire, winner)
-        cache = self._cache()
-        if not cache.any_reachable:
-            return closed
-        shards = route_tokens(
-            self._normalised(x), cache, self.key_mean, self.key_std, self.key_shard
-        )
-        return shards.reshape(closed.shape)
-
-    def gate(self, x: torch.Tensor) -> torch.Tensor:
-        """Boolean gate per token, shape ``x.shape[:-1]``."""
-        return self.route(x) >= 0
-
-    # --- the subject gate ----------------------------------------------------------------
-
-    def _subject_scope(self, x: torch.Tensor) -> Scope | None:
-        """The subject scope of this forward, when the subject gate decides it."""
-        if self.scope is None or self.gate_mode != "auto" or self.keys.shape[0] == 0:
-            return None
-        scope = self.scope.current()
-        return scope if scope is not None and scope.fits(x.shape[:-1]) else None
-
-    def _table(self, scope: Scope) -> CandidateTable | None:
-        """This layer's candidate table of ``scope``; its decode steps reuse the table of
-        its prefill (the editor changes no key while a request runs)."""
-        held = self._tables
-        if not scope.prefill and held is not None and held[0] is scope.candidates:
-            return held[2]
-        cache = self._cache()
-        stamp = (cache.stamp, self._delta_version, self.subject_cos_floor, self.snap_keys)
-        if held is not None and held[0] is scope.candidates and held[1] == stamp:
-            return held[2]
-        with torch.no_grad():
-            if self._per_key is None or self._per_key[0] != stamp:
-                reach = key_reach(self.key_mean, self.key_std, cache.limit, self.subject_cos_floor)
-                snapped = shard_deltas.key_values(self.keys, self.key_shard, self.deltas)
-                self._per_key = (stamp, reach, snapped if self.snap_keys else None)
-            _, fire_at, values = self._per_key
-            table = candidate_table(scope.candidates, cache.keys_n, fire_at, self.key_shard, values)
-        self._tables = (scope.candidates, stamp, table)
-        return table
+            return self._forward_subject(x, out, scope)
+        route = self.route(x)
+        self.last_route = route
+        return self._apply_deltas(x, out, route)
 
     def _forward_subject(self, x: torch.Tensor, out: torch.Tensor, scope: Scope) -> torch.Tensor:
         table = self._table(scope)
@@ -435,37 +228,6 @@ class HookedProjection(nn.Module):
             return add_values(out, table, fire, winner)
         route = self.last_route
         assert route is not None
-        return self._apply_deltas(x, out, route)
-
-    @property
-    def last_route(self) -> torch.Tensor | None:
-        """Shard per token of the latest forward (-1: closed; None: no delta applied)."""
-        if self._pending_route is not None:  # the subject gate builds it only when asked
-            shape, parts = self._pending_route
-            self._pending_route = None
-            closed = torch.full(shape, -1, dtype=torch.long, device=self.keys.device)
-            self._last_route = closed if parts is None else routes_of(*parts)
-        return self._last_route
-
-    @last_route.setter
-    def last_route(self, route: torch.Tensor | None) -> None:
-        self._pending_route = None
-        self._last_route = route
-
-    # --- forward -------------------------------------------------------------------------
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._collect is not None:
-            self._observe(x)
-        out: torch.Tensor = self.base(x)
-        if not self._has_delta or self.gate_mode == "closed":
-            self.last_route = None
-            return out
-        scope = self._subject_scope(x)
-        if scope is not None:
-            return self._forward_subject(x, out, scope)
-        route = self.route(x)
-        self.last_route = route
         return self._apply_deltas(x, out, route)
 
     def _apply_deltas(
@@ -489,6 +251,8 @@ class HookedProjection(nn.Module):
         flat_out = out.reshape(-1, self.d_out)
         new = (flat_out.index_select(0, rows).float() + update).to(out.dtype)
         return flat_out.index_copy(0, rows, new).reshape(out.shape)
+
+    # --- calibration ---------------------------------------------------------------------
 
     @torch.no_grad()
     def _observe(self, x: torch.Tensor) -> None:
@@ -518,6 +282,8 @@ class HookedProjection(nn.Module):
         if means:
             self.key_mean = torch.cat(means).to(self.key_mean.device)
             self.key_std = torch.cat(stds).to(self.key_std.device)
+
+    # --- state dict ----------------------------------------------------------------------
 
     def _save_to_state_dict(
         self, destination: dict[str, Any], prefix: str, keep_vars: bool

@@ -142,12 +142,8 @@ def _located_layout(loaded: LoadedModel, config: Config) -> tuple[Sequence[int],
     locate now (about a second on the small world) and cache it. A model without
     facts to trace and no cached result gets None (the defaults, with a warning
     naming ``editd locate --facts``)."""
-    from daemon.editors.hook.locate import (
-        cached_locate,
-        latest_locate,
-        locate_cache_dir,
-        world_trace_facts,
-    )
+    from daemon.editors.hook.locate import cached_locate, latest_locate, locate_cache_dir
+    from daemon.editors.hook.locate_trace import world_trace_facts
 
     cache = locate_cache_dir(config)
     found = latest_locate(cache, loaded)
