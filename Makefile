@@ -59,11 +59,13 @@ bench-data: $(SMALL_WORLD) $(EDITS_1000)
 
 # The 10,000-edit runs need the medium world (about an hour on a CPU, minutes on a GPU)
 # and 10,000 edits drawn from its edit split, topped up from the probe split.
-MEDIUM_WORLD := var/worlds/medium-llama
-EDITS_10000 := var/evals/lifelong/medium-llama-cf-10000.jsonl
+# MEDIUM_ARCH=gpt2 runs the same on the GPT-2 architecture.
+MEDIUM_ARCH ?= llama
+MEDIUM_WORLD := var/worlds/medium-$(MEDIUM_ARCH)
+EDITS_10000 := var/evals/lifelong/medium-$(MEDIUM_ARCH)-cf-10000.jsonl
 
 $(MEDIUM_WORLD): | install
-	$(BIN)/editd world build --size medium --arch llama --out $(MEDIUM_WORLD)
+	$(BIN)/editd world build --size medium --arch $(MEDIUM_ARCH) --out $(MEDIUM_WORLD)
 
 $(EDITS_10000): | $(MEDIUM_WORLD)
 	$(BIN)/editd world edits --model $(MEDIUM_WORLD) --n 10000 --split edit,probe --out $(EDITS_10000)
@@ -71,7 +73,7 @@ $(EDITS_10000): | $(MEDIUM_WORLD)
 bench-data-medium: $(MEDIUM_WORLD) $(EDITS_10000)
 
 bench-10k: bench-data-medium
-	$(BIN)/python -m bench.lifelong --models medium-llama --editors hook,melo,auto \
+	$(BIN)/python -m bench.lifelong --models medium-$(MEDIUM_ARCH) --editors hook,melo,auto \
 		--n 10,100,1000,10000 --data world $(BENCH_ARGS)
 	$(BIN)/python -m bench.restore --model $(MEDIUM_WORLD) --edits $(EDITS_10000) --n 10000 \
 		--backends hook,melo --skip-full-replay

@@ -58,6 +58,8 @@ KNOWN_EDITS = {"small-llama": Path("var/evals/world-cf-1000.jsonl")}
 HOOK_CONFIGS = {  # bench/hook.toml: layers [2, 3], prompt_last
     "small-llama": REPO / "bench" / "hook.toml",
     "medium-llama": REPO / "bench" / "hook.toml",
+    "small-gpt2": REPO / "bench" / "hook.toml",  # what `editd locate` picks for it too
+    "medium-gpt2": REPO / "bench" / "hook.toml",
 }
 HOOKED = ("hook", "auto")  # editors that build the hook back-end (and take its config)
 
