@@ -18,9 +18,10 @@ For a batch of edits (subject, prompt, target):
 
    which equals the consecutive update of the issue (see ``math.solve_from_sums``).
    The state is constant in size (``M``, ``S``, the fp32 delta per layer) apart
-   from the per-edit records ``(k, t)`` that make retraction exact. A shard solved
-   from fewer key rows than ``d_out d_in / (d_out + d_in)`` keeps its delta as two
-   factors ``T (A^-1 K)^T`` (``math.solve_factors``), smaller than the dense matrix.
+   from the per-edit records ``(k, t)`` that make retraction exact (and from which
+   a load rebuilds ``M`` and ``S``: they are not saved). A shard solved from fewer
+   key rows than ``d_out d_in / (d_out + d_in)`` keeps its delta as two factors
+   ``T (A^-1 K)^T`` (``math.solve_factors``), smaller than the dense matrix.
    The sums, the covariance and the records live on ``stats_device`` (the model's
    device, or the host: they are needed only to solve), the deltas on the model's.
 4. **Shards.** A linear map from ``d_in`` cannot hold many more facts than ``d_in``
@@ -80,14 +81,15 @@ from daemon.editors.hook.state import (
     check_compatible,
     hook_buffers,
     hook_state,
+    load_sums,
     pack_tensors,
     read_state,
     records_manifest,
     tensor_sha,
     unpack_records,
-    unpack_sums,
     write_state,
 )
+from daemon.editors.hook.sums import shard_rows
 from daemon.editors.hook.targets import EditText, TargetSettings, optimise_targets
 from daemon.editors.hook.wiring import calibrate_gates, install_hooks
 from daemon.errors import EditorStateError, SolveError
@@ -469,17 +471,8 @@ class HookEditor:
 
     def _shard_rows(self, layer: int, shard: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The keys ``(n, d_in)`` and outputs ``(n, d_out)`` of ``shard``'s live edits."""
-        held = [r for r in self._records.values() if r.shard == shard]
-        if not held:
-            hook, f64 = self.hooks[layer], torch.float64
-            return (
-                torch.zeros(0, hook.d_in, dtype=f64, device=self._stats_device),
-                torch.zeros(0, hook.d_out, dtype=f64, device=self._stats_device),
-            )
-        return (
-            torch.cat([r.keys[layer] for r in held]),
-            torch.cat([r.outputs[layer] for r in held]),
-        )
+        widths = (self.hooks[layer].d_in, self.hooks[layer].d_out)
+        return shard_rows(self._records.values(), layer, shard, widths, self._stats_device)
 
     # --- state -------------------------------------------------------------------
 
@@ -501,7 +494,6 @@ class HookEditor:
     def _tensors(self) -> dict[str, torch.Tensor]:
         return pack_tensors(
             {i: hook_buffers(h) for i, h in self.hooks.items()},
-            self._sums,
             self._records,
             {i: (h.d_in, h.d_out) for i, h in self.hooks.items()},
         )
@@ -523,9 +515,14 @@ class HookEditor:
         try:
             stats = self._stats_device
             records = unpack_records(manifest["records"], tensors, list(self.hooks), stats)
-            sums = {i: unpack_sums(tensors, i, stats) for i in self.hooks}
             for layer, hook in self.hooks.items():
                 hook.load_state_dict(hook_state(tensors, layer), strict=False)
+            widths = {i: (h.d_in, h.d_out) for i, h in self.hooks.items()}
+            n_shards = self._hook0().n_shards
+            sums = load_sums(
+                manifest["version"], tensors, records.values(), widths, n_shards, stats
+            )
+            for layer, hook in self.hooks.items():
                 if hook.n_shards != len(sums[layer]):
                     raise ValueError(f"layer {layer}: shard counts of sums and deltas differ")
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:

@@ -17,7 +17,7 @@ from daemon.editors.hook.checks import guard_update
 from daemon.editors.hook.deltas import frobenius, use_factors
 from daemon.editors.hook.keys import KeySites, capture
 from daemon.editors.hook.layer import HookedProjection
-from daemon.editors.hook.state import LayerSums
+from daemon.editors.hook.sums import LayerSums, empty_sums
 
 
 @dataclass(frozen=True)
@@ -71,10 +71,15 @@ def solve_layers(
     """Solve ``shard`` of every hook layer for the batch; returns per layer its keys and
     targets (float64, on the sums' device). Replaces ``sums`` entries and the hooks'
     shard deltas (never writes into them); raises SolveError (from the solve or the
-    collapse guard, which appends to ``history``). ``rows``: the shard's earlier rows."""
+    collapse guard, which appends to ``history``). ``rows``: the shard's earlier rows.
+
+    Every round adds its terms to the shard's sums from before the batch (one
+    ``plus``), so the sums after the batch are exactly those ``sums.rebuild_sums``
+    computes from the batch's records."""
     layers = plan.layers
     z = values.to(enc.input_ids.device, torch.float64)  # (sites, d_model)
     before = {layer: hooks[layer].deltas[shard] for layer in layers}  # immutable
+    base = {layer: sums[layer][shard] for layer in layers}  # immutable: before the batch
     earlier = {layer: rows(layer, shard) for layer in layers}
     keys: dict[int, torch.Tensor] = {}
     outputs: dict[int, torch.Tensor] = {}
@@ -86,11 +91,8 @@ def solve_layers(
             share = hmath.spread_residual(missing, layer, len(layers) - pos)
             hook = hooks[layer]
             t = hook.shard_output(k, shard) + share  # (sites, d_out): the delta now + share
-            running = sums[layer][shard]
-            k, t = k.to(running.moment.device), t.to(running.moment.device)
-            if layer in keys:  # a later round replaces this batch's earlier terms
-                running = running.minus(keys[layer], outputs[layer])
-            new = running.plus(k, t)
+            k, t = k.to(base[layer].moment.device), t.to(base[layer].moment.device)
+            new = base[layer].plus(k, t)  # a later round replaces the batch's terms exactly
             old_k, old_t = earlier[layer]
             all_k, all_t = torch.cat([old_k.to(k), k]), torch.cat([old_t.to(t), t])
             sums[layer][shard] = new
@@ -104,11 +106,7 @@ def solve_layers(
 
 def zero_sums(hook: HookedProjection, device: torch.device | str) -> LayerSums:
     """Empty running sums for one shard of ``hook`` (float64, on ``device``)."""
-    f64 = torch.float64
-    return LayerSums(
-        torch.zeros(hook.d_out, hook.d_in, dtype=f64, device=device),
-        torch.zeros(hook.d_in, hook.d_in, dtype=f64, device=device),
-    )
+    return empty_sums(hook.d_in, hook.d_out, device)
 
 
 def resolve_shards(

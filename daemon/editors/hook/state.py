@@ -1,24 +1,34 @@
-"""The hook editor's per-edit records and per-shard sums, and their (de)serialisation.
+"""The hook editor's per-edit records and the (de)serialisation of its state.
 
 The persisted state (version ``STATE_VERSION``) is a JSON manifest plus flat tensors:
 
 - ``hook.{layer}.{buffer}``: each hook's buffers (the shard deltas ``delta.{s}``, or
   ``delta_up.{s}`` and ``delta_down.{s}`` for a factored shard; gate ``keys`` with
   ``key_shard``, ``key_mean``, ``key_std``, ``center``, thresholds);
-- ``sums.{layer}.moment`` ``(n_shards, d_out, d_in)`` and ``sums.{layer}.key_outer``
-  ``(n_shards, d_in, d_in)``: the running sums ``M`` and ``S`` of every shard;
 - ``records.{layer}.keys`` / ``records.{layer}.outputs``: the ``(k, t)`` rows of
   every applied edit, in the manifest's record order (``sites`` rows each).
 
-Everything is stored as computed (float64 sums, fp32 hook buffers), so a round trip
-reproduces the logits bit for bit.
+The shards' running sums ``M`` and ``S`` (``sums.LayerSums``) are not stored since
+version 4: they follow from the records and, at ``(d_out + d_in) d_in`` float64 per
+shard and layer, they dominated the state. ``load_sums`` rebuilds them
+(``sums.rebuild_sums``), adding each batch's rows to its shard in apply order with
+``LayerSums.plus``'s arithmetic, the live editor's, so a state saved without
+retractions reloads to bit-identical sums (on the same device and BLAS); after a
+retraction (``LayerSums.minus`` on the live sums) the two differ by float64 round-off.
+The shard count comes from the hooks' deltas, so a shard emptied by retraction gets
+zero sums. Versions 2 and 3 stored the sums as ``sums.{layer}.moment`` ``(n_shards,
+d_out, d_in)`` and ``sums.{layer}.key_outer`` ``(n_shards, d_in, d_in)``; they are
+loaded as stored.
+
+Everything else is stored as computed (float64 records, fp32 hook buffers), so a round
+trip reproduces the logits bit for bit.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,13 +37,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from daemon.editors.base import EditSpec
+from daemon.editors.hook.sums import LayerSums, rebuild_sums
 from daemon.errors import EditorStateError
 from daemon.files import atomic_write, atomic_write_text
 
-STATE_VERSION = 3
-"""3: a shard's delta dense or as two low-rank factors; 2: dense ``delta`` ``(n_shards,
-d_out, d_in)``, sharded sums, per-key gate references (1: one delta, pooled reference)."""
-READABLE_VERSIONS = (2, 3)
+STATE_VERSION = 4
+"""4: no stored sums, rebuilt from the records on load; 3: a shard's delta dense or as
+two low-rank factors; 2: dense ``delta`` ``(n_shards, d_out, d_in)``, sharded sums,
+per-key gate references (1: one delta, pooled reference)."""
+READABLE_VERSIONS = (2, 3, 4)
+STORED_SUMS = (2, 3)  # the versions that carry ``sums.*`` tensors
 MANIFEST = "manifest.json"
 TENSORS = "tensors.safetensors"
 
@@ -55,29 +68,6 @@ class Record:
         return int(next(iter(self.keys.values())).shape[0])
 
 
-@dataclass(frozen=True)
-class LayerSums:
-    """One shard's running sums at one layer: ``M = sum t k^T`` and ``S = sum k k^T``.
-
-    Never written into: a change makes new sums (``plus``/``minus``), so an edit
-    batch's rollback keeps the old object instead of a copy.
-    """
-
-    moment: torch.Tensor  # (d_out, d_in) float64
-    key_outer: torch.Tensor  # (d_in, d_in) float64
-
-    def plus(self, keys: torch.Tensor, outputs: torch.Tensor) -> LayerSums:
-        """With the rows ``keys`` ``(n, d_in)`` and ``outputs`` ``(n, d_out)`` added."""
-        k, t = keys.to(self.moment), outputs.to(self.moment)
-        return LayerSums(self.moment + t.T @ k, self.key_outer + k.T @ k)
-
-    def minus(self, keys: torch.Tensor, outputs: torch.Tensor) -> LayerSums:
-        """With the rows ``keys`` and ``outputs`` taken out (undoes ``plus`` up to
-        float64 round-off)."""
-        k, t = keys.to(self.moment), outputs.to(self.moment)
-        return LayerSums(self.moment - t.T @ k, self.key_outer - k.T @ k)
-
-
 def records_manifest(records: Mapping[str, Record]) -> list[dict[str, Any]]:
     """The JSON part of the records (their tensors go to ``pack_tensors``)."""
     return [
@@ -95,11 +85,10 @@ def records_manifest(records: Mapping[str, Record]) -> list[dict[str, Any]]:
 
 def pack_tensors(
     buffers: Mapping[int, Mapping[str, torch.Tensor]],
-    sums: Mapping[int, Sequence[LayerSums]],
     records: Mapping[str, Record],
     widths: Mapping[int, tuple[int, int]],
 ) -> dict[str, torch.Tensor]:
-    """Flat CPU tensors of the hooks' ``buffers``, the shards' ``sums`` and the records.
+    """Flat CPU tensors of the hooks' ``buffers`` and the records (no sums).
 
     ``widths`` gives ``(d_in, d_out)`` per layer (for empty record tensors).
     """
@@ -108,8 +97,6 @@ def pack_tensors(
     for layer, named in buffers.items():
         for name, value in named.items():
             out[f"hook.{layer}.{name}"] = value.detach().cpu().contiguous()
-        out[f"sums.{layer}.moment"] = torch.stack([s.moment for s in sums[layer]]).cpu()
-        out[f"sums.{layer}.key_outer"] = torch.stack([s.key_outer for s in sums[layer]]).cpu()
         d_in, d_out = widths[layer]
         f64 = torch.float64
         out[f"records.{layer}.keys"] = (
@@ -155,12 +142,27 @@ def unpack_records(
 def unpack_sums(
     tensors: Mapping[str, torch.Tensor], layer: int, device: torch.device
 ) -> list[LayerSums]:
-    """The per-shard sums of ``layer`` (KeyError when absent)."""
+    """The stored per-shard sums of ``layer`` (versions 2 and 3; KeyError when absent)."""
     moments = tensors[f"sums.{layer}.moment"].to(device, torch.float64)
     outers = tensors[f"sums.{layer}.key_outer"].to(device, torch.float64)
     if moments.dim() != 3 or moments.shape[0] != outers.shape[0]:
         raise ValueError(f"layer {layer}: sums of shape {tuple(moments.shape)} are not per shard")
     return [LayerSums(m.clone(), s.clone()) for m, s in zip(moments, outers, strict=True)]
+
+
+def load_sums(
+    version: int,
+    tensors: Mapping[str, torch.Tensor],
+    records: Iterable[Record],
+    widths: Mapping[int, tuple[int, int]],
+    n_shards: int,
+    device: torch.device,
+) -> dict[int, list[LayerSums]]:
+    """A loaded state's sums per layer of ``widths``: as stored (``STORED_SUMS``
+    versions) or rebuilt from the ``records`` into ``n_shards`` shards."""
+    if version in STORED_SUMS:
+        return {i: unpack_sums(tensors, i, device) for i in widths}
+    return rebuild_sums(records, list(widths), n_shards, widths, device)
 
 
 def hook_state(tensors: Mapping[str, torch.Tensor], layer: int) -> dict[str, torch.Tensor]:

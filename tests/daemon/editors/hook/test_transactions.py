@@ -1,6 +1,6 @@
 """The hook editor's batch transaction and compact state: a refused batch changes
-nothing and copies nothing, factored shards behave as dense ones, version-2 states
-load, and the solve state lives on ``stats_device``."""
+nothing and copies nothing, factored shards behave as dense ones, and the solve state
+lives on ``stats_device`` (saved states: ``test_state.py``)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from daemon.editors.hook import solve as solve_module
 from daemon.editors.hook import targets as targets_module
 from daemon.editors.hook.editor import HookEditor, HookSettings
 from daemon.editors.hook.setup import build_hook_editor, settings_from_config
-from daemon.editors.hook.state import MANIFEST, write_state
 from daemon.model.loading import LoadedModel, load_model
 from tests.daemon.editors.hook.conftest import hook_config
 
@@ -111,56 +110,6 @@ def test_factored_shards_give_the_dense_outputs(
     torch.testing.assert_close(
         _logits(factored_model, prompts), _logits(dense_model, prompts), rtol=1e-4, atol=1e-4
     )
-
-
-def _as_version_2(state: dict[str, Any], layers: list[int]) -> dict[str, Any]:
-    """``state`` in the version-2 layout: one dense ``delta`` stack per hook layer."""
-    tensors = dict(state["tensors"])
-    for layer in layers:
-        prefix = f"hook.{layer}."
-        mine = {
-            k[len(prefix) :]: tensors.pop(k)
-            for k in list(tensors)
-            if k.startswith(prefix + "delta")
-        }
-        n = 1 + max(int(k.rsplit(".", 1)[1]) for k in mine)
-        dense = [
-            mine[f"delta.{s}"]
-            if f"delta.{s}" in mine
-            else mine[f"delta_up.{s}"] @ mine[f"delta_down.{s}"]
-            for s in range(n)
-        ]
-        tensors[prefix + "delta"] = torch.stack(dense)
-    manifest = {**state["manifest"], "version": 2}
-    return {"version": 2, "manifest": manifest, "tensors": tensors}
-
-
-def test_a_version_2_state_with_dense_deltas_still_loads(
-    micro_world: Path,
-    loaded: LoadedModel,
-    stats: Path,
-    edits: list[dict[str, Any]],
-    tmp_path: Path,
-) -> None:
-    editor = _editor(loaded, stats)
-    editor.apply(_specs(edits[:4]))
-    prompts = [e["prompt"] for e in edits]
-    expected = _logits(loaded, prompts)
-    old = _as_version_2(editor.state_dict(), [1])
-    write_state(tmp_path / "v2", old["manifest"], old["tensors"])
-    assert json.loads((tmp_path / "v2" / MANIFEST).read_text())["version"] == 2
-    for restore in ("state_dict", "directory"):
-        fresh = load_model(str(micro_world), device="cpu")
-        other = _editor(fresh, stats)
-        if restore == "state_dict":
-            other.load_state_dict(old)
-        else:
-            other.load(tmp_path / "v2")
-        assert other.applied_ids() == editor.applied_ids()
-        assert not any(d.factored for d in other._hook0().deltas)  # read as stored
-        torch.testing.assert_close(_logits(fresh, prompts), expected, rtol=1e-4, atol=1e-4)
-        other.retract([edits[0]["id"]])  # and it keeps working
-        assert edits[0]["id"] not in other.applied_ids()
 
 
 def test_the_solve_state_lives_on_stats_device(
