@@ -15,6 +15,7 @@ import dataclasses
 import os
 import re
 import tomllib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,8 +150,10 @@ class HookConfig:
 
     ``gate_scope = "subject"``: an edit is in scope only where its subject's tokens
     occur in the input, and a token is scored against those edits' keys alone
-    (cosine floor ``gate_subject_cos_floor``); ``"key"``: every token against every
-    key (floor ``gate_cos_floor``). ``gate_snap_keys``: a routed token gets the
+    (cosine floor ``gate_subject_cos_floor``: a number in [-1, 1], or ``"auto"`` to
+    calibrate it from the model's own keys when the editor is built, see
+    ``daemon.editors.hook.floor``); ``"key"``: every token against every key (floor
+    ``gate_cos_floor``). ``gate_snap_keys``: a routed token gets the
     output stored for the key it matched; ``gate_shared_route``: the lowest hook
     layer's routing serves the layers above it.
 
@@ -174,7 +177,7 @@ class HookConfig:
     gate_floor: float = 1.0
     gate_cos_floor: float = 0.7
     gate_scope: Literal["subject", "key"] = "subject"
-    gate_subject_cos_floor: float = 0.55
+    gate_subject_cos_floor: float | Literal["auto"] = 0.55
     gate_snap_keys: bool = True
     gate_shared_route: bool = True
     shard_keys: int = 0
@@ -189,11 +192,11 @@ class HookConfig:
             "stats_device",
             f"must be 'model', 'cpu', 'cuda' or 'cuda:N'; got {self.stats_device!r}",
         )
-        _require(
-            -1.0 <= self.gate_subject_cos_floor <= 1.0,
-            "gate_subject_cos_floor",
-            "must be in [-1, 1]",
+        floor = self.gate_subject_cos_floor
+        ok = floor == "auto" or (
+            isinstance(floor, float | int) and not isinstance(floor, bool) and -1 <= floor <= 1
         )
+        _require(ok, "gate_subject_cos_floor", f"must be in [-1, 1] or 'auto'; got {floor!r}")
         _non_negative(self, "shard_keys")
         _positive(self, "covariance_tokens", "covariance_weight", "target_steps")
         _positive(self, "target_learning_rate", "target_norm_clamp", "max_target_tokens")
@@ -410,8 +413,11 @@ ENV_OVERRIDES: dict[str, tuple[str, str]] = {
 
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+        args = typing.get_args(tp)
+        return repr(args[0]) if len(args) == 1 else "one of " + ", ".join(map(repr, args))
     if origin is tuple:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
     names = {
@@ -441,6 +447,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp`` and convert it (e.g. list → tuple)."""
     origin = typing.get_origin(tp)
     ok: bool
+    if origin in (typing.Union, types.UnionType):  # the first alternative that fits
+        for alternative in typing.get_args(tp):
+            try:
+                return _coerce(value, alternative, key)
+            except _FieldError:
+                continue
+        raise _FieldError(key, f"expected {_type_name(tp)}, got {_describe(value)}")
     if origin is Literal:
         ok = isinstance(value, str) and value in typing.get_args(tp)
     elif origin is tuple:

@@ -75,6 +75,17 @@ def test_partial_file_overrides_only_what_it_names(tmp_path: Path) -> None:
     assert cfg.worker == Config().worker
 
 
+@pytest.mark.parametrize(
+    ("value", "parsed"), [('"auto"', "auto"), ("0.6", 0.6), ("-1", -1.0), ("1", 1.0)]
+)
+def test_the_subject_floor_is_a_number_or_auto(
+    tmp_path: Path, value: str, parsed: float | str
+) -> None:
+    path = write(tmp_path, f"[editors.hook]\ngate_subject_cos_floor = {value}\n")
+    got = load_config(path, env=NO_ENV).editors.hook.gate_subject_cos_floor
+    assert got == parsed and type(got) is type(parsed)
+
+
 def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path) -> None:
     sub = tmp_path / "etc"
     sub.mkdir()
@@ -99,6 +110,21 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path) -> Non
         ('[editors.hook]\nlayers = [1, "2"]\n', "editors.hook.layers", "expected an integer"),
         ("[editors.hook]\nlayers = 3\n", "editors.hook.layers", "a list of an integer"),
         ("[editors.melo]\nkey_layer = -2\n", "editors.melo.key_layer", "-1 (auto)"),
+        (
+            '[editors.hook]\ngate_subject_cos_floor = "bogus"\n',
+            "editors.hook.gate_subject_cos_floor",
+            "expected a number or 'auto', got string 'bogus'",
+        ),
+        (
+            "[editors.hook]\ngate_subject_cos_floor = 1.5\n",
+            "editors.hook.gate_subject_cos_floor",
+            "must be in [-1, 1] or 'auto'; got 1.5",
+        ),
+        (
+            "[editors.hook]\ngate_subject_cos_floor = true\n",
+            "editors.hook.gate_subject_cos_floor",
+            "expected a number or 'auto', got boolean",
+        ),
         ("[editors]\nmelo = 3\n", "editors.melo", "expected a table"),
         ("api = 3\n", "api", "expected a table"),
         ('[scheduler]\nnightly_time = "25:00"\n', "scheduler.nightly_time", "HH:MM"),

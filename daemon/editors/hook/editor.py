@@ -57,7 +57,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -140,10 +140,8 @@ class HookSettings:
             raise ValueError(f"stats_device {self.stats_device!r} {reason}")
         if self.gate_scope not in GATE_SCOPES:
             raise ValueError(f"gate_scope must be one of {GATE_SCOPES}: {self.gate_scope!r}")
-        if not -1.0 <= self.gate_subject_cos_floor <= 1.0:
-            raise ValueError("gate_subject_cos_floor must be in [-1, 1]")
-        if self.solve_rounds < 1:
-            raise ValueError("solve_rounds must be >= 1")
+        if self.solve_rounds < 1 or not -1.0 <= self.gate_subject_cos_floor <= 1.0:
+            raise ValueError("solve_rounds >= 1 and gate_subject_cos_floor in [-1, 1] are required")
         if self.shard_keys < 0 or not -1.0 <= self.gate_cos_floor <= 1.0:
             raise ValueError("shard_keys >= 0 and gate_cos_floor in [-1, 1] are required")
         if not self.layers or list(self.layers) != sorted(set(self.layers)):
@@ -257,6 +255,7 @@ class HookEditor:
             "shards": self._hook0().n_shards,
             "last_update_norm": {i: (v[-1] if v else None) for i, v in self.norm_history.items()},
             "gate_keys": int(self._hook0().keys.shape[0]),
+            "gate_subject_cos_floor": self.settings.gate_subject_cos_floor,
         }
 
     def _hook0(self) -> HookedProjection:
@@ -527,6 +526,7 @@ class HookEditor:
                     raise ValueError(f"layer {layer}: shard counts of sums and deltas differ")
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise EditorStateError(f"hook editor state is malformed: {exc}") from exc
+        self.settings = replace(self.settings, gate_subject_cos_floor=self._hook0().subject_floor)
         self._sums = sums
         self._records = records
         self._by_fact = {r.fact: e for e, r in records.items()}

@@ -58,7 +58,8 @@ rephrases reach .94/.91 (q05 .64/.44). At 1000 edits (batch 10) every locality
 probe the subject gate lets change is one whose subject some edit changed under
 another relation (50 of 2,040 probes); prompts about unedited subjects never open
 it. Floor .4 / .5 / .6 at 300 edits: paraphrase .937 / .928 / .906, locality
-.986 / .993 / .998.
+.986 / .993 / .998. The right floor depends on the model; ``gate_subject_cos_floor =
+"auto"`` calibrates it from the model's own keys (:mod:`daemon.editors.hook.floor`).
 """
 
 from __future__ import annotations

@@ -100,6 +100,7 @@ class HookedProjection(ShardDeltasMixin, GateRoutingMixin, nn.Module):
     threshold: torch.Tensor
     threshold_floor: torch.Tensor
     cos_floor: torch.Tensor
+    subject_cos_floor: torch.Tensor
 
     def __init__(
         self,
@@ -130,6 +131,11 @@ class HookedProjection(ShardDeltasMixin, GateRoutingMixin, nn.Module):
             "threshold_floor", torch.tensor(threshold_floor, dtype=f32, device=device)
         )
         self.register_buffer("cos_floor", torch.tensor(cos_floor, dtype=f32, device=device))
+        # the subject gate's floor: persisted, so a loaded state keeps the floor it was
+        # solved and checked with (also where ``"auto"`` calibrated another one)
+        self.register_buffer(
+            "subject_cos_floor", torch.tensor(subject_cos_floor, dtype=f32, device=device)
+        )
         self.gate_mode: GateMode = "auto"
         self.position_mask: torch.Tensor | None = None  # [B, T] bool, for gate_mode "mask"
         self.mask_shard = 0  # the shard applied by gate modes "mask" and "open"
@@ -137,7 +143,6 @@ class HookedProjection(ShardDeltasMixin, GateRoutingMixin, nn.Module):
         self._pending_route: tuple[tuple[int, ...], RouteParts | None] | None = None
         # the subject gate (None: the pure-key gate); set from settings, never persisted
         self.scope: SubjectScope | None = None
-        self.subject_cos_floor = float(subject_cos_floor)
         self.snap_keys = False  # subject gate: apply the matched key's value, not x's
         self.share_route = False  # subject gate: reuse the first hook layer's decision
         self._tables: tuple[torch.Tensor, tuple[Any, ...], CandidateTable | None] | None = None
@@ -194,6 +199,11 @@ class HookedProjection(ShardDeltasMixin, GateRoutingMixin, nn.Module):
         effective = max(float(z), float(self.threshold_floor))
         self.threshold.fill_(effective)
         return effective
+
+    @property
+    def subject_floor(self) -> float:
+        """The subject gate's floor as a number (its float32 buffer, to 6 decimals)."""
+        return round(float(self.subject_cos_floor), 6)
 
     # --- forward -------------------------------------------------------------------------
 

@@ -13,8 +13,10 @@ their measured floors and costs live in :mod:`daemon.editors.hook.gate`. Two gat
 
 - **subject** (``scope`` set: a :class:`~daemon.editors.hook.scope.SubjectScope` the
   editor attaches): a token is scored only against the keys of the edits whose
-  subject its sequence names up to it (cosine floor ``subject_cos_floor``). The
-  candidates are decided at the prefill and kept for the KV-cached decode steps.
+  subject its sequence names up to it (cosine floor ``subject_cos_floor``, a
+  persisted buffer that ``gate_subject_cos_floor = "auto"`` calibrates: see
+  :mod:`daemon.editors.hook.floor`). The candidates are decided at the prefill and
+  kept for the KV-cached decode steps.
   With ``snap_keys`` a routed token gets the value of the key it matched,
   ``keys[j] @ delta[s].T``, instead of ``x @ delta[s].T``: a rephrasing whose key
   is merely near the edit's then receives the edit's whole residual (on the small
@@ -83,7 +85,7 @@ class GateRoutingMixin:
     _last_route: torch.Tensor | None
     _pending_route: tuple[tuple[int, ...], RouteParts | None] | None
     scope: SubjectScope | None
-    subject_cos_floor: float
+    subject_cos_floor: torch.Tensor
     snap_keys: bool
     share_route: bool
     _tables: tuple[torch.Tensor, tuple[Any, ...], CandidateTable | None] | None
@@ -172,12 +174,14 @@ class GateRoutingMixin:
         if not scope.prefill and held is not None and held[0] is scope.candidates:
             return held[2]
         cache = self._cache()
-        stamp = (cache.stamp, self._delta_version, self.subject_cos_floor, self.snap_keys)
+        floor_stamp = tensor_stamp(self.subject_cos_floor)  # in place: fill_, load_state_dict
+        stamp = (cache.stamp, self._delta_version, floor_stamp, self.snap_keys)
         if held is not None and held[0] is scope.candidates and held[1] == stamp:
             return held[2]
         with torch.no_grad():
             if self._per_key is None or self._per_key[0] != stamp:
-                reach = key_reach(self.key_mean, self.key_std, cache.limit, self.subject_cos_floor)
+                floor = float(self.subject_cos_floor)
+                reach = key_reach(self.key_mean, self.key_std, cache.limit, floor)
                 snapped = shard_deltas.key_values(self.keys, self.key_shard, self.deltas)
                 self._per_key = (stamp, reach, snapped if self.snap_keys else None)
             _, fire_at, values = self._per_key

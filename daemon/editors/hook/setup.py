@@ -11,25 +11,46 @@
   layers by how much patching the MLP output moves answers; it does not yet weigh
   how well a layer's keys separate one fact from another for the scope gate, so on
   the small world its layer 0 choice gates worse than layers 2-3 (BENCHMARKS.md).
+- ``gate_subject_cos_floor = "auto"``: once the editor is built (its gates
+  calibrated), a seeded sample of the fact world's facts under their training
+  templates is keyed at the lowest hook layer (the configured key position, the
+  gate's centre) and :mod:`daemon.editors.hook.floor` picks the floor, which every
+  hook layer then uses. A model without a world, a subject gate or enough
+  same-subject pairs keeps ``DEFAULT_SUBJECT_COS_FLOOR``. The floor is a persisted
+  hook buffer: a loaded state keeps the floor it was saved with.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import random
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import structlog
+import torch
+from torch import nn
 
 from daemon.config import Config, HookConfig
 from daemon.editors.hook.editor import HookEditor, HookSettings
-from daemon.editors.hook.keys import KeyKind
+from daemon.editors.hook.floor import (
+    MIN_PAIRS,
+    FactLabel,
+    FloorEvidence,
+    floor_rule,
+    pair_cosines,
+)
+from daemon.editors.hook.gate import DEFAULT_SUBJECT_COS_FLOOR
+from daemon.editors.hook.keys import KeyKind, capture, encode_sites
 from daemon.editors.hook.stats import cached_covariance
 from daemon.editors.hook.targets import TargetSettings
 from daemon.errors import ConfigError
 from daemon.model import arch
 from daemon.model.loading import LoadedModel
+from daemon.world.facts import World, fill
 
 log = structlog.get_logger()
 
@@ -112,7 +133,10 @@ SUBJECT_GATE_KEYS = ("gate_scope", "gate_subject_cos_floor", "gate_snap_keys", "
 
 
 def _subject_gate_keys(cfg: HookConfig) -> dict[str, Any]:
-    return {key: getattr(cfg, key) for key in SUBJECT_GATE_KEYS}
+    keys = {key: getattr(cfg, key) for key in SUBJECT_GATE_KEYS}
+    if cfg.gate_subject_cos_floor == "auto":  # resolved once the editor is built
+        keys["gate_subject_cos_floor"] = DEFAULT_SUBJECT_COS_FLOOR
+    return keys
 
 
 def choose_layout(
@@ -187,10 +211,128 @@ def build_hook_editor(
         progress=progress,
     )
     log.info("hook_editor_layout", layers=list(layers), key_position=kind)
-    return HookEditor(
+    editor = HookEditor(
         loaded.model,
         loaded.tokenizer,
         settings_from_config(cfg, layers, kind),
         covariance,
         spread_sample(texts, CALIBRATION_TEXTS),
     )
+    if cfg.gate_subject_cos_floor == "auto":
+        auto_subject_floor(editor, loaded.name_or_path)
+    return editor
+
+
+# --- gate_subject_cos_floor = "auto" -------------------------------------------------------
+
+FLOOR_SUBJECTS = 300
+"""At most this many subjects (of two relations or more) calibrate the automatic floor."""
+
+FLOOR_PROMPTS = 3000
+"""At most this many prompts (every training template of each sampled subject's facts)."""
+
+FLOOR_BATCH = 256
+
+
+def world_floor_facts(
+    world: World,
+    *,
+    max_subjects: int = FLOOR_SUBJECTS,
+    max_prompts: int = FLOOR_PROMPTS,
+    seed: int = 0,
+) -> list[tuple[FactLabel, str, str]]:
+    """``(label, prompt, target)`` for a seeded sample of the subjects with facts under
+    two relations or more: every fact of each under every TRAINING template."""
+    by_subject: dict[str, list[Any]] = {}
+    for fact in world.facts:
+        by_subject.setdefault(fact.subject, []).append(fact)
+    eligible = sorted(s for s, fs in by_subject.items() if len({f.relation for f in fs}) >= 2)
+    random.Random(seed).shuffle(eligible)
+    out: list[tuple[FactLabel, str, str]] = []
+    for subject in eligible[:max_subjects]:
+        rows = [
+            (FactLabel(subject, f.relation, t), fill(template, subject), f.target)
+            for f in by_subject[subject]
+            for t, template in enumerate(world.relation(f.relation).train_templates)
+        ]
+        if len(out) + len(rows) > max_prompts:
+            break
+        out.extend(rows)
+    return out
+
+
+def floor_keys(
+    editor: HookEditor, prompts: Sequence[str], targets: Sequence[str], subjects: Sequence[str]
+) -> torch.Tensor:
+    """Centred unit keys ``(n, d_in)`` of the base model at the lowest hook layer, one per
+    prompt, at the editor's key position (a prompt-last key: the prompt's last token)."""
+    layer = editor.settings.layers[0]
+    parts = []
+    for start in range(0, len(prompts), FLOOR_BATCH):
+        rows = slice(start, start + FLOOR_BATCH)
+        sites, _ = encode_sites(
+            editor.tokenizer,
+            prompts[rows],
+            targets[rows],
+            subjects[rows],
+            list(range(len(prompts[rows]))),
+            editor.settings.key_position,
+            editor.device,
+        )
+        keys = capture(editor.model, editor.hooks, sites, [layer], layer, apply_deltas=False)
+        first = torch.ones_like(sites.owner, dtype=torch.bool)  # each prompt's first site
+        first[1:] = sites.owner[1:] != sites.owner[:-1]
+        parts.append(keys.keys[layer][first])
+    center = editor.hooks[layer].center
+    return nn.functional.normalize(torch.cat(parts).float() - center, dim=-1)
+
+
+def set_subject_floor(editor: HookEditor, floor: float) -> None:
+    """Every hook layer's subject-gate floor (and the editor's settings) to ``floor``."""
+    for hook in editor.hooks.values():
+        hook.subject_cos_floor.fill_(floor)
+    editor.settings = dataclasses.replace(editor.settings, gate_subject_cos_floor=floor)
+
+
+def auto_subject_floor(editor: HookEditor, model_path: str, *, seed: int = 0) -> float:
+    """Calibrate the subject gate's floor (``"auto"``, see the module docstring) and set
+    it; a model it cannot be calibrated on keeps the default. Returns the floor."""
+    reason = None
+    if editor.settings.gate_scope != "subject":
+        reason = f"gate_scope is {editor.settings.gate_scope!r}: no subject gate"
+    elif not (Path(model_path) / "world.json").is_file():
+        reason = f"{model_path} is no fact world (no world.json): no labelled facts"
+    else:
+        evidence, reason = _calibrated_floor(editor, model_path, seed)
+        if evidence is not None:
+            set_subject_floor(editor, evidence.floor)
+            return evidence.floor
+    log.warning("hook_floor_default", reason=reason, floor=DEFAULT_SUBJECT_COS_FLOOR)
+    return DEFAULT_SUBJECT_COS_FLOOR
+
+
+def _calibrated_floor(
+    editor: HookEditor, model_path: str, seed: int
+) -> tuple[FloorEvidence | None, str]:
+    """The floor's evidence from the world at ``model_path`` (logged), or None and why."""
+    from daemon.world.build import load_world
+
+    t0 = time.perf_counter()
+    facts = world_floor_facts(load_world(model_path), seed=seed)
+    labels = [label for label, _, _ in facts]
+    prompts, targets = [p for _, p, _ in facts], [t for _, _, t in facts]
+    keys = floor_keys(editor, prompts, targets, [label.subject for label in labels])
+    negatives, positives = pair_cosines(keys, labels)
+    evidence = floor_rule(negatives, positives)
+    if evidence is None:
+        return None, f"{negatives.numel()} same-subject, other-relation pairs (< {MIN_PAIRS})"
+    log.info(
+        "hook_floor_calibrated",
+        layer=editor.settings.layers[0],
+        key_position=editor.settings.key_position,
+        prompts=len(prompts),
+        subjects=len({label.subject for label in labels}),
+        seconds=round(time.perf_counter() - t0, 2),
+        **evidence.as_dict(),
+    )
+    return evidence, "calibrated"

@@ -255,7 +255,7 @@ def test_a_batch_whose_gate_misses_its_own_prompts_is_refused(
     before = _logits(loaded, prompts)
     for hook in editor.hooks.values():
         hook.cos_floor.fill_(1.5)  # no cosine reaches it: the gate can never fire
-        hook.subject_cos_floor = 1.5  # (the subject gate's floor, likewise)
+        hook.subject_cos_floor.fill_(1.5)  # (the subject gate's floor, likewise)
     outcomes = editor.apply(_specs(edits[:2]))
     assert not any(o.accepted for o in outcomes)
     assert all("recall" in (o.reason or "") for o in outcomes)
