@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 from daemon.config import Config
+from daemon.editors.base import EditSpec
 from daemon.model.loading import LoadedModel, load_model
 from daemon.world.editsets import counterfactual_edits
 
@@ -28,6 +32,29 @@ def hook_config(**hook: Any) -> Config:
         **hook,
     )
     return dataclasses.replace(cfg, editors=dataclasses.replace(cfg.editors, hook=settings))
+
+
+class HasModel(Protocol):
+    """A loaded model or an editor: anything holding the (edited) model and its tokenizer."""
+
+    @property
+    def model(self) -> nn.Module: ...
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase: ...
+
+
+def edit_specs(edits: list[dict[str, Any]]) -> list[EditSpec]:
+    """Edit records as the editor's requests."""
+    return [EditSpec(e["id"], e["prompt"], e["target"], e["subject"], e["relation"]) for e in edits]
+
+
+def prompt_logits(holder: HasModel, prompts: list[str]) -> torch.Tensor:
+    """The logits of ``prompts`` (one padded batch) through the holder's model."""
+    enc = holder.tokenizer(prompts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out: torch.Tensor = holder.model(**enc).logits
+    return out
 
 
 @pytest.fixture(scope="module")

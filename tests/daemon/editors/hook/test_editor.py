@@ -18,7 +18,7 @@ from daemon.eval.metrics import continuation_matches
 from daemon.model.generate import greedy_continuations
 from daemon.model.loading import LoadedModel, load_model
 from daemon.world.editsets import counterfactual_edits
-from tests.daemon.editors.hook.conftest import N_EDITS, hook_config
+from tests.daemon.editors.hook.conftest import N_EDITS, edit_specs, hook_config, prompt_logits
 
 
 @pytest.fixture
@@ -27,26 +27,15 @@ def editor(loaded: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> Hoo
     return build_hook_editor(loaded, hook_config(), stats_dir=stats)
 
 
-def _specs(edits: list[dict[str, Any]]) -> list[EditSpec]:
-    return [EditSpec(e["id"], e["prompt"], e["target"], e["subject"], e["relation"]) for e in edits]
-
-
 def _answers(loaded: LoadedModel, prompts: list[str]) -> list[str]:
     return greedy_continuations(loaded.model, loaded.tokenizer, prompts, max_new_tokens=6)
-
-
-def _logits(loaded: LoadedModel, prompts: list[str]) -> torch.Tensor:
-    enc = loaded.tokenizer(prompts, return_tensors="pt", padding=True)
-    with torch.no_grad():
-        out: torch.Tensor = loaded.model(**enc).logits
-    return out
 
 
 def test_a_batch_takes_and_unrelated_prompts_hold(
     editor: HookEditor, loaded: LoadedModel, edits: list[dict[str, Any]]
 ) -> None:
     locality = [p for e in edits for p in e["locality"]]
-    outcomes = editor.apply(_specs(edits))
+    outcomes = editor.apply(edit_specs(edits))
     assert all(o.accepted for o in outcomes), [o.reason for o in outcomes]
     got = _answers(loaded, [e["prompt"] for e in edits])
     hits = [continuation_matches(g, e["target"]) for g, e in zip(got, edits, strict=True)]
@@ -64,20 +53,20 @@ def test_retracting_everything_restores_the_base_model_bit_for_bit(
     editor: HookEditor, loaded: LoadedModel, edits: list[dict[str, Any]]
 ) -> None:
     prompts = [e["prompt"] for e in edits] + [p["prompt"] for e in edits for p in e["locality"]]
-    base = _logits(loaded, prompts)
-    editor.apply(_specs(edits[:3]))
-    editor.apply(_specs(edits[3:]))
-    assert not torch.equal(_logits(loaded, prompts), base)
+    base = prompt_logits(loaded, prompts)
+    editor.apply(edit_specs(edits[:3]))
+    editor.apply(edit_specs(edits[3:]))
+    assert not torch.equal(prompt_logits(loaded, prompts), base)
     editor.retract([e["id"] for e in edits])
     assert editor.applied_ids() == []
-    assert torch.equal(_logits(loaded, prompts), base)
+    assert torch.equal(prompt_logits(loaded, prompts), base)
 
 
 def test_retracting_one_edit_forgets_it_and_keeps_the_others(
     editor: HookEditor, loaded: LoadedModel, edits: list[dict[str, Any]]
 ) -> None:
     base = _answers(loaded, [e["prompt"] for e in edits])
-    editor.apply(_specs(edits))
+    editor.apply(edit_specs(edits))
     before = _answers(loaded, [e["prompt"] for e in edits])
     editor.retract([edits[0]["id"]])
     after = _answers(loaded, [e["prompt"] for e in edits])
@@ -89,7 +78,7 @@ def test_retracting_one_edit_forgets_it_and_keeps_the_others(
         editor.retract(["no-such-edit"])
 
 
-def test_state_round_trips_to_bit_identical_logits(
+def test_state_round_trips_to_bit_identicalprompt_logits(
     editor: HookEditor,
     edits: list[dict[str, Any]],
     micro_world: Path,
@@ -97,11 +86,11 @@ def test_state_round_trips_to_bit_identical_logits(
     tmp_path: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
-    editor.apply(_specs(edits[:4]))
-    editor.apply(_specs(edits[4:]))
+    editor.apply(edit_specs(edits[:4]))
+    editor.apply(edit_specs(edits[4:]))
     editor.retract([edits[1]["id"]])
     prompts = [e["prompt"] for e in edits] + [p["prompt"] for e in edits for p in e["locality"]]
-    expected = _logits(loaded, prompts)
+    expected = prompt_logits(loaded, prompts)
     editor.save(tmp_path / "hook")
     state = editor.state_dict()
 
@@ -115,7 +104,7 @@ def test_state_round_trips_to_bit_identical_logits(
         else:
             other.load_state_dict(state)
         assert other.applied_ids() == editor.applied_ids()
-        assert torch.equal(_logits(fresh, prompts), expected)
+        assert torch.equal(prompt_logits(fresh, prompts), expected)
         # retraction keeps working after a reload
         other.retract([edits[0]["id"]])
         assert edits[0]["id"] not in other.applied_ids()
@@ -160,9 +149,9 @@ def test_a_non_finite_solve_aborts_the_batch_and_changes_nothing(
     edits: list[dict[str, Any]],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    editor.apply(_specs(edits[:2]))
+    editor.apply(edit_specs(edits[:2]))
     prompts = [e["prompt"] for e in edits]
-    before = _logits(loaded, prompts)
+    before = prompt_logits(loaded, prompts)
     real = targets_module.optimise_targets
 
     def poisoned(*args: Any, **kwargs: Any) -> targets_module.TargetResult:
@@ -170,11 +159,11 @@ def test_a_non_finite_solve_aborts_the_batch_and_changes_nothing(
         return dataclasses.replace(result, values=result.values * float("nan"))
 
     monkeypatch.setattr("daemon.editors.hook.editor.optimise_targets", poisoned)
-    outcomes = editor.apply(_specs(edits[2:4]))
+    outcomes = editor.apply(edit_specs(edits[2:4]))
     assert not any(o.accepted for o in outcomes)
     assert all("non-finite" in (o.reason or "") for o in outcomes)
     assert editor.applied_ids() == [edits[0]["id"], edits[1]["id"]]
-    assert torch.equal(_logits(loaded, prompts), before)
+    assert torch.equal(prompt_logits(loaded, prompts), before)
 
 
 def test_the_collapse_guard_refuses_an_outlier_update(
@@ -183,11 +172,11 @@ def test_the_collapse_guard_refuses_an_outlier_update(
     for layer in editor.norm_history:  # a history of tiny updates
         editor.norm_history[layer] = [1e-6, 1.1e-6, 0.9e-6, 1e-6, 1.05e-6]
     prompts = [e["prompt"] for e in edits]
-    before = _logits(loaded, prompts)
-    outcomes = editor.apply(_specs(edits[:2]))
+    before = prompt_logits(loaded, prompts)
+    outcomes = editor.apply(edit_specs(edits[:2]))
     assert not any(o.accepted for o in outcomes)
     assert all("collapse guard" in (o.reason or "") for o in outcomes)
-    assert torch.equal(_logits(loaded, prompts), before)
+    assert torch.equal(prompt_logits(loaded, prompts), before)
 
 
 def test_key_sites_cover_each_target_token_or_the_subject(loaded: LoadedModel) -> None:
@@ -235,10 +224,10 @@ def test_the_gate_still_fires_on_early_edits_after_many_later_ones(
     """
     stream = counterfactual_edits(micro_world, loaded.model, loaded.tokenizer, 100, seed=11)
     early = stream[:10]
-    assert all(o.accepted for o in editor.apply(_specs(early)))
+    assert all(o.accepted for o in editor.apply(edit_specs(early)))
     assert _gate_fires_at_prompt_end(editor, loaded, [e["prompt"] for e in early])
     for start in range(10, len(stream), 10):
-        outcomes = editor.apply(_specs(stream[start : start + 10]))
+        outcomes = editor.apply(edit_specs(stream[start : start + 10]))
         assert all(o.accepted for o in outcomes), [o.reason for o in outcomes]
     assert len(editor.applied_ids()) == len(stream)
     assert _gate_fires_at_prompt_end(editor, loaded, [e["prompt"] for e in early])
@@ -252,12 +241,12 @@ def test_a_batch_whose_gate_misses_its_own_prompts_is_refused(
 ) -> None:
     """The recall check: every applied edit's key sites must pass the gate, else refuse."""
     prompts = [e["prompt"] for e in edits]
-    before = _logits(loaded, prompts)
+    before = prompt_logits(loaded, prompts)
     for hook in editor.hooks.values():
         hook.cos_floor.fill_(1.5)  # no cosine reaches it: the gate can never fire
         hook.subject_cos_floor.fill_(1.5)  # (the subject gate's floor, likewise)
-    outcomes = editor.apply(_specs(edits[:2]))
+    outcomes = editor.apply(edit_specs(edits[:2]))
     assert not any(o.accepted for o in outcomes)
     assert all("recall" in (o.reason or "") for o in outcomes)
     assert editor.applied_ids() == []
-    assert torch.equal(_logits(loaded, prompts), before)
+    assert torch.equal(prompt_logits(loaded, prompts), before)

@@ -13,7 +13,6 @@ import torch
 from structlog.testing import capture_logs
 
 from daemon.config import HookConfig
-from daemon.editors.base import EditSpec
 from daemon.editors.hook import floor as fl
 from daemon.editors.hook.editor import HookEditor
 from daemon.editors.hook.floor import FactLabel, floor_rule, pair_cosines, round_up
@@ -26,7 +25,7 @@ from daemon.editors.hook.setup import (
 )
 from daemon.model.loading import LoadedModel, load_model
 from daemon.world.build import load_world
-from tests.daemon.editors.hook.conftest import hook_config
+from tests.daemon.editors.hook.conftest import edit_specs, hook_config, prompt_logits
 
 # --- the pure rule --------------------------------------------------------------------
 
@@ -108,17 +107,6 @@ def test_pairs_are_same_subject_other_relation_and_same_fact_other_template() ->
 # --- "auto" on a model -------------------------------------------------------------------
 
 
-def _specs(edits: list[dict[str, Any]]) -> list[EditSpec]:
-    return [EditSpec(e["id"], e["prompt"], e["target"], e["subject"], e["relation"]) for e in edits]
-
-
-def _logits(editor: HookEditor, prompts: list[str]) -> torch.Tensor:
-    enc = editor.tokenizer(prompts, return_tensors="pt", padding=True)
-    with torch.no_grad():
-        out: torch.Tensor = editor.model(**enc).logits
-    return out
-
-
 def _events(logs: Sequence[MutableMapping[str, Any]], name: str) -> list[dict[str, Any]]:
     return [dict(e) for e in logs if e["event"] == name]
 
@@ -173,14 +161,14 @@ def test_the_gate_follows_the_floor_buffer(
     cached candidate tables are rebuilt), restoring it reopens it."""
     editor, event = auto_editor
     prompts = [e["prompt"] for e in edits[:3]]
-    base = _logits(editor, prompts)
-    assert all(o.accepted for o in editor.apply(_specs(edits[:3])))
-    edited = _logits(editor, prompts)
+    base = prompt_logits(editor, prompts)
+    assert all(o.accepted for o in editor.apply(edit_specs(edits[:3])))
+    edited = prompt_logits(editor, prompts)
     assert not torch.equal(edited, base)
     set_subject_floor(editor, 1.0)  # no cosine passes it
-    assert torch.equal(_logits(editor, prompts), base)
+    assert torch.equal(prompt_logits(editor, prompts), base)
     set_subject_floor(editor, event["floor"])
-    assert torch.equal(_logits(editor, prompts), edited)
+    assert torch.equal(prompt_logits(editor, prompts), edited)
 
 
 def test_a_model_without_a_world_keeps_the_default(
@@ -223,9 +211,9 @@ def test_a_loaded_state_keeps_the_floor_it_was_saved_with(
     """Whatever the loading editor's own floor (configured or calibrated), the state's
     floor wins and the logits are the saved editor's, bit for bit."""
     editor, event = auto_editor
-    assert all(o.accepted for o in editor.apply(_specs(edits[:4])))
+    assert all(o.accepted for o in editor.apply(edit_specs(edits[:4])))
     prompts = [e["prompt"] for e in edits] + [p["prompt"] for e in edits for p in e["locality"]]
-    expected = _logits(editor, prompts)
+    expected = prompt_logits(editor, prompts)
     editor.save(tmp_path / "hook")
     other_floor = 0.3 if event["floor"] != 0.3 else 0.45
     fresh = load_model(str(micro_world), device="cpu")
@@ -237,7 +225,7 @@ def test_a_loaded_state_keeps_the_floor_it_was_saved_with(
     assert other.settings.gate_subject_cos_floor == event["floor"]
     assert other.health()["gate_subject_cos_floor"] == event["floor"]
     assert all(h.subject_floor == event["floor"] for h in other.hooks.values())
-    assert torch.equal(_logits(other, prompts), expected)
+    assert torch.equal(prompt_logits(other, prompts), expected)
 
 
 def test_a_state_without_a_floor_keeps_the_editors_own(
@@ -248,7 +236,7 @@ def test_a_state_without_a_floor_keeps_the_editors_own(
 ) -> None:
     """States saved before the floor was persisted load with the editor's floor."""
     editor, _ = auto_editor
-    assert all(o.accepted for o in editor.apply(_specs(edits[:2])))
+    assert all(o.accepted for o in editor.apply(edit_specs(edits[:2])))
     state = editor.state_dict()
     tensors = {k: v for k, v in state["tensors"].items() if not k.endswith(".subject_cos_floor")}
     assert len(tensors) == len(state["tensors"]) - len(editor.hooks)

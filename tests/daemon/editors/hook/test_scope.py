@@ -11,13 +11,13 @@ import torch
 from torch import nn
 
 from daemon.config import Config, HookConfig
-from daemon.editors.base import EditSpec
 from daemon.editors.hook import setup
 from daemon.editors.hook import subject_gate as sg
 from daemon.editors.hook.editor import GateScope, HookEditor, HookSettings
 from daemon.editors.hook.scope import Scope, SubjectIndex, SubjectScope, subject_grams
 from daemon.editors.hook.setup import build_hook_editor
 from daemon.model.loading import LoadedModel, load_model
+from tests.daemon.editors.hook.conftest import edit_specs, prompt_logits
 
 
 def _config() -> Config:
@@ -48,10 +48,6 @@ def editor(loaded: LoadedModel, stats: Path) -> HookEditor:
     return _build(loaded, stats)
 
 
-def _specs(edits: list[dict[str, Any]]) -> list[EditSpec]:
-    return [EditSpec(e["id"], e["prompt"], e["target"], e["subject"], e["relation"]) for e in edits]
-
-
 def _last_routes(editor: HookEditor, loaded: LoadedModel, prompts: list[str]) -> list[int]:
     """The shard each prompt's last token is routed to at the (single) hook layer."""
     enc = loaded.tokenizer(prompts, return_tensors="pt", padding=True)
@@ -60,13 +56,6 @@ def _last_routes(editor: HookEditor, loaded: LoadedModel, prompts: list[str]) ->
     (hook,) = editor.hooks.values()
     assert hook.last_route is not None
     return [int(r) for r in hook.last_route[:, -1]]
-
-
-def _logits(loaded: LoadedModel, prompts: list[str]) -> torch.Tensor:
-    enc = loaded.tokenizer(prompts, return_tensors="pt", padding=True)
-    with torch.no_grad():
-        out: torch.Tensor = loaded.model(**enc).logits
-    return out
 
 
 # --- subject n-grams and the index ------------------------------------------------------
@@ -172,19 +161,19 @@ def test_the_gate_opens_only_where_the_subject_is_named(
     does, and its logits are the base model's bit for bit."""
     e = edits[0]
     others = [p["prompt"] for p in e["locality"] if e["subject"] not in p["prompt"]]
-    base = _logits(loaded, others)
-    assert all(o.accepted for o in editor.apply(_specs(edits)))
+    base = prompt_logits(loaded, others)
+    assert all(o.accepted for o in editor.apply(edit_specs(edits)))
     assert all(r >= 0 for r in _last_routes(editor, loaded, [e["prompt"], *e["rephrases"]]))
     assert others and _last_routes(editor, loaded, others) == [-1] * len(others)
     (hook,) = editor.hooks.values()
     assert hook.last_route is not None and not bool((hook.last_route >= 0).any())
-    assert torch.equal(_logits(loaded, others), base)
+    assert torch.equal(prompt_logits(loaded, others), base)
 
 
 def test_the_same_subject_under_another_relation_is_rejected_by_the_floor(
     editor: HookEditor, loaded: LoadedModel, edits: list[dict[str, Any]]
 ) -> None:
-    assert all(o.accepted for o in editor.apply(_specs(edits)))
+    assert all(o.accepted for o in editor.apply(edit_specs(edits)))
     probes = [p["prompt"] for e in edits for p in e["locality"] if e["subject"] in p["prompt"]]
     assert probes
     subject_of = {p: e["subject"] for e in edits for p in [q["prompt"] for q in e["locality"]]}
@@ -202,15 +191,15 @@ def test_retraction_removes_the_subject_from_the_index(
     editor: HookEditor, loaded: LoadedModel, edits: list[dict[str, Any]]
 ) -> None:
     e = edits[0]
-    base = _logits(loaded, [e["prompt"], *e["rephrases"]])
-    editor.apply(_specs(edits))
+    base = prompt_logits(loaded, [e["prompt"], *e["rephrases"]])
+    editor.apply(edit_specs(edits))
     assert editor.scope is not None and e["id"] in editor.scope.edits()
     editor.retract([e["id"]])
     assert e["id"] not in editor.scope.edits()
     assert sorted(editor.scope.edits()) == sorted(x["id"] for x in edits[1:])
     enc = loaded.tokenizer([e["prompt"]], return_tensors="pt")
     assert editor.scope.scope_for(enc["input_ids"], enc["attention_mask"]).candidates.numel() == 0
-    assert torch.equal(_logits(loaded, [e["prompt"], *e["rephrases"]]), base)
+    assert torch.equal(prompt_logits(loaded, [e["prompt"], *e["rephrases"]]), base)
 
 
 def test_decode_steps_keep_the_prefill_scope(
@@ -218,7 +207,7 @@ def test_decode_steps_keep_the_prefill_scope(
 ) -> None:
     """KV-cached generation: the prefill decides the candidates, every decode step keeps
     them; cached and uncached greedy answers agree."""
-    editor.apply(_specs(edits))
+    editor.apply(edit_specs(edits))
     assert editor.scope is not None
     seen: list[Scope | None] = []
     (hook,) = editor.hooks.values()
@@ -245,7 +234,7 @@ def test_decode_steps_keep_the_prefill_scope(
 def test_without_input_ids_the_key_gate_decides(
     editor: HookEditor, loaded: LoadedModel, edits: list[dict[str, Any]]
 ) -> None:
-    editor.apply(_specs(edits))
+    editor.apply(edit_specs(edits))
     enc = loaded.tokenizer([edits[0]["prompt"]], return_tensors="pt")
     embeds = loaded.model.get_input_embeddings()(enc["input_ids"])
     with torch.no_grad():
@@ -265,7 +254,7 @@ def test_a_key_gate_state_loads_into_a_subject_gate_editor(
     """The subject index is rebuilt from the records: no new persisted state, and the
     subject editor's state round-trips to bit-identical logits."""
     keyed = _build(loaded, stats, gate_scope="key")
-    keyed.apply(_specs(edits))
+    keyed.apply(edit_specs(edits))
     keyed.save(tmp_path / "keyed")
     fresh = load_model(str(micro_world), device="cpu")
     subject = _build(fresh, stats)
@@ -274,10 +263,10 @@ def test_a_key_gate_state_loads_into_a_subject_gate_editor(
     assert sorted(subject.scope.edits()) == sorted(e["id"] for e in edits)
     assert all(r >= 0 for r in _last_routes(subject, fresh, [e["prompt"] for e in edits]))
     prompts = [e["prompt"] for e in edits] + [p["prompt"] for e in edits for p in e["locality"]]
-    expected = _logits(fresh, prompts)
+    expected = prompt_logits(fresh, prompts)
     other = load_model(str(micro_world), device="cpu")
     _build(other, stats).load_state_dict(subject.state_dict())
-    assert torch.equal(_logits(other, prompts), expected)
+    assert torch.equal(prompt_logits(other, prompts), expected)
 
 
 def test_a_shared_route_lets_the_first_hook_layer_decide_for_all(
@@ -290,7 +279,7 @@ def test_a_shared_route_lets_the_first_hook_layer_decide_for_all(
     cfg = dataclasses.replace(cfg, editors=dataclasses.replace(cfg.editors, hook=hook_cfg))
     editor = build_hook_editor(loaded, cfg, stats_dir=stats)
     assert editor.settings.gate_shared_route
-    assert all(o.accepted for o in editor.apply(_specs(edits)))
+    assert all(o.accepted for o in editor.apply(edit_specs(edits)))
     prompts = [e["prompt"] for e in edits] + [p["prompt"] for e in edits for p in e["locality"]]
     enc = loaded.tokenizer(prompts, return_tensors="pt", padding=True)
     with torch.no_grad():

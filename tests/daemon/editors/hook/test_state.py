@@ -19,25 +19,13 @@ from daemon.editors.hook.state import MANIFEST, STATE_VERSION, TENSORS, Record, 
 from daemon.editors.hook.sums import LayerSums, rebuild_sums
 from daemon.errors import EditorStateError
 from daemon.model.loading import LoadedModel, load_model
-from tests.daemon.editors.hook.conftest import hook_config
+from tests.daemon.editors.hook.conftest import edit_specs, hook_config, prompt_logits
 
 SHARD_KEYS = 4  # key sites per shard: shard 0 takes two batches (see _three_batches)
 
 
 def _editor(loaded: LoadedModel, stats: Path) -> HookEditor:
     return build_hook_editor(loaded, hook_config(shard_keys=SHARD_KEYS), stats_dir=stats)
-
-
-def _specs(edits: list[dict[str, Any]]) -> list[EditSpec]:
-    return [EditSpec(e["id"], e["prompt"], e["target"], e["subject"], e["relation"]) for e in edits]
-
-
-def _logits(editor: HookEditor, prompts: list[str]) -> torch.Tensor:
-    """The logits of ``prompts`` through the editor's (edited) model."""
-    enc = editor.tokenizer(prompts, return_tensors="pt", padding=True)
-    with torch.no_grad():
-        out: torch.Tensor = editor.model(**enc).logits
-    return out
 
 
 def _prompts(edits: list[dict[str, Any]]) -> list[str]:
@@ -47,7 +35,7 @@ def _prompts(edits: list[dict[str, Any]]) -> list[str]:
 def _three_batches(editor: HookEditor, edits: list[dict[str, Any]]) -> None:
     """Edits 0-1 and 2 into shard 0, edit 3 into shard 1 (edits 4 and 5 are kept back)."""
     for part in (edits[0:2], edits[2:3], edits[3:4]):
-        assert all(o.accepted for o in editor.apply(_specs(part)))
+        assert all(o.accepted for o in editor.apply(edit_specs(part)))
     records = list(editor._records.values())
     assert [r.sites for r in records] == [1, 1, 1, 5]  # the edits of seed 3
     assert [r.shard for r in records] == [0, 0, 0, 1]
@@ -106,7 +94,7 @@ def _reloaded(micro_world: Path, stats: Path, state: dict[str, Any] | Path) -> H
     return other
 
 
-def test_a_saved_state_reloads_to_bit_identical_sums_and_logits(
+def test_a_saved_state_reloads_to_bit_identical_sums_andprompt_logits(
     micro_world: Path,
     loaded: LoadedModel,
     stats: Path,
@@ -117,7 +105,7 @@ def test_a_saved_state_reloads_to_bit_identical_sums_and_logits(
     editor = _editor(loaded, stats)
     _three_batches(editor, edits)
     prompts = _prompts(edits)
-    expected = _logits(editor, prompts)
+    expected = prompt_logits(editor, prompts)
     editor.save(tmp_path / "hook")
     with safe_open(str(tmp_path / "hook" / TENSORS), framework="pt") as f:
         names = list(f.keys())
@@ -126,7 +114,7 @@ def test_a_saved_state_reloads_to_bit_identical_sums_and_logits(
     assert not [n for n in editor.state_dict()["tensors"] if n.startswith("sums.")]
     for source in (tmp_path / "hook", editor.state_dict()):
         other = _reloaded(micro_world, stats, source)
-        assert torch.equal(_logits(other, prompts), expected)
+        assert torch.equal(prompt_logits(other, prompts), expected)
         assert list(other._sums) == list(editor._sums)
         for layer, shards in editor._sums.items():
             assert len(other._sums[layer]) == len(shards) == 2
@@ -160,17 +148,17 @@ def test_after_a_retraction_the_rebuilt_sums_agree_and_editing_goes_on_alike(
     editor.save(tmp_path / "hook")
     other = _reloaded(micro_world, stats, tmp_path / "hook")
     prompts = _prompts(edits)
-    assert torch.equal(_logits(other, prompts), _logits(editor, prompts))
+    assert torch.equal(prompt_logits(other, prompts), prompt_logits(editor, prompts))
     for layer, shards in editor._sums.items():
         _assert_sums_close(shards, other._sums[layer])
         for sums in (shards[1], other._sums[layer][1]):
             assert not sums.moment.any() and not sums.key_outer.any()
     assert other._hook0().n_shards == editor._hook0().n_shards == 2
     for e in (editor, other):
-        assert all(o.accepted for o in e.apply(_specs(edits[4:5])))
+        assert all(o.accepted for o in e.apply(edit_specs(edits[4:5])))
         assert e._records[edits[4]["id"]].shard == 1
     torch.testing.assert_close(
-        _logits(other, prompts), _logits(editor, prompts), rtol=1e-5, atol=1e-5
+        prompt_logits(other, prompts), prompt_logits(editor, prompts), rtol=1e-5, atol=1e-5
     )
     for layer, shards in editor._sums.items():
         _assert_sums_close(shards, other._sums[layer])
@@ -200,13 +188,13 @@ def test_a_version_3_state_loads_its_stored_sums(
     _three_batches(editor, edits)
     editor.retract([edits[1]["id"]])  # live sums now differ from a rebuild by round-off
     prompts = _prompts(edits)
-    expected = _logits(editor, prompts)
+    expected = prompt_logits(editor, prompts)
     old = _as_version_3(editor)
     write_state(tmp_path / "v3", old["manifest"], old["tensors"])
     for source in (tmp_path / "v3", old):
         other = _reloaded(micro_world, stats, source)
         assert other.applied_ids() == editor.applied_ids()
-        assert torch.equal(_logits(other, prompts), expected)
+        assert torch.equal(prompt_logits(other, prompts), expected)
         for layer, shards in editor._sums.items():
             for mine, theirs in zip(shards, other._sums[layer], strict=True):
                 assert torch.equal(theirs.moment, mine.moment)
@@ -227,7 +215,7 @@ def test_a_version_2_state_with_dense_deltas_still_loads(
     editor = _editor(loaded, stats)
     _three_batches(editor, edits)
     prompts = _prompts(edits)
-    expected = _logits(editor, prompts)
+    expected = prompt_logits(editor, prompts)
     old = _as_version_2(editor)
     write_state(tmp_path / "v2", old["manifest"], old["tensors"])
     assert json.loads((tmp_path / "v2" / MANIFEST).read_text())["version"] == 2
@@ -235,7 +223,7 @@ def test_a_version_2_state_with_dense_deltas_still_loads(
         other = _reloaded(micro_world, stats, source)
         assert other.applied_ids() == editor.applied_ids()
         assert not any(d.factored for d in other._hook0().deltas)  # read as stored
-        torch.testing.assert_close(_logits(other, prompts), expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(prompt_logits(other, prompts), expected, rtol=1e-4, atol=1e-4)
         other.retract([edits[0]["id"]])  # and it keeps working
         assert edits[0]["id"] not in other.applied_ids()
 

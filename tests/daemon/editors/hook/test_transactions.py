@@ -19,22 +19,11 @@ from daemon.editors.hook import targets as targets_module
 from daemon.editors.hook.editor import HookEditor, HookSettings
 from daemon.editors.hook.setup import build_hook_editor, settings_from_config
 from daemon.model.loading import LoadedModel, load_model
-from tests.daemon.editors.hook.conftest import hook_config
+from tests.daemon.editors.hook.conftest import edit_specs, hook_config, prompt_logits
 
 
 def _editor(loaded: LoadedModel, stats: Path, **hook: Any) -> HookEditor:
     return build_hook_editor(loaded, hook_config(**hook), stats_dir=stats)
-
-
-def _specs(edits: list[dict[str, Any]]) -> list[EditSpec]:
-    return [EditSpec(e["id"], e["prompt"], e["target"], e["subject"], e["relation"]) for e in edits]
-
-
-def _logits(loaded: LoadedModel, prompts: list[str]) -> torch.Tensor:
-    enc = loaded.tokenizer(prompts, return_tensors="pt", padding=True)
-    with torch.no_grad():
-        out: torch.Tensor = loaded.model(**enc).logits
-    return out
 
 
 def _assert_same_state(a: dict[str, Any], b: dict[str, Any]) -> None:
@@ -62,7 +51,7 @@ def test_a_refused_batch_that_supersedes_and_opens_a_shard_leaves_the_state_unch
 ) -> None:
     """Retraction of the superseded edit, a new shard and the solve are all undone."""
     editor = _editor(loaded, stats)
-    assert all(o.accepted for o in editor.apply(_specs(edits[:3])))
+    assert all(o.accepted for o in editor.apply(edit_specs(edits[:3])))
     before = editor.state_dict()
     editor._shard_keys = 1  # the next batch opens a shard
     _poison(monkeypatch)
@@ -70,7 +59,7 @@ def test_a_refused_batch_that_supersedes_and_opens_a_shard_leaves_the_state_unch
     newer = EditSpec(
         "newer", first["prompt"], edits[1]["target"], first["subject"], first["relation"]
     )
-    outcomes = editor.apply([newer, *_specs(edits[3:5])])
+    outcomes = editor.apply([newer, *edit_specs(edits[3:5])])
     assert not any(o.accepted for o in outcomes)
     _assert_same_state(editor.state_dict(), before)
     assert editor._hook0().n_shards == 1
@@ -81,7 +70,7 @@ def test_the_rollback_snapshot_copies_no_tensor(
 ) -> None:
     """The transaction keeps the live sums, deltas and gate keys themselves."""
     editor = _editor(loaded, stats)
-    editor.apply(_specs(edits[:2]))
+    editor.apply(edit_specs(edits[:2]))
     snap = editor._snapshot()
     for layer, hook in editor.hooks.items():
         assert all(a is b for a, b in zip(snap["sums"][layer], editor._sums[layer], strict=True))
@@ -98,25 +87,24 @@ def test_factored_shards_give_the_dense_outputs(
     prompts = [e["prompt"] for e in edits] + [p["prompt"] for e in edits for p in e["locality"]]
     factored_model = load_model(str(micro_world), device="cpu")
     factored = _editor(factored_model, stats)
-    factored.apply(_specs(edits[:4]))
+    factored.apply(edit_specs(edits[:4]))
     monkeypatch.setattr(solve_module, "use_factors", lambda *_: False)
     dense_model = load_model(str(micro_world), device="cpu")
     dense = _editor(dense_model, stats)
-    dense.apply(_specs(edits[:4]))
+    dense.apply(edit_specs(edits[:4]))
     (f_delta,), (d_delta,) = factored._hook0().deltas, dense._hook0().deltas
     assert f_delta.factored and not d_delta.factored
     assert f_delta.nbytes < d_delta.nbytes
     torch.testing.assert_close(f_delta.to_dense(), d_delta.to_dense(), rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(
-        _logits(factored_model, prompts), _logits(dense_model, prompts), rtol=1e-4, atol=1e-4
-    )
+    f_logits = prompt_logits(factored_model, prompts)
+    torch.testing.assert_close(f_logits, prompt_logits(dense_model, prompts), rtol=1e-4, atol=1e-4)
 
 
 def test_the_solve_state_lives_on_stats_device(
     loaded: LoadedModel, stats: Path, edits: list[dict[str, Any]]
 ) -> None:
     editor = _editor(loaded, stats, stats_device="cpu")
-    assert all(o.accepted for o in editor.apply(_specs(edits[:2])))
+    assert all(o.accepted for o in editor.apply(edit_specs(edits[:2])))
     cpu = torch.device("cpu")
     assert all(s.moment.device == cpu and s.key_outer.device == cpu for s in editor._sums[1])
     assert editor._cov[1].device == cpu
