@@ -177,7 +177,7 @@ class HookConfig:
     gate_floor: float = 1.0
     gate_cos_floor: float = 0.7
     gate_scope: Literal["subject", "key"] = "subject"
-    gate_subject_cos_floor: float | Literal["auto"] = 0.55
+    gate_subject_cos_floor: float | Literal["auto"] = "auto"
     gate_snap_keys: bool = True
     gate_shared_route: bool = True
     shard_keys: int = 0
