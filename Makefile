@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
 .PHONY: install demo test lint typecheck unit test-slow clean bench bench-data \
-	bench-lifelong bench-inference bench-cost bench-restore bench-throughput bench-load bench-soak \
+	bench-lifelong bench-inference bench-cost bench-restore bench-throughput bench-load bench-soak bench-floor \
 	bench-data-medium bench-10k
 
 $(STAMP): pyproject.toml
@@ -80,7 +80,7 @@ bench-10k: bench-data-medium
 
 bench: bench-lifelong bench-inference bench-cost bench-restore bench-throughput bench-load bench-soak
 
-bench-lifelong bench-inference bench-cost bench-restore bench-throughput bench-load bench-soak: bench-data
+bench-lifelong bench-inference bench-cost bench-restore bench-throughput bench-load bench-soak bench-floor: bench-data
 	$(BIN)/python -m bench.$(@:bench-%=%) $(BENCH_ARGS)
 
 clean:
