@@ -11,6 +11,7 @@ import torch
 
 from daemon.editors.base import EditSpec
 from daemon.editors.hook import targets as targets_module
+from daemon.editors.hook.checks import GUARD_MIN_HISTORY
 from daemon.editors.hook.editor import HookEditor
 from daemon.editors.hook.keys import encode_sites
 from daemon.editors.hook.setup import build_hook_editor
@@ -169,8 +170,9 @@ def test_a_non_finite_solve_aborts_the_batch_and_changes_nothing(
 def test_the_collapse_guard_refuses_an_outlier_update(
     editor: HookEditor, loaded: LoadedModel, edits: list[dict[str, Any]]
 ) -> None:
-    for layer in editor.norm_history:  # a history of tiny updates
-        editor.norm_history[layer] = [1e-6, 1.1e-6, 0.9e-6, 1e-6, 1.05e-6]
+    tiny = [1e-6, 1.1e-6, 0.9e-6, 1e-6, 1.05e-6]
+    for layer in editor.norm_history:  # a long enough history of tiny updates
+        editor.norm_history[layer] = tiny * (GUARD_MIN_HISTORY // len(tiny) + 1)
     prompts = [e["prompt"] for e in edits]
     before = prompt_logits(loaded, prompts)
     outcomes = editor.apply(edit_specs(edits[:2]))
