@@ -79,7 +79,7 @@ def test_retracting_one_edit_forgets_it_and_keeps_the_others(
         editor.retract(["no-such-edit"])
 
 
-def test_state_round_trips_to_bit_identicalprompt_logits(
+def test_state_round_trips_to_bit_identical_logits(
     editor: HookEditor,
     edits: list[dict[str, Any]],
     micro_world: Path,

@@ -94,7 +94,7 @@ def _reloaded(micro_world: Path, stats: Path, state: dict[str, Any] | Path) -> H
     return other
 
 
-def test_a_saved_state_reloads_to_bit_identical_sums_andprompt_logits(
+def test_a_saved_state_reloads_to_bit_identical_sums_and_logits(
     micro_world: Path,
     loaded: LoadedModel,
     stats: Path,
