@@ -10,25 +10,14 @@ import pytest
 import torch
 from torch import nn
 
-from daemon.config import Config, HookConfig
+from daemon.config import HookConfig
 from daemon.editors.hook import setup
 from daemon.editors.hook import subject_gate as sg
 from daemon.editors.hook.editor import GateScope, HookEditor, HookSettings
 from daemon.editors.hook.scope import Scope, SubjectIndex, SubjectScope, subject_grams
 from daemon.editors.hook.setup import build_hook_editor
 from daemon.model.loading import LoadedModel, load_model
-from tests.daemon.editors.hook.conftest import edit_specs, prompt_logits
-
-
-def _config() -> Config:
-    cfg = Config()
-    hook = dataclasses.replace(
-        cfg.editors.hook,
-        layers=(1,),
-        key_position="prompt_last",
-        covariance_tokens=20_000,
-    )
-    return dataclasses.replace(cfg, editors=dataclasses.replace(cfg.editors, hook=hook))
+from tests.daemon.editors.hook.conftest import edit_specs, hook_config, prompt_logits
 
 
 def _build(loaded: LoadedModel, stats: Path, gate_scope: GateScope = "subject") -> HookEditor:
@@ -40,7 +29,7 @@ def _build(loaded: LoadedModel, stats: Path, gate_scope: GateScope = "subject") 
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(setup, "settings_from_config", settings)
-        return build_hook_editor(loaded, _config(), stats_dir=stats)
+        return build_hook_editor(loaded, hook_config(), stats_dir=stats)
 
 
 @pytest.fixture
@@ -274,7 +263,7 @@ def test_a_shared_route_lets_the_first_hook_layer_decide_for_all(
 ) -> None:
     """With ``gate_shared_route`` (default) every hook layer routes each token as the
     lowest one did, and the edits still take."""
-    cfg = _config()
+    cfg = hook_config()
     hook_cfg = dataclasses.replace(cfg.editors.hook, layers=(0, 1))
     cfg = dataclasses.replace(cfg, editors=dataclasses.replace(cfg.editors, hook=hook_cfg))
     editor = build_hook_editor(loaded, cfg, stats_dir=stats)
@@ -296,7 +285,7 @@ def test_settings_name_the_gate_scope() -> None:
         HookSettings(layers=(1,), key_position="prompt_last", gate_subject_cos_floor=2.0)
 
 
-def test_the_subject_gate_keys_are_read_from_the_config() -> None:
+def test_the_subject_gate_keys_are_read_from_thehook_config() -> None:
     plain = setup.settings_from_config(HookConfig(), (1,), "prompt_last")
     assert plain.gate_scope == "subject" and plain.gate_shared_route
     keyed = HookConfig(gate_scope="key", gate_shared_route=False, gate_subject_cos_floor=0.4)
