@@ -57,9 +57,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import structlog
 import torch
@@ -69,10 +69,10 @@ from daemon.editors.base import EditOutcome, EditSpec
 from daemon.editors.hook.batching import fact_key, merge_batch, refusal_reason, refuse_all
 from daemon.editors.hook.checks import check_recall
 from daemon.editors.hook.deltas import frobenius
-from daemon.editors.hook.gate import DEFAULT_COS_FLOOR, DEFAULT_SUBJECT_COS_FLOOR
-from daemon.editors.hook.keys import KeyKind, encode_sites
+from daemon.editors.hook.keys import encode_sites
 from daemon.editors.hook.layer import HookedProjection
 from daemon.editors.hook.scope import SubjectScope
+from daemon.editors.hook.settings import HookSettings
 from daemon.editors.hook.solve import SolvePlan, resolve_shards, solve_layers, zero_sums
 from daemon.editors.hook.state import (
     READABLE_VERSIONS,
@@ -90,64 +90,12 @@ from daemon.editors.hook.state import (
     write_state,
 )
 from daemon.editors.hook.sums import shard_rows
-from daemon.editors.hook.targets import EditText, TargetSettings, optimise_targets
+from daemon.editors.hook.targets import EditText, optimise_targets
 from daemon.editors.hook.wiring import calibrate_gates, install_hooks
 from daemon.errors import EditorStateError, SolveError
 from daemon.model import arch
 
 log = structlog.get_logger()
-
-GateScope = Literal["subject", "key"]
-GATE_SCOPES: tuple[GateScope, ...] = ("subject", "key")
-
-
-def stats_device_error(value: str) -> str | None:
-    """Why ``value`` is no ``stats_device`` (``"model"`` or a torch device name), or None."""
-    if value == "model":
-        return None
-    try:
-        torch.device(value)
-    except (RuntimeError, ValueError) as exc:
-        return f"must be 'model' or a torch device such as 'cpu' or 'cuda:0': {exc}"
-    return None
-
-
-@dataclass(frozen=True)
-class HookSettings:
-    """Everything the editor needs besides the model; built from ``[editors.hook]``."""
-
-    layers: tuple[int, ...]
-    key_position: KeyKind
-    cov_weight: float = 10.0
-    targets: TargetSettings = field(default_factory=TargetSettings)
-    gate_threshold: float = 3.0
-    gate_floor: float = 1.0
-    max_update_norm_zscore: float = 6.0
-    max_target_tokens: int = 8
-    solve_rounds: int = 4
-    gate_cos_floor: float = DEFAULT_COS_FLOOR
-    shard_keys: int = 0  # live keys per shard; 0: half the smallest hook d_in
-    check_recall: bool = True
-    gate_scope: GateScope = "subject"  # "key": score every token against every key
-    gate_subject_cos_floor: float = DEFAULT_SUBJECT_COS_FLOOR
-    gate_snap_keys: bool = True  # subject gate: a routed token gets its matched key's value
-    gate_shared_route: bool = True  # subject gate: the first hook layer decides for all
-    stats_device: str = "model"  # where sums, covariance, records live: "model" or a device
-
-    def __post_init__(self) -> None:
-        reason = stats_device_error(self.stats_device)
-        if reason is not None:
-            raise ValueError(f"stats_device {self.stats_device!r} {reason}")
-        if self.gate_scope not in GATE_SCOPES:
-            raise ValueError(f"gate_scope must be one of {GATE_SCOPES}: {self.gate_scope!r}")
-        if self.solve_rounds < 1 or not -1.0 <= self.gate_subject_cos_floor <= 1.0:
-            raise ValueError("solve_rounds >= 1 and gate_subject_cos_floor in [-1, 1] are required")
-        if self.shard_keys < 0 or not -1.0 <= self.gate_cos_floor <= 1.0:
-            raise ValueError("shard_keys >= 0 and gate_cos_floor in [-1, 1] are required")
-        if not self.layers or list(self.layers) != sorted(set(self.layers)):
-            raise ValueError(f"hook layers must be a non-empty increasing list: {self.layers}")
-        if self.max_target_tokens < 1 or self.cov_weight < 0:
-            raise ValueError("max_target_tokens >= 1 and cov_weight >= 0 are required")
 
 
 class HookEditor:

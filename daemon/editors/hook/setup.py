@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from daemon.config import Config, HookConfig
-from daemon.editors.hook.editor import HookEditor, HookSettings
+from daemon.editors.hook.editor import HookEditor
 from daemon.editors.hook.floor import (
     MIN_PAIRS,
     FactLabel,
@@ -45,6 +45,7 @@ from daemon.editors.hook.floor import (
 )
 from daemon.editors.hook.gate import DEFAULT_SUBJECT_COS_FLOOR
 from daemon.editors.hook.keys import KeyKind, capture, encode_sites
+from daemon.editors.hook.settings import HookSettings
 from daemon.editors.hook.stats import cached_covariance
 from daemon.editors.hook.targets import TargetSettings
 from daemon.errors import ConfigError

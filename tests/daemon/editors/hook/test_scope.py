@@ -13,8 +13,9 @@ from torch import nn
 from daemon.config import HookConfig
 from daemon.editors.hook import setup
 from daemon.editors.hook import subject_gate as sg
-from daemon.editors.hook.editor import GateScope, HookEditor, HookSettings
+from daemon.editors.hook.editor import HookEditor
 from daemon.editors.hook.scope import Scope, SubjectIndex, SubjectScope, subject_grams
+from daemon.editors.hook.settings import GateScope, HookSettings
 from daemon.editors.hook.setup import build_hook_editor
 from daemon.model.loading import LoadedModel, load_model
 from tests.daemon.editors.hook.conftest import edit_specs, hook_config, prompt_logits

@@ -16,7 +16,8 @@ from daemon.config import HookConfig
 from daemon.editors.base import EditSpec
 from daemon.editors.hook import solve as solve_module
 from daemon.editors.hook import targets as targets_module
-from daemon.editors.hook.editor import HookEditor, HookSettings
+from daemon.editors.hook.editor import HookEditor
+from daemon.editors.hook.settings import HookSettings
 from daemon.editors.hook.setup import build_hook_editor, settings_from_config
 from daemon.model.loading import LoadedModel, load_model
 from tests.daemon.editors.hook.conftest import edit_specs, hook_config, prompt_logits
