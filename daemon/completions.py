@@ -36,6 +36,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from daemon.api.facade import CompletionChoice, CompletionRequest
+from daemon.model.kv_cache import continuation_inputs, returned_cache
 
 Routing = Callable[[Sequence[str]], AbstractContextManager[None]]
 """Given the prompts of a batch's rows (in order), a context to run its forward passes in."""
@@ -137,12 +138,14 @@ def _generate(
     stops = tuple(s for s in request.stop if s)
     longest_stop = max((len(s) for s in stops), default=0)
     inputs = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
-    past: Any = None
+    cache: Any = None
+    seen = 0  # tokens in the cache
     steps: list[_Step] = []
     text = ""
     for _ in range(max_new):
-        out = cast(Any, model)(input_ids=inputs, past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = cast(Any, model)(**continuation_inputs(model, inputs, cache, seen))
+        cache = returned_cache(out)
+        seen += int(inputs.shape[1])
         logits = out.logits[0, -1].float()  # (V,)
         step = _pick(logits, request, generator)
         steps.append(step)

@@ -18,7 +18,7 @@ asks two questions per token:
 
 :class:`SubjectScope` computes the candidates inside the request's own forward: a
 forward pre-hook on the model reads ``input_ids`` and ``attention_mask`` at the
-prefill (an empty KV cache) and stores a :class:`Scope` in a context variable for
+prefill (no earlier tokens, :func:`daemon.model.kv_cache.is_prefill`) and stores a :class:`Scope` in a context variable for
 the hook layers of that forward; the KV-cached decode steps that follow keep the
 prefill's candidates (all of them active for the generated tokens), so scope is
 decided on the prompt and kept for what the model generates. A subject that
@@ -46,6 +46,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 from transformers import PreTrainedTokenizerBase
+
+from daemon.model.kv_cache import is_prefill
 
 TokenGram = tuple[int, ...]
 
@@ -153,13 +155,6 @@ class _Step:
         self.decision: Decision | None = None
 
 
-def _cache_empty(cache: Any) -> bool:
-    if cache is None:
-        return True
-    length = getattr(cache, "get_seq_length", None)
-    return callable(length) and int(length()) == 0
-
-
 class SubjectScope:
     """The subject index of one editor and the model pre-hook that decides each request's
     candidates (see the module docstring)."""
@@ -260,7 +255,7 @@ class SubjectScope:
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
             self._set(None)  # inputs_embeds: the key gate decides
             return
-        if not _cache_empty(kwargs.get("past_key_values")):
+        if not is_prefill(args, kwargs):
             previous = self.current()
             if previous is not None and previous.candidates.shape[0] == ids.shape[0]:
                 self._set(previous if not previous.prefill else previous.decoding())

@@ -39,6 +39,7 @@ from daemon.editors.melo.index import NeuronIndex
 from daemon.editors.melo.keys import F32, unit_keys
 from daemon.editors.melo.routing import PendingRoutes, pending_routes, route_later
 from daemon.model import arch
+from daemon.model.kv_cache import is_prefill
 
 Lookup = Callable[[NeuronIndex, F32], list[int | None]]
 UpFront = Callable[[NeuronIndex, Sequence[str]], list[int | None]]
@@ -117,7 +118,7 @@ class InlineRouter:
         ids = kwargs.get("input_ids", args[0] if args else None)
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or len(prompts) != ids.shape[0]:
             return None
-        if not _cache_empty(kwargs.get("past_key_values")):
+        if not is_prefill(args, kwargs):
             return None
         width = ids.shape[1]
         mask = kwargs.get("attention_mask")
@@ -137,13 +138,6 @@ class InlineRouter:
         positions = positions.expand(ids.shape[0], width)
         rows: list[list[int]] = self.tokenizer(list(prompts))["input_ids"]
         return _prompt_ends(rows, ids.tolist(), mask.tolist(), positions.tolist())
-
-
-def _cache_empty(cache: Any) -> bool:
-    if cache is None:
-        return True
-    length = getattr(cache, "get_seq_length", None)
-    return callable(length) and int(length()) == 0
 
 
 def _prompt_ends(

@@ -192,11 +192,16 @@ def test_retraction_removes_the_subject_from_the_index(
     assert torch.equal(prompt_logits(loaded, [e["prompt"], *e["rephrases"]]), base)
 
 
+@pytest.mark.parametrize("cache_implementation", ["dynamic", "static"])
 def test_decode_steps_keep_the_prefill_scope(
-    editor: HookEditor, loaded: LoadedModel, edits: list[dict[str, Any]]
+    editor: HookEditor,
+    loaded: LoadedModel,
+    edits: list[dict[str, Any]],
+    cache_implementation: str,
 ) -> None:
     """KV-cached generation: the prefill decides the candidates, every decode step keeps
-    them; cached and uncached greedy answers agree."""
+    them; cached and uncached greedy answers agree, whichever cache class holds the
+    keys and values (the decision must not depend on it)."""
     editor.apply(edit_specs(edits))
     assert editor.scope is not None
     seen: list[Scope | None] = []
@@ -209,7 +214,7 @@ def test_decode_steps_keep_the_prefill_scope(
     gen = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": loaded.tokenizer.pad_token_id}
     try:
         with torch.no_grad():
-            cached = model.generate(**enc, **gen)
+            cached = model.generate(**enc, cache_implementation=cache_implementation, **gen)
     finally:
         handle.remove()
     assert len(seen) >= 2 and all(s is not None for s in seen)
