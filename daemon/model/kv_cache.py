@@ -97,9 +97,7 @@ def continuation_inputs(
     (``past .. past + T - 1``) and a full attention mask."""
     width = int(input_ids.shape[1])
     positions = torch.arange(past, past + width, device=input_ids.device).expand_as(input_ids)
-    mask = torch.ones(
-        (input_ids.shape[0], past + width), dtype=torch.long, device=input_ids.device
-    )
+    mask = torch.ones((input_ids.shape[0], past + width), dtype=torch.long, device=input_ids.device)
     return {
         "input_ids": input_ids,
         "attention_mask": mask,

@@ -19,8 +19,8 @@ asks two questions per token:
 :class:`SubjectScope` computes the candidates inside the request's own forward: a
 forward pre-hook on the model reads ``input_ids`` and ``attention_mask`` at the
 prefill (no earlier tokens: :func:`daemon.model.kv_cache.is_prefill`) and stores a
-:class:`Scope` in a context variable for the hook layers of that forward; the KV-
-cached decode steps that follow keep the prefill's candidates (all of them active
+:class:`Scope` in a context variable for the hook layers of that forward; the
+KV-cached decode steps that follow keep the prefill's candidates (all of them active
 for the generated tokens), so scope is decided on the prompt and kept for what the
 model generates. A subject that appears only in generated text therefore opens no
 edit in cached decoding, whereas an uncached forward over the prompt plus that text
