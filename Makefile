@@ -1,25 +1,32 @@
 # editd — the two commands of the README are `make demo` and `make test`.
 # Both create .venv and install what they need. Torch is installed first, pinned
-# (TORCH_SPEC), so that a CPU machine never downloads CUDA wheels.
+# (TORCH_SPEC), so that a CPU machine never downloads CUDA wheels. Everything else
+# comes at the versions in LOCK (deploy/requirements.lock, a pip constraints file):
+# the versions the suite last passed with. `make test-latest` runs the suite in a
+# separate venv with the newest versions pyproject's ranges allow; `make lock` then
+# writes those versions into the lock.
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.editd-installed
+LOCK ?= deploy/requirements.lock
+LATEST_VENV := .venv-latest
 PYTEST_ARGS ?=
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test lint typecheck unit test-slow clean bench bench-data \
+.PHONY: install demo test lint typecheck unit test-slow test-latest lock versions clean \
+	bench bench-data \
 	bench-lifelong bench-inference bench-cost bench-restore bench-throughput bench-load bench-soak bench-floor \
 	bench-data-medium bench-10k
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "editd needs Python >= 3.11 (set PYTHON=...)")'
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -c 'import torch' 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q $(if $(LOCK),-c $(LOCK)) -e ".[dev]"
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -38,6 +45,21 @@ unit: install
 	$(BIN)/python -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
 
 test: lint typecheck unit
+
+# The suite against the newest versions the ranges allow (torch stays at TORCH_SPEC),
+# in a venv built afresh each time; prints what it resolved.
+test-latest:
+	rm -rf $(LATEST_VENV)
+	$(MAKE) test VENV=$(LATEST_VENV) LOCK=
+	@$(LATEST_VENV)/bin/python .ci/freeze.py versions
+
+# Write the versions test-latest passed with into the lock (then run make test).
+lock:
+	@test -f $(LATEST_VENV)/.editd-installed || { echo "make lock: run make test-latest first"; exit 1; }
+	$(LATEST_VENV)/bin/python .ci/freeze.py lock $(LOCK)
+
+versions: install
+	@$(BIN)/python .ci/freeze.py versions
 
 test-slow: install
 	$(BIN)/python -m pytest -m "slow" $(PYTEST_ARGS)
@@ -84,4 +106,4 @@ bench-lifelong bench-inference bench-cost bench-restore bench-throughput bench-l
 	$(BIN)/python -m bench.$(@:bench-%=%) $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(LATEST_VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -292,6 +292,24 @@ class DriftConfig:
 
 
 @dataclass(frozen=True)
+class HealthConfig:
+    """When a back-end counts as degraded: its edits fail verification or escalate to
+    another back-end too often over its last ``window_edits`` edits (no verdict before
+    ``min_edits``). A degraded back-end shows in ``/v1/status``, in the
+    ``editd_backend_degraded`` metric and in a ``backend_degraded`` warning event."""
+
+    window_edits: int = 200
+    min_edits: int = 20
+    max_verification_failure_rate: float = 0.25
+    max_escalation_rate: float = 0.25
+
+    def __post_init__(self) -> None:
+        _positive(self, "window_edits", "min_edits")
+        _require(self.min_edits <= self.window_edits, "min_edits", "must be <= window_edits")
+        _fraction(self, "max_verification_failure_rate", "max_escalation_rate")
+
+
+@dataclass(frozen=True)
 class ApiConfig:
     """The HTTP API. ``token`` may come from the environment (EDITD_API_TOKEN)."""
 
@@ -386,6 +404,7 @@ class Config:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     checkpoints: CheckpointsConfig = field(default_factory=CheckpointsConfig)
     drift: DriftConfig = field(default_factory=DriftConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
     feeds: FeedsConfig = field(default_factory=FeedsConfig)
     log: LogConfig = field(default_factory=LogConfig)

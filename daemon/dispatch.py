@@ -47,12 +47,15 @@ class DispatchItem:
 
 @dataclass(frozen=True)
 class Step:
-    """One back-end's part of a batch: the edits it got, took and refused (with why)."""
+    """One back-end's part of a batch: the edits it got, took and refused (with why);
+    of the refused, those that failed verification and those escalated onwards."""
 
     backend: Backend
     edit_ids: tuple[str, ...]
     taken: Mapping[str, EditOutcome]
     refused: Mapping[str, str]
+    unverified: frozenset[str] = frozenset()
+    escalated: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -128,9 +131,10 @@ def dispatch(
         if not ids:
             continue
         hooks.before_step(backend, list(ids))
-        taken, refused = _apply_verified(
+        taken, refused, unverified = _apply_verified(
             engine, backend, [specs[i] for i in ids], result.verifications, verify, hooks
         )
+        onwards: set[str] = set()
         for edit_id, outcome in taken.items():
             result.applied[edit_id] = backend
             result.details.setdefault(edit_id, {}).update(outcome.details)
@@ -138,6 +142,7 @@ def dispatch(
             nxt = escalation(backend, router, available)
             if nxt is not None and edit_id not in result.escalated:
                 result.escalated.append(edit_id)
+                onwards.add(edit_id)
                 waiting[nxt].append(edit_id)
                 result.details.setdefault(edit_id, {})["escalated_from"] = {
                     "backend": backend.value,
@@ -145,7 +150,9 @@ def dispatch(
                 }
             else:
                 result.failed[edit_id] = reason
-        hooks.after_step(Step(backend, tuple(ids), taken, refused))
+        hooks.after_step(
+            Step(backend, tuple(ids), taken, refused, frozenset(unverified), frozenset(onwards))
+        )
     return result
 
 
@@ -156,17 +163,19 @@ def _apply_verified(
     verifications: dict[str, Verification],
     verify: bool,
     hooks: DispatchHooks,
-) -> tuple[dict[str, EditOutcome], dict[str, str]]:
-    """Apply on ``backend`` and verify; failed edits are retracted again."""
+) -> tuple[dict[str, EditOutcome], dict[str, str], list[str]]:
+    """Apply on ``backend`` and verify; failed edits are retracted again. Returns the
+    taken edits, the refused ones with why, and which of those failed verification."""
     try:
         outcomes = engine.apply(backend, specs)
     except Exception as exc:  # the editor's own guarantees: refused edits leave no trace
         log.exception("backend_apply_crashed", backend=backend.value)
         engine.retract(backend, [s.edit_id for s in specs])
         reason = f"{backend.value} apply raised {type(exc).__name__}: {exc}"
-        return {}, {s.edit_id: reason for s in specs}
+        return {}, {s.edit_id: reason for s in specs}, []
     taken = {o.edit_id: o for o in outcomes if o.accepted}
     refused = {o.edit_id: f"{backend.value}: {o.reason}" for o in outcomes if not o.accepted}
+    bad: list[str] = []
     if verify and taken:
         checked = engine.verify([s for s in specs if s.edit_id in taken])
         verifications.update(checked)
@@ -178,4 +187,4 @@ def _apply_verified(
                 out = checked[edit_id].prompt_output
                 refused[edit_id] = f"{backend.value}: verification failed (greedy output {out!r})"
                 del taken[edit_id]
-    return taken, refused
+    return taken, refused, bad

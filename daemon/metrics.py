@@ -11,6 +11,10 @@ Metrics (counters are exposed with the ``_total`` suffix):
 - ``editd_queue_depth`` gauge
 - ``editd_submit_to_applied_seconds`` histogram (0.1 s .. 1 h)
 - ``editd_verification_failures_total{backend}``, ``editd_batches_total{backend, outcome}``
+- ``editd_backend_edits_total{backend}`` (edits a back-end was given, escalations included),
+  ``editd_escalations_total{backend}`` (edits it passed on to another back-end)
+- ``editd_backend_verification_failure_rate{backend}``, ``editd_backend_escalation_rate{backend}``
+  and ``editd_backend_degraded{backend}`` (0/1) gauges over the ``[health]`` window
 - ``editd_drift_top1_agreement``, ``editd_drift_mean_kl``, ``editd_drift_retention`` gauges
   and ``editd_drift_runs_total{outcome="passed"|"failed"}``
 - ``editd_checkpoint_age_seconds`` gauge, computed at scrape time (absent before the first)
@@ -121,6 +125,33 @@ class DaemonMetrics:
         self._batches = Counter(
             "editd_batches", "Edit batches processed.", ["backend", "outcome"], registry=reg
         )
+        self._backend_edits = Counter(
+            "editd_backend_edits", "Edits given to a back-end.", ["backend"], registry=reg
+        )
+        self._escalations = Counter(
+            "editd_escalations",
+            "Edits a back-end refused or failed to verify, passed on to another back-end.",
+            ["backend"],
+            registry=reg,
+        )
+        self._failure_rate = Gauge(
+            "editd_backend_verification_failure_rate",
+            "Share of a back-end's recent edits that failed verification ([health] window).",
+            ["backend"],
+            registry=reg,
+        )
+        self._escalation_rate = Gauge(
+            "editd_backend_escalation_rate",
+            "Share of a back-end's recent edits escalated to another back-end.",
+            ["backend"],
+            registry=reg,
+        )
+        self._degraded = Gauge(
+            "editd_backend_degraded",
+            "1 while a back-end's recent failure or escalation rate is past its [health] limit.",
+            ["backend"],
+            registry=reg,
+        )
         self._drift_top1 = Gauge(
             "editd_drift_top1_agreement",
             "Top-1 agreement with the base model on the probes.",
@@ -152,6 +183,9 @@ class DaemonMetrics:
             self._drift_runs.labels(outcome=outcome)
         for backend in backends:
             self._verification_failures.labels(backend=backend)
+            self._backend_edits.labels(backend=backend)
+            self._escalations.labels(backend=backend)
+            self._degraded.labels(backend=backend).set(0)
 
     # --- verbs ---------------------------------------------------------------------
 
@@ -178,6 +212,25 @@ class DaemonMetrics:
 
     def batch_finished(self, backend: str, outcome: str) -> None:
         self._batches.labels(backend=backend, outcome=outcome).inc()
+
+    def backend_step(
+        self,
+        backend: str,
+        *,
+        edits: int,
+        escalated: int,
+        failure_rate: float | None,
+        escalation_rate: float | None,
+        degraded: bool,
+    ) -> None:
+        """One back-end step: its edit and escalation counts, and the window's rates."""
+        self._backend_edits.labels(backend=backend).inc(edits)
+        self._escalations.labels(backend=backend).inc(escalated)
+        if failure_rate is not None:
+            self._failure_rate.labels(backend=backend).set(failure_rate)
+        if escalation_rate is not None:
+            self._escalation_rate.labels(backend=backend).set(escalation_rate)
+        self._degraded.labels(backend=backend).set(1 if degraded else 0)
 
     def drift_run(
         self, *, top1_agreement: float, mean_kl: float, retention: float | None, passed: bool

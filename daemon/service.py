@@ -26,8 +26,10 @@ import structlog
 
 from daemon import __version__
 from daemon.api.facade import CompletionChoice, CompletionRequest
+from daemon.backend_health import BackendHealth
 from daemon.checkpoints import CheckpointManager, Persistable
 from daemon.config import Config, request_limits
+from daemon.dispatch import Step
 from daemon.drift_job import DriftMonitor
 from daemon.editors.base import Editor
 from daemon.editors.registry import make_editor
@@ -73,6 +75,7 @@ class Daemon:
     def __init__(self, config: Config, *, metrics: DaemonMetrics | None = None) -> None:
         self.config = config
         self.metrics = metrics or DaemonMetrics(__version__)
+        self.health = BackendHealth(config.health, config.router.backends)
         self.store: Store | None = None
         self.queue: EditQueue | None = None
         self.engine: Engine | None = None
@@ -291,7 +294,19 @@ class Daemon:
             on_applied=on_applied,
             on_verification_failure=lambda b: self.metrics.verification_failed(b.value),
             on_batch=lambda b, outcome: self.metrics.batch_finished(b.value, outcome),
+            on_step=self._after_step,
             after_batch=self._after_batch,
+        )
+
+    def _after_step(self, step: Step) -> None:
+        rates = self.health.record(step)
+        self.metrics.backend_step(
+            rates.backend,
+            edits=len(step.edit_ids),
+            escalated=len(step.escalated),
+            failure_rate=rates.verification_failure_rate,
+            escalation_rate=rates.escalation_rate,
+            degraded=rates.degraded,
         )
 
     def _after_batch(self, report: BatchReport) -> None:
@@ -371,6 +386,7 @@ class Daemon:
             "queue_depth": counts["queued"] + counts["applying"],
             "edits": counts,
             "applied_by_backend": {str(b): int(n) for b, n in rows},
+            "backend_health": {b: r.to_json_dict() for b, r in self.health.snapshot().items()},
             "last_checkpoint": None if last_ck is None else last_ck.to_json_dict(),
             "last_drift": None if drift is None else drift.to_json_dict(),
             "restore": None if self.restore_report is None else _restore_json(self.restore_report),

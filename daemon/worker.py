@@ -82,6 +82,7 @@ class WorkerHooks:
     on_applied: Callable[[EditRecord], None] = lambda record: None
     on_verification_failure: Callable[[Backend], None] = lambda backend: None
     on_batch: Callable[[Backend, str], None] = lambda backend, outcome: None
+    on_step: Callable[[Step], None] = lambda step: None
     after_batch: Callable[[BatchReport], None] = lambda report: None
 
 
@@ -184,6 +185,7 @@ class Worker:
             )
             batches.finish_batch(self.store, batch_id, status)
             self.hooks.on_batch(step.backend, status.value)
+            self.hooks.on_step(step)
             self._heartbeat(list(by_id))
 
         hooks = DispatchHooks(before_step, after_step, self.hooks.on_verification_failure)

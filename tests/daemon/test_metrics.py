@@ -51,6 +51,11 @@ def test_every_documented_family_is_exposed() -> None:
         "editd_submit_to_applied_seconds": "histogram",
         "editd_verification_failures": "counter",
         "editd_batches": "counter",
+        "editd_backend_edits": "counter",
+        "editd_escalations": "counter",
+        "editd_backend_verification_failure_rate": "gauge",
+        "editd_backend_escalation_rate": "gauge",
+        "editd_backend_degraded": "gauge",
         "editd_drift_top1_agreement": "gauge",
         "editd_drift_mean_kl": "gauge",
         "editd_drift_retention": "gauge",
@@ -111,6 +116,30 @@ def test_gauges_and_counters_after_calls() -> None:
     assert s[("editd_model_load_seconds", ())] == 3.5
     assert s[("editd_rollbacks_total", ())] == 1.0
     assert s[("editd_completions_total", ())] == 5.0
+
+
+def test_backend_steps_count_edits_and_set_the_window_rates() -> None:
+    """Counts add up over steps; the rates and the degraded flag are the latest ones."""
+    metrics = DaemonMetrics("x", backends=("hook", "melo"))
+    assert scrape(metrics)[("editd_backend_degraded", (("backend", "hook"),))] == 0.0
+    metrics.backend_step(
+        "hook", edits=4, escalated=3, failure_rate=0.5, escalation_rate=0.75, degraded=True
+    )
+    metrics.backend_step(
+        "hook", edits=6, escalated=0, failure_rate=0.2, escalation_rate=0.3, degraded=False
+    )
+    metrics.backend_step(
+        "melo", edits=3, escalated=0, failure_rate=None, escalation_rate=None, degraded=True
+    )
+    s = scrape(metrics)
+    hook, melo = (("backend", "hook"),), (("backend", "melo"),)
+    assert s[("editd_backend_edits_total", hook)] == 10.0
+    assert s[("editd_escalations_total", hook)] == 3.0
+    assert s[("editd_backend_verification_failure_rate", hook)] == 0.2
+    assert s[("editd_backend_escalation_rate", hook)] == 0.3
+    assert s[("editd_backend_degraded", hook)] == 0.0
+    assert s[("editd_backend_degraded", melo)] == 1.0
+    assert ("editd_backend_verification_failure_rate", melo) not in s
 
 
 def test_submit_to_applied_histogram() -> None:
