@@ -110,7 +110,12 @@ def test_a_back_end_whose_edits_never_verify_is_degraded(micro_world: Path) -> N
     )
     health = BackendHealth(HealthConfig(min_edits=2), ["hook", "melo"])
     steps: list[Step] = []
-    hooks = DispatchHooks(after_step=lambda s: (steps.append(s), health.record(s)))
+
+    def after_step(step: Step) -> None:
+        steps.append(step)
+        health.record(step)
+
+    hooks = DispatchHooks(after_step=after_step)
     result = dispatch(engine, _items(), RouterConfig(), verify=True, hooks=hooks)
     hook_step = next(s for s in steps if s.backend is Backend.HOOK)
     assert hook_step.unverified and hook_step.unverified == hook_step.escalated
