@@ -336,6 +336,14 @@ def summary(server: DemoServer, edits: list[DemoEdit], seconds: float) -> None:
         for event in server.events():
             if event.get("event") == "hook_batch_refused":
                 click.echo(f"                  hook refused a batch: {event.get('reason')}")
+    for backend, health in sorted(status.get("backend_health", {}).items()):
+        if health["window_edits"]:
+            verdict = "DEGRADED: " + "; ".join(health["reasons"]) if health["degraded"] else "ok"
+            click.echo(
+                f"  {backend + ' health:':<16}{health['window_edits']} edits, "
+                f"{health['verification_failures']} failed verification, "
+                f"{health['escalations']} escalated ({verdict})"
+            )
     click.echo(
         f"  time:           {seconds:.1f} s from submit to settled for {len(edits)} edits "
         f"({seconds / len(edits):.2f} s per edit, including the worker's batching wait)"

@@ -182,12 +182,15 @@ def optimise_targets(
         return logits
 
     essence = _essence_batch(tokenizer, edits, kind, device)
-    with torch.no_grad(), gate_positions(hooks, key_mask):
-        with _capture_residual(model, layer, sites.rows, sites.positions) as cap:
+    with torch.no_grad():
+        with (
+            gate_positions(hooks, key_mask),
+            _capture_residual(model, layer, sites.rows, sites.positions) as cap,
+        ):
             forward()
         initial = cap["h"][plain]  # (n_sites, d), in site-id order
         base_essence = None
-        if essence is not None:
+        if essence is not None:  # its own batch: not under the sites' position mask
             base_essence = torch.log_softmax(_essence_logits(model, essence), dim=-1)
 
     delta = torch.zeros_like(initial, requires_grad=True)

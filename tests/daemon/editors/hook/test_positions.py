@@ -20,6 +20,7 @@ from daemon.editors.hook.targets import (
     _essence_logits,
     optimise_targets,
 )
+from daemon.editors.hook.wiring import install_hooks, remove_hooks
 from daemon.model import arch
 from daemon.model.batches import padding_id
 
@@ -156,3 +157,23 @@ def test_locate_states_are_the_same_alone_and_left_padded(
         batched = capture_donor_states(model, prep, padding_id(tok), batch_rows=2)
         alone = capture_donor_states(model, prep, padding_id(tok), batch_rows=1)
     torch.testing.assert_close(batched, alone, rtol=1e-4, atol=1e-4)
+
+
+def test_subject_keys_with_hooks_installed_and_prompts_wider_than_the_essence(
+    tok: PreTrainedTokenizerBase, model: GPT2LMHeadModel
+) -> None:
+    """The "{subject} is a" batch is narrower than the edits' prompts: its forward must not
+    run under the sites' position mask (it crashed: "gate position mask (2, 17) does not
+    fit input (2, 6, 128)"). The KL term's base is read with the hooks as they stand,
+    as every later KL forward is."""
+    hooks = install_hooks(model, [1])
+    torch.manual_seed(0)
+    for hook in hooks.values():  # an earlier batch's delta: the hook acts in the forwards
+        hook.set_delta(torch.randn(hook.d_out, hook.d_in) * 0.01)
+    try:
+        settings = TargetSettings(steps=2, kl_weight=0.5)
+        result = optimise_targets(model, tok, hooks, [LONG, SHORT], 1, "subject_last", settings)
+    finally:
+        remove_hooks(model, hooks)
+    assert result.values.shape == result.initial.shape == (2, 32)
+    assert torch.isfinite(result.values).all()
