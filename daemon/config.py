@@ -68,9 +68,9 @@ def _fraction(cfg: object, *names: str) -> None:
 class ModelConfig:
     """Which model to load and where it runs.
 
-    ``name_or_path`` is a Hugging Face folder or cached name, or ``world:SIZE``
+    ``name_or_path`` is a Hugging Face folder or cached name, ``world:SIZE``
     / ``world:SIZE-ARCH`` for the embedded fact-world model (built on first use
-    into ``world_cache``).
+    into ``world_cache``), or a ``.gguf`` file (imported once into ``import_cache``).
     """
 
     name_or_path: str = "world:small"
@@ -79,6 +79,7 @@ class ModelConfig:
     threads: int = 1  # torch intra-op threads; 0 keeps torch's default
     trust_remote_code: bool = False
     world_cache: Path = Path("var/worlds")
+    import_cache: Path = Path("var/models")
 
     def __post_init__(self) -> None:
         _require(bool(self.name_or_path.strip()), "name_or_path", "must not be empty")

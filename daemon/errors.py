@@ -167,6 +167,10 @@ class ModelLoadError(EditdError):
     """A model or tokenizer could not be loaded from the configured name or folder."""
 
 
+class ModelImportError(ModelLoadError):
+    """A model file (GGUF) could not be imported into a Hugging Face folder."""
+
+
 class UnsupportedArchitectureError(EditdError):
     """The model's architecture is not in the architecture table."""
 

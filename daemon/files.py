@@ -1,5 +1,5 @@
 """Atomic file writes (a temp file in the same folder, then a rename onto the target),
-file digests and directory fsync.
+atomic folder swaps, file digests and directory fsync.
 
 A reader (or a restart after a crash) sees either the old file or the new one,
 never a half-written one. Used for every artefact editd writes outside SQLite.
@@ -52,3 +52,17 @@ def fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def swap_folder(new: Path, out: Path, old: Path) -> None:
+    """Move the finished folder ``new`` to ``out``; an existing ``out`` goes to ``old``
+    first, and back if the move fails. The caller removes ``old`` afterwards."""
+    if out.exists():
+        out.rename(old)
+    try:
+        new.rename(out)
+    except OSError:
+        if old.exists() and not out.exists():
+            old.rename(out)
+        raise
+    fsync_dir(out.parent)

@@ -14,6 +14,7 @@ from daemon.cli import (  # noqa: F401 - register verbs
     evaluate,
     feeds,
     locate,
+    model,
     serve,
     world,
 )

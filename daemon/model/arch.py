@@ -172,6 +172,12 @@ _SPECS: dict[str, ArchSpec] = {
     "llama": _llama_style("llama"),
     "mistral": _llama_style("mistral"),
     "qwen2": _llama_style("qwen2"),
+    # Gemma: the same module paths; the embedding scales by sqrt(hidden) inside the
+    # module, and each MLP's output goes through a post-feedforward norm before the
+    # residual (the hook wraps down_proj, before that norm).
+    "gemma": _llama_style("gemma"),
+    "gemma2": _llama_style("gemma2"),
+    "gemma3_text": _llama_style("gemma3_text"),
 }
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(_SPECS))

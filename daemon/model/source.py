@@ -3,10 +3,13 @@
 ``name_or_path = "world:SIZE"`` or ``"world:SIZE-ARCH"`` (e.g. ``world:small``,
 ``world:micro-gpt2``) names the embedded fact-world model; it is built once into
 ``world_cache`` and then loaded through the same ``from_pretrained`` path as any
-user model. Anything else is passed to ``load_model`` unchanged.
+user model. A ``.gguf`` file is imported once into ``import_cache``
+(:mod:`daemon.model.gguf`). Anything else is passed to ``load_model`` unchanged.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
@@ -28,7 +31,12 @@ def parse_world_name(name: str) -> tuple[str, str] | None:
 
 
 def resolve_model_source(cfg: ModelConfig, *, progress: bool = True) -> str:
-    """The folder or name to load: a ``world:`` name is built (once) and cached."""
+    """The folder or name to load: a ``world:`` name is built (once) and cached, a
+    ``.gguf`` file is imported (once) into ``import_cache``."""
+    if cfg.name_or_path.lower().endswith(".gguf"):
+        from daemon.model.gguf import cached_import
+
+        return str(cached_import(Path(cfg.name_or_path), cfg.import_cache))
     parsed = parse_world_name(cfg.name_or_path)
     if parsed is None:
         return cfg.name_or_path

@@ -30,6 +30,7 @@ from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from daemon.errors import WorldBuildError, WorldFormatError, WorldNotReadyError
+from daemon.files import swap_folder
 from daemon.log import get_logger
 from daemon.world.evaluate import WorldAccuracy, evaluate_world
 from daemon.world.facts import GENERATOR_VERSION, WORLD_SPECS, World, WorldSpec, generate_world
@@ -235,24 +236,12 @@ def _publish(
         tokenizer.save_pretrained(tmp)
         _write_json(tmp / WORLD_FILE, world.to_json())
         _write_json(tmp / REPORT_FILE, report.to_json())
-        _swap(tmp, out, old)
+        swap_folder(tmp, out, old)
     except OSError as exc:
         raise WorldBuildError(f"could not write the world folder: {exc}", path=out) from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _swap(new: Path, out: Path, old: Path) -> None:
-    """Move ``new`` to ``out``; an existing ``out`` goes to ``old``, and back on failure."""
-    if out.exists():
-        out.rename(old)
-    try:
-        new.rename(out)
-    except OSError:
-        if old.exists() and not out.exists():
-            old.rename(out)
-        raise
 
 
 @contextmanager

@@ -9,6 +9,12 @@ import pytest
 import torch
 from torch import nn
 from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GemmaConfig,
+    GemmaForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
     GPTJConfig,
@@ -56,8 +62,12 @@ BUILDERS: dict[str, Callable[[], PreTrainedModel]] = {
     ),
     "mistral": lambda: MistralForCausalLM(MistralConfig(**_LLAMA_LIKE)),
     "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**_LLAMA_LIKE)),
+    "gemma": lambda: GemmaForCausalLM(GemmaConfig(head_dim=16, **_LLAMA_LIKE)),
+    "gemma2": lambda: Gemma2ForCausalLM(Gemma2Config(head_dim=16, **_LLAMA_LIKE)),
+    "gemma3_text": lambda: Gemma3ForCausalLM(Gemma3TextConfig(head_dim=16, **_LLAMA_LIKE)),
 }
-INTERMEDIATE = {"gpt2": 128, "gptj": 128, "gpt_neox": 64, "llama": 64, "mistral": 64, "qwen2": 64}
+GATED = {"llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3_text"}
+INTERMEDIATE = {name: 64 for name in GATED} | {"gpt2": 128, "gptj": 128, "gpt_neox": 64}
 
 
 def conv1d(n_out: int, n_in: int) -> nn.Module:
@@ -117,7 +127,7 @@ def test_module_types_at_each_path(model: PreTrainedModel) -> None:
     for i in range(2):
         assert isinstance(arch.mlp_out_module(model, i), expected)
         ins = arch.mlp_in_modules(model, i)
-        gated = model.config.model_type in {"llama", "mistral", "qwen2"}
+        gated = model.config.model_type in GATED
         assert len(ins) == (2 if gated else 1)
         assert all(isinstance(m, expected) for m in ins)
         block = arch.layer_block(model, i)
