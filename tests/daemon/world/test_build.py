@@ -11,6 +11,7 @@ import structlog
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from daemon.errors import WorldBuildError, WorldFormatError, WorldNotReadyError
+from daemon.files import swap_folder
 from daemon.world import build
 from daemon.world.build import (
     SizePreset,
@@ -210,6 +211,6 @@ def test_a_failed_swap_puts_the_old_folder_back(
 
     monkeypatch.setattr(Path, "rename", rename)
     with pytest.raises(OSError, match="cross-device"):
-        build._swap(new, out, old)
+        swap_folder(new, out, old)
     assert (out / "keep.txt").read_text() == "old world"
     assert not old.exists()
