@@ -26,6 +26,7 @@ DESIGN_VERBS = [
     "probe",
     "eval",
     "world",
+    "model",
     "demo",
 ]
 
