@@ -41,6 +41,8 @@ from daemon.model.batches import padded_forward_inputs
 log = structlog.get_logger()
 
 STATS_FORMAT_VERSION = 1
+PROGRESS_EVERY_S = 15.0
+"""Without a progress bar, a ``covariance_progress`` event this often (seconds)."""
 
 
 @dataclass(frozen=True)
@@ -87,15 +89,27 @@ def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return 0  # any id works: pad positions are masked out and never counted
 
 
+class _Captured(Exception):
+    """Raised by the top layer's capture hook: nothing above it is needed."""
+
+
 @contextlib.contextmanager
 def _capture_inputs(model: nn.Module, layers: Sequence[int]) -> Iterator[dict[int, torch.Tensor]]:
-    """Record the input of each layer's MLP output projection on every forward pass."""
+    """Record the input of each layer's MLP output projection on every forward pass.
+
+    Once the highest of ``layers`` has its input, the forward stops (``_Captured``,
+    caught by :func:`_forward_to_top`): the layers above, the final norm and the LM
+    head over the whole vocabulary are not computed.
+    """
     captured: dict[int, torch.Tensor] = {}
     handles = []
+    top = max(layers)
 
     def make_hook(i: int) -> Any:
         def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
             captured[i] = args[0].detach()  # (B, T, d_in)
+            if i == top:
+                raise _Captured
 
         return hook
 
@@ -106,6 +120,15 @@ def _capture_inputs(model: nn.Module, layers: Sequence[int]) -> Iterator[dict[in
     finally:
         for h in handles:
             h.remove()
+
+
+def _forward_to_top(model: nn.Module, inputs: dict[str, torch.Tensor]) -> None:
+    """Run ``model`` until ``_capture_inputs``' top hook has fired."""
+    try:
+        model(**inputs, use_cache=False)
+    except _Captured:
+        return
+    raise CovarianceStatsError("the forward pass never reached the top hook layer")
 
 
 def _batches(
@@ -171,13 +194,14 @@ def collect_covariance_counted(
     device = next(model.parameters()).device
     sums: dict[int, torch.Tensor] = {}
     seen = 0
+    started = last_report = time.monotonic()
     with (
         _capture_inputs(model, layers) as captured,
         tqdm(total=token_budget, unit="tok", desc="covariance", disable=not progress) as bar,
     ):
         for ids in _batches(tokenizer, texts, batch_size, max_length):
             input_ids, mask = _pad_left(ids, _pad_id(tokenizer), device)  # (B, T) each
-            model(**padded_forward_inputs(input_ids, mask))
+            _forward_to_top(model, padded_forward_inputs(input_ids, mask))
             keep = mask.bool()  # (B, T)
             take = min(int(keep.sum()), token_budget - seen)
             for i in layers:
@@ -187,6 +211,16 @@ def collect_covariance_counted(
                 sums[i] = sums[i] + k.T @ k if i in sums else k.T @ k  # (d_in, d_in)
             seen += take
             bar.update(take)
+            if not progress and time.monotonic() - last_report >= PROGRESS_EVERY_S:
+                last_report = time.monotonic()
+                elapsed = last_report - started
+                log.info(
+                    "covariance_progress",
+                    tokens=seen,
+                    token_budget=token_budget,
+                    seconds=round(elapsed, 1),
+                    eta_s=round(elapsed * (token_budget - seen) / max(seen, 1), 1),
+                )
             if seen >= token_budget:
                 break
     if seen == 0:

@@ -166,3 +166,37 @@ def test_cached_covariance_computes_once_then_reuses(
     with capture_logs() as third:  # another budget is another artefact
         cached_covariance(*args[:5], 100, "micro", progress=False)
     assert "covariance_stats_computed" in [e["event"] for e in third]
+
+
+def test_the_forward_stops_at_the_top_hook_layer(loaded: LoadedModel, texts: list[str]) -> None:
+    """Nothing above the highest hook layer runs (no later block, no LM head), and the
+    statistics equal those read from complete forward passes; without a progress bar,
+    progress is logged."""
+    model = loaded.model
+    n = arch.num_layers(model)
+    calls: list[str] = []
+    above = [arch.layer_block(model, i) for i in range(1, n)] + [arch.get_module(model, "lm_head")]
+    handles = [m.register_forward_pre_hook(lambda *_: calls.append("ran")) for m in above]
+    try:
+        with capture_logs() as logs, pytest.MonkeyPatch.context() as mp:
+            mp.setattr("daemon.editors.hook.stats.PROGRESS_EVERY_S", 0.0)
+            stats, tokens = collect_covariance_counted(
+                model, loaded.tokenizer, texts, [0], token_budget=200, progress=False
+            )
+    finally:
+        for h in handles:
+            h.remove()
+    assert calls == []
+    assert [e["tokens"] for e in logs if e["event"] == "covariance_progress"][-1] == tokens
+    full: list[torch.Tensor] = []
+    hook = arch.mlp_out_module(model, 0).register_forward_pre_hook(
+        lambda _m, args: full.append(args[0].detach())
+    )
+    try:
+        with torch.no_grad():
+            for text in texts:
+                model(**loaded.tokenizer([text], return_tensors="pt"))
+    finally:
+        hook.remove()
+    keys = torch.cat([k[0] for k in full]).to(torch.float64)[:tokens]
+    torch.testing.assert_close(stats[0], keys.T @ keys / tokens, rtol=1e-9, atol=1e-12)
