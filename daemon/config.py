@@ -167,7 +167,7 @@ class HookConfig:
 
     layers: tuple[int, ...] = ()
     key_position: KeyPosition = "auto"
-    covariance_source: str = "world"
+    covariance_source: str = "auto"
     covariance_tokens: int = 100_000
     covariance_weight: float = 10.0
     target_steps: int = 25

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from daemon.commonfacts import probe_prompts
 from daemon.config import Config, DriftConfig
 from daemon.drift.isolate import isolate_damaging
 from daemon.drift.probes import (
@@ -100,17 +101,15 @@ class DriftMonitor:
 
     @classmethod
     def build(cls, cfg: Config, loaded: LoadedModel, store: Store) -> DriftMonitor:
-        """The monitor for ``cfg``: probes from the configured file or the fact world."""
+        """The monitor for ``cfg``: probes from the configured file, the fact world, or
+        (any other model) the shipped common-facts prompts (:mod:`daemon.commonfacts`)."""
         if cfg.drift.probes:
             probes = load_probes_jsonl(cfg.drift.probes)
         elif (Path(loaded.name_or_path) / "world.json").is_file():
             probes = probes_from_world(loaded.name_or_path)
         else:
-            raise ConfigError(
-                "drift validation needs probes: set [drift] probes to a JSONL file of "
-                "prompts the edits must leave alone (or [drift] enabled = false)",
-                key="drift.probes",
-            )
+            probes = [Probe(prompt) for prompt in probe_prompts()]
+            log.info("drift_probes_common_facts", probes=len(probes))
         fingerprint = probe_fingerprint(probes)[:16]
         path = store.path.parent / "drift" / f"base-{fingerprint}.safetensors"
         return cls(cfg.drift, probes, path)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from daemon.errors import WorldFormatError
 from daemon.world.names import NameBook
@@ -219,6 +219,19 @@ class Fact:
     @property
     def target(self) -> str:
         return " " + self.object
+
+
+class FactSet(Protocol):
+    """Labelled facts under templates: a fact world, or the shipped common facts
+    (:mod:`daemon.commonfacts`). What locate and the gate floor read."""
+
+    @property
+    def relations(self) -> tuple[Relation, ...]: ...
+
+    @property
+    def facts(self) -> tuple[Fact, ...]: ...
+
+    def relation(self, name: str) -> Relation: ...
 
 
 @dataclass(frozen=True)

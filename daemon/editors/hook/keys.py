@@ -31,6 +31,7 @@ from daemon.editors.hook.layer import HookedProjection
 from daemon.editors.hook.wiring import gate_positions
 from daemon.model import arch
 from daemon.model.batches import encode_prompt_target, padded_forward_inputs, target_token_ids
+from daemon.model.partial import forward_until
 from daemon.model.tokens import subject_last_token_index
 
 KeyKind = Literal["subject_last", "prompt_last"]
@@ -182,5 +183,7 @@ def capture(
         gate_positions(hooks, mask),
         _recording(model, key_layers, residual_layer, batch.rows, batch.positions) as out,
     ):
-        model(**batch.forward_inputs(), use_cache=False)
+        top = max([*key_layers, residual_layer])
+        last = arch.layer_block(model, top)  # keys and residual are read by then
+        forward_until(model, last, **batch.forward_inputs(), use_cache=False)
     return Captured(keys=dict(out["keys"]), residual=out["residual"])

@@ -53,7 +53,7 @@ from daemon.editors.hook.patching import (
 from daemon.errors import EditValidationError, LocateError
 from daemon.model import arch
 from daemon.model.batches import padding_id
-from daemon.world.facts import World, fill
+from daemon.world.facts import FactSet, fill
 from store.records import iter_jsonl
 
 log = structlog.get_logger()
@@ -82,7 +82,9 @@ WORLD_FACTS_PER_TURN = 4
 """Facts a template contributes at a time: even a short prefix holds pairs (two per template)."""
 
 
-def world_trace_facts(world: World, *, limit: int | None = None, seed: int = 0) -> list[TraceFact]:
+def world_trace_facts(
+    world: FactSet, *, limit: int | None = None, seed: int = 0
+) -> list[TraceFact]:
     """Facts of a fact world under its TRAINING templates, spread over relations and templates.
 
     Each (relation, template) group is shuffled with its own seeded generator;

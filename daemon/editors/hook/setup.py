@@ -2,9 +2,11 @@
 
 ``[editors.hook]`` decides:
 
-- ``covariance_source``: ``"world"`` (the fact-world corpus next to a world model)
-  or a path to a text file (one text per line) or a JSONL file (a ``text`` field,
-  else ``prompt`` + ``target``). The same texts calibrate the scope gate.
+- ``covariance_source``: ``"auto"`` (the fact-world corpus for a world model, else
+  the shipped Wikipedia passages), ``"world"``, ``"wikibio"`` (464 English Wikipedia
+  biographies shipped in ``daemon/data``, about 33,000 tokens; see its NOTICE.md), or
+  a path to a text file (one text per line) or a JSONL file (a ``text`` field, else
+  ``prompt`` + ``target``). The same texts calibrate the scope gate.
 - ``layers`` / ``key_position``: given values win; otherwise the cached result of
   ``editd locate`` for this model decides; without one, the architecture table's
   middle block and subject-last keys (what large models need). Note: locate ranks
@@ -27,6 +29,7 @@ import json
 import random
 import time
 from collections.abc import Sequence
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +37,7 @@ import structlog
 import torch
 from torch import nn
 
+from daemon.commonfacts import known_facts
 from daemon.config import Config, HookConfig
 from daemon.editors.hook.editor import HookEditor
 from daemon.editors.hook.floor import (
@@ -51,7 +55,7 @@ from daemon.editors.hook.targets import TargetSettings
 from daemon.errors import ConfigError
 from daemon.model import arch
 from daemon.model.loading import LoadedModel
-from daemon.world.facts import World, fill
+from daemon.world.facts import FactSet, fill
 
 log = structlog.get_logger()
 
@@ -59,8 +63,17 @@ CALIBRATION_TEXTS = 256
 """How many texts of the source calibrate the scope gate (spread evenly over it)."""
 
 
+SHIPPED_TEXTS = {"wikibio": "wikibio-passages.jsonl"}
+"""``covariance_source`` names of the text files shipped in ``daemon/data``."""
+
+
 def read_text_source(source: str, model_path: str) -> list[str]:
     """The texts of ``covariance_source`` (see the module docstring)."""
+    if source == "auto":
+        source = "world" if (Path(model_path) / "world.json").is_file() else "wikibio"
+    if source in SHIPPED_TEXTS:
+        data = resources.files("daemon") / "data" / SHIPPED_TEXTS[source]
+        return [json.loads(line)["text"] for line in data.read_text("utf-8").splitlines() if line]
     if source == "world":
         world_file = Path(model_path) / "world.json"
         if not world_file.is_file():
@@ -162,21 +175,30 @@ LOCATE_PAIRS = 64
 """Prompt pairs traced when the editor runs locate itself (as ``editd locate`` does)."""
 
 
-def _located_layout(loaded: LoadedModel, config: Config) -> tuple[Sequence[int], KeyKind] | None:
-    """The cached locate result for this model; for a fact world with none cached,
-    locate now (about a second on the small world) and cache it. A model without
-    facts to trace and no cached result gets None (the defaults, with a warning
-    naming ``editd locate --facts``)."""
+def labelled_facts(loaded: LoadedModel) -> FactSet:
+    """The facts to locate and calibrate on: a fact world's own, else the shipped common
+    facts the model states itself (:func:`daemon.commonfacts.known_facts`)."""
+    if (Path(loaded.name_or_path) / "world.json").is_file():
+        from daemon.world.build import load_world
+
+        return load_world(loaded.name_or_path)
+    return known_facts(loaded.model, loaded.tokenizer)
+
+
+def _located_layout(
+    loaded: LoadedModel, config: Config, facts: FactSet
+) -> tuple[Sequence[int], KeyKind] | None:
+    """The cached locate result for this model; with none cached, locate now on
+    ``facts`` (about a second on the small world) and cache it. Too few facts to
+    trace gives None (the defaults, with a warning naming ``editd locate --facts``)."""
     from daemon.editors.hook.locate import cached_locate, latest_locate, locate_cache_dir
     from daemon.editors.hook.locate_trace import world_trace_facts
 
     cache = locate_cache_dir(config)
     found = latest_locate(cache, loaded)
-    if found is None and (Path(loaded.name_or_path) / "world.json").is_file():
-        from daemon.world.build import load_world
-
-        facts = world_trace_facts(load_world(loaded.name_or_path), limit=4 * LOCATE_PAIRS)
-        found = cached_locate(cache, loaded, facts, max_pairs=LOCATE_PAIRS)
+    if found is None and facts.facts:
+        traced = world_trace_facts(facts, limit=4 * LOCATE_PAIRS)
+        found = cached_locate(cache, loaded, traced, max_pairs=LOCATE_PAIRS)
     if found is None:
         log.warning(
             "hook_layout_defaults",
@@ -196,8 +218,10 @@ def build_hook_editor(
 ) -> HookEditor:
     """A hook editor for ``loaded`` as ``config`` describes it (statistics cached)."""
     cfg = config.editors.hook
+    facts: FactSet | None = None
     if located is None and (not cfg.layers or cfg.key_position == "auto"):
-        located = _located_layout(loaded, config)
+        facts = labelled_facts(loaded)
+        located = _located_layout(loaded, config, facts)
     layers, kind = choose_layout(loaded, cfg, located)
     texts = read_text_source(cfg.covariance_source, loaded.name_or_path)
     cache = stats_dir or config.store.path.parent / "stats"
@@ -220,7 +244,7 @@ def build_hook_editor(
         spread_sample(texts, CALIBRATION_TEXTS),
     )
     if cfg.gate_subject_cos_floor == "auto":
-        auto_subject_floor(editor, loaded.name_or_path)
+        auto_subject_floor(editor, facts or labelled_facts(loaded))
     return editor
 
 
@@ -236,7 +260,7 @@ FLOOR_BATCH = 256
 
 
 def world_floor_facts(
-    world: World,
+    world: FactSet,
     *,
     max_subjects: int = FLOOR_SUBJECTS,
     max_prompts: int = FLOOR_PROMPTS,
@@ -295,16 +319,15 @@ def set_subject_floor(editor: HookEditor, floor: float) -> None:
     editor.settings = dataclasses.replace(editor.settings, gate_subject_cos_floor=floor)
 
 
-def auto_subject_floor(editor: HookEditor, model_path: str, *, seed: int = 0) -> float:
-    """Calibrate the subject gate's floor (``"auto"``, see the module docstring) and set
-    it; a model it cannot be calibrated on keeps the default. Returns the floor."""
+def auto_subject_floor(editor: HookEditor, labelled: FactSet, *, seed: int = 0) -> float:
+    """Calibrate the subject gate's floor (``"auto"``, see the module docstring) on
+    ``labelled`` facts and set it; a model it cannot be calibrated on keeps the default.
+    Returns the floor."""
     reason = None
     if editor.settings.gate_scope != "subject":
         reason = f"gate_scope is {editor.settings.gate_scope!r}: no subject gate"
-    elif not (Path(model_path) / "world.json").is_file():
-        reason = f"{model_path} is no fact world (no world.json): no labelled facts"
     else:
-        evidence, reason = _calibrated_floor(editor, model_path, seed)
+        evidence, reason = _calibrated_floor(editor, labelled, seed)
         if evidence is not None:
             set_subject_floor(editor, evidence.floor)
             return evidence.floor
@@ -313,13 +336,13 @@ def auto_subject_floor(editor: HookEditor, model_path: str, *, seed: int = 0) ->
 
 
 def _calibrated_floor(
-    editor: HookEditor, model_path: str, seed: int
+    editor: HookEditor, labelled: FactSet, seed: int
 ) -> tuple[FloorEvidence | None, str]:
-    """The floor's evidence from the world at ``model_path`` (logged), or None and why."""
-    from daemon.world.build import load_world
-
+    """The floor's evidence from ``labelled`` facts (logged), or None and why."""
     t0 = time.perf_counter()
-    facts = world_floor_facts(load_world(model_path), seed=seed)
+    facts = world_floor_facts(labelled, seed=seed)
+    if not facts:
+        return None, "no subject with facts under two relations or more"
     labels = [label for label, _, _ in facts]
     prompts, targets = [p for _, p, _ in facts], [t for _, _, t in facts]
     keys = floor_keys(editor, prompts, targets, [label.subject for label in labels])

@@ -37,6 +37,7 @@ from daemon.errors import CovarianceStatsError
 from daemon.files import atomic_write, atomic_write_text, sha256_file
 from daemon.model import arch
 from daemon.model.batches import padded_forward_inputs
+from daemon.model.partial import forward_until
 
 log = structlog.get_logger()
 
@@ -89,27 +90,19 @@ def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return 0  # any id works: pad positions are masked out and never counted
 
 
-class _Captured(Exception):
-    """Raised by the top layer's capture hook: nothing above it is needed."""
-
-
 @contextlib.contextmanager
 def _capture_inputs(model: nn.Module, layers: Sequence[int]) -> Iterator[dict[int, torch.Tensor]]:
     """Record the input of each layer's MLP output projection on every forward pass.
 
-    Once the highest of ``layers`` has its input, the forward stops (``_Captured``,
-    caught by :func:`_forward_to_top`): the layers above, the final norm and the LM
-    head over the whole vocabulary are not computed.
+    Callers run the forward only up to the highest layer's projection
+    (:func:`daemon.model.partial.forward_until`).
     """
     captured: dict[int, torch.Tensor] = {}
     handles = []
-    top = max(layers)
 
     def make_hook(i: int) -> Any:
         def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
             captured[i] = args[0].detach()  # (B, T, d_in)
-            if i == top:
-                raise _Captured
 
         return hook
 
@@ -120,15 +113,6 @@ def _capture_inputs(model: nn.Module, layers: Sequence[int]) -> Iterator[dict[in
     finally:
         for h in handles:
             h.remove()
-
-
-def _forward_to_top(model: nn.Module, inputs: dict[str, torch.Tensor]) -> None:
-    """Run ``model`` until ``_capture_inputs``' top hook has fired."""
-    try:
-        model(**inputs, use_cache=False)
-    except _Captured:
-        return
-    raise CovarianceStatsError("the forward pass never reached the top hook layer")
 
 
 def _batches(
@@ -195,13 +179,15 @@ def collect_covariance_counted(
     sums: dict[int, torch.Tensor] = {}
     seen = 0
     started = last_report = time.monotonic()
+    top = arch.mlp_out_module(model, max(layers))
     with (
         _capture_inputs(model, layers) as captured,
         tqdm(total=token_budget, unit="tok", desc="covariance", disable=not progress) as bar,
     ):
         for ids in _batches(tokenizer, texts, batch_size, max_length):
             input_ids, mask = _pad_left(ids, _pad_id(tokenizer), device)  # (B, T) each
-            _forward_to_top(model, padded_forward_inputs(input_ids, mask))
+            inputs = padded_forward_inputs(input_ids, mask)
+            forward_until(model, top, **inputs, use_cache=False)  # nothing above is needed
             keep = mask.bool()  # (B, T)
             take = min(int(keep.sum()), token_budget - seen)
             for i in layers:

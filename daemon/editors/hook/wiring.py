@@ -25,6 +25,7 @@ from daemon.editors.hook.gate import (
 from daemon.editors.hook.layer import HookedProjection
 from daemon.model import arch
 from daemon.model.batches import padded_forward_inputs
+from daemon.model.partial import forward_until
 
 log = structlog.get_logger()
 
@@ -124,7 +125,8 @@ def calibrate_gates(
             mask = attention_mask[start : start + batch_size]
             for h in hooks.values():
                 h._token_mask = mask.bool()
-            model(**padded_forward_inputs(ids, mask), use_cache=False)
+            inputs = padded_forward_inputs(ids, mask)
+            forward_until(model, hooks[max(hooks)], **inputs, use_cache=False)  # none above
         for h in hooks.values():
             assert h._collect is not None
             h.set_calibration(torch.cat(h._collect))

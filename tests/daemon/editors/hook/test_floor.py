@@ -171,9 +171,11 @@ def test_the_gate_follows_the_floor_buffer(
     assert torch.equal(prompt_logits(editor, prompts), edited)
 
 
-def test_a_model_without_a_world_keeps_the_default(
+def test_a_model_that_states_no_common_fact_keeps_the_default(
     micro_world: Path, tmp_path: Path, stats: Path
 ) -> None:
+    """Without world.json the floor is calibrated on the shipped common facts the model
+    states itself; the micro world's model states none of them."""
     plain = tmp_path / "plain"
     shutil.copytree(micro_world, plain, ignore=shutil.ignore_patterns("world.json"))
     corpus = tmp_path / "corpus.txt"
@@ -181,8 +183,10 @@ def test_a_model_without_a_world_keeps_the_default(
     config = hook_config(gate_subject_cos_floor="auto", covariance_source=str(corpus))
     with capture_logs() as logs:
         editor = build_hook_editor(load_model(str(plain), device="cpu"), config, stats_dir=stats)
+    (known,) = _events(logs, "common_facts_known")
+    assert known["known"] == 0 and known["facts"] > 200
     (event,) = _events(logs, "hook_floor_default")
-    assert "no world.json" in event["reason"]
+    assert "no subject with facts under two relations" in event["reason"]
     assert event["floor"] == DEFAULT_SUBJECT_COS_FLOOR
     assert not _events(logs, "hook_floor_calibrated")
     assert editor.settings.gate_subject_cos_floor == DEFAULT_SUBJECT_COS_FLOOR
