@@ -85,3 +85,29 @@ def _reset_structlog() -> Iterator[None]:
     import structlog
 
     structlog.reset_defaults()
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M-Instruct's GGUF file from its wheel (``make install`` puts it in the
+    venv); a venv without it fails here, saying how to install it."""
+    from daemon.model.shipped import SHIPPED, shipped_gguf
+
+    model = SHIPPED["smollm2-135m-instruct"]
+    if not model.installed():
+        pytest.fail(f"SmolLM2's wheel is missing from this venv (make install does: {model.pip})")
+    return shipped_gguf(model.name, tmp_path_factory.mktemp("assembled"))
+
+
+@pytest.fixture(scope="session")
+def import_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The ``[model] import_cache`` of the session's real-model tests."""
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_gguf: Path, import_cache: Path) -> Path:
+    """SmolLM2 as a float32 Hugging Face folder, imported once per session (~25 s)."""
+    from daemon.model.gguf import cached_import
+
+    return cached_import(smollm2_gguf, import_cache)

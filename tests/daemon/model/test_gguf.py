@@ -25,23 +25,6 @@ from daemon.model.source import resolve_model_source
 SMOLLM2 = SHIPPED["smollm2-135m-instruct"]
 
 
-@pytest.fixture(scope="session")
-def smollm2_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if not SMOLLM2.installed():
-        pytest.fail(f"SmolLM2's wheel is missing from this venv (make install does: {SMOLLM2.pip})")
-    return shipped_gguf(SMOLLM2.name, tmp_path_factory.mktemp("assembled"))
-
-
-@pytest.fixture(scope="session")
-def import_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("models")
-
-
-@pytest.fixture(scope="session")
-def smollm2_dir(smollm2_gguf: Path, import_cache: Path) -> Path:
-    return cached_import(smollm2_gguf, import_cache)
-
-
 def test_the_shipped_file_is_the_pinned_gguf(smollm2_gguf: Path) -> None:
     assert is_gguf(smollm2_gguf)
     assert sha256_file(smollm2_gguf) == SMOLLM2.sha256
