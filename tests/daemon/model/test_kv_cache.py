@@ -33,6 +33,25 @@ def _record(model: PreTrainedModel) -> tuple[list[int], Any]:
     return seen, model.register_forward_pre_hook(hook, with_kwargs=True)
 
 
+def _generated_past_lengths(model: Any, new_tokens: int, **options: Any) -> list[int]:
+    """``past_length`` of every forward of a greedy ``generate`` over the padded batch."""
+    seen, handle = _record(model)
+    try:
+        with torch.no_grad():
+            model.generate(
+                input_ids=IDS,
+                attention_mask=MASK,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=0,
+                **options,
+            )
+    finally:
+        handle.remove()
+    return seen
+
+
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
 @pytest.mark.parametrize("cache_implementation", ["dynamic", "static"])
 def test_generate_has_one_prefill_then_decode_steps_for_every_cache_class(
@@ -40,41 +59,12 @@ def test_generate_has_one_prefill_then_decode_steps_for_every_cache_class(
 ) -> None:
     """Left-padded batch generation: the first forward continues nothing, step k continues
     the 4 prompt columns plus k - 1 generated tokens, for a dynamic and a static cache."""
-    model: Any = make()
-    seen, handle = _record(model)
-    try:
-        with torch.no_grad():
-            model.generate(
-                input_ids=IDS,
-                attention_mask=MASK,
-                max_new_tokens=4,
-                min_new_tokens=4,
-                do_sample=False,
-                pad_token_id=0,
-                cache_implementation=cache_implementation,
-            )
-    finally:
-        handle.remove()
+    seen = _generated_past_lengths(make(), 4, cache_implementation=cache_implementation)
     assert seen == [0, 4, 5, 6]
 
 
 def test_uncached_generation_is_all_prefills() -> None:
-    model: Any = tiny_llama()
-    seen, handle = _record(model)
-    try:
-        with torch.no_grad():
-            model.generate(
-                input_ids=IDS,
-                attention_mask=MASK,
-                max_new_tokens=3,
-                min_new_tokens=3,
-                do_sample=False,
-                pad_token_id=0,
-                use_cache=False,
-            )
-    finally:
-        handle.remove()
-    assert seen == [0, 0, 0]
+    assert _generated_past_lengths(tiny_llama(), 3, use_cache=False) == [0, 0, 0]
 
 
 def test_each_signal_alone() -> None:
