@@ -160,6 +160,7 @@ class EditRequest:
     rephrases: tuple[str, ...] = ()
     heldout_rephrases: tuple[str, ...] = ()
     locality: tuple[LocalityProbe, ...] = ()
+    target_true: str | None = None  # evaluation only: the answer the edit replaces
     backend: Backend = Backend.AUTO
     schedule: Schedule = Schedule.NOW
     supersedes: str | None = None
@@ -182,7 +183,7 @@ class EditRequest:
 
     def _content_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"prompt": self.prompt, "target": self.target}
-        for name in ("subject", "relation", "supersedes"):
+        for name in ("subject", "relation", "supersedes", "target_true"):
             value = getattr(self, name)
             if value is not None:
                 out[name] = value

@@ -66,6 +66,7 @@ def parse_edit_request(
         rephrases=_text_list(obj.get("rephrases"), "rephrases", limits),
         heldout_rephrases=_text_list(obj.get("heldout_rephrases"), "heldout_rephrases", limits),
         locality=_locality(obj.get("locality"), limits),
+        target_true=_optional_text(obj.get("target_true"), "target_true", limits.max_target_chars),
         backend=_enum(obj.get("backend"), "backend", Backend, Backend.AUTO),
         schedule=_enum(obj.get("schedule"), "schedule", Schedule, Schedule.NOW),
         supersedes=_optional_ident(obj.get("supersedes"), "supersedes", limits.max_id_chars),

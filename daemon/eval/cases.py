@@ -42,6 +42,7 @@ def case_from_request(request: EditRequest, fallback_id: str) -> EvalCase:
         heldout=request.heldout_rephrases,
         locality=tuple((p.prompt, p.target) for p in request.locality),
         backend=request.backend,
+        target_true=request.target_true,
     )
 
 

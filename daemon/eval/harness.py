@@ -34,9 +34,14 @@ import structlog
 from tqdm import tqdm
 
 from daemon.editors.base import Editor, EditSpec
-from daemon.eval.metrics import fraction_or_none
+from daemon.eval.metrics import fraction_or_none, probability_wins
 from daemon.eval.routed import RoutedEditor
-from daemon.eval.scoring import generate, generation_hits, teacher_forced_accuracies
+from daemon.eval.scoring import (
+    generate,
+    generation_hits,
+    target_nlls,
+    teacher_forced_accuracies,
+)
 from daemon.model.batches import target_token_ids
 from daemon.model.loading import LoadedModel
 from store.schema import Backend
@@ -55,6 +60,7 @@ class EvalCase:
     heldout: tuple[str, ...] = ()
     locality: tuple[tuple[str, str], ...] = ()  # (prompt, given answer)
     backend: Backend = Backend.AUTO  # the request's back-end (read only by ``auto``)
+    target_true: str | None = None  # the answer the edit replaces (ES / PS / NS)
 
 
 @dataclass(frozen=True)
@@ -91,6 +97,8 @@ class CheckpointScores:
     seconds_per_edit: float
     peak_rss_mb: float
     routing: dict[str, Any] | None = None  # editor ``auto`` only (RoutingTally)
+    # ES / PS / NS over the cases that name a target_true (empty in older reports)
+    probability: dict[str, float | None] = field(default_factory=dict)
 
     def to_json_dict(self) -> dict[str, Any]:
         out = {
@@ -101,6 +109,7 @@ class CheckpointScores:
             "locality": self.locality,
             "retention": self.retention,
             "teacher_forced": dict(self.teacher_forced),
+            "probability": dict(self.probability),
             "base_task": self.base_task,
             "refused": self.refused,
             "seconds_per_edit": self.seconds_per_edit,
@@ -286,6 +295,36 @@ class Harness:
             batch_size=self.settings.score_batch_size,
         )
 
+    def _nlls(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
+        return target_nlls(
+            self.editor,
+            self.model,
+            self.tokenizer,
+            [p for p, _ in pairs],
+            [t for _, t in pairs],
+            batch_size=self.settings.score_batch_size,
+        )
+
+    def _probability(self, cases: Sequence[EvalCase]) -> dict[str, float | None]:
+        """CounterFact's probability metrics over the cases that name their true answer:
+        ES (the new target likelier than the true one on the prompt), PS (on the
+        rephrases), NS (the true one still likelier on the locality prompts)."""
+        scored = [c for c in cases if c.target_true is not None]
+        out: dict[str, float | None] = {}
+        prompts_of: dict[str, Callable[[EvalCase], Sequence[str]]] = {
+            "es": lambda c: [c.spec.prompt],
+            "ps": lambda c: c.rephrases,
+            "ns": lambda c: [p for p, _ in c.locality],
+        }
+        for name, prompts in prompts_of.items():
+            want_new = name != "ns"
+            rows = [(p, c) for c in scored for p in prompts(c)]
+            new = self._nlls([(p, c.spec.target) for p, c in rows])
+            true = self._nlls([(p, str(c.target_true)) for p, c in rows])
+            wins = probability_wins(new, true) if want_new else probability_wins(true, new)
+            out[name] = fraction_or_none(wins)
+        return out
+
     def score(self, state: _Stream, edits: int) -> CheckpointScores:
         """Score every edit applied so far."""
         cases = state.applied
@@ -307,6 +346,7 @@ class Harness:
                 "paraphrase": fraction_or_none(self._forced(para)),
                 "locality": fraction_or_none(loc_forced),
             },
+            probability=self._probability(cases),
             base_task=fraction_or_none(self._hits(self.base_task)),
             refused=state.refused,
             seconds_per_edit=state.edit_seconds / max(1, len(cases)),

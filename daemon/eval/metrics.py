@@ -85,3 +85,13 @@ def mean(values: Sequence[float | bool]) -> float:
 def fraction_or_none(values: Sequence[float | bool]) -> float | None:
     """Like ``mean`` but ``None`` for an empty sequence (a metric with nothing to score)."""
     return mean(values) if values else None
+
+
+def probability_wins(nll_wanted: Sequence[float], nll_other: Sequence[float]) -> list[bool]:
+    """Per prompt, whether the wanted answer is the likelier one: its mean per-token
+    negative log-likelihood is below the other's (CounterFact's ES / PS / NS, as ROME
+    and MEMIT report them: ES and PS want the new target over the true one, NS the
+    true one over the new)."""
+    if len(nll_wanted) != len(nll_other):
+        raise ValueError(f"{len(nll_wanted)} likelihoods against {len(nll_other)}")
+    return [a < b for a, b in zip(nll_wanted, nll_other, strict=True)]

@@ -45,20 +45,22 @@ def _fmt(value: float | None) -> str:
 
 
 def markdown_table(report: EvalReport) -> str:
-    """One row per checkpoint, generation metrics first, then teacher-forced and cost."""
+    """One row per checkpoint: generation metrics, teacher-forced accuracy, CounterFact's
+    probability metrics (ES / PS / NS, where the edits name their true answer), cost."""
     head = (
         "| edits | efficacy | paraphrase | heldout | locality | retention | base task "
-        "| TF efficacy | TF paraphrase | TF locality | s/edit | peak RSS MB |"
+        "| TF efficacy | TF paraphrase | TF locality | ES | PS | NS | s/edit | peak RSS MB |"
     )
     rule = "|" + "---|" * (head.count("|") - 1)
     lines = [f"### {report.editor} on {report.model} ({report.n_edits} edits)", "", head, rule]
     for c in report.checkpoints:
-        tf = c.teacher_forced
+        tf, prob = c.teacher_forced, c.probability
         lines.append(
             f"| {c.edits} | {_fmt(c.efficacy)} | {_fmt(c.paraphrase)} | {_fmt(c.heldout)} "
             f"| {_fmt(c.locality)} | {_fmt(c.retention)} | {_fmt(c.base_task)} "
             f"| {_fmt(tf.get('efficacy'))} | {_fmt(tf.get('paraphrase'))} "
-            f"| {_fmt(tf.get('locality'))} | {c.seconds_per_edit:.3f} | {c.peak_rss_mb:.0f} |"
+            f"| {_fmt(tf.get('locality'))} | {_fmt(prob.get('es'))} | {_fmt(prob.get('ps'))} "
+            f"| {_fmt(prob.get('ns'))} | {c.seconds_per_edit:.3f} | {c.peak_rss_mb:.0f} |"
         )
     last = report.checkpoints[-1] if report.checkpoints else None
     if last is not None and last.routing is not None:

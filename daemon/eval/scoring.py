@@ -7,7 +7,7 @@ inside ``editor.routing(prompts)`` for the prompts of that batch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -17,6 +17,7 @@ from daemon.eval.metrics import continuation_matches
 from daemon.model.batches import (
     encode_prompt_target,
     left_padded_position_ids,
+    target_nll,
     target_token_hits,
     target_token_ids,
 )
@@ -67,6 +68,23 @@ def generation_hits(
 
 
 @torch.no_grad()
+def target_nlls(
+    editor: Editor,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    *,
+    batch_size: int = 32,
+) -> list[float]:
+    """Per prompt, the mean negative log-likelihood of its target's tokens (teacher forced)."""
+    return [
+        float(v)
+        for v in _forced_batches(editor, model, tokenizer, prompts, targets, batch_size, target_nll)
+    ]
+
+
+@torch.no_grad()
 def teacher_forced_accuracies(
     editor: Editor,
     model: PreTrainedModel,
@@ -77,6 +95,24 @@ def teacher_forced_accuracies(
     batch_size: int = 32,
 ) -> list[float]:
     """Per prompt, the fraction of target tokens that are the argmax given the true prefix."""
+    return [
+        float(v)
+        for v in _forced_batches(
+            editor, model, tokenizer, prompts, targets, batch_size, target_token_hits
+        )
+    ]
+
+
+def _forced_batches(
+    editor: Editor,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    batch_size: int,
+    per_row: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> list[float]:
+    """``per_row(logits, labels)`` over prompt + target batches, routed as the editor routes."""
     scores: list[float] = []
     device = next(model.parameters()).device
     for start in range(0, len(prompts), batch_size):
@@ -89,5 +125,5 @@ def teacher_forced_accuracies(
                 attention_mask=batch.attention_mask,
                 position_ids=left_padded_position_ids(batch.attention_mask),
             ).logits
-        scores.extend(target_token_hits(logits, batch.labels).tolist())
+        scores.extend(per_row(logits, batch.labels).tolist())
     return scores

@@ -166,6 +166,7 @@ def _request(number: int, plan: _Plan, answers: dict[str, str]) -> dict[str, Any
         "id": f"{EDIT_ID_PREFIX}{number:04d}",
         "prompt": fill(plan.template, fact.subject),
         "target": " " + plan.new_object,
+        "target_true": fact.target,
         "subject": fact.subject,
         "relation": fact.relation,
         "rephrases": [fill(t, fact.subject) for t in rel.train_templates if t != plan.template],

@@ -395,3 +395,16 @@ def test_valid_requests_round_trip(req: EditRequest) -> None:
     assert again == req
     assert again.content_hash() == req.content_hash()
     assert parse_edit_request(req.to_json_dict()) == req
+
+
+def test_target_true_is_an_optional_evaluation_field() -> None:
+    """The answer an edit replaces: validated like a target, kept in the canonical form,
+    part of the content hash."""
+    req = parse_edit_request({**BASE, "target_true": " Paris"})
+    assert req.target_true == " Paris"
+    assert req.to_json_dict()["target_true"] == " Paris"
+    assert parse_edit_request(req.to_json_dict()) == req
+    assert req.content_hash() != parse_edit_request(BASE).content_hash()
+    assert "target_true" not in parse_edit_request(BASE).to_json_dict()
+    rejects({**BASE, "target_true": "  "}, "target_true")
+    rejects({**BASE, "target_true": 3}, "target_true")

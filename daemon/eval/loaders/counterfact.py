@@ -9,7 +9,9 @@ locality_prompt, locality_ground_truth}`` (all strings but ``case_id``) becomes:
     rephrases   [rephrase_prompt]
     locality    [{prompt: locality_prompt, target: " " + locality_ground_truth}]
 
-``ground_truth`` (the pre-edit answer) is not carried. Targets get exactly one leading
+    target_true " " + ground_truth (the answer the edit replaces: ES / PS / NS)
+
+Targets get exactly one leading
 space (outer whitespace of the source text is dropped and counted as ``whitespace_trimmed``).
 """
 
@@ -44,6 +46,7 @@ FIELD_MAP = {
     "rephrases": "rephrase_prompt",
     "locality.prompt": "locality_prompt",
     "locality.target": "locality_ground_truth",
+    "target_true": "ground_truth",
 }
 
 
@@ -67,6 +70,7 @@ def _record(b: Builder, rec: Record) -> Converted:
         target=b.target(rec.text("target_new")),
         subject=b.subject(prompt, rec.text("subject")),
         rephrases=[rec.text("rephrase_prompt")],
+        target_true=b.target(rec.text("ground_truth")),
         locality=[
             {
                 "prompt": rec.text("locality_prompt"),

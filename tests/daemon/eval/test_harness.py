@@ -65,6 +65,9 @@ def test_noop_scores_no_efficacy_and_perfect_locality(
     assert final.teacher_forced["locality"] == 1.0
     assert final.retention == 0.0
     assert final.base_task is not None and final.base_task >= 0.9
+    # the model knows the true objects: they beat the counterfactual targets everywhere
+    assert final.probability["es"] == 0.0 and final.probability["ps"] == 0.0
+    assert final.probability["ns"] is not None
 
 
 def test_ft_takes_most_edits(loaded: LoadedModel, edits_file: Path) -> None:
@@ -79,6 +82,8 @@ def test_ft_takes_most_edits(loaded: LoadedModel, edits_file: Path) -> None:
         (final,) = Harness(editor, loaded, settings).run(cases)
         assert final.efficacy is not None and final.efficacy >= 0.5
         assert final.teacher_forced["efficacy"] is not None
+        es = final.probability["es"]
+        assert es is not None and es >= 0.5
         assert final.seconds_per_edit > 0
         assert editor.applied_ids() == [c.spec.edit_id for c in cases[:4]]
     finally:

@@ -125,12 +125,13 @@ def test_counterfact_record_1(data_dir: Path) -> None:
         "target": " " + raw["target_new"],
         "subject": raw["subject"],
         "rephrases": [raw["rephrase_prompt"]],
+        "target_true": " " + raw["ground_truth"],
         "locality": [
             {"prompt": raw["locality_prompt"], "target": " " + raw["locality_ground_truth"]}
         ],
         "source": {"kind": "eval", "url": "counterfact", "item_id": str(raw["case_id"])},
     }
-    assert request["target"] == " English"
+    assert request["target"] == " English" and request["target_true"] == " French"
 
 
 def test_zsre_record_1_and_trimmed_targets(data_dir: Path) -> None:

@@ -10,6 +10,7 @@ from daemon.eval.metrics import (
     fraction_or_none,
     generation_scores,
     mean,
+    probability_wins,
     target_logit_positions,
     teacher_forced_token_accuracy,
 )
@@ -70,3 +71,9 @@ def test_mean_and_fraction() -> None:
     assert fraction_or_none([]) is None
     with pytest.raises(ValueError):
         mean([])
+
+
+def test_probability_wins_compare_mean_nlls() -> None:
+    assert probability_wins([0.1, 2.0, 1.0], [0.5, 1.0, 1.0]) == [True, False, False]
+    with pytest.raises(ValueError, match="2 likelihoods against 1"):
+        probability_wins([0.1, 0.2], [0.3])

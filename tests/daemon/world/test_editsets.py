@@ -19,6 +19,7 @@ REQUEST_KEYS = {
     "id",
     "prompt",
     "target",
+    "target_true",
     "subject",
     "relation",
     "rephrases",
@@ -51,6 +52,7 @@ def test_edits_have_the_request_shape(edits: list[dict[str, Any]]) -> None:
         assert set(edit) == REQUEST_KEYS
         assert edit["subject"] in edit["prompt"]
         assert edit["target"].startswith(" ")
+        assert edit["target_true"].startswith(" ") and edit["target_true"] != edit["target"]
         assert edit["source"]["kind"] == "eval"
 
 
