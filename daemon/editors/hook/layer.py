@@ -73,6 +73,17 @@ __all__ = [
 log = structlog.get_logger()
 
 MAX_CALIBRATION_TOKENS = 8192
+
+
+def calibration_sample(n_tokens: int) -> list[int]:
+    """Which of ``n_tokens`` calibration keys the token cache keeps: evenly spaced,
+    at most ``MAX_CALIBRATION_TOKENS`` (all of them below that)."""
+    if n_tokens <= MAX_CALIBRATION_TOKENS:
+        return list(range(n_tokens))
+    step = n_tokens / MAX_CALIBRATION_TOKENS
+    return [int(i * step) for i in range(MAX_CALIBRATION_TOKENS)]
+
+
 """At most this many calibration tokens (spread evenly) are cached per hook."""
 
 _KEY_CHUNK = 4096
@@ -274,15 +285,17 @@ class HookedProjection(ShardDeltasMixin, GateRoutingMixin, nn.Module):
         self._collect.append(flat)
 
     @torch.no_grad()
-    def set_calibration(self, tokens: torch.Tensor) -> None:
-        """Set the centre and token cache from calibration keys ``(N, d_in)``; re-reference keys."""
+    def set_calibration(self, tokens: torch.Tensor, center: torch.Tensor | None = None) -> None:
+        """Set the centre and token cache from calibration keys ``(N, d_in)``; re-reference keys.
+
+        ``center`` (the mean of every calibration key, when ``tokens`` is a sample of
+        them: :func:`calibration_sample`) defaults to the mean of ``tokens``.
+        """
         if tokens.shape[0] == 0:
             raise ValueError("calibration needs at least one token")
-        self.center.copy_(tokens.double().mean(dim=0).float())
+        self.center.copy_(tokens.double().mean(dim=0).float() if center is None else center)
         if tokens.shape[0] > MAX_CALIBRATION_TOKENS:
-            step = tokens.shape[0] / MAX_CALIBRATION_TOKENS
-            pick = [int(i * step) for i in range(MAX_CALIBRATION_TOKENS)]
-            tokens = tokens[pick]
+            tokens = tokens[calibration_sample(tokens.shape[0])]
         self._calib_tokens = tokens.float().clone()
         means, stds = [], []
         for start in range(0, self.keys.shape[0], _KEY_CHUNK):

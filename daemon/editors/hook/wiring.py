@@ -22,7 +22,7 @@ from daemon.editors.hook.gate import (
     DEFAULT_THRESHOLD,
     DEFAULT_THRESHOLD_FLOOR,
 )
-from daemon.editors.hook.layer import HookedProjection
+from daemon.editors.hook.layer import HookedProjection, calibration_sample
 from daemon.model import arch
 from daemon.model.batches import padded_forward_inputs
 from daemon.model.partial import forward_until
@@ -112,24 +112,38 @@ def calibrate_gates(
 ) -> None:
     """Read the calibration tokens' keys (pads excluded, deltas off) and reference every key.
 
-    One pass over the batch: sets each hook's ``center``, caches its calibration
-    tokens and recomputes every stored key's reference (``set_calibration``).
+    One pass over the batch: sets each hook's ``center`` (the mean of every key),
+    caches its sample of calibration tokens (``calibration_sample``, taken batch by
+    batch so that no more than one batch of keys is held beyond it) and recomputes
+    every stored key's reference (``set_calibration``).
     """
     modes = {i: h.gate_mode for i, h in hooks.items()}
+    keep = torch.tensor(calibration_sample(int(attention_mask.sum())), dtype=torch.long)
+    sums = {i: torch.zeros(h.d_in, dtype=torch.float64) for i, h in hooks.items()}
+    kept: dict[int, list[torch.Tensor]] = {i: [] for i in hooks}
+    seen = 0
     for h in hooks.values():
         h.gate_mode = "closed"
-        h._collect = []
     try:
         for start in range(0, input_ids.shape[0], batch_size):
             ids = input_ids[start : start + batch_size]
             mask = attention_mask[start : start + batch_size]
             for h in hooks.values():
                 h._token_mask = mask.bool()
+                h._collect = []
             inputs = padded_forward_inputs(ids, mask)
             forward_until(model, hooks[max(hooks)], **inputs, use_cache=False)  # none above
-        for h in hooks.values():
-            assert h._collect is not None
-            h.set_calibration(torch.cat(h._collect))
+            n = int(mask.sum())
+            mine = keep[(keep >= seen) & (keep < seen + n)] - seen
+            for i, h in hooks.items():
+                assert h._collect is not None
+                keys = torch.cat(h._collect)  # (n, d_in)
+                sums[i] += keys.double().sum(dim=0).cpu()
+                kept[i].append(keys[mine.to(keys.device)])
+            seen += n
+        for i, h in hooks.items():
+            center = (sums[i] / max(seen, 1)).float()
+            h.set_calibration(torch.cat(kept[i]), center=center.to(h.center.device))
     finally:
         for i, h in hooks.items():
             h.gate_mode = modes[i]
