@@ -101,6 +101,12 @@ def _auto_settings(editor_name: str, cfg: Config) -> dict[str, Any]:
 )
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option(
+    "--ppl-text",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Held-out text (.txt, one text a line, or .jsonl with 'text') for perplexity before "
+    "and after; default: shipped Wikipedia biographies, except on a fact world.",
+)
 @click.pass_context
 def eval_(
     ctx: click.Context,
@@ -114,11 +120,14 @@ def eval_(
     send_rephrases: bool,
     out_dir: Path,
     quiet: bool,
+    ppl_text: Path | None,
 ) -> None:
     """Run N edits through an editor; score efficacy, generalisation, locality, retention."""
+    from daemon.editors.hook.setup import read_text_source
     from daemon.editors.registry import make_editor
     from daemon.eval.basetask import world_base_task
     from daemon.eval.harness import EvalSettings, Harness
+    from daemon.eval.perplexity import heldout_texts
     from daemon.eval.report import EvalReport, markdown_table, write_report
     from daemon.eval.routed import build_routed_editor
     from daemon.model.loading import load_model
@@ -148,7 +157,12 @@ def eval_(
     )
     subjects = {c.spec.subject for c in cases[: settings.n] if c.spec.subject}
     base_task = world_base_task(model_dir, exclude_subjects=subjects) or []
-    scores = Harness(editor, loaded, settings, base_task=base_task).run(cases)
+    is_world = (model_dir / "world.json").is_file()
+    ppl_texts = read_text_source(str(ppl_text), str(model_dir)) if ppl_text else []
+    if not ppl_texts and not is_world:
+        ppl_texts = heldout_texts()  # a fact world has its base task instead
+    harness = Harness(editor, loaded, settings, base_task=base_task, ppl_texts=ppl_texts)
+    scores = harness.run(cases)
     report = EvalReport(
         editor=editor_name,
         model=str(model_dir),
@@ -167,6 +181,9 @@ def eval_(
             "format": fmt,
             "unconverted": len(errors),
             "base_task_facts": len(base_task),
+            "perplexity_texts": str(ppl_text)
+            if ppl_text
+            else ("wikibio-heldout" if ppl_texts else None),
         },
     )
     paths = write_report(report, out_dir)

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from daemon.editors.base import Editor, EditSpec
 from daemon.eval.metrics import fraction_or_none, probability_wins
+from daemon.eval.perplexity import perplexity
 from daemon.eval.routed import RoutedEditor
 from daemon.eval.scoring import (
     generate,
@@ -99,6 +100,8 @@ class CheckpointScores:
     routing: dict[str, Any] | None = None  # editor ``auto`` only (RoutingTally)
     # ES / PS / NS over the cases that name a target_true (empty in older reports)
     probability: dict[str, float | None] = field(default_factory=dict)
+    # perplexity on held-out text: {"base": ..., "edited": ...} (empty: not measured)
+    perplexity: dict[str, float] = field(default_factory=dict)
 
     def to_json_dict(self) -> dict[str, Any]:
         out = {
@@ -110,6 +113,7 @@ class CheckpointScores:
             "retention": self.retention,
             "teacher_forced": dict(self.teacher_forced),
             "probability": dict(self.probability),
+            "perplexity": dict(self.perplexity),
             "base_task": self.base_task,
             "refused": self.refused,
             "seconds_per_edit": self.seconds_per_edit,
@@ -150,6 +154,7 @@ class Harness:
         settings: EvalSettings,
         *,
         base_task: Sequence[tuple[str, str]] = (),
+        ppl_texts: Sequence[str] = (),
         on_checkpoint: Callable[[CheckpointScores], None] | None = None,
     ):
         self.editor = editor
@@ -157,6 +162,8 @@ class Harness:
         self.tokenizer = loaded.tokenizer
         self.settings = settings
         self.base_task = list(base_task)
+        self.ppl_texts = list(ppl_texts)
+        self._base_ppl: float | None = None
         self.on_checkpoint = on_checkpoint
         self._base_locality: dict[tuple[str, int], str] = {}
 
@@ -166,6 +173,8 @@ class Harness:
         if not stream_cases:
             raise ValueError("no edits to run")
         self._compute_base_locality(stream_cases)
+        if self.ppl_texts:
+            self._base_ppl = self._perplexity()
         marks = effective_checkpoints(self.settings.checkpoints, len(stream_cases))
         state, results = _Stream(), []
         bar = tqdm(
@@ -295,6 +304,9 @@ class Harness:
             batch_size=self.settings.score_batch_size,
         )
 
+    def _perplexity(self) -> float:
+        return round(perplexity(self.editor, self.model, self.tokenizer, self.ppl_texts), 4)
+
     def _nlls(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
         return target_nlls(
             self.editor,
@@ -347,6 +359,11 @@ class Harness:
                 "locality": fraction_or_none(loc_forced),
             },
             probability=self._probability(cases),
+            perplexity=(
+                {"base": self._base_ppl, "edited": self._perplexity()}
+                if self._base_ppl is not None
+                else {}
+            ),
             base_task=fraction_or_none(self._hits(self.base_task)),
             refused=state.refused,
             seconds_per_edit=state.edit_seconds / max(1, len(cases)),

@@ -63,6 +63,13 @@ def markdown_table(report: EvalReport) -> str:
             f"| {_fmt(prob.get('ns'))} | {c.seconds_per_edit:.3f} | {c.peak_rss_mb:.0f} |"
         )
     last = report.checkpoints[-1] if report.checkpoints else None
+    ppl = [c for c in report.checkpoints if c.perplexity]
+    if ppl:
+        steps = ", ".join(f"{c.perplexity['edited']:.3f} at {c.edits}" for c in ppl)
+        lines += [
+            "",
+            f"Perplexity on held-out text: {ppl[0].perplexity['base']:.3f} before, {steps}.",
+        ]
     if last is not None and last.routing is not None:
         lines += ["", routing_line(last.routing)]
     return "\n".join(lines) + "\n"
