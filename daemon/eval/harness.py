@@ -38,12 +38,12 @@ from daemon.eval.metrics import fraction_or_none, probability_wins
 from daemon.eval.perplexity import perplexity
 from daemon.eval.routed import RoutedEditor
 from daemon.eval.scoring import (
+    PerRow,
     generate,
     generation_hits,
-    target_nlls,
     teacher_forced_accuracies,
 )
-from daemon.model.batches import target_token_ids
+from daemon.model.batches import target_nll, target_token_hits, target_token_ids
 from daemon.model.loading import LoadedModel
 from store.schema import Backend
 
@@ -294,7 +294,9 @@ class Harness:
             batch_size=self.settings.score_batch_size,
         )
 
-    def _forced(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
+    def _forced(
+        self, pairs: Sequence[tuple[str, str]], per_row: PerRow = target_token_hits
+    ) -> list[float]:
         return teacher_forced_accuracies(
             self.editor,
             self.model,
@@ -302,20 +304,11 @@ class Harness:
             [p for p, _ in pairs],
             [t for _, t in pairs],
             batch_size=self.settings.score_batch_size,
+            per_row=per_row,
         )
 
     def _perplexity(self) -> float:
         return round(perplexity(self.editor, self.model, self.tokenizer, self.ppl_texts), 4)
-
-    def _nlls(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
-        return target_nlls(
-            self.editor,
-            self.model,
-            self.tokenizer,
-            [p for p, _ in pairs],
-            [t for _, t in pairs],
-            batch_size=self.settings.score_batch_size,
-        )
 
     def _probability(self, cases: Sequence[EvalCase]) -> dict[str, float | None]:
         """CounterFact's probability metrics over the cases that name their true answer:
@@ -331,8 +324,8 @@ class Harness:
         for name, prompts in prompts_of.items():
             want_new = name != "ns"
             rows = [(p, c) for c in scored for p in prompts(c)]
-            new = self._nlls([(p, c.spec.target) for p, c in rows])
-            true = self._nlls([(p, str(c.target_true)) for p, c in rows])
+            new = self._forced([(p, c.spec.target) for p, c in rows], target_nll)
+            true = self._forced([(p, str(c.target_true)) for p, c in rows], target_nll)
             wins = probability_wins(new, true) if want_new else probability_wins(true, new)
             out[name] = fraction_or_none(wins)
         return out

@@ -17,7 +17,6 @@ from daemon.eval.metrics import continuation_matches
 from daemon.model.batches import (
     encode_prompt_target,
     left_padded_position_ids,
-    target_nll,
     target_token_hits,
     target_token_ids,
 )
@@ -67,21 +66,8 @@ def generation_hits(
     return [continuation_matches(c, t) for c, t in zip(texts, targets, strict=True)]
 
 
-@torch.no_grad()
-def target_nlls(
-    editor: Editor,
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
-    targets: Sequence[str],
-    *,
-    batch_size: int = 32,
-) -> list[float]:
-    """Per prompt, the mean negative log-likelihood of its target's tokens (teacher forced)."""
-    return [
-        float(v)
-        for v in _forced_batches(editor, model, tokenizer, prompts, targets, batch_size, target_nll)
-    ]
+PerRow = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""``(logits, labels) -> (B,)``: one score per row of a prompt + target batch."""
 
 
 @torch.no_grad()
@@ -93,26 +79,12 @@ def teacher_forced_accuracies(
     targets: Sequence[str],
     *,
     batch_size: int = 32,
+    per_row: PerRow = target_token_hits,
 ) -> list[float]:
-    """Per prompt, the fraction of target tokens that are the argmax given the true prefix."""
-    return [
-        float(v)
-        for v in _forced_batches(
-            editor, model, tokenizer, prompts, targets, batch_size, target_token_hits
-        )
-    ]
-
-
-def _forced_batches(
-    editor: Editor,
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
-    targets: Sequence[str],
-    batch_size: int,
-    per_row: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-) -> list[float]:
-    """``per_row(logits, labels)`` over prompt + target batches, routed as the editor routes."""
+    """Per prompt, the fraction of target tokens that are the argmax given the true prefix;
+    ``per_row=target_nll`` gives each target's mean negative log-likelihood instead.
+    Batches are routed as the editor routes.
+    """
     scores: list[float] = []
     device = next(model.parameters()).device
     for start in range(0, len(prompts), batch_size):
