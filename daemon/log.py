@@ -31,10 +31,26 @@ def resolve_format(fmt: LogFormat, stream: TextIO) -> Literal["json", "console"]
     return "console" if isatty is not None and isatty() else "json"
 
 
+def _stdlib_logger_name(
+    logger: object, method: str, event_dict: structlog.types.EventDict
+) -> structlog.types.EventDict:
+    """Name a stdlib record's logger under the key editd's own events use."""
+    record = event_dict.get("_record")
+    if record is not None:
+        event_dict.setdefault("logger_name", record.name)
+    return event_dict
+
+
 def configure_logging(
     level: str = "info", fmt: LogFormat = "auto", stream: TextIO | None = None
 ) -> None:
-    """Configure structlog for this process. Safe to call again (it replaces the config)."""
+    """Configure structlog for this process. Safe to call again (it replaces the config).
+
+    editd's events and the stdlib records of libraries (uvicorn, transformers)
+    leave through one handler, so each event is one whole line written under
+    one lock: a JSON line can never be split by another thread's record, and
+    in JSON format the libraries' records are JSON lines too.
+    """
     out = stream if stream is not None else sys.stderr
     if level not in _LEVELS:
         raise ValueError(f"unknown log level '{level}' (expected one of {sorted(_LEVELS)})")
@@ -54,14 +70,20 @@ def configure_logging(
         renderer = structlog.processors.JSONRenderer()
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=out.isatty())
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[_stdlib_logger_name, *shared],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        )
+    )
+    logging.basicConfig(level=_LEVELS[level], handlers=[handler], force=True)
     structlog.configure(
-        processors=[*shared, renderer],
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(file=out),
+        logger_factory=structlog.stdlib.LoggerFactory(),
         cache_logger_on_first_use=False,
     )
-    # Libraries that use the stdlib (uvicorn, transformers) follow the same level.
-    logging.basicConfig(level=_LEVELS[level], stream=out, format="%(name)s: %(message)s")
 
 
 def get_logger(name: str | None = None) -> structlog.stdlib.BoundLogger:
