@@ -13,6 +13,9 @@ At each checkpoint ALL edits applied so far are scored:
   the base answers being computed before any edit;
 - retention: efficacy over the first 10% of the edits applied so far;
 - teacher_forced: token accuracy of efficacy / paraphrase / locality targets;
+- chat: efficacy with each edit's prompt sent as a user turn in the model's chat
+  template (models that have one): the reply names the target within
+  ``CHAT_REPLY_TOKENS`` tokens;
 - base_task: generation accuracy on facts the stream never touched (if given);
 - routing (editor ``auto`` only): where the edits went so far (``RoutingTally``).
 
@@ -34,7 +37,7 @@ import structlog
 from tqdm import tqdm
 
 from daemon.editors.base import Editor, EditSpec
-from daemon.eval.metrics import fraction_or_none, probability_wins
+from daemon.eval.metrics import fraction_or_none, probability_wins, reply_mentions
 from daemon.eval.perplexity import perplexity
 from daemon.eval.routed import RoutedEditor
 from daemon.eval.scoring import (
@@ -44,12 +47,14 @@ from daemon.eval.scoring import (
     teacher_forced_accuracies,
 )
 from daemon.model.batches import target_nll, target_token_hits, target_token_ids
+from daemon.model.chat import chat_prompt, has_chat_template
 from daemon.model.loading import LoadedModel
 from store.schema import Backend
 
 log = structlog.get_logger()
 
 LOCALITY_MAX_TOKENS = 8
+CHAT_REPLY_TOKENS = 24  # a chat reply may restate the question before the answer
 
 
 @dataclass(frozen=True)
@@ -102,6 +107,9 @@ class CheckpointScores:
     probability: dict[str, float | None] = field(default_factory=dict)
     # perplexity on held-out text: {"base": ..., "edited": ...} (empty: not measured)
     perplexity: dict[str, float] = field(default_factory=dict)
+    # efficacy with each prompt sent as a user turn in the model's chat template: the
+    # target named in the reply (None: the tokenizer has no chat template)
+    chat: float | None = None
 
     def to_json_dict(self) -> dict[str, Any]:
         out = {
@@ -114,6 +122,7 @@ class CheckpointScores:
             "teacher_forced": dict(self.teacher_forced),
             "probability": dict(self.probability),
             "perplexity": dict(self.perplexity),
+            "chat": self.chat,
             "base_task": self.base_task,
             "refused": self.refused,
             "seconds_per_edit": self.seconds_per_edit,
@@ -307,6 +316,20 @@ class Harness:
             per_row=per_row,
         )
 
+    def _chat_hits(self, pairs: Sequence[tuple[str, str]]) -> list[bool]:
+        """Each prompt as a user turn in the chat template: does the reply name the target?"""
+        if not pairs or not has_chat_template(self.tokenizer):
+            return []
+        replies = generate(
+            self.editor,
+            self.model,
+            self.tokenizer,
+            [chat_prompt(self.tokenizer, p) for p, _ in pairs],
+            max_new_tokens=CHAT_REPLY_TOKENS,
+            batch_size=self.settings.score_batch_size,
+        )
+        return [reply_mentions(r, t) for r, (_, t) in zip(replies, pairs, strict=True)]
+
     def _perplexity(self) -> float:
         return round(perplexity(self.editor, self.model, self.tokenizer, self.ppl_texts), 4)
 
@@ -352,6 +375,7 @@ class Harness:
                 "locality": fraction_or_none(loc_forced),
             },
             probability=self._probability(cases),
+            chat=fraction_or_none(self._chat_hits(own)),
             perplexity=(
                 {"base": self._base_ppl, "edited": self._perplexity()}
                 if self._base_ppl is not None

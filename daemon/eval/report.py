@@ -46,10 +46,11 @@ def _fmt(value: float | None) -> str:
 
 def markdown_table(report: EvalReport) -> str:
     """One row per checkpoint: generation metrics, teacher-forced accuracy, CounterFact's
-    probability metrics (ES / PS / NS, where the edits name their true answer), cost."""
+    probability metrics (ES / PS / NS, where the edits name their true answer), efficacy
+    in the chat template (models that have one), cost."""
     head = (
         "| edits | efficacy | paraphrase | heldout | locality | retention | base task "
-        "| TF efficacy | TF paraphrase | TF locality | ES | PS | NS | s/edit | peak RSS MB |"
+        "| TF efficacy | TF paraphrase | TF locality | ES | PS | NS | chat | s/edit | peak RSS MB |"
     )
     rule = "|" + "---|" * (head.count("|") - 1)
     lines = [f"### {report.editor} on {report.model} ({report.n_edits} edits)", "", head, rule]
@@ -60,7 +61,8 @@ def markdown_table(report: EvalReport) -> str:
             f"| {_fmt(c.locality)} | {_fmt(c.retention)} | {_fmt(c.base_task)} "
             f"| {_fmt(tf.get('efficacy'))} | {_fmt(tf.get('paraphrase'))} "
             f"| {_fmt(tf.get('locality'))} | {_fmt(prob.get('es'))} | {_fmt(prob.get('ps'))} "
-            f"| {_fmt(prob.get('ns'))} | {c.seconds_per_edit:.3f} | {c.peak_rss_mb:.0f} |"
+            f"| {_fmt(prob.get('ns'))} | {_fmt(c.chat)} "
+            f"| {c.seconds_per_edit:.3f} | {c.peak_rss_mb:.0f} |"
         )
     last = report.checkpoints[-1] if report.checkpoints else None
     ppl = [c for c in report.checkpoints if c.perplexity]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -68,6 +70,33 @@ def test_noop_scores_no_efficacy_and_perfect_locality(
     # the model knows the true objects: they beat the counterfactual targets everywhere
     assert final.probability["es"] == 0.0 and final.probability["ps"] == 0.0
     assert final.probability["ns"] is not None
+
+
+IDENTITY_CHAT = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+
+
+def test_chat_efficacy_sends_each_prompt_through_the_chat_template(
+    loaded: LoadedModel, edits_file: Path
+) -> None:
+    """``chat`` is None without a chat template; with one, each prompt is sent as a user
+    turn and scored by whether the reply names the target."""
+    cases = load_cases(edits_file).cases
+    known = [
+        dataclasses.replace(c, spec=dataclasses.replace(c.spec, target=str(c.target_true)))
+        for c in cases
+    ]
+    settings = EvalSettings(n=N_EDITS, checkpoints=(N_EDITS,), progress=False)
+    assert Harness(NoopEditor(), loaded, settings).run(known)[-1].chat is None
+
+    tokenizer = copy.deepcopy(loaded.tokenizer)
+    tokenizer.chat_template = IDENTITY_CHAT  # the user's text, nothing around it
+    chatty = dataclasses.replace(loaded, tokenizer=tokenizer)
+    own = Harness(NoopEditor(), chatty, settings).run(known)[-1]
+    assert own.efficacy is not None and own.efficacy >= 0.9
+    assert own.chat is not None and own.chat >= own.efficacy  # the reply names what it says
+    assert Harness(NoopEditor(), chatty, settings).run(cases)[-1].chat == 0.0
+    tokenizer.chat_template = "Nothing to do with it: " + IDENTITY_CHAT.replace("content", "role")
+    assert Harness(NoopEditor(), chatty, settings).run(known)[-1].chat == 0.0
 
 
 def test_ft_takes_most_edits(loaded: LoadedModel, edits_file: Path) -> None:

@@ -11,6 +11,7 @@ from daemon.eval.metrics import (
     generation_scores,
     mean,
     probability_wins,
+    reply_mentions,
     target_logit_positions,
     teacher_forced_token_accuracy,
 )
@@ -77,3 +78,22 @@ def test_probability_wins_compare_mean_nlls() -> None:
     assert probability_wins([0.1, 2.0, 1.0], [0.5, 1.0, 1.0]) == [True, False, False]
     with pytest.raises(ValueError, match="2 likelihoods against 1"):
         probability_wins([0.1, 0.2], [0.3])
+
+
+@pytest.mark.parametrize(
+    ("reply", "target", "expected"),
+    [
+        ("Paris.", " Paris", True),
+        ("The Eiffel Tower is in Paris, France.", " Paris", True),  # restated question
+        ("It is in PARIS", " Paris", True),  # case does not matter
+        ("A Parisian landmark.", " Paris", False),  # part of a longer word
+        ("Not in Lyon or Nice", " Paris", False),
+        ("He speaks Jane Roe's language", "Jane Roe", True),
+        ("", " Paris", False),
+        ("anything", "  ", False),  # an empty target names nothing
+        ("C++ and C", " C++", True),  # a target ending in punctuation
+        ("Xenon Paris", " Paris", True),  # a later occurrence after a failed one
+    ],
+)
+def test_reply_mentions(reply: str, target: str, expected: bool) -> None:
+    assert reply_mentions(reply, target) is expected
