@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -126,7 +127,12 @@ def eval_(
     from daemon.editors.hook.setup import read_text_source
     from daemon.editors.registry import make_editor
     from daemon.eval.basetask import world_base_task
-    from daemon.eval.harness import EvalSettings, Harness
+    from daemon.eval.harness import (
+        CheckpointScores,
+        EvalSettings,
+        Harness,
+        effective_checkpoints,
+    )
     from daemon.eval.perplexity import heldout_texts
     from daemon.eval.report import EvalReport, markdown_table, write_report
     from daemon.eval.routed import build_routed_editor
@@ -161,31 +167,49 @@ def eval_(
     ppl_texts = read_text_source(str(ppl_text), str(model_dir)) if ppl_text else []
     if not ppl_texts and not is_world:
         ppl_texts = heldout_texts()  # a fact world has its base task instead
-    harness = Harness(editor, loaded, settings, base_task=base_task, ppl_texts=ppl_texts)
-    scores = harness.run(cases)
-    report = EvalReport(
-        editor=editor_name,
-        model=str(model_dir),
-        n_edits=settings.n,
-        checkpoints=tuple(scores),
-        settings={
-            "batch_size": batch_size,
-            "send_rephrases": send_rephrases,
-            "checkpoints": list(checkpoints),
-            "threads": cfg.model.threads,
-            "device": str(loaded.device),
-            **_auto_settings(editor_name, cfg),
-        },
-        data={
-            "edits": str(edits_path),
-            "format": fmt,
-            "unconverted": len(errors),
-            "base_task_facts": len(base_task),
-            "perplexity_texts": str(ppl_text)
-            if ppl_text
-            else ("wikibio-heldout" if ppl_texts else None),
-        },
+
+    def report_of(scores: Sequence[CheckpointScores]) -> EvalReport:
+        return EvalReport(
+            editor=editor_name,
+            model=str(model_dir),
+            n_edits=settings.n,
+            checkpoints=tuple(scores),
+            settings={
+                "batch_size": batch_size,
+                "send_rephrases": send_rephrases,
+                "checkpoints": list(checkpoints),
+                "threads": cfg.model.threads,
+                "device": str(loaded.device),
+                **_auto_settings(editor_name, cfg),
+            },
+            data={
+                "edits": str(edits_path),
+                "format": fmt,
+                "unconverted": len(errors),
+                "base_task_facts": len(base_task),
+                "perplexity_texts": str(ppl_text)
+                if ppl_text
+                else ("wikibio-heldout" if ppl_texts else None),
+            },
+        )
+
+    done: list[CheckpointScores] = []
+
+    def checkpointed(scores: CheckpointScores) -> None:
+        """Each checkpoint rewrites the report: a long run that is stopped keeps its scores."""
+        done.append(scores)
+        if len(done) < len(effective_checkpoints(checkpoints, settings.n)):
+            write_report(report_of(done), out_dir)
+
+    harness = Harness(
+        editor,
+        loaded,
+        settings,
+        base_task=base_task,
+        ppl_texts=ppl_texts,
+        on_checkpoint=checkpointed,
     )
+    report = report_of(harness.run(cases))
     paths = write_report(report, out_dir)
     click.echo(markdown_table(report))
     click.echo("wrote " + ", ".join(str(p) for p in paths))

@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -212,6 +213,32 @@ def test_eval_command_writes_json_markdown_and_png(
     assert set(first["teacher_forced"]) == {"efficacy", "paraphrase", "locality"}
     assert "| edits | efficacy |" in (out / "report.md").read_text()
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_stopped_eval_keeps_the_checkpoints_it_scored(
+    micro_world: Path, edits_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each checkpoint rewrites the report, so a long run that dies keeps what it scored."""
+    real_score = Harness.score
+    calls: list[int] = []
+
+    def score_then_die(self: Harness, state: Any, edits: int) -> Any:
+        calls.append(edits)
+        if len(calls) > 1:
+            raise KeyboardInterrupt  # the operator stopped the run
+        return real_score(self, state, edits)
+
+    monkeypatch.setattr(Harness, "score", score_then_die)
+    out = tmp_path / "report"
+    config = tmp_path / "c.toml"
+    config.write_text('[model]\ndevice = "cpu"\n')
+    args = ["--config", str(config), "eval", "--model", str(micro_world), "--editor", "noop"]
+    args += ["--edits", str(edits_file), "--n", "4", "--checkpoints", "2,4"]
+    result = CliRunner().invoke(cli, [*args, "--out", str(out), "--quiet"])
+    assert result.exit_code != 0 and calls == [2, 4]
+    report = json.loads((out / "report.json").read_text())
+    assert [c["edits"] for c in report["checkpoints"]] == [2]
+    assert report["n_edits"] == 4
 
 
 def test_eval_command_runs_the_hook_editor(
