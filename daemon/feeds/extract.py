@@ -15,23 +15,47 @@ relation over the item's title and then its summary, e.g.::
 It is off by default (``[feeds] pattern_extractor``): a regular expression over news
 text is a blunt instrument, and every edit it makes is a change to the model. Rules
 come from ``[[feeds.patterns]]``, or :data:`BUILTIN_RULES` when none are configured.
+
+Rules are searched sentence by sentence, so a match never runs across a sentence
+end, and the work per item is bounded: only the first :data:`MAX_TEXT_CHARS` of a
+title or summary are read (a sentence cut there is dropped), and a sentence longer
+than :data:`MAX_SENTENCE_CHARS` is skipped. The built-in rules are linear in the
+text besides: a name starts at a word boundary and has at most
+:data:`MAX_NAME_WORDS` words of at most :data:`MAX_WORD_CHARS` characters, so a
+long run of capitalised words costs a bounded amount of work at each position.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from daemon.config import FeedsConfig, PatternRule
 from daemon.feeds.parse import FeedEntry
 
-_NAME = r"[A-Z][\w.'&-]*(?: (?:[A-Z][\w.'&-]*|of|de|van|von|der|la))*"
-"""A capitalised name of one or more words (allowing a few lower-case particles)."""
-_LEAD = _NAME[:-1] + "*?"
+MAX_TEXT_CHARS = 20_000
+"""How much of a title or summary is searched (a fact worth an edit is stated early)."""
+MAX_SENTENCE_CHARS = 1_000
+"""A longer sentence is skipped: it is not prose, and a rule's work grows with its length."""
+MAX_NAME_WORDS = 6
+MAX_WORD_CHARS = 30
+
+_BOUNDARY = r"(?<![\w.'&-])"
+_END = r"(?![\w.'&-])"
+_WORD = rf"(?:[A-Z][\w.'&-]{{0,{MAX_WORD_CHARS - 1}}}{_END}|(?:of|de|van|von|der|la){_END})"
+_FIRST = rf"[A-Z][\w.'&-]{{0,{MAX_WORD_CHARS - 1}}}{_END}"
+_NAME = rf"{_BOUNDARY}{_FIRST}(?: {_WORD}){{0,{MAX_NAME_WORDS - 1}}}"
+"""A capitalised name of one to six words (allowing a few lower-case particles)."""
+_LEAD = _NAME + "?"
 """The same, as short as possible: for a name followed by key words (title case
 would otherwise let the name swallow "As CEO")."""
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[]?[A-Z0-9])")
+_NO_BREAK_AFTER = frozenset(
+    {"mr.", "mrs.", "ms.", "dr.", "prof.", "st.", "mt.", "ft.", "jr.", "sr.", "gen.", "gov."}
+)
+"""Abbreviations that end in a full stop without ending the sentence (nor do initials)."""
 
 
 def _words(alternatives: str) -> str:
@@ -122,11 +146,13 @@ class PatternExtractor:
         )
 
     def extract(self, entry: FeedEntry) -> list[Extraction]:
-        """Every rule's first match in the title, else in the summary; one edit per slot."""
+        """Every rule's first match, in the title's sentences then the summary's; one edit
+        per slot."""
         found: dict[str, Extraction] = {}
+        sentences = [*searched_sentences(entry.title), *searched_sentences(entry.summary)]
         for index, compiled in enumerate(self.rules):
-            for text in (entry.title, entry.summary):
-                match = compiled.regex.search(_one_line(text))
+            for sentence in sentences:
+                match = compiled.regex.search(sentence)
                 if match is None:
                     continue
                 extraction = _extraction(compiled.rule, index, match)
@@ -162,8 +188,26 @@ def _extraction(rule: PatternRule, index: int, match: re.Match[str]) -> Extracti
     )
 
 
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
+def searched_sentences(text: str) -> list[str]:
+    """The sentences of ``text`` the rules search: those within its first
+    :data:`MAX_TEXT_CHARS` characters (whitespace collapsed), none longer than
+    :data:`MAX_SENTENCE_CHARS`."""
+    head = " ".join(text[:MAX_TEXT_CHARS].split())
+    sentences = list(_sentences(head))
+    if len(text) > MAX_TEXT_CHARS and sentences:
+        sentences.pop()  # cut at the limit: it could end inside a name
+    return [s for s in sentences if 0 < len(s) <= MAX_SENTENCE_CHARS]
+
+
+def _sentences(text: str) -> Iterator[str]:
+    start = 0
+    for gap in _SENTENCE_END.finditer(text):
+        word = text[text.rfind(" ", start, gap.start()) + 1 : gap.start()]
+        if word.lower() in _NO_BREAK_AFTER or re.fullmatch(r"[A-Z]\.", word):
+            continue  # "Dr. Jane Roe", "J. Smith": not a sentence end
+        yield text[start : gap.start()]
+        start = gap.end()
+    yield text[start:]
 
 
 def _clean(value: str) -> str:

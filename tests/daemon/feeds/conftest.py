@@ -38,17 +38,26 @@ The request log (``requests``, ``requests_to(path)``, ``count(path)``) holds
 (a dict with lower-case names). Every response says ``Connection: close``, so
 each request is one connection. Errors raised inside the handler (other than the
 client hanging up) land in ``errors``; the fixture fails the test if any did.
+
+``tls_feed_server`` is the same over HTTPS, with a throw-away certificate for
+``localhost`` and ``127.0.0.1`` (made with the ``openssl`` command; the tests that
+use it are skipped without one); ``tls_client_context`` is an ``ssl.SSLContext``
+that trusts it (``httpx.Client(verify=tls_client_context)``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import shutil
 import socket
+import ssl
+import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -100,13 +109,14 @@ class _Route:
 class FeedServer:
     """A programmable HTTP server for feed tests; see the module docstring for its API."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
+        self.scheme = "http" if tls is None else "https"
         self._lock = threading.Lock()
         self._routes: dict[str, _Route] = {}
         self._requests: list[SeenRequest] = []
         self.errors: list[BaseException] = []
         self.stopping = threading.Event()
-        self._httpd = _Server(self)
+        self._httpd = _Server(self, tls)
         self.port: int = self._httpd.server_address[1]
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True
@@ -117,7 +127,7 @@ class FeedServer:
 
     def url(self, path: str = "/") -> str:
         """The absolute URL of ``path`` on this server."""
-        return f"http://127.0.0.1:{self.port}{path}"
+        return f"{self.scheme}://127.0.0.1:{self.port}{path}"
 
     def route(self, path: str, *replies: Reply | Handler) -> None:
         """Serve ``replies`` in turn at ``path`` (the last repeats), or call one handler."""
@@ -185,9 +195,13 @@ class FeedServer:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True  # a stuck handler cannot keep the test process alive
 
-    def __init__(self, owner: FeedServer) -> None:
+    def __init__(self, owner: FeedServer, tls: ssl.SSLContext | None) -> None:
         self.owner = owner
         super().__init__(("127.0.0.1", 0), _RequestHandler)
+        if tls is not None:  # the handshake happens in the handler thread, on first read
+            self.socket = tls.wrap_socket(
+                self.socket, server_side=True, do_handshake_on_connect=False
+            )
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         exc = sys.exc_info()[1]
@@ -261,6 +275,44 @@ def _write(
 def feed_server() -> Iterator[FeedServer]:
     """A live :class:`FeedServer`; it fails the test if its handler raised."""
     server = FeedServer()
+    try:
+        yield server
+    finally:
+        server.close()
+    assert not server.errors, f"feed server handler raised: {server.errors!r}"
+
+
+@pytest.fixture(scope="session")
+def tls_certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate and key for localhost and 127.0.0.1 (PEM files)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("the openssl command is needed to make a test certificate")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )  # fmt: skip
+    return cert, key
+
+
+@pytest.fixture
+def tls_client_context(tls_certificate: tuple[Path, Path]) -> ssl.SSLContext:
+    """A client context that trusts :func:`tls_certificate` (and nothing else)."""
+    return ssl.create_default_context(cafile=str(tls_certificate[0]))
+
+
+@pytest.fixture
+def tls_feed_server(tls_certificate: tuple[Path, Path]) -> Iterator[FeedServer]:
+    """A live :class:`FeedServer` over HTTPS (``url()`` gives ``https://127.0.0.1:PORT``)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(*tls_certificate)
+    server = FeedServer(tls=context)
     try:
         yield server
     finally:

@@ -66,7 +66,9 @@ def test_feed_items_are_applied_and_retracted_through_the_live_daemon(
         {"id": f"item-{n}", "title": "t", "_fact_edit": e} for n, e in enumerate(edits)
     ]
     feed_server.route("/facts.json", Reply(body=jsonfeed(items), etag='"1"'))
-    config = write_config(tmp_path, micro_world, feeds={"tick_s": 0.3})
+    config = write_config(
+        tmp_path, micro_world, feeds={"tick_s": 0.3, "allow_hosts": ["127.0.0.1"]}
+    )
     daemon = DaemonProcess(config)
     daemon_factory.append(daemon)
     daemon.start()
