@@ -13,6 +13,12 @@ exactly the same steps:
    (``router.escalation``: hook to MELO); an edit that fails everywhere is failed
    with the reason (no retry: the same input fails the same way).
 
+An editor may replace earlier edits on its own (the hook merges edits of one
+fact: the earlier one is retracted inside ``apply``). Their ids are kept in the
+edit's ``details["superseded"]`` even when the edit then fails verification
+there, so the caller can tell which earlier edits left the model, and put them
+back when the edit ends up applied nowhere.
+
 Callers see each back-end step through :class:`DispatchHooks` (the worker records
 a batch in the store and extends its leases there). Callers that need the whole
 batch atomic for readers hold ``engine.lock`` around :func:`dispatch`.
@@ -132,12 +138,12 @@ def dispatch(
             continue
         hooks.before_step(backend, list(ids))
         taken, refused, unverified = _apply_verified(
-            engine, backend, [specs[i] for i in ids], result.verifications, verify, hooks
+            engine, backend, [specs[i] for i in ids], result, verify, hooks
         )
         onwards: set[str] = set()
         for edit_id, outcome in taken.items():
             result.applied[edit_id] = backend
-            result.details.setdefault(edit_id, {}).update(outcome.details)
+            _merge_details(result.details.setdefault(edit_id, {}), outcome.details)
         for edit_id, reason in refused.items():
             nxt = escalation(backend, router, available)
             if nxt is not None and edit_id not in result.escalated:
@@ -156,16 +162,26 @@ def dispatch(
     return result
 
 
+def _merge_details(into: dict[str, Any], details: Mapping[str, Any]) -> None:
+    """``into.update(details)``, except that the ``superseded`` lists are joined."""
+    earlier = list(into.get("superseded", []))
+    into.update(details)
+    if earlier:
+        into["superseded"] = list(dict.fromkeys([*earlier, *details.get("superseded", [])]))
+
+
 def _apply_verified(
     engine: Engine,
     backend: Backend,
     specs: Sequence[EditSpec],
-    verifications: dict[str, Verification],
+    result: DispatchResult,
     verify: bool,
     hooks: DispatchHooks,
 ) -> tuple[dict[str, EditOutcome], dict[str, str], list[str]]:
     """Apply on ``backend`` and verify; failed edits are retracted again. Returns the
-    taken edits, the refused ones with why, and which of those failed verification."""
+    taken edits, the refused ones with why, and which of those failed verification
+    (the earlier edits those replaced stay listed in ``result.details``)."""
+    verifications = result.verifications
     try:
         outcomes = engine.apply(backend, specs)
     except Exception as exc:  # the editor's own guarantees: refused edits leave no trace
@@ -183,6 +199,9 @@ def _apply_verified(
         if bad:
             engine.retract(backend, bad)
             for edit_id in bad:
+                replaced = taken[edit_id].details.get("superseded", [])
+                if replaced:
+                    _merge_details(result.details.setdefault(edit_id, {}), {"superseded": replaced})
                 hooks.on_verification_failure(backend)
                 out = checked[edit_id].prompt_output
                 refused[edit_id] = f"{backend.value}: verification failed (greedy output {out!r})"

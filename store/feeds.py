@@ -10,6 +10,7 @@ extractor's relation and subject) with the extractor and the text it matched.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from enum import StrEnum
@@ -19,6 +20,9 @@ from daemon.errors import RecordNotFoundError
 from store.db import Store
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+
+ITEM_EDIT_EVENT = "feed_item_edit"
+"""The event the poller appends for every request an item submits (with its provenance)."""
 
 
 class FeedStatus(StrEnum):
@@ -322,6 +326,58 @@ def provenance_of(store: Store, edit_id: str) -> ItemEdit | None:
         for row in db.query("SELECT * FROM feed_item_edits WHERE edit_id = ?", [edit_id]):
             return ItemEdit(**row)
     return None
+
+
+@dataclass(frozen=True)
+class ItemOrigin:
+    """The feed item (and slot) whose request created an edit."""
+
+    feed: str
+    item_id: str
+    slot: str
+
+
+def item_origin(store: Store, edit_id: str) -> ItemOrigin | None:
+    """The feed item that created ``edit_id``, or ``None`` if no feed did.
+
+    Read from the item's ``feed_item_edit`` event, which outlives the slot (a slot
+    points at the item's newest edit only). An item whose request was deduplicated
+    into an existing edit (``created`` false) did not create that edit.
+    """
+    with store.read() as db:
+        rows = db.execute(
+            "SELECT data FROM events WHERE edit_id = ? AND kind = ? ORDER BY id",
+            [edit_id, ITEM_EDIT_EVENT],
+        ).fetchall()
+    for (text,) in rows:
+        data = json.loads(text)
+        if data.get("created") is True and data.get("status") != "rejected":
+            return ItemOrigin(str(data["feed"]), str(data["item_id"]), str(data["slot"]))
+    return None
+
+
+def record_edit_failure(
+    store: Store, edit_id: str, reason: str, *, kept: str | None = None
+) -> ItemOrigin | None:
+    """A feed's edit failed in the worker: its item records why (``error``), and when the
+    edit was to replace ``kept`` (an earlier edit of the same item and slot, still in
+    force) the slot points at ``kept`` again, so the item's next version replaces the
+    edit the model holds. The item's origin, or ``None`` if no feed made ``edit_id``."""
+    with store.write() as db:
+        origin = item_origin(store, edit_id)
+        if origin is None:
+            return None
+        db.execute(
+            "UPDATE feed_items SET error = ?, updated_at = ? WHERE feed = ? AND item_id = ?",
+            [reason[:2000], store.now(), origin.feed, origin.item_id],
+        )
+        if kept is not None and item_origin(store, kept) == origin:
+            db.execute(
+                "UPDATE feed_item_edits SET edit_id = ? "
+                "WHERE feed = ? AND item_id = ? AND slot = ? AND edit_id = ?",
+                [kept, origin.feed, origin.item_id, origin.slot, edit_id],
+            )
+    return origin
 
 
 def _feed(row: dict[str, Any]) -> Feed:

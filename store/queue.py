@@ -50,6 +50,9 @@ _TRANSITION_EVENTS = {
     EditStatus.QUARANTINED: EventKind.EDIT_QUARANTINED,
 }
 
+_RETRACTABLE_UNAPPLIED = frozenset({EditStatus.QUEUED, EditStatus.FAILED, EditStatus.QUARANTINED})
+"""States of a superseded edit that the model does not hold: it is retracted instead."""
+
 
 @dataclass(frozen=True)
 class QueuePolicy:
@@ -180,8 +183,31 @@ class EditQueue:
         result: dict[str, Any] | None = None,
     ) -> EditRecord:
         """Mark a leased edit ``applied`` by ``backend``; raises :class:`LeaseLostError`."""
+        return self.ack_replacing(
+            edit_id, worker, backend=backend, batch_id=batch_id, result=result, replaces=()
+        )[0]
+
+    def ack_replacing(
+        self,
+        edit_id: str,
+        worker: str,
+        *,
+        backend: Backend | str,
+        batch_id: str | None = None,
+        result: dict[str, Any] | None = None,
+        replaces: Sequence[str],
+    ) -> tuple[EditRecord, builtins.list[str]]:
+        """:meth:`ack`, and in the same transaction retire the edits it ``replaces`` (its
+        ``supersedes`` target, and earlier edits an editor replaced): an ``applied`` one
+        becomes ``superseded``; a ``queued``, ``failed`` or ``quarantined`` one
+        ``retracted``; unknown ids and edits in other states are left alone. Either all of
+        it is stored or none. Returns the acked record and the ids retired."""
         backend = Backend(backend)
+        retired: builtins.list[str] = []
         with self.store.write() as db:
+            for old in dict.fromkeys(replaces):
+                if old != edit_id and self._retire(db, old, edit_id):
+                    retired.append(old)
             record = self._held(db, edit_id, worker)
             edits.update(
                 db,
@@ -202,7 +228,9 @@ class EditQueue:
             )
             updated = edits.fetch_existing(db, edit_id)
         log.info("edit_applied", edit_id=edit_id, batch_id=batch_id, backend=backend.value)
-        return updated
+        for old in retired:
+            log.info("edit_superseded", edit_id=old, by=edit_id)
+        return updated, retired
 
     def fail(self, edit_id: str, worker: str, reason: str, *, retry: bool = True) -> EditRecord:
         """Give a leased edit back after a failure: retried after a back-off, or ``failed``.
@@ -293,9 +321,7 @@ class EditQueue:
             record = edits.fetch_existing(db, edit_id)
             if not can_transition(record.status, to):
                 raise InvalidTransitionError(edit_id, record.status.value, to.value)
-            edits.update(db, edit_id, self.store.now(), **self._transition_values(to, reason))
-            payload = {**(data or {}), "from": record.status.value, "reason": reason}
-            editlog.append(self.store, _TRANSITION_EVENTS[to], edit_id=edit_id, data=payload)
+            self._move(db, record, to, reason, data)
             updated = edits.fetch_existing(db, edit_id)
         log.info("edit_transitioned", edit_id=edit_id, old=record.status.value, new=to.value)
         return updated
@@ -309,6 +335,17 @@ class EditQueue:
         """Number of edits in each state (every state present, zeros included)."""
         with self.store.read() as db:
             return edits.counts(db)
+
+    def due(self) -> tuple[int, float | None]:
+        """How many ``queued`` edits are due now (schedule ``now``), and the oldest's
+        ``created_at`` (``None`` when there are none)."""
+        with self.store.read() as db:
+            row = db.execute(
+                "SELECT COUNT(*), MIN(created_at) FROM edits WHERE status = 'queued' "
+                "AND schedule = 'now' AND not_before <= ?",
+                [self.store.now()],
+            ).fetchone()
+        return int(row[0]), None if row[1] is None else float(row[1])
 
     def depth(self) -> int:
         """Edits waiting or in progress: ``queued`` plus ``applying``."""
@@ -336,6 +373,32 @@ class EditQueue:
             return edits.fetch_many(db, " AND ".join(where), params, limit)
 
     # --- internals ------------------------------------------------------------------
+
+    def _move(
+        self,
+        db: Database,
+        record: EditRecord,
+        to: EditStatus,
+        reason: str | None,
+        data: dict[str, Any] | None,
+    ) -> None:
+        edits.update(db, record.id, self.store.now(), **self._transition_values(to, reason))
+        payload = {**(data or {}), "from": record.status.value, "reason": reason}
+        editlog.append(self.store, _TRANSITION_EVENTS[to], edit_id=record.id, data=payload)
+
+    def _retire(self, db: Database, old: str, by: str) -> bool:
+        """Supersede (applied) or retract (not applied yet) ``old`` in favour of ``by``."""
+        record = edits.fetch(db, old)
+        if record is None:
+            return False
+        if record.status is EditStatus.APPLIED:
+            to = EditStatus.SUPERSEDED
+        elif record.status in _RETRACTABLE_UNAPPLIED:
+            to = EditStatus.RETRACTED
+        else:
+            return False
+        self._move(db, record, to, f"superseded by {by}", {"by": by})
+        return True
 
     def _held(self, db: Database, edit_id: str, worker: str) -> EditRecord:
         record = edits.fetch_existing(db, edit_id)

@@ -81,6 +81,10 @@ class DaemonFacade(Protocol):
         """True once the model is loaded and the worker runs."""
         ...
 
+    def worker_problem(self) -> str | None:
+        """Why the edit worker is unhealthy (dead or stuck), or ``None``."""
+        ...
+
     def metrics_text(self) -> tuple[bytes, str]:
         """The Prometheus exposition (body, content type)."""
         ...

@@ -17,9 +17,12 @@ One poll of one feed:
    request for a slot ``supersedes`` the slot's earlier edit (the worker retracts
    it when the new one is applied); a slot the changed item no longer fills is
    retracted. ``"op": "retract"`` retracts the item's edit (or the one named by
-   ``edit_id``/``supersedes``). An extension ``id`` is the edit's idempotency key
-   for the item's first version; a changed version gets ``<id>@<hash prefix>``, so
-   the key is not refused as reused for different content.
+   ``edit_id``/``supersedes``). A feed supersedes or retracts only edits that it
+   made (``store.ownership``): a request whose ``supersedes`` names another
+   source's edit is stored as ``rejected`` with the reason, and the item records
+   it; a retraction of another source's edit is refused. An extension ``id`` is
+   the edit's idempotency key for the item's first version; a changed version gets
+   ``<id>@<hash prefix>``, so the key is not refused as reused for different content.
 4. **Exactly once.** The requests of an item, its slots and its hash are written in
    one store transaction: a crash before it leaves the item unseen, so the next poll
    submits it again (intake deduplicates a request whose content is already live);
@@ -42,14 +45,21 @@ import httpx
 import structlog
 
 from daemon.config import Config, request_limits
-from daemon.errors import EditdError, FeedFetchError, FeedParseError, InvalidTransitionError
+from daemon.errors import (
+    EditdError,
+    FeedFetchError,
+    FeedParseError,
+    InvalidTransitionError,
+    SupersedeNotAllowedError,
+)
 from daemon.feeds.extract import Extraction, Extractor, build_extractors
 from daemon.feeds.fetch import FetchOutcome, FetchPolicy, fetch_feed
 from daemon.feeds.parse import FeedEntry, parse_feed
-from store import editlog
+from store import editlog, intake
 from store import feeds as feed_store
 from store.db import Store
 from store.feeds import Feed
+from store.ownership import Origin, check_may_replace
 from store.queue import EditQueue
 from store.schema import EditStatus, SourceKind
 
@@ -108,6 +118,7 @@ class FeedPoller:
             user_agent=cfg.user_agent,
             retries=cfg.retries,
             backoff_s=cfg.backoff_s,
+            allow_hosts=cfg.allow_hosts,
         )
         self.extractors = list(build_extractors(cfg) if extractors is None else extractors)
         self.retract = retract
@@ -237,10 +248,10 @@ class FeedPoller:
                 self.store, feed, entry.item_id, content_hash=entry.content_hash
             )
             for slot, extraction in wanted.items():
-                edit_id = self._submit(feed, url, entry, slot, extraction, slots.get(slot))
+                edit_id, why = self._submit(feed, url, entry, slot, extraction, slots.get(slot))
                 if edit_id is None:
                     report.rejected += 1
-                    errors.append(f"slot {slot}: rejected (see the rejected edit's reason)")
+                    errors.append(f"slot {slot}: rejected: {why}")
                 else:
                     made.append(edit_id)
             if errors or made:
@@ -262,15 +273,18 @@ class FeedPoller:
         slot: str,
         extraction: Extraction,
         previous: feed_store.ItemEdit | None,
-    ) -> str | None:
-        """Queue one slot's request (inside the item's transaction); its edit id, or None."""
+    ) -> tuple[str | None, str | None]:
+        """Queue one slot's request (inside the item's transaction): its edit id, or
+        ``None`` and why it was rejected."""
         request = dict(extraction.request)
         request["source"] = {"kind": "feed", "url": url, "item_id": entry.item_id}
         if previous is not None:
             request.setdefault("supersedes", previous.edit_id)
             if isinstance(request.get("id"), str):
                 request["id"] = f"{request['id']}@{entry.content_hash[:12]}"
-        result = self.queue.submit(request, limits=self.limits, source_kind=SourceKind.FEED)
+        result = self._refused_supersede(feed, request)
+        if result is None:
+            result = self.queue.submit(request, limits=self.limits, source_kind=SourceKind.FEED)
         provenance = {
             "feed": feed,
             "item_id": entry.item_id,
@@ -280,9 +294,9 @@ class FeedPoller:
             "created": result.created,
             "status": result.status.value,
         }
-        editlog.append(self.store, "feed_item_edit", edit_id=result.id, data=provenance)
+        editlog.append(self.store, feed_store.ITEM_EDIT_EVENT, edit_id=result.id, data=provenance)
         if result.status is EditStatus.REJECTED:
-            return None
+            return None, result.reason
         feed_store.set_item_edit(
             self.store,
             feed,
@@ -292,7 +306,23 @@ class FeedPoller:
             extractor=extraction.extractor,
             evidence=extraction.evidence,
         )
-        return result.id
+        return result.id, None
+
+    def _refused_supersede(self, feed: str, request: dict[str, Any]) -> intake.EnqueueResult | None:
+        """Store ``request`` as rejected when its ``supersedes`` names an edit this feed
+        did not make (the result), else ``None``."""
+        target = request.get("supersedes")
+        if not isinstance(target, str):
+            return None  # absent, or invalid: intake rejects it with the field's reason
+        try:
+            check_may_replace(self.store, Origin(SourceKind.FEED, feed), target)
+        except SupersedeNotAllowedError as exc:
+            client_id = request.get("id") if isinstance(request.get("id"), str) else None
+            log.warning("feed_supersede_refused", feed=feed, supersedes=target)
+            return intake.reject(
+                self.store, request, exc, client_id=client_id, source_kind=SourceKind.FEED
+            )
+        return None
 
     def _extractions(
         self, entry: FeedEntry, fact_edit: dict[str, Any] | None
@@ -317,8 +347,9 @@ class FeedPoller:
         named = fact_edit.get("edit_id") or fact_edit.get("supersedes")
         targets = [str(named)] if named else [s.edit_id for s in slots.values()]
         if named:
-            origin = feed_store.provenance_of(self.store, str(named))
-            if origin is None or origin.feed != feed:
+            try:
+                check_may_replace(self.store, Origin(SourceKind.FEED, feed), str(named))
+            except SupersedeNotAllowedError:
                 reason = f"op 'retract' names edit '{named}', which this feed did not make"
                 self._record_malformed(feed, entry.item_id, entry.content_hash, reason)
                 report.malformed += 1
@@ -340,8 +371,14 @@ class FeedPoller:
             )
 
     def _retract(self, edit_id: str, feed: str, item_id: str, why: str) -> bool:
-        """Retract ``edit_id``; ``False`` if it was already gone (retracted, superseded ...)."""
+        """Retract ``edit_id``; ``False`` if it was already gone (retracted, superseded ...)
+        or is not this feed's to retract (an item deduplicated into another source's edit)."""
         reason = f"{why} (feed {feed}, item {item_id})"
+        try:
+            check_may_replace(self.store, Origin(SourceKind.FEED, feed), edit_id)
+        except SupersedeNotAllowedError as exc:
+            log.warning("feed_retract_refused", edit_id=edit_id, feed=feed, reason=str(exc))
+            return False
         try:
             self.retract(edit_id, reason)
         except InvalidTransitionError as exc:

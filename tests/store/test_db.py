@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from daemon.errors import MigrationError, StoreBusyError, StoreError, StoreUnavailableError
+from daemon.errors import (
+    MigrationError,
+    StoreBusyError,
+    StoreError,
+    StoreIntegrityError,
+    StoreUnavailableError,
+)
 from store import editlog, migrations
 from store.db import Store
 from store.migrations import LATEST_VERSION, Migration
@@ -60,6 +66,30 @@ def test_corrupt_sqlite_file_is_unavailable_and_untouched(store_path: Path) -> N
     with pytest.raises(StoreUnavailableError):
         Store.open(store_path)
     assert store_path.read_bytes() == content
+
+
+def test_quick_check_at_open_refuses_a_damaged_store_untouched(store_path: Path) -> None:
+    """A store whose header and schema read fine but whose data pages are damaged opens
+    without the check; with ``quick_check`` (the daemon's start-up) it raises
+    StoreIntegrityError naming the file, and the file keeps its bytes."""
+    with Store.open(store_path) as st:
+        EditQueue(st).submit_many(
+            [request(n, prompt=f"The CEO of A{n} is " + "x" * 300) for n in range(60)]
+        )
+        assert st.quick_check() == "ok"
+        (page,) = st.db.execute(
+            "SELECT MAX(pageno) FROM dbstat WHERE name = 'edits' AND pagetype = 'leaf'"
+        ).fetchone()
+        size = int(st.db.execute("PRAGMA page_size").fetchone()[0])
+    data = bytearray(store_path.read_bytes())
+    data[(page - 1) * size : page * size] = b"\xff" * size
+    store_path.write_bytes(bytes(data))
+    Store.open(store_path).close()
+    with pytest.raises(StoreIntegrityError) as info:
+        Store.open(store_path, quick_check=True)
+    assert str(store_path) in str(info.value) and info.value.verdict
+    assert info.value.context["path"] == store_path
+    assert store_path.read_bytes() == bytes(data)
 
 
 def test_missing_file_with_create_false(store_path: Path) -> None:

@@ -189,6 +189,33 @@ def test_ack_by_another_worker_loses_the_lease(queue: EditQueue) -> None:
         queue.ack("no-such-edit", "w1", backend="melo")
 
 
+def test_ack_replacing_retires_what_the_edit_replaces_in_the_same_transaction(
+    queue: EditQueue, store: Store
+) -> None:
+    """An applied target becomes superseded, an unapplied one retracted, others stay;
+    when the ack itself fails (lease lost) nothing is retired."""
+    applied, waiting, failed, new, late = (queue.submit(request(n)).id for n in range(5))
+    queue.claim(1, 30, "w1")
+    queue.ack(applied, "w1", backend="melo")
+    queue.transition(waiting, EditStatus.RETRACTED)  # already gone: left alone
+    queue.claim(2, 30, "w1")
+    queue.fail(failed, "w1", "no", retry=False)
+    with pytest.raises(LeaseLostError):
+        queue.ack_replacing(new, "w2", backend="hook", replaces=[applied, failed])
+    assert queue.get(applied).status is EditStatus.APPLIED
+    assert queue.get(failed).status is EditStatus.FAILED
+    record, retired = queue.ack_replacing(
+        new, "w1", backend="hook", replaces=[applied, failed, waiting, "no-such-edit", new]
+    )
+    assert record.status is EditStatus.APPLIED and retired == [applied, failed]
+    assert queue.get(applied).status is EditStatus.SUPERSEDED
+    assert queue.get(failed).status is EditStatus.RETRACTED
+    assert queue.get(applied).error == f"superseded by {new}"
+    (event,) = [e for e in editlog.events(store, edit_id=applied) if e.kind == "edit_superseded"]
+    assert event.data["by"] == new and event.data["from"] == "applied"
+    assert queue.get(late).status is EditStatus.QUEUED
+
+
 def test_expired_and_reclaimed_lease_is_lost(queue: EditQueue, clock: FakeClock) -> None:
     """After expiry and a new claim, the old holder's ack raises LeaseLostError."""
     edit_id = queue.submit(request()).id

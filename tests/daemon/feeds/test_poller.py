@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from daemon.cli.edits import retract_in_store
@@ -54,6 +56,7 @@ def store(tmp_path: Path, clock: FakeClock) -> Iterator[Store]:
 
 
 def make_poller(store: Store, **feeds: Any) -> FeedPoller:
+    feeds.setdefault("allow_hosts", ("127.0.0.1",))  # the loopback test server
     config = Config(feeds=FeedsConfig(timeout_s=2.0, retries=0, max_bytes=64_000, **feeds))
     return FeedPoller(
         store, config, retract=lambda e, r: retract_in_store(store, e, r), sleep=lambda _: None
@@ -164,6 +167,40 @@ def test_op_retract_may_not_name_another_feeds_edit(store: Store, feed_server: F
     assert known is not None and known.error is not None and "did not make" in known.error
 
 
+def test_a_feed_may_supersede_only_its_own_edits(store: Store, feed_server: FeedServer) -> None:
+    """An update whose ``supersedes`` names another source's edit (explicitly, or through
+    a slot that was deduplicated into it) is stored as rejected with the reason, and the
+    item says why; the other edit is untouched. Its own earlier edit it may supersede."""
+    queue = EditQueue(store)
+    api = queue.submit({"prompt": "The CEO of Zeta is", "target": " Al"}).id
+    plain = fact_item("a", "Acme", " Jane")["_fact_edit"]
+    shared = queue.submit(dict(plain)).id
+    items = [{"id": "a", "title": "t", "_fact_edit": plain}, fact_item("m", "Mono", " Mo")]
+    feed_server.route("/f", Reply(body=json_feed(*items)))
+    feed_store.upsert_feed(store, "news", feed_server.url("/f"))
+    poller = make_poller(store)
+    first = poller.poll("news")
+    assert shared in first.edits  # deduplicated into the API's identical edit
+    (mine,) = [e for e in first.edits if e != shared]
+
+    explicit = fact_item("x", "Zeta", " Bo", supersedes=api)
+    changed = {"id": "a", "title": "t", "_fact_edit": {**plain, "target": " Joan"}}
+    update = fact_item("m", "Mono", " Ma")
+    feed_server.route("/f", Reply(body=json_feed(explicit, changed, update)))
+    report = poller.poll("news")
+    assert report.rejected == 2 and len(report.edits) == 1
+    assert queue.get(report.edits[0]).request.supersedes == mine  # type: ignore[union-attr]
+    rejected = [r for r in queue.list(EditStatus.REJECTED) if r.client_id is None]
+    assert len(rejected) == 2
+    for item_id, target in (("x", api), ("a", shared)):
+        known = feed_store.get_feed_item(store, "news", item_id)
+        assert known is not None and known.error is not None
+        assert f"edit '{target}' was made by the api" in known.error
+        assert "feed 'news' may supersede or retract only edits it made" in known.error
+        assert known.error.split("rejected: ", 1)[1] in {r.error for r in rejected}
+        assert queue.get(target).status is EditStatus.QUEUED
+
+
 def test_gone_disables_the_feed(store: Store, feed_server: FeedServer) -> None:
     feed_server.route("/f", Reply(410))
     feed_store.upsert_feed(store, "news", feed_server.url("/f"))
@@ -184,6 +221,42 @@ def test_permanent_redirect_updates_the_stored_url(store: Store, feed_server: Fe
     assert feed_store.get_feed(store, "news").url == feed_server.url("/new")
     (record,) = edits_of(store)
     assert record.request is not None and record.request.source.url == feed_server.url("/new")
+
+
+def test_a_permanent_redirect_from_https_to_http_is_not_stored(
+    store: Store,
+    feed_server: FeedServer,
+    tls_feed_server: FeedServer,
+    tls_client_context: ssl.SSLContext,
+) -> None:
+    """A 301 from https to http is refused: the feed keeps its https URL and makes no edit."""
+    feed_server.route("/feed", Reply(body=json_feed(fact_item("a", "Acme", " Jane"))))
+    tls_feed_server.redirect("/feed", feed_server.url("/feed"), status=301)
+    https_url = tls_feed_server.url("/feed")
+    feed_store.upsert_feed(store, "news", https_url)
+    config = Config(feeds=FeedsConfig(timeout_s=2.0, retries=0, allow_hosts=("127.0.0.1",)))
+    with httpx.Client(verify=tls_client_context) as client:
+        poller = FeedPoller(store, config, retract=lambda e, r: None, client=client)
+        report = poller.poll("news")
+    assert (report.outcome, report.edits) == ("error", [])
+    assert report.error is not None and "redirect from https to http refused" in report.error
+    feed = feed_store.get_feed(store, "news")
+    assert (feed.url, feed.status) == (https_url, FeedStatus.ERROR)
+    assert feed_server.requests == []
+
+
+def test_a_feed_on_a_private_address_needs_the_allow_list(
+    store: Store, feed_server: FeedServer
+) -> None:
+    """Without [feeds] allow_hosts a loopback feed is refused and recorded as an error."""
+    feed_server.route("/f", Reply(body=json_feed(fact_item("a", "Acme", " Jane"))))
+    feed_store.upsert_feed(store, "news", feed_server.url("/f"))
+    report = make_poller(store, allow_hosts=()).poll("news")
+    assert report.outcome == "error" and report.error is not None
+    assert "refused 127.0.0.1 (loopback), not a public address" in report.error
+    feed = feed_store.get_feed(store, "news")
+    assert feed.last_error == report.error
+    assert feed_server.requests == []
 
 
 def test_malformed_feed_is_recorded_and_does_not_block_a_good_one(
