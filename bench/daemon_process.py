@@ -25,6 +25,8 @@ from bench.stats import REPO
 from daemon.world.editsets import read_jsonl
 
 STARTUP_TIMEOUT_S = 300.0
+JSON = {"Content-Type": "application/json"}
+"""What every POST declares, also one without a body (the daemon answers 415 otherwise)."""
 NEVER = 10**9
 SETTLED = frozenset({"applied", "failed", "rejected", "retracted", "superseded"})
 

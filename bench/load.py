@@ -44,6 +44,7 @@ from typing import Any
 import httpx
 
 from bench.daemon_process import (
+    JSON,
     DaemonProcess,
     backend_setup,
     bench_sections,
@@ -235,7 +236,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         threads[0].join()
         recs = daemon.wait_settled(rec.edit_ids, timeout=1800)
         after_drain_mb = (rss_kb(daemon.pid) or 0) / 1024
-        checkpoint = daemon.client.post(daemon.url("/v1/checkpoints")).json()
+        checkpoint = daemon.client.post(daemon.url("/v1/checkpoints"), headers=JSON).json()
         state = folder_bytes(Path(checkpoint["path"]))
         applied_total = int(daemon.status()["edits"]["applied"])
         exit_code = daemon.terminate()

@@ -4,7 +4,10 @@ Each prompt is generated alone, with its own key/value cache, inside
 ``routing([prompt])``: editors that route per batch row (MELO) see exactly the
 prompt whose rows they serve, and an unpadded single row needs no attention
 mask or position ids (the greedy result equals
-:func:`daemon.model.generate.greedy_continuations`).
+:func:`daemon.model.generate.greedy_continuations`). All the work on one prompt
+(tokenising, eval mode, generation, decoding) lies inside one ``turn()``: the
+daemon's engine takes its lock per prompt there, so a waiting edit batch can go
+between two prompts of a request.
 
 - ``temperature == 0``: greedy (argmax). Otherwise the logits are divided by the
   temperature, cut to the nucleus of mass ``top_p`` and sampled with a
@@ -26,8 +29,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -40,6 +43,9 @@ from daemon.model.kv_cache import continuation_inputs, returned_cache
 
 Routing = Callable[[Sequence[str]], AbstractContextManager[None]]
 """Given the prompts of a batch's rows (in order), a context to run its forward passes in."""
+
+Turn = Callable[[], AbstractContextManager[None]]
+"""A context around all the work on one prompt (the daemon's: the engine lock)."""
 
 MIN_LOGPROB = -9999.0
 """Log-probabilities are clamped to this, so that JSON never sees ``-inf`` or NaN."""
@@ -61,20 +67,19 @@ def complete(
     tokenizer: PreTrainedTokenizerBase,
     request: CompletionRequest,
     routing: Routing,
+    *,
+    turn: Turn = nullcontext,
 ) -> list[CompletionChoice]:
-    """One :class:`CompletionChoice` per prompt of ``request``, in order."""
-    was_training = model.training
-    model.train(False)
+    """One :class:`CompletionChoice` per prompt of ``request``, in order; each prompt is
+    tokenised, generated and decoded inside its own ``turn()``."""
     started = time.perf_counter()
-    try:
-        generator = _generator(request.seed)
-        with torch.no_grad():
-            choices = [
+    generator = _generator(request.seed)
+    choices: list[CompletionChoice] = []
+    for index, prompt in enumerate(request.prompts):
+        with turn(), _inference(model):
+            choices.append(
                 _complete_one(model, tokenizer, request, routing, index, prompt, generator)
-                for index, prompt in enumerate(request.prompts)
-            ]
-    finally:
-        model.train(was_training)
+            )
     log.debug(
         "completions_generated",
         prompts=len(request.prompts),
@@ -122,6 +127,19 @@ def _complete_one(
         text_offset=tuple(len(prompt) + offset for offset in offsets[:keep]),
         usage=usage,
     )
+
+
+@contextmanager
+def _inference(model: PreTrainedModel) -> Iterator[None]:
+    """Eval mode without gradients for one prompt (inside its turn, so the mode is
+    restored before the daemon's engine lock goes)."""
+    was_training = model.training
+    model.train(False)
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
 
 
 def _generate(

@@ -12,6 +12,7 @@ The key names under ``[model]``, ``[store]``, ``[checkpoints]``, ``[api]`` and
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import tomllib
@@ -310,9 +311,37 @@ class HealthConfig:
         _fraction(self, "max_verification_failure_rate", "max_escalation_rate")
 
 
+MIN_TOKEN_CHARS = 16
+MAX_CONCURRENT_COMPLETIONS = 32
+"""Completions run in the HTTP server's thread pool (40 threads); 8 stay for the rest."""
+
+
+def _host_name(name: str) -> bool:
+    """A host name or an address (no port, no brackets), or ``"*"``."""
+    if name == "*" or re.fullmatch(r"[A-Za-z0-9._-]+", name):
+        return True
+    try:
+        return ipaddress.ip_address(name).version == 6
+    except ValueError:
+        return False
+
+
 @dataclass(frozen=True)
 class ApiConfig:
-    """The HTTP API. ``token`` may come from the environment (EDITD_API_TOKEN)."""
+    """The HTTP API. ``token`` may come from the environment (EDITD_API_TOKEN).
+
+    With a token set, every route but ``GET /healthz`` needs it, except the reads
+    (``GET``: edits, feeds, status, ``/metrics``, ``/openapi.json``) when
+    ``public_reads`` is true and ``POST /v1/completions`` when
+    ``completions_require_token`` is false. At most ``max_concurrent_completions``
+    completion requests run at once (more get 429). The ``Host`` header must name
+    localhost, 127.0.0.1, ::1, the bind address, the address the connection came in
+    on, or one of ``allowed_hosts`` (``"*"``: any). Connections: at most
+    ``max_connections`` (a new one closes the oldest idle one; requests past it get
+    503), request headers within ``request_header_timeout_s`` of the connection (or
+    of the previous response), idle keep-alive connections closed after
+    ``keep_alive_timeout_s``, request line plus headers at most ``max_header_bytes``.
+    """
 
     host: str = "127.0.0.1"
     port: int = 8765
@@ -321,20 +350,54 @@ class ApiConfig:
     max_edits_per_request: int = 1000
     max_prompts_per_completion: int = 32
     max_tokens_limit: int = 256
+    max_concurrent_completions: int = 4
+    completions_require_token: bool = True
+    public_reads: bool = False
+    allowed_hosts: tuple[str, ...] = ()
+    max_connections: int = 100
+    request_header_timeout_s: float = 10.0
+    keep_alive_timeout_s: int = 5
+    max_header_bytes: int = 16384
 
     def __post_init__(self) -> None:
         _require(0 <= self.port <= 65535, "port", "must be between 0 and 65535")
         _require(bool(self.host.strip()), "host", "must not be empty")
+        _require(
+            not self.token or len(self.token) >= MIN_TOKEN_CHARS,
+            "token",
+            f"must be at least {MIN_TOKEN_CHARS} characters, got {len(self.token)} (make one "
+            "with: python -c 'import secrets; print(secrets.token_urlsafe(32))')",
+        )
+        _require(
+            not self.token or re.fullmatch(r"[\x21-\x7e]+", self.token) is not None,
+            "token",
+            "must be printable ASCII without spaces",
+        )
         _positive(self, "max_request_bytes", "max_edits_per_request")
         _positive(self, "max_prompts_per_completion", "max_tokens_limit")
+        _positive(self, "max_connections", "request_header_timeout_s", "keep_alive_timeout_s")
+        _positive(self, "max_header_bytes")
+        _require(
+            0 < self.max_concurrent_completions <= MAX_CONCURRENT_COMPLETIONS,
+            "max_concurrent_completions",
+            f"must be between 1 and {MAX_CONCURRENT_COMPLETIONS} (the rest of the HTTP "
+            "thread pool serves the other routes)",
+        )
+        for name in self.allowed_hosts:
+            _require(
+                _host_name(name),
+                "allowed_hosts",
+                f'must hold host names or addresses without a port (or "*"), got {name!r}',
+            )
 
 
 @dataclass(frozen=True)
 class PatternRule:
     """One rule of the pattern extractor (``[[feeds.patterns]]``).
 
-    ``pattern`` is a regular expression searched in an item's title and then its
-    summary; it must name the groups ``subject`` and ``object``. ``prompt`` and
+    ``pattern`` is a regular expression searched in the sentences of an item's title
+    and then of its summary (each at most 1,000 characters, within the first 20,000);
+    it must name the groups ``subject`` and ``object``. ``prompt`` and
     ``target`` are templates over the named groups, e.g. prompt ``"The chief
     executive of {subject} is"`` and target ``" {object}"``.
     """
@@ -378,11 +441,27 @@ class FeedsConfig:
     tick_s: float = 30.0
     retries: int = 2
     backoff_s: float = 1.0
+    allow_hosts: tuple[str, ...] = ()  # non-public hosts feeds may be fetched from
 
     def __post_init__(self) -> None:
         _positive(self, "default_interval_s", "timeout_s", "max_bytes", "spool_max_file_bytes")
         _positive(self, "tick_s", "backoff_s")
         _require(self.retries >= 0, "retries", "must be >= 0")
+        for entry in self.allow_hosts:
+            _require(
+                _feed_host_or_network(entry),
+                "allow_hosts",
+                f"must hold host names, IP addresses or CIDR networks, got {entry!r}",
+            )
+
+
+def _feed_host_or_network(entry: str) -> bool:
+    """A host name (``feeds.lan``), an IP address or a CIDR network (``10.0.0.0/8``)."""
+    try:
+        ipaddress.ip_network(entry.strip("[]"), strict=False)
+    except ValueError:
+        return re.fullmatch(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?", entry) is not None
+    return True
 
 
 @dataclass(frozen=True)

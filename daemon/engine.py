@@ -4,8 +4,10 @@ The :class:`Engine` is the only thing in the daemon that touches the model.
 Every change (apply, retract, restore) and every read (completions, verification,
 drift probes) runs under one lock, so no request ever sees a half-applied batch.
 On two shared CPU cores concurrent forwards are slower than serial ones (see
-ENVIRONMENT.md), so a plain mutex is the read/write lock's equivalent here; the
-worker holds it per batch, completions per request, and they interleave.
+ENVIRONMENT.md), so a mutex is the read/write lock's equivalent here: the
+:class:`EngineLock`. The worker holds it per batch; completions hold it per prompt
+and step aside for a waiting batch (or any other holder), so a batch waits for at
+most one prompt's generation, not for a queue of completion requests.
 
 Generation and scoring always run inside :meth:`Engine.routing`, which enters
 every editor's per-request routing for the same prompts (MELO routes per row;
@@ -57,13 +59,90 @@ class Verification:
         }
 
 
+class EngineLock:
+    """A re-entrant mutex where completions give way.
+
+    ``with lock:`` (batches, retractions, restores, drift checks, verification) waits
+    only for the current holder. :meth:`after_waiting` (one completion prompt) also
+    waits while any ``with lock:`` caller is waiting, so such a caller is served
+    before further completion prompts. A thread that holds the lock re-enters it
+    either way.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._owner: int | None = None
+        self._depth = 0
+        self._waiting = 0  # threads blocked in acquire()
+
+    def acquire(self) -> None:
+        """Take the lock as soon as its holder lets go."""
+        me = threading.get_ident()
+        with self._cond:
+            if self._owner == me:
+                self._depth += 1
+                return
+            self._waiting += 1
+            try:
+                while self._owner is not None:
+                    self._cond.wait()
+            except BaseException:
+                self._waiting -= 1
+                self._cond.notify_all()  # completions waiting behind this caller may go
+                raise
+            self._waiting -= 1
+            self._owner, self._depth = me, 1
+
+    def release(self) -> None:
+        with self._cond:
+            if self._owner != threading.get_ident():
+                raise RuntimeError("EngineLock released by a thread that does not hold it")
+            self._depth -= 1
+            if self._depth == 0:
+                self._owner = None
+                self._cond.notify_all()
+
+    def __enter__(self) -> None:
+        self.acquire()
+
+    def __exit__(self, *_exc: object) -> None:
+        self.release()
+
+    @contextmanager
+    def after_waiting(self) -> Iterator[None]:
+        """Hold the lock once nobody holds it and no :meth:`acquire` caller waits."""
+        me = threading.get_ident()
+        with self._cond:
+            if self._owner == me:
+                self._depth += 1
+            else:
+                while self._owner is not None or self._waiting:
+                    self._cond.wait()
+                self._owner, self._depth = me, 1
+        try:
+            yield
+        finally:
+            self.release()
+
+    @property
+    def waiting(self) -> int:
+        """Threads waiting in :meth:`acquire` now."""
+        with self._cond:
+            return self._waiting
+
+    def held(self) -> bool:
+        """Whether some thread holds the lock now."""
+        with self._cond:
+            return self._owner is not None
+
+
 class Engine:
     """The model, its editors (one per back-end) and the lock around them."""
 
     def __init__(self, loaded: LoadedModel, editors: Mapping[Backend, Editor]) -> None:
         self.loaded = loaded
         self.editors: dict[Backend, Editor] = dict(editors)
-        self.lock = threading.RLock()
+        self.lock = EngineLock()
 
     @property
     def backends(self) -> tuple[Backend, ...]:
@@ -107,11 +186,18 @@ class Engine:
         return out
 
     def complete(self, request: CompletionRequest) -> list[CompletionChoice]:
-        """OpenAI-style completions from the edited model."""
+        """OpenAI-style completions from the edited model. Each prompt is generated under
+        the lock (:meth:`EngineLock.after_waiting`), so each choice sees one state of the
+        model; a batch waiting for the lock goes between two prompts of a request."""
         from daemon.completions import complete
 
-        with self.lock:
-            return complete(self.loaded.model, self.loaded.tokenizer, request, self.routing)
+        return complete(
+            self.loaded.model,
+            self.loaded.tokenizer,
+            request,
+            self.routing,
+            turn=self.lock.after_waiting,
+        )
 
     def verify(self, specs: Sequence[EditSpec]) -> dict[str, Verification]:
         """Greedy-generate each edit's prompt and rephrases; passed = the prompt took.

@@ -10,28 +10,41 @@ Routes (DESIGN.md, "The HTTP API"; ``POST /v1/checkpoints`` serves
     POST   /v1/completions      200 an OpenAI text_completion
     POST   /v1/checkpoints      201 the checkpoint's registry record
     GET    /v1/status           200 queue depth, applied counts, last checkpoint, drift
-    GET    /healthz             200 {"status": "ok"} | 503 {"status": "starting"}
+    GET    /healthz             200 {"status": "ok"} | 503 {"status": "starting"|"unhealthy"}
     GET    /metrics             200 Prometheus text
 
-Before any route runs, :class:`RequestGuard` checks the bearer token of
-mutating requests (every POST/PUT/PATCH/DELETE except ``/v1/completions``,
-which only reads) when a token is configured, and the body size (the
-``Content-Length`` header and the bytes actually received). Every error is
-JSON (:mod:`daemon.api.errors`). Endpoints are plain functions, so FastAPI
-runs the blocking facade calls in its thread pool.
+Before any route runs, :class:`RequestGuard` checks, in this order: the ``Host``
+header (a name this daemon serves, against DNS rebinding: 421), the ``Origin``
+header (a browser's cross-origin request: 403), the bearer token when one is
+configured (every route but ``/healthz``; reads and completions as ``[api]
+public_reads`` and ``completions_require_token`` say: 401), a JSON content type on
+every POST (so that no web page can send one without a CORS preflight: 415), and
+the body size (the ``Content-Length`` header and the bytes actually received: 413).
+Every error is JSON (:mod:`daemon.api.errors`).
+
+Endpoints that call the facade are plain functions, so FastAPI runs them in its
+thread pool. ``/healthz`` and the dependencies are ``async``: they never wait for
+the thread pool (or the engine lock). Completions run in the pool too, at most
+``[api] max_concurrent_completions`` requests at once; more are refused with 429
+and ``Retry-After`` instead of queueing. The settings live in ``app.state`` and
+:func:`reload_settings` swaps in the reloadable ones (SIGHUP: token rotation).
 """
 
 from __future__ import annotations
 
 import secrets
+import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 import structlog
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Response
 from fastapi.security import HTTPBearer
+from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from daemon.api.errors import ApiError, SafeJSONResponse, error_response, install_error_handlers
@@ -43,12 +56,34 @@ from store.schema import EditStatus
 
 log = structlog.get_logger()
 
-MUTATING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-READ_ONLY_POSTS = frozenset({"/v1/completions"})
+READ_METHODS = frozenset({"GET", "HEAD"})
+OPEN_PATHS = frozenset({"/healthz"})
+COMPLETIONS_PATH = "/v1/completions"
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+WILDCARD_BINDS = frozenset({"0.0.0.0", "::", ""})
+DEFAULT_PORTS: Mapping[str, int] = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+RETRY_AFTER_S = "1"
 MAX_PAGE = 1000
 DEFAULT_RETRACT_REASON = "retracted through the API"
+RELOADABLE = (
+    "token",
+    "public_reads",
+    "completions_require_token",
+    "allowed_hosts",
+    "max_request_bytes",
+    "max_edits_per_request",
+    "max_prompts_per_completion",
+    "max_tokens_limit",
+)
+"""The ``[api]`` keys SIGHUP takes; the bind address, the connection limits and
+``max_concurrent_completions`` need a restart."""
 
-_bearer = HTTPBearer(auto_error=False, description="Required on mutating routes when set.")
+_bearer = HTTPBearer(
+    auto_error=False,
+    description="Required on every route but /healthz when a token is set "
+    "(reads: unless [api] public_reads; completions: unless completions_require_token "
+    "is false).",
+)
 
 
 def create_app(facade: DaemonFacade, settings: ApiConfig) -> FastAPI:
@@ -63,31 +98,70 @@ def create_app(facade: DaemonFacade, settings: ApiConfig) -> FastAPI:
     )
     app.state.facade = facade
     app.state.settings = settings
+    app.state.completion_slots = CompletionSlots(settings.max_concurrent_completions)
     install_error_handlers(app)
-    app.add_middleware(
-        RequestGuard, token=settings.token, max_request_bytes=settings.max_request_bytes
-    )
+    app.add_middleware(RequestGuard, settings=lambda: _settings_of(app))
     app.include_router(router)
     return app
 
 
-class RequestGuard:
-    """ASGI middleware: bearer token on mutating requests, then the body-size limit.
+def reload_settings(app: FastAPI, fresh: ApiConfig) -> ApiConfig:
+    """Take the :data:`RELOADABLE` keys of ``fresh`` (SIGHUP); the settings now in force.
+    Requests that arrive afterwards see them, requests under way keep the old ones."""
+    current = _settings_of(app)
+    updated = replace(current, **{key: getattr(fresh, key) for key in RELOADABLE})
+    app.state.settings = updated
+    changed = [key for key in RELOADABLE if getattr(updated, key) != getattr(current, key)]
+    log.info("api_settings_reloaded", changed=changed, token_set=bool(updated.token))
+    return updated
 
+
+def _settings_of(app: FastAPI) -> ApiConfig:
+    settings: ApiConfig = app.state.settings
+    return settings
+
+
+class CompletionSlots:
+    """How many completion requests run now, at most ``limit`` (a request past it is
+    refused, not queued: a queue of 32-prompt requests would hold the daemon for minutes)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.busy = 0
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        """Take a slot if one is free."""
+        with self._lock:
+            if self.busy >= self.limit:
+                return False
+            self.busy += 1
+            return True
+
+    def give_back(self) -> None:
+        with self._lock:
+            self.busy -= 1
+
+
+class RequestGuard:
+    """ASGI middleware: host, origin, token and content type, then the body-size limit
+    (see the module doc for the order and the statuses).
+
+    The settings are read per request (``settings()``), so a reload applies at once.
     The body is read here (at most ``max_request_bytes`` of it) and replayed to the
     app, so a body sent without ``Content-Length`` (chunked) is bounded as well.
     """
 
-    def __init__(self, app: ASGIApp, *, token: str, max_request_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, *, settings: Callable[[], ApiConfig]) -> None:
         self.app = app
-        self.token = token.encode("utf-8")
-        self.max_request_bytes = max_request_bytes
+        self.settings = settings
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        problem = self._check_headers(scope)
+        settings = self.settings()
+        problem = check_request(scope, settings)
         if problem is not None:
             await problem(scope, receive, send)
             return
@@ -99,42 +173,135 @@ class RequestGuard:
                 break
             body.extend(message.get("body", b""))
             more = bool(message.get("more_body", False))
-            if len(body) > self.max_request_bytes:
-                await self._too_large()(scope, receive, send)
+            if len(body) > settings.max_request_bytes:
+                await _too_large(settings)(scope, receive, send)
                 return
         await self.app(scope, _replay(bytes(body), receive), send)
 
-    def _check_headers(self, scope: Scope) -> SafeJSONResponse | None:
-        headers = {k.decode("latin-1").lower(): v for k, v in scope.get("headers", [])}
-        authorization = headers.get("authorization", b"")
-        if self.token and _needs_token(scope) and not _token_matches(authorization, self.token):
-            log.info("api_unauthorized", method=scope.get("method"), path=scope.get("path"))
-            return error_response(
-                401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"}
-            )
-        length = headers.get("content-length")
-        if length is not None:
-            try:
-                size = int(length.decode("latin-1").strip())
-            except ValueError:
-                return error_response(400, "Content-Length is not an integer")
-            if size > self.max_request_bytes:
-                return self._too_large()
-        return None
 
-    def _too_large(self) -> SafeJSONResponse:
-        return error_response(413, f"request body is larger than {self.max_request_bytes} bytes")
+def check_request(scope: Scope, settings: ApiConfig) -> SafeJSONResponse | None:
+    """The error response for a request whose headers break a rule, else None."""
+    headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+    method, path = str(scope.get("method")), str(scope.get("path"))
+    host = headers.get("host", "")
+    hostname = _split_host(host)
+    if hostname is None:
+        return error_response(400, "a valid Host header is required")
+    if not host_allowed(hostname[0], scope, settings):
+        log.info("api_host_refused", host=host[:200], method=method, path=path)
+        return error_response(
+            421, f"host '{hostname[0][:200]}' is not served here (see [api] allowed_hosts)"
+        )
+    origin = headers.get("origin")
+    if origin is not None and not _same_origin(origin, hostname, str(scope.get("scheme"))):
+        log.info("api_cross_origin_refused", origin=origin[:200], method=method, path=path)
+        return error_response(403, "cross-origin requests are refused")
+    if needs_token(method, path, settings) and not _token_matches(
+        headers.get("authorization", ""), settings.token
+    ):
+        log.info("api_unauthorized", method=method, path=path)
+        return error_response(
+            401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"}
+        )
+    if method == "POST":
+        declared = headers.get("content-type")
+        if not _is_json(declared):
+            media = "none" if declared is None else f"'{_media_type(declared)[:100]}'"
+            return error_response(415, f"content type must be application/json, got {media}")
+    length = headers.get("content-length")
+    if length is not None:
+        try:
+            size = int(length.strip())
+        except ValueError:
+            return error_response(400, "Content-Length is not an integer")
+        if size > settings.max_request_bytes:
+            return _too_large(settings)
+    return None
 
 
-def _needs_token(scope: Scope) -> bool:
-    return scope.get("method") in MUTATING_METHODS and scope.get("path") not in READ_ONLY_POSTS
-
-
-def _token_matches(header: bytes, token: bytes) -> bool:
-    scheme, _, credentials = header.strip().partition(b" ")
-    if scheme.lower() != b"bearer":
+def needs_token(method: str, path: str, settings: ApiConfig) -> bool:
+    """Whether ``method path`` needs the bearer token under ``settings``."""
+    if not settings.token or path in OPEN_PATHS:
         return False
-    return secrets.compare_digest(credentials.strip(), token)
+    if method in READ_METHODS:
+        return not settings.public_reads
+    if method == "POST" and path == COMPLETIONS_PATH:
+        return settings.completions_require_token
+    return True
+
+
+def host_allowed(hostname: str, scope: Scope, settings: ApiConfig) -> bool:
+    """Whether the ``Host`` header's name is one this daemon answers to: a loopback
+    name, the bind address, the address the connection came in on, or ``allowed_hosts``.
+    A name an attacker's DNS points at 127.0.0.1 (DNS rebinding) is none of these."""
+    if "*" in settings.allowed_hosts:
+        return True
+    allowed = set(LOOPBACK_NAMES) | {name.lower() for name in settings.allowed_hosts}
+    if settings.host not in WILDCARD_BINDS:
+        allowed.add(settings.host.lower())
+    server = scope.get("server")
+    if server:
+        allowed.add(str(server[0]).lower())
+    return hostname in allowed
+
+
+def _split_host(value: str) -> tuple[str, int | None] | None:
+    """``"Example.com:8765"`` -> ``("example.com", 8765)``, ``"[::1]"`` -> ``("::1", None)``;
+    None when malformed."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        name, bracket, rest = value[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            return None
+        port = rest[1:]
+    elif value.count(":") == 1:
+        name, _, port = value.partition(":")
+    else:  # a name, or a bare IPv6 address (not valid in Host, but unambiguous)
+        name, port = value, ""
+    name = name.rstrip(".")
+    if not name or (port and not port.isdigit()):
+        return None
+    return name, int(port) if port else None
+
+
+def _same_origin(origin: str, host: tuple[str, int | None], scheme: str) -> bool:
+    """Whether ``Origin`` names the host and port the request was sent to."""
+    try:
+        parts = urlsplit(origin.strip())
+        origin_port = parts.port
+    except ValueError:
+        return False
+    if parts.scheme not in DEFAULT_PORTS or not parts.hostname:
+        return False  # includes "null" (a sandboxed frame, a file: page)
+    name, port = host
+    own_port = port if port is not None else DEFAULT_PORTS.get(scheme, 80)
+    if origin_port is None:
+        origin_port = DEFAULT_PORTS[parts.scheme]
+    return parts.hostname.rstrip(".") == name and origin_port == own_port
+
+
+def _media_type(declared: str) -> str:
+    return declared.split(";", 1)[0].strip().lower()
+
+
+def _is_json(declared: str | None) -> bool:
+    if declared is None:
+        return False
+    media = _media_type(declared)
+    return media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json")
+    )
+
+
+def _too_large(settings: ApiConfig) -> SafeJSONResponse:
+    return error_response(413, f"request body is larger than {settings.max_request_bytes} bytes")
+
+
+def _token_matches(header: str, token: str) -> bool:
+    scheme, _, credentials = header.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    return secrets.compare_digest(credentials.strip().encode("latin-1"), token.encode("latin-1"))
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:
@@ -154,40 +321,35 @@ def _replay(body: bytes, receive: Receive) -> Receive:
 # --- dependencies ----------------------------------------------------------------------
 
 
-def get_facade(request: Request) -> DaemonFacade:
+# Dependencies are async (they never touch a thread pool).
+
+
+async def get_facade(request: Request) -> DaemonFacade:
     """The facade the app was created with."""
     facade: DaemonFacade = request.app.state.facade
     return facade
 
 
-def get_settings(request: Request) -> ApiConfig:
-    """The API settings the app was created with."""
-    settings: ApiConfig = request.app.state.settings
-    return settings
+async def get_settings(request: Request) -> ApiConfig:
+    """The API settings in force (the app's, as last reloaded)."""
+    return _settings_of(request.app)
 
 
-def require_ready(facade: Annotated[DaemonFacade, Depends(get_facade)]) -> None:
+async def get_completion_slots(request: Request) -> CompletionSlots:
+    """The app's completion slots."""
+    slots: CompletionSlots = request.app.state.completion_slots
+    return slots
+
+
+async def require_ready(facade: Annotated[DaemonFacade, Depends(get_facade)]) -> None:
     """503 until the model is loaded and the worker runs."""
     if not facade.is_ready():
-        raise ApiError(503, "the daemon is starting", headers={"Retry-After": "1"})
-
-
-async def require_json(request: Request) -> None:
-    """415 for a body that is not declared as JSON (FastAPI would not parse it as JSON)."""
-    declared = request.headers.get("content-type")
-    if declared is None:
-        if await request.body():
-            raise ApiError(415, "content type must be application/json, got none")
-        return
-    media = declared.split(";", 1)[0].strip().lower()
-    if media != "application/json" and not (
-        media.startswith("application/") and media.endswith("+json")
-    ):
-        raise ApiError(415, f"content type must be application/json, got '{media}'")
+        raise ApiError(503, "the daemon is starting", headers={"Retry-After": RETRY_AFTER_S})
 
 
 Facade = Annotated[DaemonFacade, Depends(get_facade)]
 Settings = Annotated[ApiConfig, Depends(get_settings)]
+Slots = Annotated[CompletionSlots, Depends(get_completion_slots)]
 _documented_auth = [Depends(_bearer)]
 
 router = APIRouter()
@@ -199,7 +361,7 @@ router = APIRouter()
 @router.post(
     "/v1/edits",
     status_code=202,
-    dependencies=[*_documented_auth, Depends(require_json)],
+    dependencies=_documented_auth,
     summary="Submit edit requests",
 )
 def submit_edits(body: EditsBody, facade: Facade, settings: Settings) -> dict[str, Any]:
@@ -214,13 +376,13 @@ def submit_edits(body: EditsBody, facade: Facade, settings: Settings) -> dict[st
     return {"ids": [r.id for r in results], "results": [r.to_json_dict() for r in results]}
 
 
-@router.get("/v1/edits/{edit_id}", summary="One edit's record")
+@router.get("/v1/edits/{edit_id}", dependencies=_documented_auth, summary="One edit's record")
 def get_edit(edit_id: Annotated[str, Path()], facade: Facade) -> dict[str, Any]:
     """Status, backend, batch, timings, verification result and error of one edit."""
     return facade.get_edit(edit_id).to_json_dict()
 
 
-@router.get("/v1/edits", summary="A page of edit records")
+@router.get("/v1/edits", dependencies=_documented_auth, summary="A page of edit records")
 def list_edits(
     facade: Facade,
     status: Annotated[EditStatus | None, Query()] = None,
@@ -257,11 +419,16 @@ def retract_edit(
 
 @router.post(
     "/v1/completions",
-    dependencies=[Depends(require_json), Depends(require_ready)],
+    dependencies=[*_documented_auth, Depends(require_ready)],
     summary="OpenAI-style completions from the edited model",
 )
-def completions(body: CompletionBody, facade: Facade, settings: Settings) -> dict[str, Any]:
-    """One choice per prompt; ``temperature`` 0 is greedy (the default is 1, as OpenAI's)."""
+async def completions(
+    body: CompletionBody, facade: Facade, settings: Settings, slots: Slots
+) -> dict[str, Any]:
+    """One choice per prompt; ``temperature`` 0 is greedy (the default is 1, as OpenAI's).
+    At most ``[api] max_concurrent_completions`` requests run at once; another one is
+    refused with 429 and ``Retry-After``. Each prompt sees one state of the model; an
+    edit batch that is waiting goes between two prompts of a request."""
     prompts = body.prompts()
     if len(prompts) > settings.max_prompts_per_completion:
         raise ApiError(
@@ -272,7 +439,17 @@ def completions(body: CompletionBody, facade: Facade, settings: Settings) -> dic
     limit = settings.max_tokens_limit
     if body.max_tokens is not None and body.max_tokens > limit:
         raise ApiError(422, f"must be at most {limit}, got {body.max_tokens}", field="max_tokens")
-    choices = facade.complete(body.to_request(limit))
+    if not slots.take():
+        log.debug("completion_refused_busy", running=slots.busy, limit=slots.limit)
+        raise ApiError(
+            429,
+            f"{slots.limit} completion requests are running already; retry later",
+            headers={"Retry-After": RETRY_AFTER_S},
+        )
+    try:
+        choices = await run_in_threadpool(facade.complete, body.to_request(limit))
+    finally:
+        slots.give_back()
     return _completion_json(body.model or "editd", choices, with_logprobs=body.logprobs is not None)
 
 
@@ -307,7 +484,7 @@ def drift_check(facade: Facade) -> dict[str, Any]:
     return facade.run_drift_check()
 
 
-@router.get("/v1/feeds", summary="The feeds and their state")
+@router.get("/v1/feeds", dependencies=_documented_auth, summary="The feeds and their state")
 def list_feeds(facade: Facade) -> dict[str, Any]:
     """Each feed: URL, status, last error, cache validators, next poll, item counts."""
     return {"feeds": facade.list_feeds()}
@@ -336,21 +513,35 @@ def start_nightly(facade: Facade) -> dict[str, Any]:
     return facade.start_nightly("api")
 
 
-@router.get("/v1/status", summary="Queue depth, applied counts, last checkpoint and drift")
+@router.get(
+    "/v1/status",
+    dependencies=_documented_auth,
+    summary="Queue depth, applied counts, last checkpoint and drift",
+)
 def status(facade: Facade) -> dict[str, Any]:
     """The daemon's status document."""
     return facade.status()
 
 
 @router.get("/healthz", summary="Readiness", response_model=None)
-def healthz(facade: Facade) -> SafeJSONResponse:
-    """200 once the model is loaded and the worker runs, 503 before."""
-    if facade.is_ready():
-        return SafeJSONResponse({"status": "ok"})
-    return SafeJSONResponse({"status": "starting"}, status_code=503)
+async def healthz(facade: Facade) -> SafeJSONResponse:
+    """200 once the model is loaded and the worker runs; 503 before, and while the worker
+    thread is dead or stuck. Runs on the event loop (``is_ready`` and ``worker_problem``
+    only read flags): never behind the thread pool or the engine lock."""
+    if not facade.is_ready():
+        return SafeJSONResponse({"status": "starting"}, status_code=503)
+    problem = facade.worker_problem()
+    if problem is not None:
+        return SafeJSONResponse({"status": "unhealthy", "reason": problem}, status_code=503)
+    return SafeJSONResponse({"status": "ok"})
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+@router.get(
+    "/metrics",
+    dependencies=_documented_auth,
+    summary="Prometheus metrics",
+    response_class=Response,
+)
 def metrics(facade: Facade) -> Response:
     """The Prometheus text exposition."""
     body, content_type = facade.metrics_text()

@@ -179,9 +179,9 @@ def test_config_path_precedence(tmp_path: Path) -> None:
 
 def test_environment_overrides_paths_and_secrets(tmp_path: Path) -> None:
     path = write(tmp_path, '[api]\ntoken = "from-file"\n')
-    env = {"EDITD_API_TOKEN": "s3cret", "EDITD_STORE_PATH": "/srv/editd/db.sqlite3"}
+    env = {"EDITD_API_TOKEN": "s3cret-from-the-env", "EDITD_STORE_PATH": "/srv/editd/db.sqlite3"}
     cfg = load_config(path, env=env)
-    assert cfg.api.token == "s3cret"
+    assert cfg.api.token == "s3cret-from-the-env"
     assert cfg.store.path == Path("/srv/editd/db.sqlite3")
     assert config_as_dict(cfg)["api"]["token"] == "***"
 

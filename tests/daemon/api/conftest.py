@@ -3,10 +3,13 @@
 Nothing is mocked: edits go through :class:`store.queue.EditQueue` into a fresh
 SQLite file, completions through :func:`daemon.completions.complete` on the
 micro fact-world model (with a routing that records the prompts it was given).
+``make_server`` serves an app as ``editd serve`` does (uvicorn with the connection
+limits of :mod:`daemon.api.connections`) on a free 127.0.0.1 port.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
@@ -15,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import uvicorn
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from transformers import (
@@ -25,11 +30,13 @@ from transformers import (
 )
 
 from daemon.api.app import create_app
-from daemon.api.facade import CompletionChoice, CompletionRequest
+from daemon.api.connections import http_server
+from daemon.api.facade import CompletionChoice, CompletionRequest, DaemonFacade
 from daemon.completions import complete
 from daemon.config import ApiConfig, Config
 from daemon.errors import DriftDisabledError, RecordNotFoundError
 from daemon.feeds.poller import FeedPoller
+from daemon.serve import bind_socket
 from store.db import Store
 from store.edits import EditRecord
 from store.feeds import feed_states
@@ -37,7 +44,9 @@ from store.intake import EnqueueResult
 from store.queue import EditQueue
 from store.schema import EditStatus, SourceKind
 
-TOKEN = "s3cret-token"
+TOKEN = "s3cret-token-for-the-tests"
+JSON = {"Content-Type": "application/json"}
+"""The header every POST needs, also one without a body."""
 
 
 @dataclass(frozen=True)
@@ -104,6 +113,9 @@ class StoreFacade:
     def is_ready(self) -> bool:
         return self.ready
 
+    def worker_problem(self) -> str | None:
+        return None
+
     def metrics_text(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
@@ -166,6 +178,57 @@ def make_client(facade: StoreFacade) -> Iterator[ClientFactory]:
     yield make
     for client in clients:
         client.close()
+
+
+@dataclass
+class LiveServer:
+    """An app served by uvicorn in a thread, as ``editd serve`` serves it."""
+
+    app: FastAPI
+    server: uvicorn.Server
+    thread: threading.Thread
+    port: int
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+
+
+ServerFactory = Callable[..., LiveServer]
+
+
+@pytest.fixture
+def make_server(facade: StoreFacade) -> Iterator[ServerFactory]:
+    """``make_server(facade=None, **api_settings)``: a live server on a free port."""
+    servers: list[LiveServer] = []
+
+    def make(served: DaemonFacade | None = None, **settings: Any) -> LiveServer:
+        api = ApiConfig(**settings)
+        app = create_app(facade if served is None else served, api)
+        sock = bind_socket("127.0.0.1", 0)
+        server = http_server(app, api)
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        live = LiveServer(app, server, thread, sock.getsockname()[1])
+        servers.append(live)
+        wait_until(lambda: server.started, what="the server to start")
+        return live
+
+    yield make
+    for live in servers:
+        live.stop()
+
+
+def wait_until(condition: Callable[[], object], *, timeout: float = 20.0, what: str = "") -> None:
+    """Poll ``condition`` every 10 ms until it is true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or condition}")
+        time.sleep(0.01)
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from fastapi.testclient import TestClient
 
 from daemon.model.generate import greedy_continuations
 from store.schema import EditStatus
-from tests.daemon.api.conftest import TOKEN, ClientFactory, StoreFacade, assert_error
+from tests.daemon.api.conftest import JSON, TOKEN, ClientFactory, StoreFacade, assert_error
 
 
 def edit(n: int, **extra: object) -> dict[str, object]:
@@ -183,10 +183,17 @@ def test_completion_rejects_lone_surrogates(client: TestClient) -> None:
     assert_error(response, 422)
 
 
-def test_completion_is_a_read_and_needs_no_token(make_client: ClientFactory) -> None:
-    client = make_client(token=TOKEN, max_tokens_limit=2)
-    response = client.post("/v1/completions", json={"prompt": "The", "max_tokens": 1})
-    assert response.status_code == 200, response.text
+def test_completions_need_the_token_unless_configured_open(
+    make_client: ClientFactory, auth: dict[str, str]
+) -> None:
+    """With a token set, completions need it (they hold the model); ``[api]
+    completions_require_token = false`` opens them again."""
+    body = {"prompt": "The", "max_tokens": 1}
+    guarded = make_client(token=TOKEN, max_tokens_limit=2)
+    assert_error(guarded.post("/v1/completions", json=body), 401)
+    assert guarded.post("/v1/completions", json=body, headers=auth).status_code == 200
+    open_ = make_client(token=TOKEN, max_tokens_limit=2, completions_require_token=False)
+    assert open_.post("/v1/completions", json=body).status_code == 200
 
 
 def test_seeded_sampling_is_reproducible(client: TestClient) -> None:
@@ -217,22 +224,22 @@ def test_not_ready_is_503(client: TestClient, facade: StoreFacade) -> None:
     assert health.status_code == 503
     assert health.json() == {"status": "starting"}
     assert_error(client.post("/v1/completions", json={"prompt": "a"}), 503)
-    assert_error(client.post("/v1/checkpoints"), 503)
+    assert_error(client.post("/v1/checkpoints", headers=JSON), 503)
     assert client.get("/v1/edits").status_code == 200
 
 
 def test_checkpoint_route(client: TestClient, facade: StoreFacade) -> None:
-    response = client.post("/v1/checkpoints")
+    response = client.post("/v1/checkpoints", headers=JSON)
     assert response.status_code == 201
     assert response.json()["id"] == "ckpt-1"
     assert facade.checkpoints == 1
-    restored = client.post("/v1/checkpoints/ckpt-1/restore")
+    restored = client.post("/v1/checkpoints/ckpt-1/restore", headers=JSON)
     assert restored.status_code == 200
     assert restored.json()["checkpoint_id"] == "ckpt-1"
-    drift = client.post("/v1/drift")
+    drift = client.post("/v1/drift", headers=JSON)
     assert drift.status_code == 409
     assert "disabled" in drift.json()["error"]["message"]
-    missing = client.post("/v1/checkpoints/nope/restore")
+    missing = client.post("/v1/checkpoints/nope/restore", headers=JSON)
     assert missing.status_code == 404
     assert missing.json()["error"]["type"] == "not_found"
 
@@ -264,20 +271,20 @@ def test_token_guards_mutating_routes(make_client: ClientFactory, auth: dict[str
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
         error = assert_error(client.post("/v1/edits", json=body, headers=headers), 401)
         assert error["type"] == "unauthorized"
-    assert client.get("/v1/edits").json()["edits"] == []
+    assert client.get("/v1/edits", headers=auth).json()["edits"] == []
     response = client.post("/v1/edits", json=body, headers=auth)
     assert response.status_code == 202
     (edit_id,) = response.json()["ids"]
     assert_error(client.delete(f"/v1/edits/{edit_id}"), 401)
-    assert_error(client.post("/v1/checkpoints"), 401)
+    assert_error(client.post("/v1/checkpoints", headers=JSON), 401)
     assert client.delete(f"/v1/edits/{edit_id}", headers=auth).status_code == 200
-    assert client.post("/v1/checkpoints", headers=auth).status_code == 201
-    assert client.get(f"/v1/edits/{edit_id}").status_code == 200
+    assert client.post("/v1/checkpoints", headers={**auth, **JSON}).status_code == 201
+    assert client.get(f"/v1/edits/{edit_id}", headers=auth).status_code == 200
 
 
 def test_no_token_leaves_routes_open(client: TestClient) -> None:
     assert client.post("/v1/edits", json={"edits": [edit(1)]}).status_code == 202
-    assert client.post("/v1/checkpoints").status_code == 201
+    assert client.post("/v1/checkpoints", headers=JSON).status_code == 201
 
 
 def test_401_comes_before_body_parsing(make_client: ClientFactory) -> None:

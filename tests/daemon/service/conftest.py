@@ -99,7 +99,9 @@ class DaemonProcess:
         return f"http://127.0.0.1:{self.port}{path}"
 
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        return httpx.request(method, self.url(path), timeout=120, **kwargs)
+        """``method path``; JSON is declared even without a body (POSTs need it)."""
+        headers = {"Content-Type": "application/json", **kwargs.pop("headers", {})}
+        return httpx.request(method, self.url(path), timeout=120, headers=headers, **kwargs)
 
     def submit(self, edits: list[dict[str, Any]]) -> list[str]:
         r = self.request("POST", "/v1/edits", json={"edits": edits})
