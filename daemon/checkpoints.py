@@ -53,7 +53,7 @@ from daemon.checkpoint_manifest import (
     is_int,
 )
 from daemon.errors import CheckpointError, RecordNotFoundError
-from daemon.files import fsync_dir, sha256_file
+from daemon.files import fsync_dir, open_private, sha256_file
 from store import checkpoints as registry
 from store.checkpoints import CheckpointRecord, CheckpointStatus
 from store.db import Store
@@ -360,7 +360,7 @@ class CheckpointManager:
     @contextmanager
     def _locked(self) -> Iterator[None]:
         """Exclusive flock on ``.lock``; not re-entrant: public methods never nest."""
-        fd = os.open(self.directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_private(self.directory / LOCK_FILE)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield

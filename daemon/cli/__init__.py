@@ -8,6 +8,8 @@ usage errors exit 2 (click's convention).
 
 from __future__ import annotations
 
+import os
+
 from daemon.cli import (  # noqa: F401 - register verbs
     demo,
     edits,
@@ -19,10 +21,13 @@ from daemon.cli import (  # noqa: F401 - register verbs
     world,
 )
 from daemon.cli.app import cli
+from daemon.files import PRIVATE_UMASK
 
 __all__ = ["cli", "main"]
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point."""
+    """Console-script entry point. What editd creates is private to its user (folders
+    0700, files 0600), as under systemd's ``UMask=0077``."""
+    os.umask(PRIVATE_UMASK)
     cli.main(args=argv, prog_name="editd")

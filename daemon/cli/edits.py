@@ -10,7 +10,8 @@ import click
 
 from daemon.cli.app import CliError, EditdGroup, cli, config_option, echo_json, json_option, state
 from daemon.config import Config, request_limits
-from daemon.errors import InvalidTransitionError
+from daemon.errors import InvalidTransitionError, StoreInUseError
+from daemon.instance_lock import StoreLock
 from store.checkpoints import latest_good
 from store.db import Store
 from store.edits import EditRecord
@@ -174,8 +175,10 @@ def edits_retract(ctx: click.Context, edit_id: str, reason: str) -> None:
     """Retract (forget) an edit: the model answers its prompt as the base model did.
 
     With the daemon running, it removes the edit from the live model (through the
-    API). With no daemon listening, the store records the retraction and the next
+    API). With no daemon running, the store records the retraction and the next
     start removes the edit from the restored model (the store is the source of truth).
+    A daemon that runs but does not answer (another address, still binding) holds
+    the store's lock: then nothing is written and the exit status is 1.
     """
     from urllib.parse import quote
 
@@ -186,8 +189,17 @@ def edits_retract(ctx: click.Context, edit_id: str, reason: str) -> None:
         body = call(cfg, "DELETE", f"/v1/edits/{quote(edit_id, safe='')}?reason={quote(reason)}")
         click.echo(f"{body['id']}: retracted")
         return
-    except DaemonUnreachableError:
-        pass
+    except DaemonUnreachableError as exc:
+        unreachable = exc
     with _open(cfg, create=False) as st:
-        record = retract_in_store(st, edit_id, reason)
+        try:
+            owner = StoreLock.acquire(st.path, role="editd edits retract")
+        except StoreInUseError as exc:
+            raise CliError(
+                f"{unreachable}, but {exc}: not retracting behind a running daemon's back "
+                "(it may hold the edit in a batch); retry once it answers (check [api] "
+                "host and port), or stop it first"
+            ) from exc
+        with owner:
+            record = retract_in_store(st, edit_id, reason)
     click.echo(f"{record.id}: retracted (daemon not running: takes effect at its next start)")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from daemon.cli.app import EditdGroup, cli, config_option, echo_json, json_option, state
+from daemon.cli.app import CliError, EditdGroup, cli, config_option, echo_json, json_option, state
 from daemon.model.source import apply_threads
 from daemon.world.facts import WORLD_SPECS
 
@@ -52,12 +52,18 @@ def world_build(
     gpt2_tokenizer: Path | None,
     quiet: bool,
 ) -> None:
-    """Generate a fact world, train a model until it knows the facts, save it."""
+    """Generate a fact world, train a model until it knows the facts, save it.
+
+    An existing output folder (even an empty one) is replaced only with --force.
+    """
     from daemon.world.build import build_world
 
     cfg = state(ctx).config()
-    apply_threads(cfg.model.threads)
     folder = out or cfg.model.world_cache / f"{size}-{arch}-seed{seed}"
+    if (folder.exists() or folder.is_symlink()) and not force:
+        # as `editd model import`: refused before minutes of training, not after
+        raise CliError(f"'{folder}' already exists (pass --force to replace it)")
+    apply_threads(cfg.model.threads)
     report = build_world(
         folder,
         size=size,

@@ -35,7 +35,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from daemon.errors import ModelImportError
-from daemon.files import fsync_dir, sha256_file, swap_folder
+from daemon.files import fsync_dir, open_private, sha256_file, swap_folder
 from daemon.model.arch import spec_for_model_type
 
 log = structlog.get_logger()
@@ -164,7 +164,7 @@ def cached_import(source: Path, cache_root: Path, *, dtype: str = "float32") -> 
     if _matches(folder, digest, dtype):
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with (folder.parent / f".{folder.name}.lock").open("w") as lock:
+    with os.fdopen(open_private(folder.parent / f".{folder.name}.lock"), "rb") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not _matches(folder, digest, dtype):
             import_gguf(source, folder, dtype=dtype, overwrite=True)

@@ -30,7 +30,7 @@ from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from daemon.errors import WorldBuildError, WorldFormatError, WorldNotReadyError
-from daemon.files import swap_folder
+from daemon.files import open_private, swap_folder
 from daemon.log import get_logger
 from daemon.world.evaluate import WorldAccuracy, evaluate_world
 from daemon.world.facts import GENERATOR_VERSION, WORLD_SPECS, World, WorldSpec, generate_world
@@ -352,7 +352,7 @@ def cached_world(
     if is_ready(folder):
         return folder
     root.mkdir(parents=True, exist_ok=True)
-    with (root / f".{folder.name}.lock").open("w") as lock:
+    with os.fdopen(open_private(root / f".{folder.name}.lock"), "rb") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not is_ready(folder):
             build_world(

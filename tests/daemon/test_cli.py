@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from daemon.cli import cli
+from tests.daemon.test_instance_lock import hold_in_another_process
 
 DESIGN_VERBS = [
     "serve",
@@ -152,3 +154,49 @@ def test_console_script_runs_as_a_real_process(config_file: Path) -> None:
     done = subprocess.run([*cmd, "--version"], capture_output=True, env=env, timeout=60)
     assert done.returncode == 0
     assert b"editd, version" in done.stdout
+
+
+def _closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_retract_fallback_refuses_while_another_process_holds_the_store(tmp_path: Path) -> None:
+    """No daemon answers, but one holds the store: the store is left alone, exit 1."""
+    config = tmp_path / "editd.toml"
+    config.write_text(f'[store]\npath = "state/editd.sqlite3"\n[api]\nport = {_closed_port()}\n')
+    run(config, "submit", "-", stdin=b'{"id": "k1", "prompt": "A is", "target": " B"}')
+    holder = hold_in_another_process(tmp_path / "state" / "editd.sqlite3")
+    try:
+        code, _, err = run(config, "edits", "retract", "k1")
+        assert code == 1
+        assert "no daemon answers" in err
+        assert f"pid {holder.pid}" in err
+        assert json.loads(run(config, "edits", "show", "k1")[1])["status"] == "queued"
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    code, out, _ = run(config, "edits", "retract", "k1")  # nobody holds it now
+    assert code == 0, out
+    assert json.loads(run(config, "edits", "show", "k1")[1])["status"] == "retracted"
+
+
+def test_the_command_creates_its_state_private(config_file: Path) -> None:
+    """Under a permissive umask too: the store's folder 0700, its files 0600."""
+    cmd = [sys.executable, "-m", "daemon.cli", "--config", str(config_file), "submit", "-"]
+    done = subprocess.run(
+        cmd,
+        input=b'{"prompt": "A is", "target": " B"}',
+        capture_output=True,
+        umask=0o022,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    state = config_file.parent / "state"
+    assert state.stat().st_mode & 0o777 == 0o700
+    files = list(state.iterdir())
+    assert "editd.sqlite3" in [f.name for f in files]
+    assert {f.name: f.stat().st_mode & 0o777 for f in files} == {f.name: 0o600 for f in files}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import configparser
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -12,6 +13,15 @@ import pytest
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 UNIT = DEPLOY / "editd.service"
 UNITS = ("editd.service", "editd-nightly.service", "editd-nightly.timer")
+# systemd-analyze security's overall exposure (0 safest, 10 worst) each unit must stay within
+EXPOSURE_BOUNDS = {"editd.service": 3.5, "editd-nightly.service": 2.5}
+# what CUDA cannot run under (see the comments in editd.service)
+CUDA_BREAKERS = {
+    "PrivateDevices": "yes",
+    "ProcSubset": "pid",
+    "PrivateUsers": "yes",
+    "MemoryDenyWriteExecute": "yes",
+}
 
 
 def _unit(name: str = "editd.service") -> configparser.ConfigParser:
@@ -19,6 +29,17 @@ def _unit(name: str = "editd.service") -> configparser.ConfigParser:
     parser.optionxform = str  # type: ignore[assignment,method-assign]
     parser.read(DEPLOY / name)
     return parser
+
+
+def _values(name: str, section: str, key: str) -> list[str]:
+    """Every value of a key that may repeat (configparser keeps only the last one)."""
+    found, current = [], None
+    for line in (DEPLOY / name).read_text(encoding="utf-8").splitlines():
+        if line.startswith("["):
+            current = line.strip("[]")
+        elif current == section and line.split("=", 1)[0].strip() == key:
+            found.append(line.split("=", 1)[1].strip())
+    return found
 
 
 def test_service_is_a_notify_unit_with_a_watchdog_and_a_state_directory() -> None:
@@ -70,3 +91,40 @@ def test_systemd_analyze_verifies_the_units(tmp_path: Path) -> None:
     ]
     assert done.returncode == 0, done.stdout + done.stderr
     assert not problems, problems  # e.g. "editd.service:12: Unknown key name 'Tpye'"
+
+
+def test_nightly_unit_never_starts_the_daemon() -> None:
+    """A daemon stopped on purpose stays stopped: ordering only, no dependency."""
+    unit = _unit("editd-nightly.service")["Unit"]
+    for key in ("Wants", "Requires", "Requisite", "BindsTo", "PartOf", "Upholds"):
+        assert "editd.service" not in unit.get(key, ""), key
+    assert unit["After"] == "editd.service"
+
+
+def test_units_keep_state_private_and_the_daemon_keeps_its_gpu() -> None:
+    for name in ("editd.service", "editd-nightly.service"):
+        service = _unit(name)["Service"]
+        assert service["UMask"] == "0077", name
+        assert service["StateDirectoryMode"] == "0700", name
+        assert service["CapabilityBoundingSet"] == "", name
+        assert "@system-service" in _values(name, "Service", "SystemCallFilter"), name
+    daemon = _unit()["Service"]
+    for key, value in CUDA_BREAKERS.items():
+        assert daemon.get(key) != value, key
+    devices = _values("editd.service", "Service", "DeviceAllow")
+    assert daemon["DevicePolicy"] == "closed"
+    assert {"/dev/nvidiactl rw", "/dev/nvidia-uvm rw", "char-nvidia-frontend rw"} <= set(devices)
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
+@pytest.mark.parametrize("name", sorted(EXPOSURE_BOUNDS))
+def test_systemd_security_exposure_is_within_bounds(name: str) -> None:
+    done = subprocess.run(
+        ["systemd-analyze", "security", "--offline=yes", "--no-pager", str(DEPLOY / name)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    found = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", done.stdout)
+    assert found, done.stdout + done.stderr
+    assert float(found.group(1)) <= EXPOSURE_BOUNDS[name], done.stdout
