@@ -110,6 +110,23 @@ class BackendHealth:
             self._announce(rates)
         return rates
 
+    def reconfigure(self, config: HealthConfig) -> None:
+        """Take new thresholds and window size (SIGHUP); a shrunk window keeps its newest
+        edits. Verdicts that change under the new thresholds are announced."""
+        with self._lock:
+            self.config = config
+            self._window = {
+                b: deque(w, maxlen=config.window_edits) for b, w in self._window.items()
+            }
+            changed = []
+            for backend in self._window:
+                rates = self._rates(backend)
+                if rates.degraded != self._degraded.get(backend, False):
+                    changed.append(rates)
+                self._degraded[backend] = rates.degraded
+        for rates in changed:
+            self._announce(rates)
+
     def snapshot(self) -> dict[str, BackendRates]:
         """Every back-end's current rates."""
         with self._lock:

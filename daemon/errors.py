@@ -91,6 +91,19 @@ class EditValidationError(EditdError):
         self.source = source
 
 
+class SupersedeNotAllowedError(EditValidationError):
+    """A source named in ``supersedes`` (or retracts) an edit that it did not make."""
+
+    def __init__(self, target: str, source: str, owner: str | None):
+        made = "is unknown" if owner is None else f"was made by {owner}"
+        super().__init__(
+            f"edit '{target}' {made}; {source} may supersede or retract only edits it made",
+            field="supersedes",
+        )
+        self.context.update(target=target, source=source, owner=owner)
+        self.target = target
+
+
 # --- store ---------------------------------------------------------------------------
 
 
@@ -100,6 +113,19 @@ class StoreError(EditdError):
 
 class StoreUnavailableError(StoreError):
     """The store file is missing, unreadable, or not a SQLite database."""
+
+
+class StoreIntegrityError(StoreUnavailableError):
+    """``PRAGMA quick_check`` found the store's file damaged; ``verdict`` says where."""
+
+    def __init__(self, path: Path | str, verdict: str):
+        super().__init__(
+            f"store {path}: integrity check failed ({verdict}); restore the file from a "
+            "backup or repair it with the sqlite3 shell's .recover",
+            path=path,
+            verdict=verdict,
+        )
+        self.verdict = verdict
 
 
 class MigrationError(StoreError):
@@ -158,6 +184,41 @@ class LeaseLostError(StoreError):
             edit_id=edit_id,
             worker=worker,
         )
+
+
+class StoreInUseError(StoreError):
+    """Another editd process holds the store's lock (a second ``editd serve``, or a
+    CLI fallback that writes the store while no daemon answers)."""
+
+    def __init__(self, store: Path, lock: Path, pid: int | None, role: str | None):
+        holder = "another editd process"
+        if pid is not None:
+            holder += f" (pid {pid}" + (f", {role}" if role else "") + ")"
+        super().__init__(
+            f"the store {store} is in use by {holder}; its lock is {lock}",
+            store=store,
+            lock=lock,
+            pid=pid,
+            role=role,
+        )
+        self.store = store
+        self.pid = pid
+        self.role = role
+
+
+# --- files ---------------------------------------------------------------------------
+
+
+class UnsafePathError(EditdError):
+    """A file editd writes for itself is a symbolic link (it never writes through one)."""
+
+    def __init__(self, path: Path):
+        super().__init__(
+            f"{path} is a symbolic link: editd does not write its files through links "
+            "(remove it and try again)",
+            path=path,
+        )
+        self.path = path
 
 
 # --- model ---------------------------------------------------------------------------

@@ -86,6 +86,20 @@ def configure_logging(
     )
 
 
+def adopt_transformers_logging() -> None:
+    """Send transformers' records through the handler ``configure_logging`` set up.
+
+    transformers gives its library logger a stderr handler of its own and stops
+    propagation, so its warnings would be plain lines among the JSON ones. The
+    daemon calls this once (importing transformers costs ~0.5 s, which the CLI's
+    quick verbs need not pay).
+    """
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_default_handler()
+    hf_logging.enable_propagation()
+
+
 def get_logger(name: str | None = None) -> structlog.stdlib.BoundLogger:
     """A lazy logger; ``name`` becomes the ``logger_name`` key on every event.
 

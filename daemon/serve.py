@@ -1,15 +1,20 @@
 """``editd serve``: the daemon process (HTTP API, signals, systemd notifications).
 
-The HTTP socket is bound first (a busy port or an unsafe address fails at
-once, and ``/healthz`` answers 503 while the model loads); then the daemon
-starts (model, editors, restore, worker, scheduler) and systemd is told
-READY=1. The main thread only waits for signals:
+The store's lock is taken first (a second daemon on the same store exits at
+once, naming the pid that holds it); then the HTTP socket is bound (a busy port
+or an unsafe address fails at once, and ``/healthz`` answers 503 while the model
+loads); then the daemon starts (model, editors, restore, worker, scheduler) and
+systemd is told READY=1. The main thread only waits for signals:
 
 - SIGTERM / SIGINT: stop taking work, let the worker finish its batch, write a
   checkpoint, stop the API, exit 0. A second one exits at once (status 1): the
   queue's leases and the store's transactions make that safe, the next start
-  takes back the batch in flight.
-- SIGHUP: re-read the config file and take its reloadable parts.
+  takes back the batch in flight. During start-up (a first start may spend
+  minutes on locate and key statistics) the first one abandons the start at
+  once: nothing is half-written (caches are written atomically), exit 0.
+- SIGHUP: re-read the config file and take its reloadable parts, the API token
+  among them (:data:`daemon.api.app.RELOADABLE`): a rotated token applies to the
+  next request.
 
 With ``NOTIFY_SOCKET`` set, systemd hears READY/STATUS/STOPPING/RELOADING,
 EXTEND_TIMEOUT while the model loads, and WATCHDOG pings while the worker makes
@@ -27,12 +32,14 @@ import time
 from dataclasses import replace
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import structlog
-import uvicorn
+from fastapi import FastAPI
 
-from daemon.config import Config, load_config
-from daemon.errors import ConfigError
+from daemon.config import ApiConfig, Config, load_config
+from daemon.errors import ConfigError, Shutdown
+from daemon.files import write_private_text
 from daemon.sdnotify import Notifier
 from daemon.service import Daemon
 
@@ -54,9 +61,14 @@ def is_loopback(host: str) -> bool:
 
 def check_bind(config: Config) -> None:
     """Refuse a non-loopback address without an API token."""
-    if not is_loopback(config.api.host) and not config.api.token:
+    check_api_bind(config.api)
+
+
+def check_api_bind(api: ApiConfig) -> None:
+    """Refuse a non-loopback address without an API token."""
+    if not is_loopback(api.host) and not api.token:
         raise ConfigError(
-            f"api.host = '{config.api.host}' is not a loopback address and no API token is "
+            f"api.host = '{api.host}' is not a loopback address and no API token is "
             "set: set [api] token or EDITD_API_TOKEN, or bind 127.0.0.1",
             key="api.host",
         )
@@ -83,6 +95,7 @@ class _Signals:
     def __init__(self) -> None:
         self.stop = threading.Event()
         self.reload = threading.Event()
+        self.starting = False  # while set, a stop request unwinds the start-up at once
 
     def install(self) -> None:
         signal.signal(signal.SIGTERM, self._on_stop)
@@ -92,8 +105,11 @@ class _Signals:
     def _on_stop(self, signum: int, _frame: FrameType | None) -> None:
         if self.stop.is_set():
             os._exit(EXIT_NOW)
-        log.info("stop_requested", signal=signal.Signals(signum).name)
+        log.info("stop_requested", signal=signal.Signals(signum).name, starting=self.starting)
         self.stop.set()
+        if self.starting:  # the model build (locate, statistics) may take minutes
+            self.starting = False
+            raise Shutdown("stop requested during start-up")
 
     def _on_hup(self, _signum: int, _frame: FrameType | None) -> None:
         self.reload.set()
@@ -113,29 +129,46 @@ def run_server(config: Config, *, port_file: Path | None = None) -> int:
     """Run the daemon until a signal; the process exit status."""
     check_bind(config)
     signals = _Signals()
+    signals.starting = True  # from here until ready, SIGTERM raises Shutdown
     signals.install()
     notifier = Notifier.from_env()
-    sock = bind_socket(config.api.host, config.api.port)
-    port = sock.getsockname()[1]
-    if port_file is not None:
-        port_file.write_text(f"{port}\n", encoding="utf-8")
     daemon = Daemon(config)
-    from daemon.api.app import create_app
-
-    app = create_app(daemon, config.api)
-    server = uvicorn.Server(
-        uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", workers=1)
-    )
-    http = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="editd-http")
-    http.start()
-    log.info("api_listening", host=config.api.host, port=port)
-    notifier.extend_timeout(LOAD_TIMEOUT_EXTENSION_S)
+    server: Any = None
+    http: threading.Thread | None = None
     t0 = time.perf_counter()
+
+    def stop_http() -> None:
+        if server is not None and http is not None:
+            server.should_exit = True
+            http.join(timeout=10)
+
     try:
+        daemon.claim_store()  # before the port, the store and the checkpoints
+        sock = bind_socket(config.api.host, config.api.port)
+        port = sock.getsockname()[1]
+        if port_file is not None:
+            write_private_text(port_file, f"{port}\n")
+        from daemon.api.app import create_app
+        from daemon.api.connections import http_server
+
+        app = create_app(daemon, config.api)
+        server = http_server(app, config.api)
+        http = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="editd-http")
+        http.start()
+        log.info("api_listening", host=config.api.host, port=port)
+        notifier.extend_timeout(LOAD_TIMEOUT_EXTENSION_S)
         daemon.start(progress=lambda what: notifier.status(what))
+        signals.starting = False
+    except Shutdown:  # SIGTERM while starting: release what was taken (stop runs once)
+        signals.starting = False
+        log.info("startup_abandoned", startup_s=round(time.perf_counter() - t0, 2))
+        daemon.stop(checkpoint=False)
+        stop_http()
+        notifier.close()
+        return 0
     except BaseException:
-        server.should_exit = True
-        http.join(timeout=10)
+        signals.starting = False
+        stop_http()
         raise
     notifier.ready()
     notifier.status(f"ready on {config.api.host}:{port}")
@@ -149,7 +182,7 @@ def run_server(config: Config, *, port_file: Path | None = None) -> int:
     while not signals.stop.wait(0.2):
         if signals.reload.is_set():
             signals.reload.clear()
-            _reload(daemon, notifier, config.source)
+            _reload(daemon, app, notifier, config.source)
     notifier.stopping()
     notifier.status("stopping: finishing the current batch")
     daemon.stop(checkpoint=True)
@@ -160,11 +193,17 @@ def run_server(config: Config, *, port_file: Path | None = None) -> int:
     return 0
 
 
-def _reload(daemon: Daemon, notifier: Notifier, source: Path | None) -> None:
+def _reload(daemon: Daemon, app: FastAPI, notifier: Notifier, source: Path | None) -> None:
+    """Take the reloadable parts of the config file: the daemon's, then the API's (a
+    public bind keeps refusing an empty token; the bind address itself stays)."""
+    from daemon.api.app import reload_settings
+
     notifier.reloading()
     try:
         fresh = load_config(source)
+        check_api_bind(replace(fresh.api, host=daemon.config.api.host))
         daemon.reload(replace(fresh, api=daemon.config.api))
+        reload_settings(app, fresh.api)
     except ConfigError as exc:
         log.error("reload_failed", error=str(exc))
     notifier.ready()

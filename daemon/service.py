@@ -3,6 +3,8 @@
 :class:`Daemon` is what ``editd serve`` runs and what the HTTP API talks to
 (it implements :class:`daemon.api.facade.DaemonFacade`). Start-up order:
 
+0. take the store's lock (:mod:`daemon.instance_lock`): one daemon per store, or
+   ``StoreInUseError`` before anything below touches the store or the checkpoints;
 1. open the store; recover the checkpoint folder (temp and orphan folders);
 2. load the model and build the editors (hook and MELO, ``[router] backends``);
 3. score the drift probes on the base model (cached per model and probe set);
@@ -11,7 +13,8 @@
 5. start the worker thread and the scheduler. ``is_ready`` is true from here.
 
 Shutdown (:meth:`Daemon.stop`): the worker finishes its batch, a checkpoint is
-written, the scheduler stops, the store closes.
+written, the scheduler stops, the store closes, the lock goes. A start that fails
+stops the same way (without the checkpoint), so its lock goes too.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from daemon.errors import (
     InvalidTransitionError,
 )
 from daemon.ingest import Ingestion
+from daemon.instance_lock import StoreLock
 from daemon.metrics import DaemonMetrics
 from daemon.model.loading import LoadedModel
 from daemon.model.source import load_configured_model
@@ -75,6 +79,7 @@ class Daemon:
     def __init__(self, config: Config, *, metrics: DaemonMetrics | None = None) -> None:
         self.config = config
         self.metrics = metrics or DaemonMetrics(__version__)
+        self.store_lock: StoreLock | None = None
         self.health = BackendHealth(config.health, config.router.backends)
         self.store: Store | None = None
         self.queue: EditQueue | None = None
@@ -91,15 +96,30 @@ class Daemon:
         self._batches_since_drift = 0
         self._last_checkpoint_at = time.time()
         self.batches_done = 0  # batches whose follow-up (drift check, checkpoint) finished
+        self._stopped = False
         self.ingestion = Ingestion(self)
 
     # --- life cycle ---------------------------------------------------------------------
 
+    def claim_store(self) -> None:
+        """Take the store's lock unless this daemon holds it; ``StoreInUseError`` when
+        another process does (``editd serve`` claims it before binding its port)."""
+        if self.store_lock is None:
+            self.store_lock = StoreLock.acquire(self.config.store.path, role="daemon")
+
     def start(self, progress: Progress = _no_progress) -> None:
         """Load everything and start the worker and jobs (see the module doc)."""
+        self.claim_store()
+        try:
+            self._start(progress)
+        except BaseException:
+            self.stop(checkpoint=False)
+            raise
+
+    def _start(self, progress: Progress) -> None:
         cfg = self.config
         progress("opening the store")
-        self.store = Store.open(cfg.store.path)
+        self.store = Store.open(cfg.store.path, quick_check=True)
         self.queue = EditQueue(self.store, _policy(cfg))
         self.checkpoints = CheckpointManager(cfg.checkpoints.dir, self.store, cfg.checkpoints.keep)
         self.checkpoints.recover()
@@ -139,7 +159,11 @@ class Daemon:
         return editors
 
     def stop(self, *, checkpoint: bool = True) -> None:
-        """Finish the current batch, checkpoint, stop the jobs, close the store."""
+        """Finish the current batch, checkpoint, stop the jobs, close the store (once:
+        later calls return at once)."""
+        if self._stopped:
+            return
+        self._stopped = True
         self._ready.clear()
         self._stop.set()
         if self.scheduler is not None:
@@ -153,6 +177,9 @@ class Daemon:
                 log.exception("shutdown_checkpoint_failed")
         if self.store is not None:
             self.store.close()
+        if self.store_lock is not None:
+            self.store_lock.release()
+            self.store_lock = None
         log.info("daemon_stopped")
 
     @property
@@ -165,11 +192,24 @@ class Daemon:
             return 0.0
         return time.monotonic() - self.worker.last_progress
 
+    def worker_problem(self) -> str | None:
+        """Why the worker is not healthy (its thread died, or it has made no progress
+        for longer than a lease), or ``None`` (also before start and while stopping)."""
+        thread, limit = self._worker_thread, self.config.worker.lease_s
+        if thread is None or self.stopping:
+            return None
+        if not thread.is_alive():
+            return "the worker thread has stopped"
+        age = self.worker_progress_age()
+        if age > limit:
+            return f"the worker has made no progress for {age:.0f} s (lease_s is {limit:g})"
+        return None
+
     def reload(self, config: Config) -> None:
         """Take the reloadable parts of ``config`` (SIGHUP): worker, router policy,
         checkpoints cadence, drift thresholds, feed polling and extractor rules, the
-        nightly wait, log level. Model, store, editors, API binding, the spool folder
-        and the job times need a restart."""
+        nightly wait, log level, the back-end health thresholds. Model, store, editors,
+        API binding, the spool folder and the job times need a restart."""
         self.config = replace(
             self.config,
             worker=config.worker,
@@ -181,7 +221,9 @@ class Daemon:
                 self.config.scheduler, nightly_wait_s=config.scheduler.nightly_wait_s
             ),
             log=config.log,
+            health=config.health,
         )
+        self.health.reconfigure(config.health)
         if self.worker is not None:
             self.worker.config = self.config
         if self.drift is not None:

@@ -27,11 +27,12 @@ def serve(ctx: click.Context, host: str | None, port: int | None, port_file: Pat
     from dataclasses import replace
 
     from daemon.config import load_config
-    from daemon.log import configure_logging
+    from daemon.log import adopt_transformers_logging, configure_logging
     from daemon.serve import run_server
 
     cfg = load_config(state(ctx).config_path)
     configure_logging(cfg.log.level, cfg.log.format)
+    adopt_transformers_logging()  # its warnings as JSON lines too
     api = replace(
         cfg.api,
         host=cfg.api.host if host is None else host,

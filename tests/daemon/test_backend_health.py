@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,28 @@ def test_no_verdict_before_min_edits_then_degraded_once_and_recovered_once() -> 
     assert set(snapshot) == {"hook", "melo"}
     assert snapshot["melo"].edits == 0 and snapshot["melo"].verification_failure_rate is None
     assert snapshot["hook"].to_json_dict()["window_edits"] == 10
+
+
+def test_new_thresholds_and_window_apply_at_once_and_announce_changed_verdicts() -> None:
+    """SIGHUP's path: a looser threshold clears a verdict, a smaller window keeps the
+    newest edits, a stricter one sets it again; each change is announced once."""
+    config = HealthConfig(window_edits=10, min_edits=4, max_verification_failure_rate=0.25)
+    changes: list[tuple[str, bool]] = []
+    health = BackendHealth(
+        config, ["hook", "melo"], on_change=lambda r: changes.append((r.backend, r.degraded))
+    )
+    health.record(_step(Backend.HOOK, unverified=4, escalate=False))
+    health.record(_step(Backend.HOOK, applied=4, tag="b"))
+    assert health.snapshot()["hook"].degraded and changes == [("hook", True)]
+    health.reconfigure(replace(config, max_verification_failure_rate=0.6))
+    assert not health.snapshot()["hook"].degraded and changes[-1] == ("hook", False)
+    health.reconfigure(replace(config, window_edits=4, min_edits=4))
+    rates = health.snapshot()["hook"]
+    assert rates.edits == 4 and rates.verification_failure_rate == 0.0  # the newest 4
+    assert not rates.degraded and len(changes) == 2
+    health.record(_step(Backend.HOOK, unverified=2, escalate=False, tag="c"))
+    assert health.snapshot()["hook"].degraded  # 2 of the newest 4 > 0.25
+    assert health.config.window_edits == 4 and changes[-1] == ("hook", True)
 
 
 def test_escalations_alone_make_a_back_end_degraded() -> None:

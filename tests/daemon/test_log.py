@@ -10,14 +10,18 @@ from pathlib import Path
 import pytest
 import structlog
 
-from daemon.log import configure_logging, get_logger
+from daemon.log import adopt_transformers_logging, configure_logging, get_logger
 
 
 @pytest.fixture(autouse=True)
 def _restore_logging() -> object:
+    from transformers.utils import logging as hf_logging
+
     yield
     structlog.reset_defaults()
     logging.basicConfig(handlers=[logging.NullHandler()], force=True)
+    hf_logging.disable_propagation()
+    hf_logging.enable_default_handler()
 
 
 def test_threads_and_libraries_never_split_a_json_line(tmp_path: Path) -> None:
@@ -56,6 +60,7 @@ def test_level_filters_both_kinds_and_exceptions_are_structured(tmp_path: Path) 
     path = tmp_path / "serve.log"
     with path.open("w", buffering=1) as out:
         configure_logging("warning", "json", out)
+        adopt_transformers_logging()  # transformers has a handler of its own otherwise
         log = get_logger("editd.test")
         log.info("quiet")
         logging.getLogger("transformers").info("quiet too")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +107,31 @@ def test_second_sigterm_exits_at_once(
     daemon.proc.send_signal(signal.SIGTERM)
     daemon.proc.send_signal(signal.SIGTERM)
     assert daemon.proc.wait(timeout=60) in (0, 1)
+
+
+def test_one_sigterm_during_start_up_abandons_it(
+    micro_world: Path, tmp_path: Path, daemon_factory: list[DaemonProcess]
+) -> None:
+    """A first start may spend minutes on locate and key statistics: one SIGTERM then
+    stops the process at once (exit 0), without building the rest or serving."""
+    config = write_config(tmp_path, micro_world)
+    daemon = DaemonProcess(config)
+    daemon_factory.append(daemon)
+    daemon.start(wait=False)
+    assert daemon.proc is not None
+    deadline = time.monotonic() + 60
+    while not daemon.port_file.is_file() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    daemon.proc.send_signal(signal.SIGTERM)  # the port is bound: the model is loading
+    assert daemon.proc.wait(timeout=60) == 0
+    events = [json.loads(x) for x in daemon.log_path.read_text().splitlines() if x[:1] == "{"]
+    names = [e["event"] for e in events]
+    assert "daemon_ready" not in names and "serving" not in names, names
+    assert "startup_abandoned" in names and "daemon_stopped" in names
+    stop = next(e for e in events if e["event"] == "stop_requested")
+    assert stop["starting"] is True
+    daemon.start()  # the store's lock was released: the next start gets it and serves
+    assert daemon.request("GET", "/healthz").status_code == 200
 
 
 def test_systemd_notifications_sighup_reload_and_cli_verbs(
