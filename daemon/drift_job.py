@@ -88,6 +88,19 @@ class DriftReport:
         }
 
 
+def drift_probes(cfg: Config, name_or_path: str) -> list[Probe]:
+    """The probes for ``cfg``: the configured file, the fact world's, or (any other model)
+    the shipped common-facts prompts (:mod:`daemon.commonfacts`). MELO calibrates its
+    routing radius on the same prompts (``editd eval`` builds its editors likewise)."""
+    if cfg.drift.probes:
+        return load_probes_jsonl(cfg.drift.probes)
+    if (Path(name_or_path) / "world.json").is_file():
+        return probes_from_world(name_or_path)
+    probes = [Probe(prompt) for prompt in probe_prompts()]
+    log.info("drift_probes_common_facts", probes=len(probes))
+    return probes
+
+
 class DriftMonitor:
     """Probe set, base scores and the check/rollback procedures."""
 
@@ -103,13 +116,7 @@ class DriftMonitor:
     def build(cls, cfg: Config, loaded: LoadedModel, store: Store) -> DriftMonitor:
         """The monitor for ``cfg``: probes from the configured file, the fact world, or
         (any other model) the shipped common-facts prompts (:mod:`daemon.commonfacts`)."""
-        if cfg.drift.probes:
-            probes = load_probes_jsonl(cfg.drift.probes)
-        elif (Path(loaded.name_or_path) / "world.json").is_file():
-            probes = probes_from_world(loaded.name_or_path)
-        else:
-            probes = [Probe(prompt) for prompt in probe_prompts()]
-            log.info("drift_probes_common_facts", probes=len(probes))
+        probes = drift_probes(cfg, loaded.name_or_path)
         fingerprint = probe_fingerprint(probes)[:16]
         path = store.path.parent / "drift" / f"base-{fingerprint}.safetensors"
         return cls(cfg.drift, probes, path)

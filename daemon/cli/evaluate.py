@@ -124,6 +124,7 @@ def eval_(
     ppl_text: Path | None,
 ) -> None:
     """Run N edits through an editor; score efficacy, generalisation, locality, retention."""
+    from daemon.drift_job import drift_probes
     from daemon.editors.hook.setup import read_text_source
     from daemon.editors.registry import make_editor
     from daemon.eval.basetask import world_base_task
@@ -149,10 +150,12 @@ def eval_(
     if not cases:
         raise EvalDataError("no usable edits", path=str(edits_path))
     loaded = load_model(str(model_dir), device=cfg.model.device, dtype=cfg.model.dtype)
+    # the daemon's editors: MELO calibrates its radius on the drift probes, as in serve
+    probes = [p.prompt for p in drift_probes(cfg, loaded.name_or_path)] if cfg.drift.enabled else []
     editor = (
-        build_routed_editor(loaded, cfg)
+        build_routed_editor(loaded, cfg, calibration_prompts=probes)
         if editor_name == "auto"
-        else make_editor(editor_name, loaded, cfg)
+        else make_editor(editor_name, loaded, cfg, calibration_prompts=probes)
     )
     settings = EvalSettings(
         n=min(n, len(cases)),

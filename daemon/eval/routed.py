@@ -117,11 +117,15 @@ class RoutedEditor:
                 self.engine.editor(Backend(name)).load_state_dict(editor_state)
 
 
-def build_routed_editor(loaded: LoadedModel, config: Config) -> RoutedEditor:
-    """An Engine with every back-end of ``[router] backends``, wrapped for the harness."""
+def build_routed_editor(
+    loaded: LoadedModel, config: Config, *, calibration_prompts: Sequence[str] = ()
+) -> RoutedEditor:
+    """An Engine with every back-end of ``[router] backends``, wrapped for the harness
+    (``calibration_prompts``: as the daemon gives its editors, its drift probes)."""
     from daemon.editors.registry import make_editor
 
     editors: dict[Backend, Editor] = {
-        Backend(name): make_editor(name, loaded, config) for name in config.router.backends
+        Backend(name): make_editor(name, loaded, config, calibration_prompts=calibration_prompts)
+        for name in config.router.backends
     }
     return RoutedEditor(Engine(loaded, editors), config.router, verify=config.worker.verify)
