@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
 
 from daemon.cli.app import CliError, EditdGroup, cli, config_option, echo_json, json_option, state
 from daemon.config import Config, request_limits
-from daemon.errors import InvalidTransitionError, StoreInUseError
+from daemon.errors import EditdError, InvalidTransitionError, StoreInUseError
 from daemon.instance_lock import StoreLock
 from store.checkpoints import latest_good
 from store.db import Store
@@ -44,6 +45,27 @@ def retract_in_store(st: Store, edit_id: str, reason: str) -> EditRecord:
     if current is EditStatus.APPLYING:
         raise InvalidTransitionError(edit_id, current.value, EditStatus.RETRACTED.value)
     return queue.transition(edit_id, EditStatus.RETRACTED, reason=reason)
+
+
+def claim_store_offline(
+    store_path: Path, *, role: str, unreachable: EditdError, refusing: str
+) -> StoreLock:
+    """The store's lock for a CLI fallback that writes the store where a daemon would
+    (no daemon answered: ``unreachable`` says where it was asked).
+
+    Taken without waiting; held by the caller for the length of its write (``with``),
+    so a daemon that starts meanwhile exits at once naming this process. When another
+    process holds it (a daemon that runs but does not answer: another address, still
+    binding; or another such fallback) nothing is written: a ``CliError`` (exit 1) names
+    the holder's pid, with ``refusing`` (``"retracting ..."``) saying what was not done.
+    """
+    try:
+        return StoreLock.acquire(store_path, role=role)
+    except StoreInUseError as exc:
+        raise CliError(
+            f"{unreachable}, but {exc}: not {refusing}; retry once it answers (check [api] "
+            "host and port), or stop it first"
+        ) from exc
 
 
 def _open(cfg: Config, *, create: bool) -> Store:
@@ -191,15 +213,14 @@ def edits_retract(ctx: click.Context, edit_id: str, reason: str) -> None:
         return
     except DaemonUnreachableError as exc:
         unreachable = exc
-    with _open(cfg, create=False) as st:
-        try:
-            owner = StoreLock.acquire(st.path, role="editd edits retract")
-        except StoreInUseError as exc:
-            raise CliError(
-                f"{unreachable}, but {exc}: not retracting behind a running daemon's back "
-                "(it may hold the edit in a batch); retry once it answers (check [api] "
-                "host and port), or stop it first"
-            ) from exc
-        with owner:
-            record = retract_in_store(st, edit_id, reason)
+    with (
+        _open(cfg, create=False) as st,
+        claim_store_offline(
+            st.path,
+            role="editd edits retract",
+            unreachable=unreachable,
+            refusing="retracting behind a running daemon's back (it may hold the edit in a batch)",
+        ),
+    ):
+        record = retract_in_store(st, edit_id, reason)
     click.echo(f"{record.id}: retracted (daemon not running: takes effect at its next start)")

@@ -5,7 +5,8 @@ the daemon runs (a running daemon reads the store at every tick). ``poll`` and
 ``nightly`` go through the running daemon when one answers (so a retraction from a
 feed reaches the live model at once, and the nightly run validates drift after);
 with no daemon listening they do the store's part alone: edits are queued, and
-retractions take effect at the daemon's next start.
+retractions take effect at the daemon's next start. ``poll`` does that only under the
+store's lock (:mod:`daemon.instance_lock`): see :func:`feeds_poll`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import click
 
 from daemon.cli.app import CliError, EditdGroup, cli, config_option, echo_json, json_option, state
 from daemon.cli.client import DaemonUnreachableError, call
-from daemon.cli.edits import retract_in_store
+from daemon.cli.edits import claim_store_offline, retract_in_store
 from daemon.config import Config
 from daemon.feeds.poller import FeedPoller
 from store import feeds as feed_store
@@ -99,13 +100,40 @@ def feeds_remove(ctx: click.Context, name: str) -> None:
 @click.argument("name", required=False)
 @click.pass_context
 def feeds_poll(ctx: click.Context, name: str | None, as_json: bool) -> None:
-    """Poll one feed now (due or not), or every feed that is due."""
+    """Poll one feed now (due or not), or every feed that is due.
+
+    With the daemon running, it polls (through the API), so a retraction reaches the
+    live model. With no daemon answering, the poll runs here against the store, under
+    the store's lock; a daemon that runs but does not answer (another address, still
+    binding) holds that lock: then nothing is fetched or written and the exit status is 1.
+    \f
+    The lock is held for the whole offline poll, network fetches included, rather than
+    checked and released or taken around each write: the poll retracts edits in the
+    store (not only adds, in transactions a running daemon picks up), so a daemon that
+    started mid-poll and restored its model from the store would keep an edit retracted
+    after that; and the poller counts a failed retraction as skipped and then marks the
+    item seen, so a lock lost mid-poll would lose the retraction for good. The hold is
+    bounded (per feed, [feeds] retries+1 attempts of about a minute at most each) and
+    never makes a daemon wait: ``editd serve`` started meanwhile exits at once naming
+    this pid and role (systemd's Restart=on-failure starts it again 5 s later), and once
+    started it takes up what the poll wrote (queued edits, retractions) like any
+    change made while it was down.
+    """
     cfg = state(ctx).config()
     path = "/v1/feeds/poll" + ("" if name is None else f"?name={quote(name, safe='')}")
     try:
         reports: list[dict[str, Any]] = call(cfg, "POST", path)["polls"]
-    except DaemonUnreachableError:
-        with _open(cfg) as st:
+    except DaemonUnreachableError as unreachable:
+        with (
+            claim_store_offline(
+                cfg.store.path,
+                role="editd feeds poll",
+                unreachable=unreachable,
+                refusing="polling feeds behind a running daemon's back (their retractions "
+                "would miss its model)",
+            ),
+            _open(cfg) as st,
+        ):
             poller = FeedPoller(st, cfg, retract=lambda e, r: retract_in_store(st, e, r))
             polled = poller.poll_due() if name is None else [poller.poll(name)]
             reports = [report.to_json_dict() for report in polled]

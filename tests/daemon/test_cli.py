@@ -14,6 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from daemon.cli import cli
+from tests.daemon.feeds.conftest import FeedServer, Reply, feed_server  # noqa: F401
 from tests.daemon.test_instance_lock import hold_in_another_process
 
 DESIGN_VERBS = [
@@ -182,6 +183,51 @@ def test_retract_fallback_refuses_while_another_process_holds_the_store(tmp_path
     code, out, _ = run(config, "edits", "retract", "k1")  # nobody holds it now
     assert code == 0, out
     assert json.loads(run(config, "edits", "show", "k1")[1])["status"] == "retracted"
+
+
+def test_feeds_poll_fallback_refuses_while_another_process_holds_the_store(
+    tmp_path: Path,
+    feed_server: FeedServer,  # noqa: F811
+) -> None:
+    """No daemon answers, but one holds the store: the offline poll neither fetches nor
+    retracts (the holder may have the edit in its model), exit 1; it runs once freed."""
+    config = tmp_path / "editd.toml"
+    config.write_text(
+        f'[store]\npath = "state/editd.sqlite3"\n[api]\nport = {_closed_port()}\n'
+        '[feeds]\nallow_hosts = ["127.0.0.1"]\n'
+    )
+    fact = {"id": "f1", "prompt": "A is", "target": " B"}
+    item = {"id": "item-0", "title": "t", "_fact_edit": fact}
+    doc = {"version": "https://jsonfeed.org/version/1.1", "title": "facts", "items": [item]}
+    feed_server.route("/facts.json", Reply(body=json.dumps(doc).encode()))
+    assert run(config, "feeds", "add", "facts", feed_server.url("/facts.json"))[0] == 0
+    code, out, err = run(config, "feeds", "poll", "facts", "--json")  # nobody holds it
+    assert code == 0, err
+    ((edit_id,),) = [r["edits"] for r in json.loads(out)]
+    assert json.loads(run(config, "edits", "show", edit_id)[1])["status"] == "queued"
+
+    # The publisher withdraws the fact: an offline poll would retract the edit.
+    item["_fact_edit"] = {**fact, "op": "retract"}
+    feed_server.route("/facts.json", Reply(body=json.dumps(doc).encode()))
+    feeds_before = run(config, "feeds", "list", "--json")[1]
+    holder = hold_in_another_process(tmp_path / "state" / "editd.sqlite3")
+    try:
+        code, out, err = run(config, "feeds", "poll", "facts")
+        assert code == 1, out
+        assert "no daemon answers" in err
+        assert f"pid {holder.pid}" in err
+        assert feed_server.count("/facts.json") == 1  # not fetched again
+        assert run(config, "feeds", "list", "--json")[1] == feeds_before
+        assert json.loads(run(config, "edits", "show", edit_id)[1])["status"] == "queued"
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    code, out, err = run(config, "feeds", "poll", "facts", "--json")  # freed: it polls
+    assert code == 0, err
+    (report,) = json.loads(out)
+    assert (report["outcome"], report["retracted"]) == ("ok", [edit_id])
+    assert json.loads(run(config, "edits", "show", edit_id)[1])["status"] == "retracted"
 
 
 def test_the_command_creates_its_state_private(config_file: Path) -> None:
