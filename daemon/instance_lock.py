@@ -5,8 +5,9 @@
 edits) and holds it for the process's lifetime, so a second daemon on the same store
 exits at once, naming the holder, instead of requeueing the first one's in-flight
 edits and writing into its checkpoint folder. A CLI verb that changes the store
-where a daemon would (``editd edits retract`` when no daemon answers) takes it for
-the length of its write and refuses when a daemon holds it.
+where a daemon would (``editd edits retract`` and ``editd feeds poll`` when no
+daemon answers) takes it for the length of its write and refuses when a daemon
+holds it.
 
 Verbs that only add to the store in its own transactions (``submit``, ``nightly``'s
 spool import and release) need no lock: a running daemon picks their edits up.
