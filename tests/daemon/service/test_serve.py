@@ -90,20 +90,25 @@ def test_serve_refuses_a_public_address_without_a_token(micro_world: Path, tmp_p
     assert b"not a loopback address" in done.stderr
 
 
+def _loading_daemon(
+    tmp_path: Path, micro_world: Path, daemon_factory: list[DaemonProcess]
+) -> DaemonProcess:
+    """``editd serve`` started and waited for until its port is bound (the model loads next)."""
+    daemon = DaemonProcess(write_config(tmp_path, micro_world))
+    daemon_factory.append(daemon)
+    daemon.start(wait=False)
+    deadline = time.monotonic() + 60
+    while not daemon.port_file.is_file() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return daemon
+
+
 def test_second_sigterm_exits_at_once(
     micro_world: Path, tmp_path: Path, daemon_factory: list[DaemonProcess]
 ) -> None:
-    config = write_config(tmp_path, micro_world)
-    daemon = DaemonProcess(config)
-    daemon_factory.append(daemon)
-    daemon.start(wait=False)
+    daemon = _loading_daemon(tmp_path, micro_world, daemon_factory)
     assert daemon.proc is not None
     # while it is still loading, two SIGTERMs: the second exits without waiting
-    import time
-
-    deadline = time.monotonic() + 60
-    while not daemon.port_file.is_file() and time.monotonic() < deadline:
-        time.sleep(0.05)
     daemon.proc.send_signal(signal.SIGTERM)
     daemon.proc.send_signal(signal.SIGTERM)
     assert daemon.proc.wait(timeout=60) in (0, 1)
@@ -114,14 +119,8 @@ def test_one_sigterm_during_start_up_abandons_it(
 ) -> None:
     """A first start may spend minutes on locate and key statistics: one SIGTERM then
     stops the process at once (exit 0), without building the rest or serving."""
-    config = write_config(tmp_path, micro_world)
-    daemon = DaemonProcess(config)
-    daemon_factory.append(daemon)
-    daemon.start(wait=False)
+    daemon = _loading_daemon(tmp_path, micro_world, daemon_factory)
     assert daemon.proc is not None
-    deadline = time.monotonic() + 60
-    while not daemon.port_file.is_file() and time.monotonic() < deadline:
-        time.sleep(0.02)
     daemon.proc.send_signal(signal.SIGTERM)  # the port is bound: the model is loading
     assert daemon.proc.wait(timeout=60) == 0
     events = [json.loads(x) for x in daemon.log_path.read_text().splitlines() if x[:1] == "{"]
