@@ -31,16 +31,14 @@ from __future__ import annotations
 import argparse
 import math
 import random
-import shutil
-import sys
 import threading
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import httpx
 
+from bench.daemon_cli import base_parser, run_main
 from bench.daemon_process import (
     DaemonProcess,
     backend_setup,
@@ -48,35 +46,21 @@ from bench.daemon_process import (
     load_edits,
     write_config,
 )
-from bench.stats import (
-    DEFAULT_EDITS,
-    DEFAULT_MODEL,
-    REPO,
-    RESULTS,
-    markdown_table,
-    result_header,
-    summary,
-    write_result,
-)
+from bench.load_clients import StreamRecorder, edit_report, edit_stream, post_completion
+from bench.stats import markdown_table, summary
 from daemon.config import ApiConfig
 
 HEALTHZ_BUDGET_S = 1.0
 MAX_ERROR_SAMPLES = 20
 
 
-class Recorder:
+class Recorder(StreamRecorder):
     """Thread-safe lists of what every request got."""
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
+        super().__init__()
         self.completions: list[tuple[float, float, int, int]] = []  # start, latency, status, tokens
         self.health: list[tuple[float, float, int]] = []  # start, latency, status (0: no answer)
-        self.errors: list[str] = []
-        self.edit_ids: list[str] = []
-
-    def error(self, what: str) -> None:
-        with self.lock:
-            self.errors.append(what[:300])
 
 
 def completion_client(
@@ -84,13 +68,9 @@ def completion_client(
 ) -> None:
     with httpx.Client(timeout=600) as client:
         while not stop.is_set():
-            start = time.perf_counter()
-            try:
-                r = client.post(f"{url}/v1/completions", json=body)
-            except httpx.HTTPError as exc:
-                rec.error(f"completion: {type(exc).__name__}: {exc}")
+            if (answer := post_completion(client, url, body, rec)) is None:
                 continue
-            latency = time.perf_counter() - start
+            start, latency, r = answer
             tokens = int(r.json()["usage"]["completion_tokens"]) if r.status_code == 200 else 0
             with rec.lock:
                 rec.completions.append((start - t0, latency, r.status_code, tokens))
@@ -99,26 +79,6 @@ def completion_client(
             elif r.status_code != 200:
                 rec.error(f"completion: HTTP {r.status_code}: {r.text}")
                 stop.wait(1.0)
-
-
-def edit_stream(
-    url: str, edits: Sequence[dict[str, Any]], rate: float, t0: float, stop: threading.Event,
-    rec: Recorder,
-) -> None:  # fmt: skip
-    with httpx.Client(timeout=120) as client:
-        for k, edit in enumerate(edits):
-            if stop.wait(max(0.0, t0 + k / rate - time.perf_counter())):
-                return
-            try:
-                r = client.post(f"{url}/v1/edits", json={"edits": [edit]})
-            except httpx.HTTPError as exc:
-                rec.error(f"edit: {type(exc).__name__}: {exc}")
-                continue
-            if r.status_code != 202:
-                rec.error(f"edit: HTTP {r.status_code}: {r.text}")
-                continue
-            with rec.lock:
-                rec.edit_ids += r.json()["ids"]
 
 
 def health_prober(
@@ -136,7 +96,8 @@ def health_prober(
         stop.wait(max(0.0, every_s - (time.perf_counter() - start)))
 
 
-def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    work = args.work
     router, requested = backend_setup(args.backends)
     n_stream = math.ceil(args.duration_s * args.edit_rate) + 1
     *pool, warm_up = load_edits(args.edits, n_stream + 1, requested)
@@ -205,16 +166,6 @@ def completion_report(rec: Recorder, window_s: float) -> dict[str, Any]:
     }
 
 
-def edit_report(recs: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    applied = [r for r in recs.values() if r["status"] == "applied"]
-    return {
-        "submitted": len(recs),
-        "applied": len(applied),
-        "failed": sum(1 for r in recs.values() if r["status"] == "failed"),
-        "latency_s": summary([r["applied_at"] - r["created_at"] for r in applied]),
-    }
-
-
 def health_report(rec: Recorder) -> dict[str, Any]:
     latencies = [h[1] for h in rec.health if h[2] == 200]
     within = sum(1 for h in rec.health if h[2] == 200 and h[1] <= HEALTHZ_BUDGET_S)
@@ -257,9 +208,7 @@ def _pair(c: dict[str, Any], key: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
-    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
-    parser.add_argument("--edits", type=Path, default=DEFAULT_EDITS)
+    parser = base_parser(__doc__)
     parser.add_argument("--backends", default="auto", help="melo | hook | auto")
     parser.add_argument("--duration-s", type=float, default=60.0)
     parser.add_argument("--clients", type=int, default=50)
@@ -269,20 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--edit-rate", type=float, default=1.0, help="edits/s")
     parser.add_argument("--probe-s", type=float, default=0.2, help="/healthz every ... s")
     parser.add_argument("--batch-size", type=int, default=10, help="[worker] batch_size")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--work", type=Path, default=REPO / "var" / "bench" / "completions-load")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--tag", default="", help="suffix of the JSON file name")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
-    shutil.rmtree(args.work, ignore_errors=True)
-    result = {**result_header("completions_load", args, argv), "run": run(args, args.work)}
-    print()
-    print_table(result)
-    tag = f"-{args.tag}" if args.tag else ""
-    path = write_result(args.out, f"completions-load-{args.model.name}{tag}.json", result)
-    print(f"\nwrote {path}")
-    return 0
+    return run_main(parser, "completions_load", "completions-load-{model}", run, print_table, argv)
 
 
 if __name__ == "__main__":

@@ -32,9 +32,7 @@ from __future__ import annotations
 import argparse
 import math
 import random
-import shutil
 import statistics
-import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -43,6 +41,7 @@ from typing import Any
 
 import httpx
 
+from bench.daemon_cli import base_parser, run_main
 from bench.daemon_process import (
     JSON,
     DaemonProcess,
@@ -53,16 +52,8 @@ from bench.daemon_process import (
     rss_kb,
     write_config,
 )
-from bench.stats import (
-    DEFAULT_EDITS,
-    DEFAULT_MODEL,
-    REPO,
-    RESULTS,
-    markdown_table,
-    result_header,
-    summary,
-    write_result,
-)
+from bench.load_clients import StreamRecorder, edit_report, edit_stream, post_completion
+from bench.stats import markdown_table, summary
 
 MAX_ERROR_SAMPLES = 20
 EDIT_COUNTS = ("submitted", "applied", "failed")
@@ -70,18 +61,12 @@ MB_KEYS = ("start_mb", "end_mb", "max_mb")
 PRE_KEYS = ("ready_mb", "after_preload_mb")
 
 
-class Recorder:
+class Recorder(StreamRecorder):
     """Thread-safe lists of completion results, errors and submitted edits."""
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
+        super().__init__()
         self.completions: list[tuple[float, float, int]] = []  # (start s, latency s, tokens)
-        self.errors: list[str] = []
-        self.edit_ids: list[str] = []
-
-    def error(self, what: str) -> None:
-        with self.lock:
-            self.errors.append(what[:300])
 
 
 def completion_client(
@@ -91,39 +76,15 @@ def completion_client(
     with httpx.Client(timeout=120) as client:
         while not stop.is_set():
             body = {"prompt": rng.choice(prompts), "max_tokens": 8, "temperature": 0}
-            start = time.perf_counter()
-            try:
-                r = client.post(f"{url}/v1/completions", json=body)
-            except httpx.HTTPError as exc:
-                rec.error(f"completion: {type(exc).__name__}: {exc}")
+            if (answer := post_completion(client, url, body, rec)) is None:
                 continue
-            latency = time.perf_counter() - start
+            start, latency, r = answer
             if not r.is_success:
                 rec.error(f"completion: HTTP {r.status_code}: {r.text}")
                 continue
             tokens = int(r.json()["usage"]["completion_tokens"])
             with rec.lock:
                 rec.completions.append((start - t0, latency, tokens))
-
-
-def edit_stream(
-    url: str, edits: Sequence[dict[str, Any]], rate: float, t0: float, stop: threading.Event,
-    rec: Recorder,
-) -> None:  # fmt: skip
-    with httpx.Client(timeout=120) as client:
-        for k, edit in enumerate(edits):
-            if stop.wait(max(0.0, t0 + k / rate - time.perf_counter())):
-                return
-            try:
-                r = client.post(f"{url}/v1/edits", json={"edits": [edit]})
-            except httpx.HTTPError as exc:
-                rec.error(f"edit: {type(exc).__name__}: {exc}")
-                continue
-            if r.status_code != 202:
-                rec.error(f"edit: HTTP {r.status_code}: {r.text}")
-                continue
-            with rec.lock:
-                rec.edit_ids += r.json()["ids"]
 
 
 def rss_sampler(
@@ -189,7 +150,8 @@ def rss_stats(pts: list[list[float]], state_kb_per_edit: float | None) -> dict[s
     }
 
 
-def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    work = args.work
     router, requested = backend_setup(args.backends)
     n_stream = math.ceil(args.duration_s * args.edit_rate) + 1 if args.edit_rate > 0 else 0
     pool = load_edits(args.edits, args.preload + n_stream, requested)
@@ -279,16 +241,6 @@ def completion_report(rec: Recorder, window_s: float) -> dict[str, Any]:
     }
 
 
-def edit_report(recs: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    applied = [r for r in recs.values() if r["status"] == "applied"]
-    return {
-        "submitted": len(recs),
-        "applied": len(applied),
-        "failed": sum(1 for r in recs.values() if r["status"] == "failed"),
-        "latency_s": summary([r["applied_at"] - r["created_at"] for r in applied]),
-    }
-
-
 def print_table(result: dict[str, Any]) -> None:
     r = result["run"]
     c, e, m = r["completions"], r["edits"], r["memory"]
@@ -321,9 +273,7 @@ def _triple(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
-    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
-    parser.add_argument("--edits", type=Path, default=DEFAULT_EDITS)
+    parser = base_parser(__doc__)
     parser.add_argument("--backends", default="auto", help="melo | hook | auto")
     parser.add_argument("--duration-s", type=float, default=300.0)
     parser.add_argument("--clients", type=int, default=4)
@@ -331,20 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--preload", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=10, help="[worker] batch_size")
     parser.add_argument("--settle-s", type=float, default=30.0, help="RSS steady part from")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--work", type=Path, default=REPO / "var" / "bench" / "load")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--tag", default="", help="suffix of the JSON file name")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
-    shutil.rmtree(args.work, ignore_errors=True)
-    result = {**result_header("load", args, argv), "run": run(args, args.work)}
-    print()
-    print_table(result)
-    tag = f"-{args.tag}" if args.tag else ""
-    path = write_result(args.out, f"load-{args.model.name}-{args.backends}{tag}.json", result)
-    print(f"\nwrote {path}")
-    return 0
+    return run_main(parser, "load", "load-{model}-{backends}", run, print_table, argv)
 
 
 if __name__ == "__main__":

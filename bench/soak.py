@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import argparse
 import random
-import shutil
 import sqlite3
-import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -41,18 +39,10 @@ from typing import Any
 
 import httpx
 
+from bench.daemon_cli import base_parser, run_main
 from bench.daemon_process import DaemonProcess, backend_setup, bench_sections, load_edits
 from bench.daemon_process import write_config as write_daemon_config
-from bench.stats import (
-    DEFAULT_EDITS,
-    DEFAULT_MODEL,
-    REPO,
-    RESULTS,
-    markdown_table,
-    result_header,
-    summary,
-    write_result,
-)
+from bench.stats import markdown_table, summary
 from daemon.eval.metrics import continuation_matches
 
 LIVE = ("queued", "applying", "applied", "quarantined")
@@ -285,9 +275,7 @@ def print_table(result: dict[str, Any]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
-    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
-    parser.add_argument("--edits", type=Path, default=DEFAULT_EDITS)
+    parser = base_parser(__doc__)
     parser.add_argument("--n-edits", type=int, default=400, help="edits available to stream")
     parser.add_argument("--backends", default="melo", help="melo | hook | auto")
     parser.add_argument("--cycles", type=int, default=10)
@@ -297,20 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-run-s", type=float, default=10.0)
     parser.add_argument("--batch-size", type=int, default=10, help="[worker] batch_size")
     parser.add_argument("--every-edits", type=int, default=5, help="checkpoint cadence")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--work", type=Path, default=REPO / "var" / "bench" / "soak")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--tag", default="", help="suffix of the JSON file name")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
-    shutil.rmtree(args.work, ignore_errors=True)
-    result = {**result_header("soak", args, argv), "run": soak_run(args)}
-    print()
-    print_table(result)
-    tag = f"-{args.tag}" if args.tag else ""
-    path = write_result(args.out, f"soak-{args.model.name}-{args.backends}{tag}.json", result)
-    print(f"\nwrote {path}")
-    return 0
+    return run_main(parser, "soak", "soak-{model}-{backends}", soak_run, print_table, argv)
 
 
 if __name__ == "__main__":
