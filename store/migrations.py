@@ -195,6 +195,41 @@ _FEED_ITEMS_AND_SPOOL = _sql(
     )""",
 )
 
+_SPOOL_IMPORT_IN_CHUNKS = _sql(
+    # A file is imported in chunks, each in its own transaction: its row is inserted
+    # first as 'importing', lines_done is the last line of the last committed chunk,
+    # and each chunk's results wait in spool_file_chunks until the file is imported.
+    # SQLite cannot change a CHECK constraint in place: the table is rebuilt.
+    """CREATE TABLE spool_files_new (
+        sha256 TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        status TEXT NOT NULL
+            CHECK (status IN ('importing', 'imported', 'processed', 'rejected')),
+        lines INTEGER NOT NULL DEFAULT 0,
+        accepted INTEGER NOT NULL DEFAULT 0,
+        rejected INTEGER NOT NULL DEFAULT 0,
+        duplicates INTEGER NOT NULL DEFAULT 0,
+        report TEXT NOT NULL DEFAULT '{}',
+        run_id INTEGER REFERENCES nightly_runs (id) ON DELETE SET NULL,
+        imported_at REAL NOT NULL,
+        finished_at REAL,
+        lines_done INTEGER NOT NULL DEFAULT 0 CHECK (lines_done >= 0)
+    )""",
+    """INSERT INTO spool_files_new (sha256, name, status, lines, accepted, rejected,
+        duplicates, report, run_id, imported_at, finished_at)
+    SELECT sha256, name, status, lines, accepted, rejected, duplicates, report, run_id,
+        imported_at, finished_at FROM spool_files""",
+    "DROP TABLE spool_files",
+    "ALTER TABLE spool_files_new RENAME TO spool_files",
+    """CREATE TABLE spool_file_chunks (
+        sha256 TEXT NOT NULL REFERENCES spool_files (sha256) ON DELETE CASCADE,
+        first_line INTEGER NOT NULL CHECK (first_line >= 1),
+        last_line INTEGER NOT NULL CHECK (last_line >= first_line),
+        result TEXT NOT NULL,
+        PRIMARY KEY (sha256, first_line)
+    )""",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "create_edits", _CREATE_EDITS),
     Migration(2, "create_events", _CREATE_EVENTS),
@@ -202,6 +237,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(4, "create_checkpoints_and_probe_runs", _CREATE_CHECKPOINTS_AND_PROBES),
     Migration(5, "create_feeds", _CREATE_FEEDS),
     Migration(6, "feed_items_and_spool", _FEED_ITEMS_AND_SPOOL),
+    Migration(7, "spool_import_in_chunks", _SPOOL_IMPORT_IN_CHUNKS),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 

@@ -1,10 +1,15 @@
 """Spool files and nightly runs: what the nightly job imported, and how each run went.
 
-A spool file is remembered by the sha256 of its content. Its row is inserted in
-the same transaction as the edits its lines became (status ``imported``), so a
-file is imported exactly once; once the file has been moved out of the incoming
-folder the row becomes ``processed`` or ``rejected``. The ``report`` is the
-per-file report written beside the moved file (see :mod:`daemon.feeds.spool`).
+A spool file is remembered by the sha256 of its content. Its lines are imported
+in chunks, each in its own transaction: the row is inserted first as ``importing``
+(:func:`start_spool_import`); each chunk's edits commit together with the chunk's
+results and the row's progress, ``lines_done`` (:func:`record_spool_chunk`), so
+an interrupted import resumes after its last committed chunk and no line is
+imported twice. The transaction of the last chunk marks the row ``imported`` with
+the whole report (:func:`record_spool_import`); once the file has been moved out
+of the incoming folder the row becomes ``processed`` or ``rejected``. The
+``report`` is the per-file report written beside the moved file (see
+:mod:`daemon.feeds.spool`).
 
 A nightly run is a row of ``nightly_runs``: ``running`` from its start, then
 ``done`` (with its summary) or ``failed`` (the run itself crashed; the summary
@@ -31,8 +36,10 @@ REPORT_VERSION = 1
 
 
 class SpoolFileStatus(StrEnum):
-    """``imported``: the edits are in the store, the file not yet moved out of incoming/."""
+    """``importing``: some chunks of lines are in the store (``lines_done``), not all;
+    ``imported``: every line is, the file is not yet moved out of incoming/."""
 
+    IMPORTING = "importing"
     IMPORTED = "imported"
     PROCESSED = "processed"
     REJECTED = "rejected"
@@ -61,6 +68,7 @@ class SpoolFile:
     run_id: int | None
     imported_at: float
     finished_at: float | None
+    lines_done: int = 0  # the last line of the last chunk committed while ``importing``
 
     def to_json_dict(self) -> dict[str, Any]:
         """A JSON-friendly form for the API and CLI."""
@@ -154,23 +162,112 @@ class SpoolFileReport:
 # --- spool files ---------------------------------------------------------------------
 
 
+def start_spool_import(
+    store: Store, sha256: str, name: str, *, run_id: int | None = None
+) -> tuple[SpoolFile, bool]:
+    """Claim a file before its first chunk: insert its row as ``importing`` with no line
+    done; ``(row, True)``. ``(row, False)`` when a row with this content exists."""
+    _check_sha256(sha256)
+    with store.write() as db:
+        earlier = get_spool_file(store, sha256)
+        if earlier is not None:
+            return earlier, False
+        db.execute(
+            "INSERT INTO spool_files (sha256, name, status, run_id, imported_at) "
+            "VALUES (?, ?, ?, ?, ?)",
+            [sha256, name, SpoolFileStatus.IMPORTING.value, run_id, store.now()],
+        )
+        return _existing_file(store, sha256), True
+
+
+def record_spool_chunk(
+    store: Store, sha256: str, first_line: int, last_line: int, result: dict[str, Any]
+) -> SpoolFile:
+    """Record lines ``first_line``..``last_line`` of an ``importing`` file as done, with
+    their ``result`` (kept until the file is imported, see :func:`spool_chunks`).
+
+    Call it inside the transaction that stored the chunk's edits. Raises
+    :class:`StoreError` unless the row is ``importing`` with ``first_line - 1`` lines
+    done (another importer got there first); :class:`RecordNotFoundError`.
+    """
+    if not 1 <= first_line <= last_line:
+        raise ValueError(f"a chunk is lines 1 <= first <= last, got {first_line}..{last_line}")
+    counts = [int(result.get(k, 0)) for k in ("lines", "accepted", "rejected", "duplicates")]
+    with store.write() as db:
+        row = _existing_file(store, sha256)
+        if row.status is not SpoolFileStatus.IMPORTING or row.lines_done != first_line - 1:
+            raise StoreError(
+                f"spool file {sha256} is {row.status.value} with {row.lines_done} lines done; "
+                f"lines {first_line}..{last_line} do not follow",
+                sha256=sha256,
+                name=row.name,
+            )
+        db.execute(
+            "INSERT INTO spool_file_chunks (sha256, first_line, last_line, result) "
+            "VALUES (?, ?, ?, ?)",
+            [sha256, first_line, last_line, _json(result)],
+        )
+        db.execute(
+            "UPDATE spool_files SET lines_done = ?, lines = lines + ?, accepted = accepted + ?, "
+            "rejected = rejected + ?, duplicates = duplicates + ? WHERE sha256 = ?",
+            [last_line, *counts, sha256],
+        )
+        return _existing_file(store, sha256)
+
+
+def spool_chunks(store: Store, sha256: str) -> list[dict[str, Any]]:
+    """The results recorded by :func:`record_spool_chunk` for an ``importing`` file, in
+    line order (none once the file is imported or finished)."""
+    with store.read() as db:
+        rows = db.execute(
+            "SELECT result FROM spool_file_chunks WHERE sha256 = ? ORDER BY first_line",
+            [sha256],
+        ).fetchall()
+    return [json.loads(row[0]) for row in rows]
+
+
+def forget_spool_import(store: Store, sha256: str) -> bool:
+    """Delete the row of a file still ``importing`` with no line done (nothing of it was
+    stored); whether a row went."""
+    with store.write() as db:
+        cursor = db.execute(
+            "DELETE FROM spool_files WHERE sha256 = ? AND status = ? AND lines_done = 0",
+            [sha256, SpoolFileStatus.IMPORTING.value],
+        )
+        return cursor.rowcount > 0
+
+
 def record_spool_import(
     store: Store, report: SpoolFileReport, *, run_id: int | None = None
 ) -> SpoolFile:
-    """Insert the row of a file just imported (status ``imported``) with its report;
-    the row's name and counts are the report's.
+    """Record a file as ``imported`` with its report; the row's name and counts are the
+    report's. An ``importing`` row (:func:`start_spool_import`) is completed and its
+    chunk results dropped; without a row, one is inserted.
 
-    Call it inside the transaction that stored the file's edits. Raises
+    Call it inside the transaction that stored the file's (last) edits. Raises
     :class:`StoreError` when a file with this content was imported before.
     """
     sha256 = report.sha256
-    if not _SHA256.fullmatch(sha256):
-        raise ValueError(f"sha256 must be 64 lowercase hex digits, got {sha256!r}")
+    _check_sha256(sha256)
     counts = [report.lines, report.accepted, len(report.rejected), report.duplicates]
     if min(counts) < 0:
         raise ValueError(f"counts must be >= 0, got {counts}")
     with store.write() as db:
         earlier = get_spool_file(store, sha256)
+        if earlier is not None and earlier.status is SpoolFileStatus.IMPORTING:
+            db.execute(
+                "UPDATE spool_files SET name = ?, status = ?, lines = ?, accepted = ?, "
+                "rejected = ?, duplicates = ?, report = ? WHERE sha256 = ?",
+                [
+                    report.name,
+                    SpoolFileStatus.IMPORTED.value,
+                    *counts,
+                    _json(report.to_json_dict()),
+                    sha256,
+                ],
+            )
+            db.execute("DELETE FROM spool_file_chunks WHERE sha256 = ?", [sha256])
+            return _existing_file(store, sha256)
         if earlier is not None:
             raise StoreError(
                 f"spool file {sha256} was already imported (as '{earlier.name}')",
@@ -200,10 +297,11 @@ def finish_spool_file(
     *,
     report: dict[str, Any] | None = None,
 ) -> SpoolFile:
-    """Mark a file ``processed`` or ``rejected`` once it left incoming/ (``report`` replaces
-    the stored one when given). Raises :class:`RecordNotFoundError`."""
+    """Mark a file ``processed`` or ``rejected`` once it left incoming/, or an ``importing``
+    one given up (``report`` replaces the stored one when given; chunk results are
+    dropped). Raises :class:`RecordNotFoundError`."""
     status = SpoolFileStatus(status)
-    if status is SpoolFileStatus.IMPORTED:
+    if status in (SpoolFileStatus.IMPORTING, SpoolFileStatus.IMPORTED):
         raise ValueError("a spool file is finished as 'processed' or 'rejected'")
     with store.write() as db:
         stored = _existing_file(store, sha256).report if report is None else report
@@ -211,6 +309,7 @@ def finish_spool_file(
             "UPDATE spool_files SET status = ?, report = ?, finished_at = ? WHERE sha256 = ?",
             [status.value, _json(stored), store.now(), sha256],
         )
+        db.execute("DELETE FROM spool_file_chunks WHERE sha256 = ?", [sha256])
         return _existing_file(store, sha256)
 
 
@@ -337,6 +436,11 @@ def edit_status_counts(store: Store, edit_ids: Iterable[str]) -> dict[str, int]:
 # --- internals -------------------------------------------------------------------------
 
 
+def _check_sha256(sha256: str) -> None:
+    if not _SHA256.fullmatch(sha256):
+        raise ValueError(f"sha256 must be 64 lowercase hex digits, got {sha256!r}")
+
+
 def _json(value: dict[str, Any]) -> str:
     return json.dumps(value, sort_keys=True, ensure_ascii=True, default=str)
 
@@ -365,6 +469,7 @@ def _select_files(store: Store, where: str, params: list[Any], limit: int) -> li
             run_id=None if row["run_id"] is None else int(row["run_id"]),
             imported_at=float(row["imported_at"]),
             finished_at=None if row["finished_at"] is None else float(row["finished_at"]),
+            lines_done=int(row["lines_done"]),
         )
         for row in rows
     ]

@@ -18,24 +18,49 @@ Each non-blank line is one edit request (see DESIGN.md). A line without a
 with ``source_kind = "spool"``. An invalid line becomes a ``rejected`` edit with its
 reason (lines that are not JSON objects carry the file and line in the reason);
 a line whose edit already exists (same client id, or same content as a live edit)
-is a duplicate. A file is rejected as a whole (nothing stored but its row) when
-it is larger than ``max_file_bytes``, not UTF-8, or has no valid line.
+is a duplicate. A file is rejected as a whole when it is larger than
+``max_file_bytes`` or not UTF-8 (nothing stored but its row), or has no valid
+line: then nothing is stored but its row if the file fits in one chunk; a longer
+one keeps the rejected edits of its lines (the record of why, never queued), and
+its report names them.
 
-Exactly once: the edits of a file and its ``spool_files`` row (keyed by the sha256
-of the content) commit in one transaction. Then, in a second transaction, the
-report is written atomically, the file is renamed into ``processed/`` or
-``rejected/``, the folders are fsynced and the row is marked done. A crash before
-the first commit leaves nothing in the store (the file is imported again); after
-it, the next run finds the row and only finishes the move. The same content
-dropped again under any name is moved to ``processed/`` with a ``duplicate``
-report naming the earlier import. A name already taken in the destination gets
-a short sha suffix (``a.jsonl`` -> ``a.1f2e3d4c.jsonl``); nothing is overwritten.
+Chunks: the lines are imported ``chunk_lines`` (non-blank) lines at a time, each
+chunk in its own short write transaction, so the worker and the API can write
+between chunks instead of waiting for the whole file.
+
+Exactly once: the file's ``spool_files`` row (keyed by the sha256 of the content,
+read before the import) is inserted first as ``importing``. Each chunk's edits
+commit with the chunk's results and the row's progress (its last line), so a
+crash loses at most the chunk in flight, and the next run, finding the row,
+re-reads the file and resumes after the last committed line: no line is imported
+twice. The last chunk's transaction checks the content against the sha256 and
+marks the row ``imported`` with the whole report. Then, in another transaction,
+the report is written atomically, the file is renamed into ``processed/`` or
+``rejected/``, the folders are fsynced and the row is marked done; a crash after
+the ``imported`` commit only leaves that move for the next run. Two importers on
+one spool take turns: a chunk commits only on top of the progress it started
+from, and an importer that finds another ahead of it leaves the file to it.
+
+A file whose content differs at the end from its sha256 (it was rewritten in
+place: writers must write, then rename) has its last chunk rolled back and is
+left in ``incoming/``, where the next run imports its new content (lines already
+stored count as duplicates). If earlier chunks committed, they stay (they are
+lines of the file as first read) and its row becomes ``rejected`` with a reason
+that says how many lines were imported; otherwise the row is deleted and nothing
+of it is kept. A row left ``importing`` whose file is gone from ``incoming/`` or
+changed (a crash while it was rewritten or removed) is ended the same way.
+
+The same content dropped again under any name (also while it is being imported)
+is moved to ``processed/`` with a ``duplicate`` report naming the earlier import.
+A name already taken in the destination gets a short sha suffix (``a.jsonl`` ->
+``a.1f2e3d4c.jsonl``); nothing is overwritten.
 """
 
 from __future__ import annotations
 
 import codecs
 import hashlib
+import itertools
 import json
 import os
 import time
@@ -58,9 +83,13 @@ from store.spool import (
     SpoolFileReport,
     SpoolFileStatus,
     finish_spool_file,
+    forget_spool_import,
     get_spool_file,
     list_spool_files,
+    record_spool_chunk,
     record_spool_import,
+    spool_chunks,
+    start_spool_import,
 )
 from store.validation import parse_edit_json
 
@@ -70,6 +99,8 @@ log = structlog.get_logger()
 
 INCOMING, PROCESSED, REJECTED = "incoming", "processed", "rejected"
 _MAX_REASON_CHARS = 500  # per rejected line in a report; the edit keeps the full reason
+CHUNK_LINES = 1000
+"""Non-blank lines imported per write transaction: the write lock is free between chunks."""
 
 
 @dataclass(frozen=True)
@@ -108,11 +139,12 @@ class _Probe:
 
 
 class _ChangedError(Exception):
-    """The file changed while it was imported: roll back, leave it for the next run."""
+    """The file changed while it was imported: roll the last chunk back, leave the file
+    for the next run."""
 
 
 class _NoValidLineError(Exception):
-    """Every line was rejected: roll the rejected edits back, reject the file."""
+    """Every line of a one-chunk file was rejected: roll the rejected edits back."""
 
 
 def ensure_layout(spool_dir: Path) -> None:
@@ -141,10 +173,13 @@ def import_spool(
     limits: RequestLimits,
     max_file_bytes: int,
     run_id: int | None = None,
+    chunk_lines: int = CHUNK_LINES,
 ) -> SpoolImport:
     """Import every file in ``incoming/`` (see the module doc) and finish interrupted ones."""
+    if chunk_lines < 1:
+        raise ValueError(f"chunk_lines must be >= 1, got {chunk_lines}")
     ensure_layout(spool_dir)
-    importer = _Importer(store, spool_dir, limits, max_file_bytes, run_id)
+    importer = _Importer(store, spool_dir, limits, max_file_bytes, run_id, chunk_lines)
     reports = importer.finish_orphans()
     skipped: list[str] = []
     for path in incoming_files(spool_dir):
@@ -168,57 +203,141 @@ class _Importer:
     limits: RequestLimits
     max_file_bytes: int
     run_id: int | None
+    chunk_lines: int = CHUNK_LINES
 
     def handle(self, path: Path) -> SpoolFileReport | None:
-        """Import, finish or set aside as a duplicate one file of ``incoming/``."""
+        """Import, resume, finish or set aside as a duplicate one file of ``incoming/``."""
         probe = _probe(path, self.max_file_bytes)
         row = get_spool_file(self.store, probe.sha256)
-        if row is None:
-            row, created = self.import_new(path, probe)
+        if row is None and probe.problem is not None:
+            row, created = self.reject_whole(path, probe)
             if not created:
                 return None  # another importer committed it meanwhile and finishes it
             return self.finish(row, path, resumed=False)
+        if row is None or (row.status is SpoolFileStatus.IMPORTING and row.name == path.name):
+            imported = self.import_lines(path, probe)
+            if imported is None:
+                return None  # another importer is ahead on it and finishes it
+            return self.finish(imported, path, resumed=False)
         if row.status is SpoolFileStatus.IMPORTED and row.name == path.name:
             return self.finish(row, path, resumed=True)  # imported by an interrupted run
         return self.move_duplicate(path, probe, row)
 
-    def import_new(self, path: Path, probe: _Probe) -> tuple[SpoolFile, bool]:
-        """The file's edits and its row in one transaction; ``(row, False)`` if already there."""
-        store, t0 = self.store, time.perf_counter()
-        with store.write():
-            earlier = get_spool_file(store, probe.sha256)
+    def reject_whole(self, path: Path, probe: _Probe) -> tuple[SpoolFile, bool]:
+        """Record a file refused before reading its lines; ``(row, False)`` if already there."""
+        assert probe.problem is not None
+        with self.store.write():
+            earlier = get_spool_file(self.store, probe.sha256)
             if earlier is not None:
                 return earlier, False
             acc = _Lines()
-            if probe.problem is None:
-                try:
-                    with store.write():  # a savepoint: undone when no line is valid
-                        self.submit_lines(path, probe, acc)
-                except _NoValidLineError:
-                    acc.reject_file("no valid edit line" if acc.lines else "no edit lines")
-            else:
-                acc.reject_file(probe.problem)
-            folder = self.spool_dir / (REJECTED if acc.reason else PROCESSED)
-            dest = _free_name(folder, path.name, probe.sha256).relative_to(self.spool_dir)
-            extra = {"bytes": probe.size, "run_id": self.run_id, "imported_at": store.now()}
-            report = acc.report(path.name, probe.sha256, dest, extra)
-            row = record_spool_import(store, report, run_id=self.run_id)
-        log.debug("spool_file_committed", name=path.name, seconds=time.perf_counter() - t0)
-        return row, True
+            acc.reject_file(probe.problem, rolled_back=True)
+            return self.record(path, probe, acc, resumed_after=0), True
 
-    def submit_lines(self, path: Path, probe: _Probe, acc: _Lines) -> None:
-        """Submit every non-blank line; raises _ChangedError or _NoValidLineError."""
+    def import_lines(self, path: Path, probe: _Probe) -> SpoolFile | None:
+        """Import the file's lines chunk by chunk, from its first line not yet done; the
+        ``imported`` row, or ``None`` when another importer is ahead. Raises
+        :class:`_ChangedError` (after recording what stays, see :meth:`give_up`)."""
+        store, t0 = self.store, time.perf_counter()
+        row, _ = start_spool_import(store, probe.sha256, path.name, run_id=self.run_id)
+        if row.status is not SpoolFileStatus.IMPORTING or row.name != path.name:
+            return None  # taken meanwhile (under this or another name)
+        acc, resumed_after = _Lines.restore(spool_chunks(store, row.sha256)), row.lines_done
+        done = resumed_after
         digest = hashlib.sha256()
         url = urllib.parse.quote(path.name, safe="")
         with path.open("rb") as f:
-            for lineno, line, whole in _lines(f, self.limits.max_request_bytes + 2, digest):
-                if whole and not line.strip():
-                    continue
-                acc.add(lineno, self.submit_line(line, whole, lineno, path.name, url))
-        if digest.hexdigest() != probe.sha256:
-            raise _ChangedError(f"{path.name} changed while it was read")
-        if not acc.edit_ids:
-            raise _NoValidLineError
+            lines = _lines(f, self.limits.max_request_bytes + 2, digest)
+            for _ in itertools.islice(lines, done):
+                pass  # committed by an earlier run; read only for the digest
+            while True:
+                try:
+                    with store.write():
+                        current = get_spool_file(store, row.sha256)
+                        if current is None or current.status is not SpoolFileStatus.IMPORTING:
+                            return None
+                        if current.lines_done != done:
+                            return None
+                        chunk = _Lines()
+                        last, eof = self.submit_chunk(lines, chunk, path.name, url, done)
+                        if eof:
+                            if digest.hexdigest() != probe.sha256:
+                                raise _ChangedError(f"{path.name} changed while it was read")
+                            acc.extend(chunk)
+                            if not acc.edit_ids and acc.reason is None:
+                                reason = "no valid edit line" if acc.lines else "no edit lines"
+                                acc.reject_file(reason, rolled_back=False)
+                            imported = self.record(path, probe, acc, resumed_after)
+                            break
+                        record_spool_chunk(store, row.sha256, done + 1, last, chunk.to_json())
+                except _ChangedError:
+                    self.give_up(row.sha256, "it changed while it was read")
+                    raise
+                acc.extend(chunk)
+                done = last
+                _chunk_committed(path.name, done)
+        log.debug("spool_file_committed", name=path.name, seconds=time.perf_counter() - t0)
+        return imported
+
+    def submit_chunk(
+        self,
+        lines: Iterator[tuple[int, bytes, bool]],
+        chunk: _Lines,
+        name: str,
+        url: str,
+        done: int,
+    ) -> tuple[int, bool]:
+        """Submit up to ``chunk_lines`` non-blank lines into ``chunk``; ``(last line read,
+        end of file)``. At the end of a file with no valid line whose first chunk this
+        is, the chunk's rejected edits are rolled back."""
+        last = done
+        try:
+            with self.store.write():  # a savepoint: undone when the whole file is invalid
+                for lineno, line, whole in lines:
+                    last = lineno
+                    if whole and not line.strip():
+                        continue
+                    chunk.add(lineno, self.submit_line(line, whole, lineno, name, url))
+                    if chunk.lines >= self.chunk_lines:
+                        return last, False
+                if done == 0 and not chunk.edit_ids:
+                    raise _NoValidLineError
+        except _NoValidLineError:
+            chunk.reject_file("no valid edit line" if chunk.lines else "no edit lines")
+        return last, True
+
+    def record(self, path: Path, probe: _Probe, acc: _Lines, resumed_after: int) -> SpoolFile:
+        """Mark the file ``imported`` with its report (inside the caller's transaction)."""
+        store = self.store
+        folder = self.spool_dir / (REJECTED if acc.reason else PROCESSED)
+        dest = _free_name(folder, path.name, probe.sha256).relative_to(self.spool_dir)
+        extra: dict[str, Any] = {"bytes": probe.size, "run_id": self.run_id}
+        extra["imported_at"] = store.now()
+        if resumed_after:
+            extra["resumed_after_line"] = resumed_after
+        report = acc.report(path.name, probe.sha256, dest, extra)
+        return record_spool_import(store, report, run_id=self.run_id)
+
+    def give_up(self, sha256: str, why: str) -> SpoolFileReport | None:
+        """End an ``importing`` row whose file cannot be finished: deleted when no chunk
+        committed, else ``rejected`` with a report of the lines that stay. The file, if
+        any, is left where it is."""
+        with self.store.write():
+            row = get_spool_file(self.store, sha256)
+            if row is None or row.status is not SpoolFileStatus.IMPORTING:
+                return None
+            if forget_spool_import(self.store, sha256):
+                return None
+            acc = _Lines.restore(spool_chunks(self.store, sha256))
+            acc.reason = (
+                f"{why}: lines 1-{row.lines_done} ({acc.lines} edit lines) were imported "
+                "as first read and stay; the rest was not imported from this content"
+            )
+            extra = {"run_id": self.run_id, "imported_at": row.imported_at}
+            report = acc.report(row.name, sha256, Path(INCOMING) / row.name, extra)
+            finish_spool_file(self.store, sha256, "rejected", report=report.to_json_dict())
+        log.warning("spool_file_abandoned", **report.short_json())
+        return report
 
     def submit_line(
         self, line: bytes, whole: bool, lineno: int, name: str, url: str
@@ -291,7 +410,8 @@ class _Importer:
 
     def finish_orphans(self) -> list[SpoolFileReport]:
         """Rows still ``imported`` whose file is no longer in ``incoming/`` (a crash after the
-        move, or the file was removed): mark them done, writing a missing report."""
+        move, or the file was removed): mark them done, writing a missing report. Rows still
+        ``importing`` whose file is gone or changed: give them up (:meth:`give_up`)."""
         out: list[SpoolFileReport] = []
         for row in list_spool_files(self.store, status=SpoolFileStatus.IMPORTED, limit=-1):
             path = self.spool_dir / INCOMING / row.name
@@ -299,6 +419,18 @@ class _Importer:
                 if path.exists() and sha256_file(path) == row.sha256:
                     continue  # still in incoming/: the pass over incoming/ finishes it
                 report = self.finish(row, None, resumed=True)
+            except (OSError, StoreBusyError) as exc:
+                error = f"{type(exc).__name__}: {exc}"
+                log.warning("spool_file_skipped", name=row.name, error=error)
+                continue
+            if report is not None:
+                out.append(report)
+        for row in list_spool_files(self.store, status=SpoolFileStatus.IMPORTING, limit=-1):
+            path = self.spool_dir / INCOMING / row.name
+            try:
+                if path.exists() and sha256_file(path) == row.sha256:
+                    continue  # still in incoming/: the pass over incoming/ resumes it
+                report = self.give_up(row.sha256, "it left incoming/ or changed mid-import")
             except (OSError, StoreBusyError) as exc:
                 error = f"{type(exc).__name__}: {exc}"
                 log.warning("spool_file_skipped", name=row.name, error=error)
@@ -329,10 +461,43 @@ class _Lines:
             self.duplicates += 1
         self.edit_ids.append(result.id)
 
-    def reject_file(self, reason: str) -> None:
-        """The whole file is rejected: its lines' edits were rolled back."""
+    def reject_file(self, reason: str, *, rolled_back: bool = True) -> None:
+        """The whole file is rejected (``rolled_back``: its lines' edits were undone)."""
         self.reason, self.accepted, self.duplicates, self.edit_ids = reason, 0, 0, []
-        self.rejected = [r._replace(edit_id=None) for r in self.rejected]
+        if rolled_back:
+            self.rejected = [r._replace(edit_id=None) for r in self.rejected]
+
+    def extend(self, other: _Lines) -> None:
+        """Add the lines of the next chunk (a whole-file reason included)."""
+        self.lines += other.lines
+        self.accepted += other.accepted
+        self.duplicates += other.duplicates
+        self.rejected.extend(other.rejected)
+        self.edit_ids.extend(other.edit_ids)
+        self.reason = self.reason or other.reason
+
+    def to_json(self) -> dict[str, Any]:
+        """A committed chunk's results, as :meth:`restore` reads them back."""
+        return {
+            "lines": self.lines,
+            "accepted": self.accepted,
+            "duplicates": self.duplicates,
+            "rejected": len(self.rejected),
+            "rejected_lines": [line._asdict() for line in self.rejected],
+            "edit_ids": self.edit_ids,
+        }
+
+    @classmethod
+    def restore(cls, chunks: list[dict[str, Any]]) -> _Lines:
+        """The results of the chunks committed so far (:meth:`to_json`'s form)."""
+        acc = cls()
+        for chunk in chunks:
+            acc.lines += int(chunk["lines"])
+            acc.accepted += int(chunk["accepted"])
+            acc.duplicates += int(chunk["duplicates"])
+            acc.rejected.extend(RejectedLine(**line) for line in chunk["rejected_lines"])
+            acc.edit_ids.extend(chunk["edit_ids"])
+        return acc
 
     def report(self, name: str, sha256: str, dest: Path, extra: dict[str, Any]) -> SpoolFileReport:
         status = "rejected" if self.reason else "processed"
@@ -364,6 +529,11 @@ def _place(src: Path | None, dest: Path, report: SpoolFileReport) -> None:
     elif not dest.exists():
         log.warning("spool_file_missing", name=report.name, sha256=report.sha256)
     fsync_dir(dest.parent)
+
+
+def _chunk_committed(name: str, lines_done: int) -> None:
+    """Called after each chunk commits, outside any transaction (tests replace it)."""
+    log.debug("spool_chunk_committed", name=name, lines_done=lines_done)
 
 
 def _move(src: Path, dest: Path) -> None:

@@ -170,3 +170,45 @@ def test_interrupted_runs_are_closed_as_failed(store: Store) -> None:
     assert get_nightly_run(store, offline).status.value == "running"
     assert get_nightly_run(store, daemon_run).status.value == "done"
     assert fail_interrupted_runs(store, ("schedule", "api"), "interrupted") == 0
+
+
+def test_a_version_6_store_keeps_its_spool_rows_through_the_chunked_import_migration(
+    tmp_path: Path,
+) -> None:
+    """Migration 7 rebuilds spool_files (a new status): rows written under version 6
+    survive with every column, and the new status and progress column work after it."""
+    from sqlite_utils import Database
+
+    from store import migrations
+    from store.db import _connect
+
+    path = tmp_path / "old.sqlite3"
+    old = Store(Database(_connect(path, True), execute_plugins=False), path, FakeClock())
+    old._configure()
+    assert migrations.migrate(old, migrations.MIGRATIONS[:6])[-1] == "feed_items_and_spool"
+    with old.write():
+        old.db.execute(
+            "INSERT INTO spool_files (sha256, name, status, lines, accepted, rejected, "
+            "duplicates, report, imported_at, finished_at) "
+            "VALUES (?, 'a.jsonl', 'processed', 3, 2, 1, 0, '{\"x\": 1}', 10.0, 11.0)",
+            [SHA_A],
+        )
+    old.close()
+
+    store = Store.open(path)
+    assert migrations.current_version(store.db) == migrations.MIGRATIONS[-1].version
+    row = store.db.execute(
+        "SELECT name, status, lines, accepted, rejected, report, imported_at, finished_at, "
+        "lines_done FROM spool_files WHERE sha256 = ?",
+        [SHA_A],
+    ).fetchone()
+    assert row == ("a.jsonl", "processed", 3, 2, 1, '{"x": 1}', 10.0, 11.0, 0)
+    kept = get_spool_file(store, SHA_A)
+    assert kept is not None and kept.status is SpoolFileStatus.PROCESSED
+    with store.write():
+        store.db.execute(
+            "INSERT INTO spool_files (sha256, name, status, imported_at) "
+            "VALUES (?, 'b.jsonl', 'importing', 12.0)",
+            [SHA_B],
+        )
+    store.close()

@@ -58,8 +58,12 @@ def drop(spool: Path, name: str, lines: list[Any] | bytes) -> Path:
     return final
 
 
-def run(db: Store, spool: Path, max_file_bytes: int = 1 << 20) -> SpoolImport:
-    return import_spool(db, spool, limits=LIMITS, max_file_bytes=max_file_bytes)
+def run(
+    db: Store, spool: Path, max_file_bytes: int = 1 << 20, chunk_lines: int = 1000
+) -> SpoolImport:
+    return import_spool(
+        db, spool, limits=LIMITS, max_file_bytes=max_file_bytes, chunk_lines=chunk_lines
+    )
 
 
 def report_file(spool: Path, destination: str) -> dict[str, Any]:
@@ -325,6 +329,98 @@ def test_a_file_changed_while_read_is_left_alone(
     assert run(db, spool).files[0].accepted == 1
 
 
+def test_the_write_lock_is_free_between_chunks(
+    db: Store, spool: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file of several chunks commits each in its own transaction: between chunks
+    another connection sees the lines so far and writes at once (busy timeout 0.2 s)."""
+    drop(spool, "big.jsonl", [edit(i) for i in range(35)])
+    seen: list[tuple[int, int]] = []
+    with Store.open(db.path) as other:
+        other.db.execute("PRAGMA busy_timeout = 200")
+
+        def between(name: str, lines_done: int) -> None:
+            committed = edit_count(other)
+            EditQueue(other).submit_many([edit(1000 + lines_done)])  # takes the write lock
+            seen.append((lines_done, committed))
+
+        monkeypatch.setattr(spool_mod, "_chunk_committed", between)
+        (report,) = run(db, spool, chunk_lines=10).files
+    assert seen == [(10, 10), (20, 21), (30, 32)]
+    assert report.status == "processed" and report.accepted == 35 and edit_count(db) == 38
+    assert [r.line for r in report.rejected] == [] and len(report.edit_ids) == 35
+
+
+def test_a_crash_mid_file_resumes_after_the_last_chunk(
+    db: Store, spool: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The process dies after two chunks committed: the row says importing with 20 lines
+    done; the next run imports lines 21-35 only, and the report covers every line."""
+    drop(
+        spool, "a.jsonl", [edit(i) for i in range(30)] + ["bad", *[edit(i) for i in range(30, 34)]]
+    )
+
+    def die(name: str, lines_done: int) -> None:
+        if lines_done == 20:
+            raise SimulatedCrash
+
+    monkeypatch.setattr(spool_mod, "_chunk_committed", die)
+    with pytest.raises(SimulatedCrash):
+        run(db, spool, chunk_lines=10)
+    (row,) = list_spool_files(db)
+    assert row.status is SpoolFileStatus.IMPORTING and row.lines_done == 20
+    assert edit_count(db) == 20 and (spool / "incoming" / "a.jsonl").exists()
+    monkeypatch.undo()
+    (report,) = run(db, spool, chunk_lines=10).files
+    assert (report.status, report.lines, report.accepted) == ("processed", 35, 34)
+    assert [r.line for r in report.rejected] == [31] and edit_count(db) == 35
+    assert report.extra["resumed_after_line"] == 20
+    queue = EditQueue(db)
+    items = []
+    for edit_id in report.edit_ids:
+        request = queue.get(edit_id).request
+        assert request is not None
+        items.append(request.source.to_json_dict()["item_id"])
+    assert items == [str(n) for n in [*range(1, 31), *range(32, 36)]]
+    assert report_file(spool, "processed/a.jsonl")["edit_ids"] == list(report.edit_ids)
+    finished = get_spool_file(db, report.sha256)
+    assert finished is not None and finished.status is SpoolFileStatus.PROCESSED
+
+
+def test_a_long_file_without_a_valid_line_keeps_its_rejected_lines(db: Store, spool: Path) -> None:
+    """Over one chunk, the rejected edits of an all-invalid file stay (the record of why)."""
+    drop(spool, "bad.jsonl", [f"nope {i}" for i in range(25)])
+    (report,) = run(db, spool, chunk_lines=10).files
+    assert report.status == "rejected" and report.reason == "no valid edit line"
+    assert edit_count(db) == 25 and report.edit_ids == ()
+    assert all(r.edit_id is not None for r in report.rejected) and len(report.rejected) == 25
+    assert (spool / "rejected" / "bad.jsonl").exists()
+
+
+def test_a_file_changed_after_some_chunks_keeps_them(
+    db: Store, spool: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunks committed before the change is seen stay, the last one is rolled back; the
+    row is rejected with a reason saying so and the file waits in incoming/."""
+    drop(spool, "a.jsonl", [edit(1), edit(2), edit(3)])
+    real = spool_mod._probe
+
+    def stale(path: Path, max_file_bytes: int) -> Any:
+        probe = real(path, max_file_bytes)
+        return spool_mod._Probe("0" * 64, probe.size, probe.problem)
+
+    monkeypatch.setattr(spool_mod, "_probe", stale)
+    result = run(db, spool, chunk_lines=1)
+    assert result.skipped == ("a.jsonl",) and edit_count(db) == 3
+    row = get_spool_file(db, "0" * 64)
+    assert row is not None and row.status is SpoolFileStatus.REJECTED
+    assert "changed while it was read: lines 1-3 (3 edit lines)" in row.report["reason"]
+    monkeypatch.undo()
+    (again,) = run(db, spool, chunk_lines=1).files
+    assert (again.status, again.accepted, again.duplicates) == ("processed", 0, 3)
+    assert edit_count(db) == 3
+
+
 def test_concurrent_importers_import_each_file_once(db: Store, spool: Path) -> None:
     """Two importers on separate connections: every file and line lands exactly once."""
     for f in range(6):
@@ -348,7 +444,7 @@ def test_concurrent_importers_import_each_file_once(db: Store, spool: Path) -> N
 
 @pytest.mark.slow
 def test_a_large_file_imports_in_seconds(db: Store, spool: Path) -> None:
-    """100,000 lines in one file: streamed and imported in one transaction."""
+    """100,000 lines in one file: streamed and imported in chunks of 1,000 lines."""
     drop(spool, "big.jsonl", [edit(i) for i in range(100_000)])
     t0 = time.perf_counter()
     (report,) = run(db, spool, max_file_bytes=1 << 30).files

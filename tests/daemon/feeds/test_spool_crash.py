@@ -40,9 +40,11 @@ def make_spool(spool: Path, files: int, lines: int) -> dict[str, int]:
     return names
 
 
-def start(db: Path, spool: Path, ready: Path, pause_s: float = 0.0) -> subprocess.Popen[bytes]:
+def start(
+    db: Path, spool: Path, ready: Path, pause_s: float = 0.0, chunk_lines: int = 1000
+) -> subprocess.Popen[bytes]:
     ready.unlink(missing_ok=True)
-    args = [str(db), str(spool), str(ready), str(pause_s)]
+    args = [str(db), str(spool), str(ready), str(pause_s), str(chunk_lines)]
     return subprocess.Popen(
         [sys.executable, "-m", "tests.daemon.feeds._spool_import", *args],
         cwd=REPO_ROOT,
@@ -52,14 +54,20 @@ def start(db: Path, spool: Path, ready: Path, pause_s: float = 0.0) -> subproces
 
 
 def kill_at_random(
-    db: Path, spool: Path, tmp: Path, rng: random.Random, max_delay: float, pause_s: float
+    db: Path,
+    spool: Path,
+    tmp: Path,
+    rng: random.Random,
+    max_delay: float,
+    pause_s: float,
+    chunk_lines: int,
 ) -> bool:
     """Start an import, wait until its store is open, SIGKILL it after a random delay.
 
     ``True`` if it was still running when killed.
     """
     ready = tmp / "ready"
-    proc = start(db, spool, ready, pause_s)
+    proc = start(db, spool, ready, pause_s, chunk_lines)
     deadline = time.monotonic() + 30
     while not ready.exists() and proc.poll() is None:
         assert time.monotonic() < deadline, "the importer did not start"
@@ -109,16 +117,23 @@ def check_exactly_once(db: Path, spool: Path, names: dict[str, int]) -> None:
 
 
 def crash_repeatedly(
-    tmp: Path, *, files: int, lines: int, kills: int, seed: int, pause_s: float = 0.05
+    tmp: Path,
+    *,
+    files: int,
+    lines: int,
+    kills: int,
+    seed: int,
+    pause_s: float = 0.05,
+    chunk_lines: int = 1000,
 ) -> int:
     db, spool = tmp / "editd.sqlite3", tmp / "spool"
     Store.open(db).close()  # migrated once, so the killed runs start importing at once
     names = make_spool(spool, files, lines)
     rng = random.Random(seed)
     interrupted = sum(
-        kill_at_random(db, spool, tmp, rng, max_delay=0.4, pause_s=pause_s) for _ in range(kills)
+        kill_at_random(db, spool, tmp, rng, 0.4, pause_s, chunk_lines) for _ in range(kills)
     )
-    proc = start(db, spool, tmp / "ready")
+    proc = start(db, spool, tmp / "ready", chunk_lines=chunk_lines)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err.decode(errors="replace")
     check_exactly_once(db, spool, names)
@@ -130,6 +145,16 @@ def test_sigkill_during_import_loses_and_doubles_nothing(tmp_path: Path) -> None
     between a file's commit and its move), then run to completion: no line lost, none
     imported twice, every file moved once with its report."""
     interrupted = crash_repeatedly(tmp_path, files=8, lines=500, kills=8, seed=7)
+    assert interrupted >= 1
+
+
+def test_sigkill_mid_file_resumes_after_the_last_chunk(tmp_path: Path) -> None:
+    """4 files x 500 lines imported 40 lines per transaction, killed 8 times (mostly in
+    the middle of a file): each run resumes after the last committed chunk, and every
+    line still lands exactly once."""
+    interrupted = crash_repeatedly(
+        tmp_path, files=4, lines=500, kills=8, seed=5, pause_s=0.0, chunk_lines=40
+    )
     assert interrupted >= 1
 
 
