@@ -65,7 +65,7 @@ import json
 import os
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -411,26 +411,29 @@ class _Importer:
     def finish_orphans(self) -> list[SpoolFileReport]:
         """Rows still ``imported`` whose file is no longer in ``incoming/`` (a crash after the
         move, or the file was removed): mark them done, writing a missing report. Rows still
-        ``importing`` whose file is gone or changed: give them up (:meth:`give_up`)."""
+        ``importing`` whose file is gone or changed: give them up (:meth:`give_up`). A row
+        whose file is still in ``incoming/`` is left to the pass over ``incoming/``."""
+        return [
+            *self._orphans(
+                SpoolFileStatus.IMPORTED, lambda row: self.finish(row, None, resumed=True)
+            ),
+            *self._orphans(
+                SpoolFileStatus.IMPORTING,
+                lambda row: self.give_up(row.sha256, "it left incoming/ or changed mid-import"),
+            ),
+        ]
+
+    def _orphans(
+        self, status: SpoolFileStatus, settle: Callable[[SpoolFile], SpoolFileReport | None]
+    ) -> list[SpoolFileReport]:
+        """``settle`` each row in ``status`` whose file is not in ``incoming/`` as it was."""
         out: list[SpoolFileReport] = []
-        for row in list_spool_files(self.store, status=SpoolFileStatus.IMPORTED, limit=-1):
+        for row in list_spool_files(self.store, status=status, limit=-1):
             path = self.spool_dir / INCOMING / row.name
             try:
                 if path.exists() and sha256_file(path) == row.sha256:
-                    continue  # still in incoming/: the pass over incoming/ finishes it
-                report = self.finish(row, None, resumed=True)
-            except (OSError, StoreBusyError) as exc:
-                error = f"{type(exc).__name__}: {exc}"
-                log.warning("spool_file_skipped", name=row.name, error=error)
-                continue
-            if report is not None:
-                out.append(report)
-        for row in list_spool_files(self.store, status=SpoolFileStatus.IMPORTING, limit=-1):
-            path = self.spool_dir / INCOMING / row.name
-            try:
-                if path.exists() and sha256_file(path) == row.sha256:
-                    continue  # still in incoming/: the pass over incoming/ resumes it
-                report = self.give_up(row.sha256, "it left incoming/ or changed mid-import")
+                    continue
+                report = settle(row)
             except (OSError, StoreBusyError) as exc:
                 error = f"{type(exc).__name__}: {exc}"
                 log.warning("spool_file_skipped", name=row.name, error=error)
