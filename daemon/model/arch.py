@@ -43,10 +43,19 @@ Role = Literal[
     "embed",
     "final_norm",
     "lm_head",
+    "post_mlp_norm",
 ]
-"""Module roles accepted by ``module_path``; the first six need a layer index."""
+"""Module roles accepted by ``module_path``; the per-layer ones need a layer index."""
 
-_LAYER_ROLES: tuple[str, ...] = ("block", "attn", "mlp", "mlp_in", "mlp_gate", "mlp_out")
+_LAYER_ROLES: tuple[str, ...] = (
+    "block",
+    "attn",
+    "mlp",
+    "mlp_in",
+    "mlp_gate",
+    "mlp_out",
+    "post_mlp_norm",
+)
 _GLOBAL_ROLES: tuple[str, ...] = ("layers", "embed", "final_norm", "lm_head")
 
 
@@ -58,7 +67,9 @@ class ArchSpec:
     projections (up then gate for gated MLPs); ``mlp_out`` is the projection back
     to the residual stream, the module the editors read keys at and write into.
     ``intermediate_attr`` may be ``None`` on the config (GPT-2's ``n_inner``), in
-    which case the size is read off the ``mlp_out`` module.
+    which case the size is read off the ``mlp_out`` module. ``post_mlp_norm`` names a
+    norm between ``mlp_out`` and the residual stream (Gemma 2 and 3 normalise the
+    MLP's output before adding it), or is None where the output is added as it is.
     """
 
     model_type: str
@@ -74,6 +85,7 @@ class ArchSpec:
     num_layers_attr: str
     hidden_size_attr: str
     intermediate_attr: str
+    post_mlp_norm: str | None = None
 
     def path(self, role: str, i: int | None = None) -> str:
         """The dotted name of ``role`` (in layer ``i`` for per-layer roles)."""
@@ -93,6 +105,10 @@ class ArchSpec:
             if len(self.mlp_in) < 2:
                 raise ValueError(f"architecture '{self.model_type}' has no gated MLP")
             template = self.mlp_in[1]
+        elif role == "post_mlp_norm":
+            if self.post_mlp_norm is None:
+                raise ValueError(f"architecture '{self.model_type}' has no norm after its MLP")
+            template = self.post_mlp_norm
         else:
             template = str(getattr(self, role))
         return template.format(i=i)
@@ -131,7 +147,7 @@ _GPTJ = ArchSpec(
 )
 
 
-def _llama_style(model_type: str) -> ArchSpec:
+def _llama_style(model_type: str, *, post_mlp_norm: str | None = None) -> ArchSpec:
     return ArchSpec(
         model_type=model_type,
         layers="model.layers",
@@ -146,6 +162,7 @@ def _llama_style(model_type: str) -> ArchSpec:
         num_layers_attr="num_hidden_layers",
         hidden_size_attr="hidden_size",
         intermediate_attr="intermediate_size",
+        post_mlp_norm=post_mlp_norm,
     )
 
 
@@ -165,6 +182,8 @@ _GPT_NEOX = ArchSpec(
     intermediate_attr="intermediate_size",
 )
 
+_GEMMA_POST_MLP_NORM = "model.layers.{i}.post_feedforward_layernorm"
+
 _SPECS: dict[str, ArchSpec] = {
     "gpt2": _GPT2,
     "gptj": _GPTJ,
@@ -173,11 +192,11 @@ _SPECS: dict[str, ArchSpec] = {
     "mistral": _llama_style("mistral"),
     "qwen2": _llama_style("qwen2"),
     # Gemma: the same module paths; the embedding scales by sqrt(hidden) inside the
-    # module, and each MLP's output goes through a post-feedforward norm before the
-    # residual (the hook wraps down_proj, before that norm).
+    # module. Gemma 2 and 3 pass each MLP's output through a post-feedforward norm
+    # before the residual: the hook adds its edit after that norm.
     "gemma": _llama_style("gemma"),
-    "gemma2": _llama_style("gemma2"),
-    "gemma3_text": _llama_style("gemma3_text"),
+    "gemma2": _llama_style("gemma2", post_mlp_norm=_GEMMA_POST_MLP_NORM),
+    "gemma3_text": _llama_style("gemma3_text", post_mlp_norm=_GEMMA_POST_MLP_NORM),
 }
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(_SPECS))
@@ -292,6 +311,14 @@ def layer_block(model: nn.Module, i: int) -> nn.Module:
 def mlp_out_module(model: nn.Module, i: int) -> nn.Module:
     """The MLP output projection of layer ``i`` (c_proj / fc_out / dense_4h_to_h / down_proj)."""
     return get_module(model, module_path(model, "mlp_out", i))
+
+
+def post_mlp_norm_module(model: nn.Module, i: int) -> nn.Module | None:
+    """The norm between layer ``i``'s MLP output projection and the residual stream
+    (Gemma 2/3's ``post_feedforward_layernorm``), or None where there is none."""
+    if arch_for(model).post_mlp_norm is None:
+        return None
+    return get_module(model, module_path(model, "post_mlp_norm", i))
 
 
 def mlp_in_modules(model: nn.Module, i: int) -> tuple[nn.Module, ...]:

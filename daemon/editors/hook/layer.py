@@ -6,10 +6,14 @@ computes, per token::
 
     y = base(x) + [gate(x) = s] * (x.float() @ delta[s].T)      (or keys[j] @ delta[s].T)
 
-in float32 and casts back to the base output's dtype. The base module and its weight
-``W0`` are never touched, so a bf16/fp16 model keeps ``W0`` in its dtype while the
-edits accumulate in fp32 deltas. Where the gate is closed for a token the output is
-the base output bit for bit.
+in float32 and casts back to the base output's dtype. Where the architecture puts a
+norm between the projection and the residual stream (Gemma 2/3), ``defer_past`` moves
+the added term behind that norm: the norm sees ``base(x)`` and the edit is added to
+its output, so what the editor solves for is what reaches the residual.
+
+The base module and its weight ``W0`` are never touched, so a bf16/fp16 model keeps
+``W0`` in its dtype while the edits accumulate in fp32 deltas. Where the gate is
+closed for a token the output is the base output bit for bit.
 
 The class is assembled from three modules, one job each:
 :mod:`daemon.editors.hook.layer_shards` keeps the shard deltas and their edits
@@ -164,6 +168,10 @@ class HookedProjection(ShardDeltasMixin, GateRoutingMixin, nn.Module):
         self._token_mask: torch.Tensor | None = None
         self._calib_tokens: torch.Tensor | None = None
         self._gate_cache: GateCache | None = None
+        # a norm between this projection and the residual (``defer_past``): the edit
+        # computed in ``forward`` waits in ``_addend`` for that norm's forward hook
+        self._norm_handle: torch.utils.hooks.RemovableHandle | None = None
+        self._addend: torch.Tensor | None = None
 
     # --- stored keys ---------------------------------------------------------------------
 
@@ -222,6 +230,43 @@ class HookedProjection(ShardDeltasMixin, GateRoutingMixin, nn.Module):
         if self._collect is not None:
             self._observe(x)
         out: torch.Tensor = self.base(x)
+        edited = self._edit(x, out)
+        if self._norm_handle is None:
+            return edited
+        # a norm follows: it gets the base output, and the edit is added after it
+        self._addend = None if edited is out else edited.float() - out.float()
+        return out
+
+    def defer_past(self, norm: nn.Module) -> None:
+        """Add this hook's edit after ``norm`` (the module its output goes through
+        before the residual stream), not to the projection's output, so the edit reaches
+        the residual as solved. ``undefer`` puts it back."""
+        if self._norm_handle is not None:
+            raise ValueError("this hook already adds its edit after a norm")
+        self._norm_handle = norm.register_forward_hook(self._add_after_norm)
+
+    def undefer(self) -> None:
+        """Stop adding the edit after a norm (``defer_past``); a no-op when not deferred."""
+        if self._norm_handle is not None:
+            self._norm_handle.remove()
+            self._norm_handle = None
+        self._addend = None
+
+    def _add_after_norm(self, _module: nn.Module, _args: Any, output: Any) -> Any:
+        addend, self._addend = self._addend, None
+        if addend is None:
+            return None
+        if not isinstance(output, torch.Tensor) or output.shape != addend.shape:
+            raise RuntimeError(
+                f"the norm after a hooked projection gave {type(output).__name__} "
+                f"{getattr(output, 'shape', None)}, not the projection's shape "
+                f"{tuple(addend.shape)}"
+            )
+        return (output.float() + addend).to(output.dtype)
+
+    def _edit(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``out`` (the base output for ``x``) with the routed deltas added (or ``out``
+        itself where no token is routed)."""
         if not self._has_delta or self.gate_mode == "closed":
             self.last_route = None
             return out

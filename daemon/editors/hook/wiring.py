@@ -1,7 +1,8 @@
 """Installing hook layers on a model, and the two ways the editor drives their gates.
 
 ``install_hooks``/``remove_hooks`` swap each hook layer's MLP output projection for a
-:class:`~daemon.editors.hook.layer.HookedProjection` and back; ``gate_positions``
+:class:`~daemon.editors.hook.layer.HookedProjection` and back (where a norm follows
+the projection, the hook adds its edit after that norm); ``gate_positions``
 applies one shard exactly at given token positions (how the editor reads keys and
 residuals while it solves); ``calibrate_gates`` reads the calibration text's keys
 and references every stored key.
@@ -61,6 +62,9 @@ def install_hooks(
             subject_cos_floor=subject_cos_floor,
         )
         setattr(parent, name, hook)
+        norm = arch.post_mlp_norm_module(model, i)
+        if norm is not None:
+            hook.defer_past(norm)
         hooks[i] = hook
     log.debug("hooks_installed", layers=list(hooks))
     return hooks
@@ -72,6 +76,7 @@ def remove_hooks(model: nn.Module, hooks: Mapping[int, HookedProjection]) -> Non
         parent, name = _parent_and_name(model, i)
         if getattr(parent, name) is not hook:
             raise ValueError(f"layer {i} does not carry the given hook")
+        hook.undefer()
         setattr(parent, name, hook.base)
     log.debug("hooks_removed", layers=list(hooks))
 

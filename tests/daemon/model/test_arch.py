@@ -289,3 +289,16 @@ def test_lora_targets_work_with_peft_and_lookups_see_through_it() -> None:
     assert not isinstance(module, nn.Linear)  # the LoRA wrapper
     assert isinstance(arch.unwrap_projection(module), nn.Linear)
     torch.testing.assert_close(_reference(module, x), expected)
+
+
+def test_post_mlp_norm_only_where_the_mlp_output_is_normalised(
+    models: dict[str, PreTrainedModel],
+) -> None:
+    for name, model in models.items():
+        norm = arch.post_mlp_norm_module(model, 1)
+        if name in {"gemma2", "gemma3_text"}:
+            assert norm is arch.layer_block(model, 1).post_feedforward_layernorm
+        else:
+            assert norm is None, name
+            with pytest.raises(ValueError, match="no norm after its MLP"):
+                arch.module_path(model, "post_mlp_norm", 1)
