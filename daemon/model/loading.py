@@ -65,6 +65,13 @@ class LoadedModel:
     name_or_path: str
     load_seconds: float
 
+    @property
+    def cache_id(self) -> str:
+        """The model's identity in caches: its absolute folder (however the path was
+        written), or the name it was loaded by."""
+        path = Path(self.name_or_path).expanduser()
+        return str(path.resolve()) if path.is_dir() else self.name_or_path
+
 
 def resolve_device(device: str) -> torch.device:
     """``auto`` → ``cuda`` when available, else ``cpu``; ``cpu``; ``cuda`` or ``cuda:N``."""

@@ -70,12 +70,6 @@ def facts_sha256(facts: Sequence[TraceFact]) -> str:
     return h.hexdigest()
 
 
-def default_model_id(loaded: LoadedModel) -> str:
-    """The model's identity in the cache: its absolute folder, or the name it was loaded by."""
-    path = Path(loaded.name_or_path).expanduser()
-    return str(path.resolve()) if path.is_dir() else loaded.name_or_path
-
-
 def locate(
     loaded: LoadedModel,
     facts: Sequence[TraceFact],
@@ -102,7 +96,7 @@ def locate(
         key_position=kind,
         layers=layers,
         evidence=evidence,
-        model_id=model_id or default_model_id(loaded),
+        model_id=model_id or loaded.cache_id,
         fingerprint=model_fingerprint(loaded.model),
         n_pairs=evidence.n_pairs,
         seconds=round(time.perf_counter() - start, 3),
@@ -168,7 +162,7 @@ def cached_locate(
     Logs ``locate_reused`` or ``locate_computed`` (and ``locate_cache_invalidated``
     when a file had to be recomputed). ``force`` recomputes regardless.
     """
-    mid = model_id or default_model_id(loaded)
+    mid = model_id or loaded.cache_id
     key = _cache_key(loaded, mid, facts, max_pairs)
     path = cache_path(cache_dir, key)
     found = None if force else _read_cached(path, key)
@@ -213,7 +207,7 @@ def latest_locate(
     ``editd locate``") and that does not know which facts were traced.
     """
     fingerprint = model_fingerprint(loaded.model)
-    mid = model_id or default_model_id(loaded)
+    mid = model_id or loaded.cache_id
     files = sorted(
         Path(cache_dir).glob(f"locate-{fingerprint[:16]}-*.json"),
         key=lambda p: p.stat().st_mtime,

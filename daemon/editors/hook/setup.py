@@ -232,7 +232,7 @@ def build_hook_editor(
         texts,
         layers,
         cfg.covariance_tokens,
-        loaded.name_or_path,
+        loaded.cache_id,
         progress=progress,
     )
     log.info("hook_editor_layout", layers=list(layers), key_position=kind)

@@ -232,3 +232,17 @@ def test_load_on_cuda(gpt2_dir: Path) -> None:
     assert loaded.device.type == "cuda"
     assert next(loaded.model.parameters()).device.type == "cuda"
     assert loaded.dtype in (torch.bfloat16, torch.float16)
+
+
+def test_cache_id_is_the_same_however_the_folder_is_written(
+    gpt2_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Caches (covariance statistics, locate) key on it: a relative path must not miss
+    the cache an absolute one wrote."""
+    monkeypatch.chdir(gpt2_dir.parent)
+    relative = load_model(gpt2_dir.name, device="cpu")
+    absolute = load_model(str(gpt2_dir.resolve()), device="cpu")
+    assert relative.name_or_path != absolute.name_or_path
+    assert relative.cache_id == absolute.cache_id == str(gpt2_dir.resolve())
+    named = LoadedModel(**{**vars(absolute), "name_or_path": "org/not-a-folder"})
+    assert named.cache_id == "org/not-a-folder"
