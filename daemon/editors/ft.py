@@ -29,6 +29,7 @@ from daemon.errors import EditorStateError
 from daemon.model import arch
 from daemon.model.batches import (
     encode_prompt_target,
+    label_window,
     padded_forward_inputs,
     target_nll,
     target_token_hits,
@@ -110,17 +111,19 @@ class FtEditor:
         device = self.weight.device
         batch = encode_prompt_target(self.tokenizer, prompts, targets).to(device)
         inputs = padded_forward_inputs(batch.input_ids, batch.attention_mask)  # left padded
+        keep = label_window(batch.labels)  # the LM head only where targets are scored
+        labels = batch.labels[:, -keep:]
         torch.manual_seed(seed)
         self.weight.requires_grad_(True)
         optimizer = torch.optim.Adam([self.weight], lr=self.config.learning_rate)
         steps = 0
         try:
             for steps in range(1, self.config.max_steps + 1):
-                logits = self.model(**inputs, use_cache=False).logits
-                if bool((target_token_hits(logits, batch.labels) == 1.0).all()):
+                logits = self.model(**inputs, use_cache=False, logits_to_keep=keep).logits
+                if bool((target_token_hits(logits, labels) == 1.0).all()):
                     steps -= 1
                     break
-                loss = target_nll(logits, batch.labels).mean()
+                loss = target_nll(logits, labels).mean()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()  # type: ignore[no-untyped-call]  # torch stub
                 optimizer.step()

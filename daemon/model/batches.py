@@ -143,6 +143,18 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, 
     return ids, mask
 
 
+def label_window(labels: torch.Tensor) -> int:
+    """How many trailing columns of ``labels`` ``(B, T)`` hold every labelled position
+    (at least 1). Left-padded prompt+target rows end together, so their targets sit in
+    the last columns: a forward with ``logits_to_keep=n`` then computes the LM head (a
+    fifth of a small model's FLOPs, and a softmax over the vocabulary) only there, and
+    ``labels[:, -n:]`` scores those logits."""
+    labelled = (labels != -100).any(dim=0).nonzero()
+    if labelled.numel() == 0:
+        return 1
+    return int(labels.shape[1]) - int(labelled[0, 0])
+
+
 def target_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean negative log-likelihood per row over its target tokens: (B,)."""
     logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)

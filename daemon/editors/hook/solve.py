@@ -6,7 +6,8 @@ math itself is :mod:`daemon.editors.hook.math`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,7 @@ from daemon.editors.hook.deltas import frobenius, use_factors
 from daemon.editors.hook.keys import KeySites, capture
 from daemon.editors.hook.layer import HookedProjection
 from daemon.editors.hook.sums import LayerSums, empty_sums
+from daemon.model.partial import record_block_output, replaying
 
 
 @dataclass(frozen=True)
@@ -83,25 +85,38 @@ def solve_layers(
     earlier = {layer: rows(layer, shard) for layer in layers}
     keys: dict[int, torch.Tensor] = {}
     outputs: dict[int, torch.Tensor] = {}
-    for _round in range(plan.rounds):
-        for pos, layer in enumerate(layers):
-            cap = capture(model, hooks, enc, [layer], layers[-1])
-            k = cap.keys[layer].double()  # (sites, d_in)
-            missing = z - cap.residual.double()  # (sites, d_model)
-            share = hmath.spread_residual(missing, layer, len(layers) - pos)
-            hook = hooks[layer]
-            t = hook.shard_output(k, shard) + share  # (sites, d_out): the delta now + share
-            k, t = k.to(base[layer].moment.device), t.to(base[layer].moment.device)
-            new = base[layer].plus(k, t)  # a later round replaces the batch's terms exactly
-            old_k, old_t = earlier[layer]
-            all_k, all_t = torch.cat([old_k.to(k), k]), torch.cat([old_t.to(t), t])
-            sums[layer][shard] = new
-            set_shard(hook, shard, new, all_k, all_t, covariance[layer], plan.cov_weight)
-            keys[layer], outputs[layer] = k, t
+    with _lower_blocks_replayed(model, enc, layers[0]):
+        for _round in range(plan.rounds):
+            for pos, layer in enumerate(layers):
+                cap = capture(model, hooks, enc, [layer], layers[-1])
+                k = cap.keys[layer].double()  # (sites, d_in)
+                missing = z - cap.residual.double()  # (sites, d_model)
+                share = hmath.spread_residual(missing, layer, len(layers) - pos)
+                hook = hooks[layer]
+                t = hook.shard_output(k, shard) + share  # (sites, d_out): the delta now + share
+                k, t = k.to(base[layer].moment.device), t.to(base[layer].moment.device)
+                new = base[layer].plus(k, t)  # a later round replaces the batch's terms exactly
+                old_k, old_t = earlier[layer]
+                all_k, all_t = torch.cat([old_k.to(k), k]), torch.cat([old_t.to(t), t])
+                sums[layer][shard] = new
+                set_shard(hook, shard, new, all_k, all_t, covariance[layer], plan.cov_weight)
+                keys[layer], outputs[layer] = k, t
     for layer in layers:
         update = frobenius(hooks[layer].deltas[shard], before[layer])
         guard_update(layer, update / w0_norm[layer], history[layer], plan.max_update_norm_zscore)
     return keys, outputs
+
+
+@contextmanager
+def _lower_blocks_replayed(model: nn.Module, enc: KeySites, first: int) -> Iterator[None]:
+    """The blocks below the first hook layer hold no hook, so their output for the batch
+    is the same in every capture of the loop: record it once and replay it."""
+    if first == 0:
+        yield
+        return
+    recorded = record_block_output(model, first - 1, **enc.forward_inputs(), use_cache=False)
+    with replaying(model, first - 1, recorded):
+        yield
 
 
 def zero_sums(hook: HookedProjection, device: torch.device | str) -> LayerSums:

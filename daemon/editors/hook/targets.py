@@ -19,6 +19,10 @@ is generated. The result is ``v*_i = h_i + delta_i`` on the plain prompt.
 The essence (KL) term keeps what the model says about the subject in general;
 with ``prompt_last`` keys there is no subject position to hold it at, so only the
 norm decay and the clamp bound the change (the scope gate protects locality).
+
+Each step runs only the blocks above ``layer`` (``daemon.model.partial.replaying``:
+block ``layer``'s output is recorded once per batch) and computes logits only at
+the target positions (``logits_to_keep``).
 """
 
 from __future__ import annotations
@@ -37,12 +41,14 @@ from daemon.editors.hook.layer import HookedProjection
 from daemon.editors.hook.wiring import gate_positions
 from daemon.model import arch
 from daemon.model.batches import (
+    label_window,
     left_pad,
     padded_forward_inputs,
     padding_id,
     target_nll,
     target_token_hits,
 )
+from daemon.model.partial import record_block_output, replaying
 from daemon.model.tokens import subject_last_token_index
 
 ESSENCE_TEMPLATE = "{subject} is a"
@@ -115,23 +121,6 @@ def _residual_delta(
         handle.remove()
 
 
-@contextmanager
-def _capture_residual(
-    model: nn.Module, layer: int, rows: torch.Tensor, positions: torch.Tensor
-) -> Iterator[dict[str, torch.Tensor]]:
-    out: dict[str, torch.Tensor] = {}
-
-    def hook(_module: nn.Module, _args: Any, output: Any) -> None:
-        hidden = output[0] if isinstance(output, tuple) else output
-        out["h"] = hidden[rows, positions].detach().float()
-
-    handle = arch.layer_block(model, layer).register_forward_hook(hook)
-    try:
-        yield out
-    finally:
-        handle.remove()
-
-
 def optimise_targets(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -176,21 +165,24 @@ def optimise_targets(
     site_edit = torch.tensor([owners[int(sites.rows[s])] for s in plain], device=device)
     inputs = sites.forward_inputs()
     key_mask = sites.position_mask()
+    keep = label_window(labels)  # logits only where targets are scored
+    labels = labels[:, -keep:]
 
     def forward() -> torch.Tensor:
-        logits: torch.Tensor = model(**inputs, use_cache=False).logits
+        logits: torch.Tensor = model(**inputs, use_cache=False, logits_to_keep=keep).logits
         return logits
 
     essence = _essence_batch(tokenizer, edits, kind, device)
-    with torch.no_grad():
-        with (
-            gate_positions(hooks, key_mask),
-            _capture_residual(model, layer, sites.rows, sites.positions) as cap,
-        ):
-            forward()
-        initial = cap["h"][plain]  # (n_sites, d), in site-id order
-        base_essence = None
-        if essence is not None:  # its own batch: not under the sites' position mask
+    # nothing below block ``layer`` changes while delta is optimised: record that block's
+    # output once per batch and replay it (the hooks' deltas at the sites included)
+    with gate_positions(hooks, key_mask):
+        recorded = record_block_output(model, layer, **inputs)
+    hidden = recorded[0] if isinstance(recorded, tuple) else recorded
+    initial = hidden[sites.rows, sites.positions].float()[plain]  # (n_sites, d), site-id order
+    base_essence = essence_recorded = None
+    if essence is not None:  # its own batch: not under the sites' position mask
+        essence_recorded = record_block_output(model, layer, **_essence_inputs(essence))
+        with torch.no_grad(), replaying(model, layer, essence_recorded):
             base_essence = torch.log_softmax(_essence_logits(model, essence), dim=-1)
 
     delta = torch.zeros_like(initial, requires_grad=True)
@@ -204,7 +196,7 @@ def optimise_targets(
     for steps in range(1, settings.steps + 1):
         optimiser.zero_grad(set_to_none=True)
         with (
-            gate_positions(hooks, key_mask),
+            replaying(model, layer, recorded),
             _residual_delta(model, layer, sites.rows, sites.positions, site_of, delta),
         ):
             logits = forward()
@@ -222,15 +214,18 @@ def optimise_targets(
             break
         loss = nll.mean() + settings.decay * (delta.pow(2).sum(dim=-1) / init_sq).mean()
         if essence is not None and base_essence is not None and settings.kl_weight > 0:
-            with _residual_delta(
-                model, layer, essence["rows"], essence["positions"], essence["owner"], delta
+            with (
+                replaying(model, layer, essence_recorded),
+                _residual_delta(
+                    model, layer, essence["rows"], essence["positions"], essence["owner"], delta
+                ),
             ):
                 logp = torch.log_softmax(_essence_logits(model, essence), dim=-1)
             kl = torch.nn.functional.kl_div(
                 logp, base_essence, log_target=True, reduction="batchmean"
             )
             loss = loss + settings.kl_weight * kl
-        loss.backward()  # type: ignore[no-untyped-call]
+        loss.backward()
         optimiser.step()
         loss_value = float(loss.detach())
         with torch.no_grad():
@@ -276,8 +271,12 @@ def _essence_batch(
     }
 
 
+def _essence_inputs(essence: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return padded_forward_inputs(essence["input_ids"], essence["attention_mask"])
+
+
 def _essence_logits(model: nn.Module, essence: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """Next-token logits at the last token of each essence prompt: (n, V)."""
-    inputs = padded_forward_inputs(essence["input_ids"], essence["attention_mask"])
-    logits: torch.Tensor = model(**inputs, use_cache=False).logits
+    inputs = _essence_inputs(essence)
+    logits: torch.Tensor = model(**inputs, use_cache=False, logits_to_keep=1).logits
     return logits[:, -1].float()

@@ -34,6 +34,7 @@ from daemon.editors.melo.routing import route_rows
 from daemon.eval.metrics import continuation_matches
 from daemon.model.batches import (
     PromptTargetBatch,
+    label_window,
     left_padded_position_ids,
     target_nll,
     target_token_hits,
@@ -89,13 +90,16 @@ def _greedy_hits(
     batch: PromptTargetBatch,
     logits: torch.Tensor,
     avoid: dict[int, set[int]],
+    labels: torch.Tensor,
 ) -> list[bool]:
     """Per row: every target token is the argmax and the next token does not run on.
 
-    The run-on check decodes, so it runs only once every row has its argmax;
-    run-on tokens found are added to ``avoid`` (the unlikelihood term's targets).
+    ``logits`` are those of the last columns of ``batch`` and ``labels`` the same
+    columns of ``batch.labels``. The run-on check decodes, so it runs only once every
+    row has its argmax; run-on tokens found are added to ``avoid`` (the unlikelihood
+    term's targets).
     """
-    hits: list[bool] = (target_token_hits(logits, batch.labels) == 1.0).tolist()
+    hits: list[bool] = (target_token_hits(logits, labels) == 1.0).tolist()
     if all(hits):
         for row, token in enumerate(run_on_tokens(tokenizer, batch, logits)):
             if token is not None:
@@ -129,6 +133,8 @@ def train_block(
     """
     rows = int(batch.input_ids.shape[0])
     positions = left_padded_position_ids(batch.attention_mask)  # [B, T]
+    keep = label_window(batch.labels)  # the LM head only where targets are scored
+    labels = batch.labels[:, -keep:]
     avoid: dict[int, set[int]] = {}
     was_training = model.training
     model.train(False)  # no dropout: the block must work in eval mode
@@ -142,9 +148,10 @@ def train_block(
                     attention_mask=batch.attention_mask,
                     position_ids=positions,
                     use_cache=False,
-                ).logits  # [B, T, V]
-                hits = _greedy_hits(tokenizer, batch, logits.detach(), avoid)
-                row_nll = target_nll(logits, batch.labels)  # [B]
+                    logits_to_keep=keep,
+                ).logits  # [B, keep, V]
+                hits = _greedy_hits(tokenizer, batch, logits.detach(), avoid, labels)
+                row_nll = target_nll(logits, labels)  # [B]
                 loss = row_nll.mean()
                 margin = (row_nll.detach() <= settings.stop_nll).tolist()
                 if all(h and m for h, m in zip(hits, margin, strict=True)) or (

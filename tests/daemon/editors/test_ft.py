@@ -34,7 +34,8 @@ def _first_forward_nll(editor: FtEditor, edits: list[EditSpec]) -> torch.Tensor:
     batch = encode_prompt_target(
         editor.tokenizer, [e.prompt for e in edits], [e.target for e in edits]
     )
-    return target_nll(seen[0], batch.labels)
+    labels = batch.labels[:, -seen[0].shape[1] :]  # the editor keeps the target columns
+    return target_nll(seen[0], labels)
 
 
 def test_gpt2_rows_score_the_same_alone_and_left_padded(gpt2_tokenizer_dir: Path) -> None:

@@ -11,6 +11,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from daemon.model.batches import (
     encode_prompt_target,
+    label_window,
     left_pad,
     padded_forward_inputs,
     padding_id,
@@ -115,3 +116,43 @@ def test_padded_forward_inputs_give_a_gpt2_row_its_positions_alone(side: str) ->
     torch.testing.assert_close(padded, alone, rtol=1e-4, atol=1e-4)
     if side == "left":  # without position ids the left-padded row is shifted
         assert not torch.allclose(shifted, alone, atol=1e-2)
+
+
+def test_label_window_covers_every_labelled_column() -> None:
+    labels = torch.full((3, 7), -100)
+    assert label_window(labels) == 1  # nothing labelled: one column, never 0 (= all)
+    labels[0, 5:] = 4
+    labels[1, 3:6] = 2  # a row ending early (right padding) still counts
+    assert label_window(labels) == 4
+    labels[2, 0] = 1
+    assert label_window(labels) == 7
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_scoring_the_label_window_equals_scoring_every_column(
+    gpt2: PreTrainedTokenizerBase, side: str
+) -> None:
+    """``logits_to_keep=label_window(labels)`` gives the same NLL, hits and gradient."""
+    saved, gpt2.padding_side = gpt2.padding_side, side
+    try:
+        batch = encode_prompt_target(
+            gpt2, ["The capital of France is", "Snow is"], [" Paris, of course", " white"]
+        )
+    finally:
+        gpt2.padding_side = saved
+    inputs = padded_forward_inputs(batch.input_ids, batch.attention_mask)
+    keep = label_window(batch.labels)
+    assert keep < batch.labels.shape[1] or side == "right"
+    model = tiny_gpt2(vocab_size=len(gpt2))
+    results = []
+    for n, labels in ((0, batch.labels), (keep, batch.labels[:, -keep:])):
+        model.zero_grad()
+        logits = model(**inputs, use_cache=False, logits_to_keep=n).logits
+        nll = target_nll(logits, labels)
+        nll.sum().backward()  # type: ignore[no-untyped-call]
+        grad = cast(Any, model).transformer.h[0].mlp.c_proj.weight.grad.clone()
+        results.append((nll.detach(), target_token_hits(logits.detach(), labels), grad))
+    (nll_all, hits_all, grad_all), (nll_kept, hits_kept, grad_kept) = results
+    torch.testing.assert_close(nll_kept, nll_all)
+    assert torch.equal(hits_kept, hits_all)
+    torch.testing.assert_close(grad_kept, grad_all)
