@@ -200,6 +200,7 @@ class MeloEditor(MeloEditorBase):
             block,
             batch.to(device),
             self.train_settings,
+            first_layer=min(self.layers),
         )
         hit = dict(zip([p for p, _ in rows], trained.row_hits, strict=True))
         reasons = {

@@ -22,7 +22,8 @@ initial values come from a seed (``layer.init_block``) and Adam draws nothing.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,7 @@ from daemon.model.batches import (
     target_nll,
     target_token_hits,
 )
+from daemon.model.partial import record_block_output, replaying
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,25 @@ def _unlikelihood(logits: torch.Tensor, avoid: dict[int, set[int]]) -> torch.Ten
     return total
 
 
+@contextmanager
+def _blocks_below_replayed(
+    model: nn.Module, batch: PromptTargetBatch, positions: torch.Tensor, first_layer: int
+) -> Iterator[None]:
+    if first_layer == 0:
+        yield
+        return
+    recorded = record_block_output(
+        model,
+        first_layer - 1,
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=positions,
+        use_cache=False,
+    )
+    with replaying(model, first_layer - 1, recorded):
+        yield
+
+
 def train_block(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -125,11 +146,14 @@ def train_block(
     block: int,
     batch: PromptTargetBatch,
     settings: TrainSettings,
+    first_layer: int = 0,
 ) -> TrainResult:
     """Train ``block`` (already initialised) until every row greedy-decodes its target.
 
     Stops after ``settings.max_steps`` optimizer steps at the latest; the result's
-    ``row_hits`` comes from a forward with the final weights.
+    ``row_hits`` comes from a forward with the final weights. ``first_layer``: the
+    lowest layer carrying LoRA; the blocks below it cannot change, so their output is
+    recorded once and replayed (``daemon.model.partial.replaying``).
     """
     rows = int(batch.input_ids.shape[0])
     positions = left_padded_position_ids(batch.attention_mask)  # [B, T]
@@ -139,7 +163,11 @@ def train_block(
     was_training = model.training
     model.train(False)  # no dropout: the block must work in eval mode
     try:
-        with trainable_block(installed, block) as params, route_rows([block] * rows):
+        with (
+            _blocks_below_replayed(model, batch, positions, first_layer),
+            trainable_block(installed, block) as params,
+            route_rows([block] * rows),
+        ):
             optimizer = torch.optim.Adam(params, lr=settings.learning_rate)
             steps = 0
             while True:

@@ -49,3 +49,36 @@ def test_run_on_tokens_flags_a_target_continued_into_a_longer_word(
         logits = torch.zeros(1, width, len(vocab))
         logits[0, -1, token] = 1.0
         assert (run_on_tokens(tok, batch, logits) == [token]) is flagged
+
+
+def test_replaying_the_blocks_below_trains_the_same_block(
+    loaded: LoadedModel, world_edits: list[dict[str, object]]
+) -> None:
+    """``first_layer`` (blocks below the LoRA replayed) changes the cost, not the result."""
+    layers = arch.default_melo_layers(loaded.model)
+    assert min(layers) > 0
+    record = world_edits[1]
+    prompts = [str(record["prompt"]), *(str(r) for r in record["rephrases"])]  # type: ignore[attr-defined]
+    batch = encode_prompt_target(loaded.tokenizer, prompts, [str(record["target"])] * 4)
+    outcomes = []
+    for first in (0, min(layers)):
+        installed = bl.install_block_lora(loaded.model, layers, 3, 2)
+        try:
+            bl.init_block(installed, 1, 1)
+            result = train_block(
+                loaded.model,
+                loaded.tokenizer,
+                installed,
+                1,
+                batch,
+                TrainSettings(1e-2, 200),
+                first_layer=first,
+            )
+            outcomes.append((result, bl.block_state(installed, 1)))
+        finally:
+            bl.remove_block_lora(loaded.model, installed)
+    (full, full_state), (replayed, replayed_state) = outcomes
+    assert full.converged and replayed.steps == full.steps
+    assert replayed.row_hits == full.row_hits
+    for name, value in full_state.items():
+        torch.testing.assert_close(replayed_state[name], value, rtol=1e-4, atol=1e-6)
