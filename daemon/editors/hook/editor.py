@@ -90,7 +90,7 @@ from daemon.editors.hook.state import (
     write_state,
 )
 from daemon.editors.hook.sums import shard_rows
-from daemon.editors.hook.targets import EditText, optimise_targets
+from daemon.editors.hook.targets import EditText, TargetResult, optimise_targets
 from daemon.editors.hook.wiring import calibrate_gates, install_hooks
 from daemon.errors import EditorStateError, SolveError
 from daemon.model import arch
@@ -281,15 +281,21 @@ class HookEditor:
                 self.device,
             )
             shard = self._shard_for(int(enc.rows.shape[0]))
-            result = optimise_targets(
-                self.model,
-                self.tokenizer,
-                self.hooks,
-                [EditText(s.prompt, s.target, s.subject) for s in batch],
-                self.settings.layers[-1],
-                self.settings.key_position,
-                self.settings.targets,
-            )
+            texts = [EditText(s.prompt, s.target, s.subject) for s in batch]
+            result = self._targets(texts)
+            if not all(result.converged) and self._live_keys(shard) > 0:
+                # The open shard's delta, applied at the new subjects as the gate would,
+                # can garble them (SmolLM2: 4 of 10 converged once it held ~80 edits): a
+                # fresh shard has none, and leaves the earlier edits' solve alone.
+                shard = self._open_shard()
+                retry = self._targets(texts)
+                log.info(
+                    "hook_batch_moved_to_new_shard",
+                    shard=shard,
+                    converged_before=sum(result.converged),
+                    converged=sum(retry.converged),
+                )
+                result = retry
             keys, outputs = solve_layers(
                 self.model,
                 self.hooks,
@@ -356,17 +362,36 @@ class HookEditor:
         s = self.settings
         return SolvePlan(s.layers, s.cov_weight, s.solve_rounds, s.max_update_norm_zscore)
 
+    def _targets(self, texts: Sequence[EditText]) -> TargetResult:
+        """v* for a batch, optimised with the open shard applied at its key sites."""
+        return optimise_targets(
+            self.model,
+            self.tokenizer,
+            self.hooks,
+            texts,
+            self.settings.layers[-1],
+            self.settings.key_position,
+            self.settings.targets,
+        )
+
+    def _live_keys(self, shard: int) -> int:
+        return int((self._hook0().key_shard == shard).sum())
+
     def _shard_for(self, n_sites: int) -> int:
         """The shard a batch of ``n_sites`` key sites goes to (opening one when full)."""
-        hook = self._hook0()
-        last = hook.n_shards - 1
-        live = int((hook.key_shard == last).sum())
+        last = self._hook0().n_shards - 1
+        live = self._live_keys(last)
         if live == 0 or live + n_sites <= self._shard_keys:
             return last
+        return self._open_shard()
+
+    def _open_shard(self) -> int:
+        """Open a new (empty) shard on every hook layer; its index."""
+        last = self._hook0().n_shards - 1
         for layer, h in self.hooks.items():
             h.add_shard()
             self._sums[layer].append(zero_sums(h, self._stats_device))
-        log.info("hook_shard_opened", shard=last + 1, keys_in_previous=live)
+        log.info("hook_shard_opened", shard=last + 1, keys_in_previous=self._live_keys(last))
         return last + 1
 
     @torch.no_grad()

@@ -252,3 +252,35 @@ def test_a_batch_whose_gate_misses_its_own_prompts_is_refused(
     assert all("recall" in (o.reason or "") for o in outcomes)
     assert editor.applied_ids() == []
     assert torch.equal(prompt_logits(loaded, prompts), before)
+
+
+def test_a_batch_whose_targets_fail_under_the_open_shard_gets_a_shard_of_its_own(
+    editor: HookEditor,
+    loaded: LoadedModel,
+    edits: list[dict[str, Any]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Targets optimised under the open shard's delta that do not all converge are
+    optimised again in a new, empty shard; the earlier edits' shard is left as it was."""
+    real = targets_module.optimise_targets
+    calls: list[int] = []
+
+    def first_fails(*args: Any, **kwargs: Any) -> targets_module.TargetResult:
+        result = real(*args, **kwargs)
+        calls.append(len(calls))
+        if len(calls) in (1, 2):  # the first batch's only try, the second batch's first
+            return dataclasses.replace(result, converged=(False, *result.converged[1:]))
+        return result
+
+    monkeypatch.setattr("daemon.editors.hook.editor.optimise_targets", first_fails)
+    editor.apply(edit_specs(edits[:3]))
+    assert len(calls) == 1 and editor._hook0().n_shards == 1  # an empty shard: no retry
+    shard0 = {i: h.deltas[0] for i, h in editor.hooks.items()}
+    outcomes = editor.apply(edit_specs(edits[3:]))
+    assert all(o.accepted for o in outcomes)
+    assert len(calls) == 3 and editor._hook0().n_shards == 2
+    assert all(h.deltas[0] is shard0[i] for i, h in editor.hooks.items())  # untouched
+    assert {editor._records[e["id"]].shard for e in edits[3:]} == {1}
+    got = _answers(loaded, [e["prompt"] for e in edits])
+    hits = [continuation_matches(g, e["target"]) for g, e in zip(got, edits, strict=True)]
+    assert sum(hits) >= N_EDITS - 1
