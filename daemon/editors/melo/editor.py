@@ -272,5 +272,11 @@ class MeloEditor(MeloEditorBase):
     # --- keys ---------------------------------------------------------------------------
 
     def _keys_by_edit(self, specs: Sequence[EditSpec]) -> dict[str, F32]:
-        texts = list(dict.fromkeys(t for s in specs for t in checks.edit_prompts(s)))
-        return dict(zip(texts, self.keys(texts), strict=True))
+        """Each edit text's key: at its last token, or (``key_position = "subject_last"``)
+        at the last token of the edit's subject where the text names it."""
+        subject_of = {t: s.subject for s in specs for t in checks.edit_prompts(s)}
+        texts = list(subject_of)
+        if self.config.key_position != "subject_last":
+            return dict(zip(texts, self.keys(texts), strict=True))
+        subjects = [subject_of[t] for t in texts]
+        return dict(zip(texts, self.keys(texts, subjects), strict=True))

@@ -47,7 +47,7 @@ from daemon.editors.melo.allocator import BlockTable
 from daemon.editors.melo.index import NeuronIndex
 from daemon.editors.melo.inline import InlineRouter
 from daemon.editors.melo.key_table import KeyTable
-from daemon.editors.melo.keys import F32, KeyReader
+from daemon.editors.melo.keys import F32, KeyReader, span_keys, unit_keys
 from daemon.editors.melo.routing import route_rows
 from daemon.editors.melo.training import TrainSettings
 from daemon.errors import ConfigError, EditorStateError
@@ -62,6 +62,12 @@ merely until the target is the argmax: on the small world (100 edits, no rephras
 sent) rephrases routed to the block then answer the target 98% of the time instead
 of 73% (paraphrase 0.59 -> 0.80 at the same radius) for ~0.02 s more per edit."""
 _CONFIG_KEY = "editors.melo"
+SUBJECT_RADIUS = 0.5
+"""The routing radius with ``key_position = "subject_last"`` and ``radius = 0`` (L2
+between unit keys: cosine >= 0.875). SmolLM2-135M, CounterFact 0-299, keys at block 9
+of 30 (``bench/melo_keys.py``): a rephrase's subject key lies at cosine >= 0.90 of the
+edit prompt's in 90% of records (median 0.98); the nearest OTHER record's subject key
+at cosine <= 0.84 in 90% (median 0.78)."""
 
 
 def resolve_layers(model: PreTrainedModel, config: MeloConfig) -> tuple[tuple[int, ...], int]:
@@ -73,7 +79,12 @@ def resolve_layers(model: PreTrainedModel, config: MeloConfig) -> tuple[tuple[in
         raise ConfigError(
             f"layers {bad} out of range for a {n_layers}-layer model", key=f"{_CONFIG_KEY}.layers"
         )
-    key_layer = config.key_layer if config.key_layer >= 0 else arch.default_key_layer(model)
+    if config.key_layer >= 0:
+        key_layer = config.key_layer
+    elif config.key_position == "subject_last":
+        key_layer = min(arch.num_layers(model) // 3, max(0, layers[0] - 1))
+    else:
+        key_layer = arch.default_key_layer(model)
     if key_layer >= layers[0]:
         raise ConfigError(
             f"key_layer {key_layer} must lie below the lowest LoRA layer {layers[0]} "
@@ -85,6 +96,27 @@ def resolve_layers(model: PreTrainedModel, config: MeloConfig) -> tuple[tuple[in
 
 def _blocks_of(index: NeuronIndex, keys: F32) -> list[int | None]:
     return [None if r is None else r.block for r in index.query(keys)]
+
+
+def _nearest_block(index: NeuronIndex, keys: F32) -> int | None:
+    """The block of the nearest route among one prompt's token keys (None: none in reach)."""
+    routes = [r for r in index.query(keys) if r is not None]
+    return min(routes, key=lambda r: r.distance).block if routes else None
+
+
+def _last_token_lookup(
+    index: NeuronIndex, hidden: torch.Tensor, _starts: torch.Tensor, ends: torch.Tensor
+) -> list[int | None]:
+    return _blocks_of(index, unit_keys(hidden, ends))
+
+
+def _any_token_lookup(
+    index: NeuronIndex, hidden: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor
+) -> list[int | None]:
+    return [
+        _nearest_block(index, span_keys(hidden[row], int(start), int(end)))
+        for row, (start, end) in enumerate(zip(starts.tolist(), ends.tolist(), strict=True))
+    ]
 
 
 class MeloEditorBase:
@@ -149,12 +181,13 @@ class MeloEditorBase:
         """Routes decided in the request's own prefill; None (keys up front) if not possible."""
         if self.key_layer >= min(self.layers):
             return None
+        by_subject = self.config.key_position == "subject_last"
         return InlineRouter(
             self.model,
             self.tokenizer,
             self.key_layer,
-            lookup=_blocks_of,
-            up_front=lambda index, prompts: _blocks_of(index, self.keys(prompts)),
+            lookup=_any_token_lookup if by_subject else _last_token_lookup,
+            up_front=self._route_blocks,
         )
 
     # --- serving ------------------------------------------------------------------------
@@ -182,6 +215,8 @@ class MeloEditorBase:
     def _route_blocks(self, index: NeuronIndex | None, prompts: Sequence[str]) -> list[int | None]:
         if index is None or index.key_count == 0:
             return [None] * len(prompts)
+        if self.config.key_position == "subject_last":
+            return [_nearest_block(index, keys) for keys in self.keys.token_keys(prompts)]
         return _blocks_of(index, self.keys(prompts))
 
     # --- radius -------------------------------------------------------------------------
@@ -199,6 +234,8 @@ class MeloEditorBase:
 
     def _new_index(self) -> NeuronIndex:
         radius = self.config.radius
+        if radius <= 0 and self.config.key_position == "subject_last":
+            radius = SUBJECT_RADIUS
         if radius <= 0:
             t0 = time.perf_counter()
             bank = calibration.calibration_bank(
@@ -241,6 +278,7 @@ class MeloEditorBase:
             "capacity": self.table.capacity,
             "rank_per_block": self.config.rank_per_block,
             "dim": self.keys.dim,
+            "key_position": self.config.key_position,
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -273,6 +311,7 @@ class MeloEditorBase:
         ours = self._settings()
         saved = dict(state.get("settings", {}))
         saved.pop("capacity", None)  # a limit, not a shape: blocks are created on demand
+        saved.setdefault("key_position", "prompt_last")  # states before key_position existed
         ours.pop("capacity")
         if saved != ours:
             raise EditorStateError(

@@ -15,10 +15,11 @@ before any LoRA layer reads its routes. :class:`InlineRouter` uses them:
    mask), and a prompt + target batch padded either side. Then the hidden state
    at that token is exactly what ``KeyReader`` reads (causal attention, pads
    masked), up to float rounding between batch shapes.
-3. A forward hook on the key layer's block reads those positions, normalises
-   them (``keys.unit_keys``), looks them up in the index snapshot taken when the
-   context was entered, and freezes the routes for the rest of the context (the
-   KV-cached decode steps).
+3. A forward hook on the key layer's block hands the layer's output and each
+   row's prompt span (first and last token) to the editor's lookup, which reads the
+   keys there (the last token, or every prompt token for subject keys), looks them
+   up in the index snapshot taken when the context was entered, and freezes the
+   routes for the rest of the context (the KV-cached decode steps).
 
 When the batch does not fit step 2 (other tokens, other positions, a cache
 already filled, ``inputs_embeds``), the pre-hook computes the routes up front
@@ -36,12 +37,13 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from daemon.editors.melo.index import NeuronIndex
-from daemon.editors.melo.keys import F32, unit_keys
 from daemon.editors.melo.routing import PendingRoutes, pending_routes, route_later
 from daemon.model import arch
 from daemon.model.kv_cache import is_prefill
 
-Lookup = Callable[[NeuronIndex, F32], list[int | None]]
+Lookup = Callable[[NeuronIndex, torch.Tensor, torch.Tensor, torch.Tensor], list[int | None]]
+"""``(index, hidden [B, T, d], starts [B], ends [B])`` -> each row's block: the key
+layer's output and where each row's prompt starts and ends in it (inclusive)."""
 UpFront = Callable[[NeuronIndex, Sequence[str]], list[int | None]]
 
 
@@ -97,24 +99,32 @@ class InlineRouter:
         pending = self._mine()
         if pending is None:  # no context, or routes already decided
             return
-        positions = self._key_positions(pending.prompts, args, kwargs)
-        if positions is None:
+        spans = self._key_positions(pending.prompts, args, kwargs)
+        if spans is None:
             pending.resolve()  # up front, as before: this batch's layout is not the keys'
         else:
-            pending.key_positions = positions
+            pending.key_starts, pending.key_positions = spans
 
     def _decide(self, _module: nn.Module, _inputs: Any, output: Any) -> None:
         pending = self._mine()
-        if pending is None or pending.key_positions is None:
+        if pending is None or pending.key_positions is None or pending.key_starts is None:
             return
         hidden = output[0] if isinstance(output, tuple) else output  # [B, T, d]
-        keys = unit_keys(hidden.detach(), pending.key_positions.to(hidden.device))
-        pending.decide(self._lookup(pending.index, keys))
+        device = hidden.device
+        pending.decide(
+            self._lookup(
+                pending.index,
+                hidden.detach(),
+                pending.key_starts.to(device),
+                pending.key_positions.to(device),
+            )
+        )
 
     def _key_positions(
         self, prompts: Sequence[str], args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> torch.Tensor | None:
-        """Each row's last prompt token ``[B]``; None when the batch's layout is not the keys'."""
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Each row's first and last prompt token ``([B], [B])``; None when the batch's
+        layout is not the keys'."""
         ids = kwargs.get("input_ids", args[0] if args else None)
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or len(prompts) != ids.shape[0]:
             return None
@@ -137,7 +147,10 @@ class InlineRouter:
             return None
         positions = positions.expand(ids.shape[0], width)
         rows: list[list[int]] = self.tokenizer(list(prompts))["input_ids"]
-        return _prompt_ends(rows, ids.tolist(), mask.tolist(), positions.tolist())
+        ends = _prompt_ends(rows, ids.tolist(), mask.tolist(), positions.tolist())
+        if ends is None:
+            return None
+        return ends - torch.tensor([len(r) for r in rows], dtype=torch.long) + 1, ends
 
 
 def _prompt_ends(

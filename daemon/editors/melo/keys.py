@@ -2,7 +2,12 @@
 
 A prompt's key is the residual stream leaving block ``key_layer`` at the prompt's
 LAST REAL token (never from prompt + target, never at a pad), divided by its L2
-norm. :class:`KeyReader` computes the keys that go into the neuron index at
+norm. With ``key_position = "subject_last"`` an edit's key is read at the last
+token of its subject instead (``KeyReader(prompts, subjects)``), and a request is
+looked up by the keys of ALL its prompt tokens (``token_keys``, ``span_keys``):
+the nearest stored key within reach routes it, wherever the subject sits.
+
+:class:`KeyReader` computes the keys that go into the neuron index at
 edit time; a request's keys are read by :func:`unit_keys` from the same layer of
 its own prefill (``inline``), or by :class:`KeyReader` when the request's batch
 does not allow it, so the two can only differ by float rounding between batch
@@ -48,7 +53,7 @@ from transformers import PreTrainedTokenizerBase
 from daemon.editors.melo.routing import route_rows
 from daemon.model import arch
 from daemon.model.batches import left_padded_position_ids
-from daemon.model.tokens import last_prompt_token_indices
+from daemon.model.tokens import batch_subject_last_token_indices, last_prompt_token_indices
 
 F32 = npt.NDArray[np.float32]
 
@@ -93,23 +98,55 @@ class KeyReader:
         """Remove the capture hook (the editor calls this when it is discarded)."""
         self._handle.remove()
 
-    def __call__(self, prompts: Sequence[str]) -> F32:
-        """Keys ``(len(prompts), d)``, float32, unit L2 norm, in the prompts' order."""
+    def __call__(self, prompts: Sequence[str], subjects: Sequence[str | None] | None = None) -> F32:
+        """Keys ``(len(prompts), d)``, float32, unit L2 norm, in the prompts' order.
+
+        With ``subjects``, prompt ``i``'s key is read at the last token of
+        ``subjects[i]``'s first occurrence in it (``key_position = "subject_last"``);
+        a None subject, or one the prompt does not contain, gives its last token.
+        """
         if not prompts:
             return np.zeros((0, self.dim), dtype=np.float32)
+        named: list[str | None] = list(subjects) if subjects is not None else [None] * len(prompts)
+        if len(named) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(named)} subjects")
         parts = [
-            self._batch_keys(list(prompts[start : start + self.batch_size]))
+            self._batch_keys(
+                list(prompts[start : start + self.batch_size]),
+                named[start : start + self.batch_size],
+            )
             for start in range(0, len(prompts), self.batch_size)
         ]
         return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
 
+    def token_keys(self, prompts: Sequence[str]) -> list[F32]:
+        """Per prompt, the unit keys of all its tokens ``(T_i, d)``, in token order."""
+        out: list[F32] = []
+        for start in range(0, len(prompts), self.batch_size):
+            chunk = list(prompts[start : start + self.batch_size])
+            enc = self.tokenizer(chunk, padding=True, return_tensors="pt")
+            device = next(self.model.parameters()).device
+            mask = enc["attention_mask"].to(device)  # [B, T]
+            with torch.no_grad():
+                hidden = self._hidden(enc["input_ids"].to(device), mask)  # [B, T, d]
+            for row in range(hidden.shape[0]):
+                real = mask[row].nonzero().flatten()
+                out.append(span_keys(hidden[row], int(real[0]), int(real[-1])))
+        return out
+
     @torch.no_grad()
-    def _batch_keys(self, prompts: list[str]) -> F32:
+    def _batch_keys(self, prompts: list[str], subjects: list[str | None]) -> F32:
         enc = self.tokenizer(prompts, padding=True, return_tensors="pt")
         device = next(self.model.parameters()).device
         mask = enc["attention_mask"].to(device)  # [B, T]
         hidden = self._hidden(enc["input_ids"].to(device), mask)  # [B, T, d]
-        return unit_keys(hidden, last_prompt_token_indices(mask))
+        positions = last_prompt_token_indices(mask)
+        for row, (prompt, subject) in enumerate(zip(prompts, subjects, strict=True)):
+            if subject is not None and subject.strip() and subject.strip() in prompt:
+                positions[row] = batch_subject_last_token_indices(
+                    self.tokenizer, [prompt], [subject], mask[row : row + 1]
+                )[0]
+        return unit_keys(hidden, positions)
 
     def _hidden(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         rows = [None] * input_ids.shape[0]
@@ -129,6 +166,16 @@ class KeyReader:
 def unit_keys(hidden: torch.Tensor, last: torch.Tensor) -> F32:
     """Unit-norm float32 keys ``(B, d)``: ``hidden`` ``[B, T, d]`` at row ``i``'s ``last[i]``."""
     rows = hidden[torch.arange(hidden.shape[0], device=hidden.device), last].float()  # [B, d]
+    rows = rows / rows.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    out: F32 = rows.cpu().numpy().astype(np.float32)
+    return out
+
+
+@torch.no_grad()
+def span_keys(hidden: torch.Tensor, start: int, end: int) -> F32:
+    """Unit-norm float32 keys ``(end - start + 1, d)`` of ``hidden`` ``[T, d]``'s rows
+    ``start..end`` (inclusive)."""
+    rows = hidden[start : end + 1].float()
     rows = rows / rows.norm(dim=-1, keepdim=True).clamp(min=1e-12)
     out: F32 = rows.cpu().numpy().astype(np.float32)
     return out

@@ -52,6 +52,8 @@ class PendingRoutes:
         self.routes: RowRoutes | None = None
         # [B] index of each row's last prompt token in the first forward (set when armed)
         self.key_positions: torch.Tensor | None = None
+        # [B] index of each row's first prompt token in the first forward (set when armed)
+        self.key_starts: torch.Tensor | None = None
         self._fallback = fallback
 
     def decide(self, blocks: Sequence[int | None]) -> RowRoutes:

@@ -1,0 +1,133 @@
+"""MELO with ``key_position = "subject_last"``: keys at the subject, any prompt token routes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from daemon.config import MeloConfig
+from daemon.editors.melo.editor import MeloEditor
+from daemon.editors.melo.editor_base import SUBJECT_RADIUS
+from daemon.editors.melo.keys import KeyReader
+from daemon.editors.melo.routing import route_rows
+from daemon.errors import EditorStateError
+from daemon.eval.metrics import continuation_matches
+from daemon.model.generate import greedy_continuations
+from daemon.model.loading import LoadedModel, load_model
+from daemon.model.tokens import subject_last_token_index
+from tests.daemon.editors.melo.helpers import logits, spec
+
+Records = list[dict[str, Any]]
+
+
+def _subject_editor(make_editor: Any) -> MeloEditor:
+    editor: MeloEditor = make_editor(key_position="subject_last", radius=0.0)
+    return editor
+
+
+def test_a_subject_key_is_the_subject_tokens_key_and_a_missing_subject_falls_back(
+    loaded: LoadedModel,
+) -> None:
+    """``KeyReader(prompts, subjects)`` reads each prompt at its subject's last token
+    (padded or alone), at the last token where the subject is None or absent."""
+    reader = KeyReader(loaded.model, loaded.tokenizer, 1)
+    try:
+        prompts = ["Jane Roe works for the company called", "Acme"]
+        subjects: list[str | None] = ["Jane Roe", "Zed"]
+        keys = reader(prompts, subjects)
+        tokens = reader.token_keys(prompts)
+        at = subject_last_token_index(loaded.tokenizer, prompts[0], "Jane Roe")
+        np.testing.assert_allclose(keys[0], tokens[0][at], atol=1e-5)
+        np.testing.assert_allclose(keys[1], tokens[1][-1], atol=1e-5)
+        np.testing.assert_allclose(reader(prompts)[0], tokens[0][-1], atol=1e-5)
+        assert not np.allclose(keys[0], reader(prompts)[0], atol=1e-3)
+        np.testing.assert_allclose(reader(prompts[:1], ["Jane Roe"])[0], keys[0], atol=1e-5)
+        with pytest.raises(ValueError, match="subjects"):
+            reader(prompts, ["Jane Roe"])
+    finally:
+        reader.close()
+
+
+def test_subject_keys_route_unsent_rephrases_and_not_other_subjects(
+    make_editor: Any, loaded: LoadedModel, base: LoadedModel, world_edits: Records
+) -> None:
+    """Rephrases never sent to the editor route to the edit's block by its subject's key,
+    and answer the target; locality probes about other subjects stay unrouted, with the
+    base model's logits. (Probes about an edited subject's other relations may route:
+    the price of subject keys, measured in ``bench/melo_keys.py``.)"""
+    editor = _subject_editor(make_editor)
+    assert editor.key_layer < min(editor.layers) and editor.calibrate() == SUBJECT_RADIUS
+    records = world_edits[:4]
+    outcomes = editor.apply([spec(r) for r in records])
+    assert all(o.accepted for o in outcomes), outcomes
+    routed = answered = total = 0
+    for record in records:
+        block = editor.table.block_of(record["id"])
+        rephrases = list(record["rephrases"])
+        routes = editor.route_blocks(rephrases)
+        routed += sum(b == block for b in routes)
+        with editor.routing(rephrases):
+            replies = greedy_continuations(
+                loaded.model, loaded.tokenizer, rephrases, max_new_tokens=6
+            )
+        answered += sum(continuation_matches(a, record["target"]) for a in replies)
+        total += len(rephrases)
+    assert routed >= total * 3 // 4, (routed, total)  # 11 of 12 when written
+    assert answered >= total // 2, (answered, total)
+    locality = [p["prompt"] for r in records for p in r["locality"]]
+    subjects = [r["subject"] for r in records]
+    others = [p for p in locality if not any(s in p for s in subjects)]
+    assert others and editor.route_blocks(others) == [None] * len(others)
+    with editor.routing(others):
+        edited = logits(loaded, others)
+    assert torch.equal(edited, logits(base, others))
+
+
+def test_routes_decided_in_the_prefill_equal_the_routes_computed_up_front(
+    make_editor: Any, loaded: LoadedModel, world_edits: Records
+) -> None:
+    """The inline router (keys of every prompt token in the request's own prefill) gives
+    the same logits as routing each row by ``route_blocks`` up front."""
+    editor = _subject_editor(make_editor)
+    records = world_edits[:3]
+    editor.apply([spec(r) for r in records])
+    prompts = [records[0]["rephrases"][0], records[1]["locality"][0]["prompt"]]
+    prompts += [records[2]["prompt"], "Nothing to see"]
+    blocks = editor.route_blocks(prompts)
+    assert blocks[0] is not None and blocks[1] is None and blocks[2] is not None
+    with editor.routing(prompts):
+        inline = logits(loaded, prompts)
+    with route_rows(blocks):
+        up_front = logits(loaded, prompts)
+    assert torch.allclose(inline, up_front, atol=1e-5)
+
+
+def test_a_subject_keyed_state_round_trips_and_refuses_a_last_token_editor(
+    make_editor: Any, micro_world: Path, world_edits: Records, tmp_path: Path
+) -> None:
+    """The key position is part of the state's settings: a state loads only into an
+    editor that keys the same way; one saved before the setting existed is prompt_last."""
+    editor = _subject_editor(make_editor)
+    editor.apply([spec(world_edits[0])])
+    editor.save(tmp_path / "melo")
+    prompts = list(world_edits[0]["rephrases"])
+    fresh = load_model(str(micro_world), device="cpu")
+    same = MeloEditor(fresh.model, fresh.tokenizer, MeloConfig(key_position="subject_last"))
+    try:
+        same.load(tmp_path / "melo")
+        assert same.route_blocks(prompts) == editor.route_blocks(prompts)
+    finally:
+        same.close()
+    other = MeloEditor(fresh.model, fresh.tokenizer, MeloConfig(radius=0.25))
+    try:
+        with pytest.raises(EditorStateError, match="other settings"):
+            other.load(tmp_path / "melo")
+        old = other.state_dict()
+        del old["settings"]["key_position"]
+        other.load_state_dict(old)
+    finally:
+        other.close()
