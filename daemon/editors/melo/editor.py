@@ -100,6 +100,7 @@ class MeloEditor(MeloEditorBase):
                 blocks.clear_block(self.installed, block)
             for edit_id in ids:
                 del self._specs[edit_id]
+                self._subject_grams.pop(edit_id, None)
                 del self._prompt_keys[edit_id]
             log.info("melo_edits_retracted", edit_ids=ids, freed_blocks=freed, reassigned=moves)
             if moves:
@@ -278,5 +279,6 @@ class MeloEditor(MeloEditorBase):
         texts = list(subject_of)
         if self.config.key_position != "subject_last":
             return dict(zip(texts, self.keys(texts), strict=True))
+        self._remember_subjects(specs)
         subjects = [subject_of[t] for t in texts]
         return dict(zip(texts, self.keys(texts, subjects), strict=True))

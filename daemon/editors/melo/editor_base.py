@@ -40,11 +40,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from daemon.config import MeloConfig
 from daemon.editors.base import EditSpec
+from daemon.editors.hook.scope import TokenGram, subject_grams
 from daemon.editors.melo import calibration, checks
 from daemon.editors.melo import layer as blocks
 from daemon.editors.melo import state as melo_state
 from daemon.editors.melo.allocator import BlockTable
 from daemon.editors.melo.index import NeuronIndex
+from daemon.editors.melo.index_records import Route
 from daemon.editors.melo.inline import InlineRouter
 from daemon.editors.melo.key_table import KeyTable
 from daemon.editors.melo.keys import F32, KeyReader, span_keys, unit_keys
@@ -98,25 +100,19 @@ def _blocks_of(index: NeuronIndex, keys: F32) -> list[int | None]:
     return [None if r is None else r.block for r in index.query(keys)]
 
 
-def _nearest_block(index: NeuronIndex, keys: F32) -> int | None:
-    """The block of the nearest route among one prompt's token keys (None: none in reach)."""
-    routes = [r for r in index.query(keys) if r is not None]
-    return min(routes, key=lambda r: r.distance).block if routes else None
-
-
 def _last_token_lookup(
-    index: NeuronIndex, hidden: torch.Tensor, _starts: torch.Tensor, ends: torch.Tensor
+    index: NeuronIndex,
+    hidden: torch.Tensor,
+    _ids: torch.Tensor,
+    _starts: torch.Tensor,
+    ends: torch.Tensor,
 ) -> list[int | None]:
     return _blocks_of(index, unit_keys(hidden, ends))
 
 
-def _any_token_lookup(
-    index: NeuronIndex, hidden: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor
-) -> list[int | None]:
-    return [
-        _nearest_block(index, span_keys(hidden[row], int(start), int(end)))
-        for row, (start, end) in enumerate(zip(starts.tolist(), ends.tolist(), strict=True))
-    ]
+def _ends_with(ids: Sequence[int], pos: int, grams: frozenset[TokenGram]) -> bool:
+    """Whether one of ``grams`` ends at ``ids[pos]``."""
+    return any(len(g) <= pos + 1 and tuple(ids[pos + 1 - len(g) : pos + 1]) == g for g in grams)
 
 
 class MeloEditorBase:
@@ -161,6 +157,7 @@ class MeloEditorBase:
         self.index: NeuronIndex | None = None
         self._specs: dict[str, EditSpec] = {}  # applied edits, in applied order
         self._prompt_keys = KeyTable(self.keys.dim)  # edit id -> key of its prompt (d,)
+        self._subject_grams: dict[str, frozenset[TokenGram]] = {}  # subject_last routing
         self._write_lock = threading.RLock()
         log.info(
             "melo_editor_ready",
@@ -186,9 +183,43 @@ class MeloEditorBase:
             self.model,
             self.tokenizer,
             self.key_layer,
-            lookup=_any_token_lookup if by_subject else _last_token_lookup,
+            lookup=self._subject_lookup if by_subject else _last_token_lookup,
             up_front=self._route_blocks,
         )
+
+    def _subject_lookup(
+        self,
+        index: NeuronIndex,
+        hidden: torch.Tensor,
+        ids: torch.Tensor,
+        starts: torch.Tensor,
+        ends: torch.Tensor,
+    ) -> list[int | None]:
+        spans = zip(starts.tolist(), ends.tolist(), strict=True)
+        return [
+            self._subject_route(index, span_keys(hidden[row], s, e), ids[row, s : e + 1].tolist())
+            for row, (s, e) in enumerate(spans)
+        ]
+
+    def _subject_route(self, index: NeuronIndex, keys: F32, ids: Sequence[int]) -> int | None:
+        """One prompt's block by subject keys: among its tokens whose key is within reach
+        of a stored key, the nearest one at which that edit's subject ends (its token
+        n-grams, ``subject_grams``); None when no such token."""
+        best: Route | None = None
+        for pos, route in enumerate(index.query(keys)):
+            if route is None or (best is not None and route.distance >= best.distance):
+                continue
+            edits = self.table.edits_in(route.block)
+            if any(_ends_with(ids, pos, self._subject_grams.get(e, frozenset())) for e in edits):
+                best = route
+        return None if best is None else best.block
+
+    def _remember_subjects(self, specs: Sequence[EditSpec]) -> None:
+        """The token n-grams that name each spec's subject (its prompt, if it has none)."""
+        for spec in specs:
+            self._subject_grams[spec.edit_id] = subject_grams(
+                self.tokenizer, spec.subject or spec.prompt, spec.prompt
+            )
 
     # --- serving ------------------------------------------------------------------------
 
@@ -216,7 +247,9 @@ class MeloEditorBase:
         if index is None or index.key_count == 0:
             return [None] * len(prompts)
         if self.config.key_position == "subject_last":
-            return [_nearest_block(index, keys) for keys in self.keys.token_keys(prompts)]
+            rows: list[list[int]] = self.tokenizer(list(prompts))["input_ids"]
+            keys = self.keys.token_keys(prompts)
+            return [self._subject_route(index, k, r) for k, r in zip(keys, rows, strict=True)]
         return _blocks_of(index, self.keys(prompts))
 
     # --- radius -------------------------------------------------------------------------
@@ -330,6 +363,8 @@ class MeloEditorBase:
                 blocks.load_block_state(self.installed, block, tensors)
             self.table, self.index = parsed.table, parsed.index
             self._specs = {s.edit_id: s for s in parsed.specs}
+            self._subject_grams = {}
+            self._remember_subjects(parsed.specs)
             self._prompt_keys = KeyTable(self.keys.dim)
             for edit_id, key in zip(self._specs, parsed.prompt_keys, strict=True):
                 self._prompt_keys[edit_id] = key

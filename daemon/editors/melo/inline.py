@@ -41,9 +41,12 @@ from daemon.editors.melo.routing import PendingRoutes, pending_routes, route_lat
 from daemon.model import arch
 from daemon.model.kv_cache import is_prefill
 
-Lookup = Callable[[NeuronIndex, torch.Tensor, torch.Tensor, torch.Tensor], list[int | None]]
-"""``(index, hidden [B, T, d], starts [B], ends [B])`` -> each row's block: the key
-layer's output and where each row's prompt starts and ends in it (inclusive)."""
+Lookup = Callable[
+    [NeuronIndex, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], list[int | None]
+]
+"""``(index, hidden [B, T, d], input_ids [B, T], starts [B], ends [B])`` -> each row's
+block: the key layer's output, the tokens, and where each row's prompt starts and ends
+in them (inclusive)."""
 UpFront = Callable[[NeuronIndex, Sequence[str]], list[int | None]]
 
 
@@ -104,10 +107,16 @@ class InlineRouter:
             pending.resolve()  # up front, as before: this batch's layout is not the keys'
         else:
             pending.key_starts, pending.key_positions = spans
+            pending.key_ids = kwargs.get("input_ids", args[0] if args else None)
 
     def _decide(self, _module: nn.Module, _inputs: Any, output: Any) -> None:
         pending = self._mine()
-        if pending is None or pending.key_positions is None or pending.key_starts is None:
+        if (
+            pending is None
+            or pending.key_positions is None
+            or pending.key_starts is None
+            or pending.key_ids is None
+        ):
             return
         hidden = output[0] if isinstance(output, tuple) else output  # [B, T, d]
         device = hidden.device
@@ -115,6 +124,7 @@ class InlineRouter:
             self._lookup(
                 pending.index,
                 hidden.detach(),
+                pending.key_ids,
                 pending.key_starts.to(device),
                 pending.key_positions.to(device),
             )

@@ -5,7 +5,8 @@ LAST REAL token (never from prompt + target, never at a pad), divided by its L2
 norm. With ``key_position = "subject_last"`` an edit's key is read at the last
 token of its subject instead (``KeyReader(prompts, subjects)``), and a request is
 looked up by the keys of ALL its prompt tokens (``token_keys``, ``span_keys``):
-the nearest stored key within reach routes it, wherever the subject sits.
+the nearest stored key within reach, at a token where that edit's subject (its
+token n-grams) ends, routes it, wherever the subject sits in the request.
 
 :class:`KeyReader` computes the keys that go into the neuron index at
 edit time; a request's keys are read by :func:`unit_keys` from the same layer of

@@ -54,6 +54,8 @@ class PendingRoutes:
         self.key_positions: torch.Tensor | None = None
         # [B] index of each row's first prompt token in the first forward (set when armed)
         self.key_starts: torch.Tensor | None = None
+        # [B, T] the first forward's input ids (set when armed)
+        self.key_ids: torch.Tensor | None = None
         self._fallback = fallback
 
     def decide(self, blocks: Sequence[int | None]) -> RowRoutes:

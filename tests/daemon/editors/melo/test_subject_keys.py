@@ -131,3 +131,31 @@ def test_a_subject_keyed_state_round_trips_and_refuses_a_last_token_editor(
         other.load_state_dict(old)
     finally:
         other.close()
+
+
+def test_a_token_near_a_subject_key_routes_only_where_the_subject_itself_ends(
+    make_editor: Any, loaded: LoadedModel, world_edits: Records
+) -> None:
+    """Another name that shares the subject's last token can put a key within reach of
+    the subject's (on SmolLM2, "Bantry Bay" reached "Prydz Bay"); the route needs the
+    edit's subject n-gram to end at that token, so such a prompt stays unrouted. (A wide
+    radius here: on the two-layer micro world the impostor's key is farther.)"""
+    editor: MeloEditor = make_editor(key_position="subject_last", radius=1.2)
+    record = world_edits[0]
+    assert editor.apply([spec(record)])[0].accepted
+    first, last = record["subject"].split(" ", 1)
+    impostor = record["prompt"].replace(record["subject"], f"Qa {last}")
+    assert first not in impostor
+    keys = editor.keys.token_keys([impostor])[0]
+    assert editor.index is not None
+    near = [r for r in editor.index.query(keys) if r is not None]
+    assert near, "the shared last token should lie within reach of the subject key"
+    assert editor.route_blocks([impostor, record["prompt"]]) == [
+        None,
+        editor.table.block_of(record["id"]),
+    ]
+    with editor.routing([impostor]):
+        routed = logits(loaded, [impostor])
+    with route_rows([None]):
+        plain = logits(loaded, [impostor])
+    assert torch.equal(routed, plain)
