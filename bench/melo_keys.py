@@ -11,7 +11,10 @@ and after training each record's block:
    nearest edit prompt, and how often a rephrase's nearest edit prompt is its own.
 2. **Subject keys**: the residual at the subject's last token (found in the rephrase by
    the subject's token n-grams, as the hook's subject gate finds it): how often the
-   subject is found, and the cosine to the edit prompt's subject key.
+   subject is found, the cosine to the edit prompt's subject key, the cosine of each
+   edit's subject key to the nearest OTHER edit's, and how often a rephrase's nearest
+   subject key is its own edit's. Sections 1-2 run at MELO's prompt_last key layer and
+   at its subject_last key layer (a third of the way up).
 3. **Can any last-token threshold tell a rephrase from another relation of the same
    subject?** Cosines of rephrases against those of held-out same-subject prompts with
    other relations (``OTHER_RELATIONS``), at several layers up to the key layer.
@@ -20,6 +23,10 @@ and after training each record's block:
    sent to that block. Paraphrase = the rephrase's greedy continuation starts with the
    new target; bleed = share of other-relation prompts whose 3-token greedy
    continuation changes.
+
+5. **The hook, for comparison** (``--config`` given): the same records applied by the
+   hook editor as the daemon builds it (batches of 10), then the same rephrases and
+   other-relation prompts under its routing.
 
 Prints a table and writes ``<results>/melo-keys-<model>.json``.
 
@@ -92,22 +99,26 @@ def key_geometry(
 ) -> dict[str, Any]:
     """Sections 1 and 2 at ``layer``."""
     tok = loaded.tokenizer
-    last_k, last_p, last_n, subj_cos = [], [], [], []
-    found = 0
+    last_k, last_p, last_n, subj_k, subj_p = [], [], [], [], []
     for r in records:
         grams = subject_grams(tok, r["subject"], r["prompt"])
         row, h = unit_states(loaded, r["prompt"], layer)
         last_k.append(h[-1])
         end = subject_end(row, grams)
-        subject_key = h[end if end is not None else -1]
+        subj_k.append(h[end if end is not None else -1])
         row, h = unit_states(loaded, r["rephrase_prompt"], layer)
         last_p.append(h[-1])
         end = subject_end(row, grams)
-        if end is not None:
-            found += 1
-            subj_cos.append(float(h[end] @ subject_key))
+        subj_p.append(h[end] if end is not None else None)
         last_n.append(unit_states(loaded, r["locality_prompt"], layer)[1][-1])
     keys, para, neigh = torch.stack(last_k), torch.stack(last_p), torch.stack(last_n)
+    subject_keys = torch.stack(subj_k)
+    found = [i for i, k in enumerate(subj_p) if k is not None]
+    subject_para = torch.stack([k for k in subj_p if k is not None])
+    subj_cos = (subject_para * subject_keys[found]).sum(1)
+    others = subject_keys @ subject_keys.T
+    others.fill_diagonal_(-1.0)
+    subject_nearest_own = (subject_para @ subject_keys.T).argmax(1) == torch.tensor(found)
     sim = para @ keys.T
     own = sim.diagonal()
     nearest_own = sim.argmax(1) == torch.arange(len(records))
@@ -124,8 +135,10 @@ def key_geometry(
             }
             for t in THRESHOLDS
         },
-        "subject_found_in_rephrase": found / len(records),
-        "rephrase_subject_key_cos": quantiles(torch.tensor(subj_cos)),
+        "subject_found_in_rephrase": len(found) / len(records),
+        "rephrase_subject_key_cos": quantiles(subj_cos),
+        "nearest_other_subject_key_cos": quantiles(others.max(1).values),
+        "rephrase_subject_key_nearest_is_own": float(subject_nearest_own.float().mean()),
     }
 
 
@@ -191,44 +204,94 @@ def forced_routing(loaded: LoadedModel, records: Sequence[dict[str, Any]]) -> di
         editor.close()
 
 
+def hook_comparison(
+    loaded: LoadedModel, records: Sequence[dict[str, Any]], config: Path
+) -> dict[str, Any]:
+    """Section 5: the hook editor on the same records, batches of 10."""
+    from daemon.config import load_config
+    from daemon.editors.hook.setup import build_hook_editor
+
+    model, tok = loaded.model, loaded.tokenizer
+    others = [t.format(r["subject"]) for r in records for t in OTHER_RELATIONS]
+    base = greedy_continuations(model, tok, others, max_new_tokens=3)
+    editor = build_hook_editor(loaded, load_config(config))
+    specs = [
+        EditSpec(f"e{i}", r["prompt"], r["target_new"], subject=r["subject"])
+        for i, r in enumerate(records)
+    ]
+    applied = {
+        o.edit_id
+        for s in range(0, len(specs), 10)
+        for o in editor.apply(specs[s : s + 10])
+        if o.accepted
+    }
+    with editor.routing(others):
+        after = greedy_continuations(model, tok, others, max_new_tokens=3)
+    rephrases = [r["rephrase_prompt"] for r in records]
+    with editor.routing(rephrases):
+        replies = greedy_continuations(model, tok, rephrases, max_new_tokens=5)
+    k = len(OTHER_RELATIONS)
+    kept = [i for i, s in enumerate(specs) if s.edit_id in applied]
+    changed = sum(base[i * k + j] != after[i * k + j] for i in kept for j in range(k))
+    hits = sum(
+        continuation_matches(replies[i], " " + records[i]["target_new"].strip()) for i in kept
+    )
+    return {
+        "applied": len(kept),
+        "rephrase_target_first": hits / max(len(kept), 1),
+        "other_relation_changed": changed / max(len(kept) * k, 1),
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="model folder")
     p.add_argument("--n", type=int, default=200, help="CounterFact records 0..N-1")
     p.add_argument("--forced", type=int, default=30, help="records trained for section 4")
     p.add_argument("--counterfact", type=Path, default=COUNTERFACT)
+    p.add_argument("--config", type=Path, help="editd config: also run the hook (section 5)")
     p.add_argument("--results", type=Path, default=REPO / "bench" / "results")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     loaded = load_model(args.model, device="cpu", dtype="float32")
     records = json.loads(args.counterfact.read_text())[: args.n]
     key_layer = arch.default_key_layer(loaded.model)
+    subject_layer = min(arch.num_layers(loaded.model) // 3, key_layer)  # subject_last's
     layers = sorted({max(0, key_layer // 4), key_layer // 2, key_layer})
-    geometry = key_geometry(loaded, records, key_layer)
+    geometry = [key_geometry(loaded, records, k) for k in sorted({subject_layer, key_layer})]
     separation = [relation_separation(loaded, records[: max(1, args.n // 4)], k) for k in layers]
     forced = forced_routing(loaded, records[: args.forced])
+    hook = None
+    if args.config is not None:
+        fresh = load_model(args.model, device="cpu", dtype="float32")
+        hook = hook_comparison(fresh, records[: args.forced], args.config)
     result = {
         "model": Path(args.model).name,
         "n": args.n,
         "key_layer": key_layer,
+        "subject_key_layer": subject_layer,
         "geometry": geometry,
         "separation": separation,
         "forced": forced,
+        "hook": hook,
     }
     args.results.mkdir(parents=True, exist_ok=True)
     out = args.results / f"melo-keys-{Path(args.model).name}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
-    g = geometry
-    print(f"key layer {key_layer}, records 0..{args.n - 1}")
-    print("| threshold | rephrase routed to own (last token) | neighbour routed |")
-    print("|---|---|---|")
-    for t, row in g["by_threshold"].items():
-        print(f"| {t} | {row['rephrase_routed_own']:.3f} | {row['neighbour_routed']:.3f} |")
-    print(
-        f"rephrase nearest is own {g['rephrase_nearest_is_own']:.3f}; subject found in "
-        f"rephrase {g['subject_found_in_rephrase']:.3f}, subject-key cosine quantiles "
-        f"{g['rephrase_subject_key_cos']}"
-    )
+    print(f"records 0..{args.n - 1}; prompt_last key layer {key_layer}")
+    for g in geometry:
+        print(f"layer {g['layer']}")
+        print("| threshold | rephrase routed to own (last token) | neighbour routed |")
+        print("|---|---|---|")
+        for t, row in g["by_threshold"].items():
+            print(f"| {t} | {row['rephrase_routed_own']:.3f} | {row['neighbour_routed']:.3f} |")
+        print(
+            f"last token: rephrase nearest is own {g['rephrase_nearest_is_own']:.3f}; subject "
+            f"found in rephrase {g['subject_found_in_rephrase']:.3f}; subject key: rephrase "
+            f"cos {g['rephrase_subject_key_cos']}, nearest other subject "
+            f"{g['nearest_other_subject_key_cos']}, rephrase nearest is own "
+            f"{g['rephrase_subject_key_nearest_is_own']:.3f}"
+        )
     print("| layer | rephrase cos (q10/25/50/75/90) | same subject, other relation | ")
     print("|---|---|---|")
     for s in separation:
@@ -238,6 +301,12 @@ def main(argv: list[str] | None = None) -> None:
         f"{forced['rephrase_target_first']:.3f}; other relations of the subject changed "
         f"{forced['other_relation_changed']:.3f}"
     )
+    if hook is not None:
+        print(
+            f"hook, {hook['applied']} edits: rephrase answers the target "
+            f"{hook['rephrase_target_first']:.3f}; other relations of the subject changed "
+            f"{hook['other_relation_changed']:.3f}"
+        )
     print(f"wrote {out}")
 
 
