@@ -66,10 +66,10 @@ of 73% (paraphrase 0.59 -> 0.80 at the same radius) for ~0.02 s more per edit.""
 _CONFIG_KEY = "editors.melo"
 SUBJECT_RADIUS = 0.5
 """The routing radius with ``key_position = "subject_last"`` and ``radius = 0`` (L2
-between unit keys: cosine >= 0.875). SmolLM2-135M, CounterFact 0-299, keys at block 9
-of 30 (``bench/melo_keys.py``): a rephrase's subject key lies at cosine >= 0.90 of the
-edit prompt's in 90% of records (median 0.98); the nearest OTHER record's subject key
-at cosine <= 0.84 in 90% (median 0.78)."""
+between unit keys: cosine >= 0.875). SmolLM2-135M, CounterFact 0-299, keys at block 10
+of 30, the default key layer (``bench/melo_keys.py``): a rephrase's subject key lies at
+cosine >= 0.907 of the edit prompt's in 90% of records (median 0.978); the nearest OTHER
+record's subject key at cosine <= 0.868 in 90% (median 0.802)."""
 
 
 def resolve_layers(model: PreTrainedModel, config: MeloConfig) -> tuple[tuple[int, ...], int]:
