@@ -13,9 +13,18 @@ tokens/s); one forward of 32 prompts. Routing alone: MELO's index search per que
 live index, and synthetic indexes of N random keys for every size, also past the edit
 file) and the hook gate's ``route`` per token position. A sanity check reads the outputs;
 at the largest size, routing quality (``bench/routing_quality.py``). The hook runs at
-layers 2-3 with prompt-last keys, statistics cached under ``<--stats-home>/stats/``.
+layers 2-3 with prompt-last keys on a fact world, statistics cached under
+``<--stats-home>/stats/``.
+
+On a real model (a folder without ``world.json``) the edits come from a benchmark file
+(CounterFact, zsRE, ..., converted as ``editd eval`` converts it), the probes are the
+shipped common-facts prompts, and both editors keep the configuration's own settings
+(the hook's layers from its locate cache, MELO's key position):
 
     .venv/bin/python -m bench.inference --editor both --sizes 0,100,1000,10000
+    .venv/bin/python -m bench.inference --editor melo --sizes 0,1000 \
+        --model var/models/smollm2-135m-instruct --config var/smol.toml \
+        --edits ../shared/data/counterfact/counterfact-edit.json
 
 Writes ``bench/results/inference-<editor>-<sizes joined by _>-<model>.json``.
 """
@@ -41,10 +50,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from bench import plots
 from bench import routing_quality as rq
+from daemon.commonfacts import probe_prompts as common_probe_prompts
 from daemon.config import Config, load_config
 from daemon.drift.probes import left_padded, null_routing, probes_from_world
 from daemon.editors.base import EditSpec
 from daemon.editors.registry import make_editor
+from daemon.eval.loaders import convert
 from daemon.eval.metrics import continuation_matches
 from daemon.log import configure_logging
 from daemon.model.batches import left_padded_position_ids
@@ -66,13 +77,35 @@ Routing = Callable[[Sequence[str]], AbstractContextManager[None]]
 # --- setup ------------------------------------------------------------------------------
 
 
-def editor_config(config_path: Path, stats_home: Path) -> Config:
-    """``config_path`` with the hook at layers 2-3, prompt-last keys; store under ``stats_home``."""
+def is_world(model: Path) -> bool:
+    """A fact world (its facts known exactly) rather than a real model's folder."""
+    return (model / "world.json").is_file()
+
+
+def editor_config(config_path: Path, stats_home: Path, world: bool) -> Config:
+    """``config_path`` with its store under ``stats_home``; on a fact world, the hook at
+    layers 2-3 with prompt-last keys."""
     cfg = load_config(config_path)
-    hook = dataclasses.replace(cfg.editors.hook, layers=HOOK_LAYERS, key_position="prompt_last")
-    editors = dataclasses.replace(cfg.editors, hook=hook)
+    if world:
+        hook = dataclasses.replace(cfg.editors.hook, layers=HOOK_LAYERS, key_position="prompt_last")
+        cfg = dataclasses.replace(cfg, editors=dataclasses.replace(cfg.editors, hook=hook))
     store = dataclasses.replace(cfg.store, path=stats_home / "editd.sqlite3")
-    return dataclasses.replace(cfg, editors=editors, store=store)
+    return dataclasses.replace(cfg, store=store)
+
+
+def edit_records(path: Path, fmt: str, limit: int) -> list[dict[str, Any]]:
+    """The edit stream: a world's JSONL as is, or a benchmark file converted to requests."""
+    if fmt == "jsonl" or (fmt == "auto" and path.suffix == ".jsonl"):
+        return read_jsonl(path)
+    conversion = convert(path, fmt, limit=limit)
+    return list(conversion.requests)
+
+
+def probe_prompts_for(model: Path) -> list[str]:
+    """A world's drift probes, or the shipped common-facts prompts for a real model."""
+    if is_world(model):
+        return [p.prompt for p in probes_from_world(str(model))]
+    return list(dict.fromkeys(common_probe_prompts()))
 
 
 def load(cfg: Config, model: str) -> LoadedModel:
@@ -285,8 +318,8 @@ def sanity(
 def run_editor(
     name: str, args: argparse.Namespace, cfg: Config, base: LoadedModel
 ) -> dict[str, Any]:
-    records = read_jsonl(args.edits)
-    probes = [p.prompt for p in probes_from_world(str(args.model))]
+    records = edit_records(args.edits, args.format, max(args.sizes))
+    probes = probe_prompts_for(args.model)
     edited = load(cfg, str(args.model))
     print(f"[{name}] building the editor ...", flush=True)
     t0 = time.perf_counter()
@@ -361,6 +394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
     parser.add_argument("--model", type=Path, default=Path("var/worlds/small-llama"))
     parser.add_argument("--edits", type=Path, default=Path("var/evals/world-cf-1000.jsonl"))
+    parser.add_argument("--format", default="auto", help="jsonl, or a benchmark format")
     parser.add_argument("--sizes", type=_sizes, default=[0, 100, 1000])
     parser.add_argument("--n", type=int, help="one size (as --sizes N)")
     parser.add_argument("--editor", choices=("hook", "melo", "both"), default="both")
@@ -378,7 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.n is not None:
         args.sizes = [args.n]
     configure_logging("warning", "console")
-    cfg = editor_config(args.config, args.stats_home)
+    cfg = editor_config(args.config, args.stats_home, is_world(args.model))
     torch.set_num_threads(cfg.model.threads or 1)
     base = load(cfg, str(args.model))
     results = []

@@ -67,7 +67,8 @@ def bench_config(
         "model": {"name_or_path": str(model), "threads": 1},
         "store": {"path": str(work / "editd.sqlite3")},
         "router": {"backends": list(backends)},
-        "editors": {"melo": {"max_blocks": 2048}, "hook": hook},
+        # prompt-last MELO keys, as the hook's: the fact world's edits share subjects
+        "editors": {"melo": {"max_blocks": 2048, "key_position": "prompt_last"}, "hook": hook},
         "worker": {"batch_size": batch_size, "max_wait_s": 0.05, "poll_interval_s": 0.05},
         "scheduler": {"enabled": False},
         "checkpoints": {"dir": str(work / "checkpoints"), "every_edits": NEVER},

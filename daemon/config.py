@@ -137,7 +137,7 @@ class MeloConfig:
     max_target_tokens: int = 16
     exact_index_max: int = 10000
     seed: int = 0
-    key_position: Literal["prompt_last", "subject_last"] = "prompt_last"
+    key_position: Literal["prompt_last", "subject_last"] = "subject_last"
 
     def __post_init__(self) -> None:
         _positive(self, "rank_per_block", "edits_per_block", "max_blocks", "learning_rate")

@@ -124,9 +124,11 @@ def dispatch(
     specs = {item.spec.edit_id: item.spec for item in items}
     waiting: dict[Backend, list[str]] = {b: [] for b in BACKEND_ORDER}
     available = engine.backends
+    melo = engine.editors.get(Backend.MELO)
+    by_subject = melo is not None and melo.reads_subjects
     for item in items:
         edit_id = item.spec.edit_id
-        chosen = route(item.request, router, engine.loaded.tokenizer, available)
+        chosen = route(item.request, router, engine.loaded.tokenizer, available, by_subject)
         result.routes[edit_id] = chosen
         if chosen.backend not in available:
             result.failed[edit_id] = f"back-end '{chosen.backend.value}' is not enabled"

@@ -57,6 +57,12 @@ class Editor(Protocol):
 
     name: str
 
+    @property
+    def reads_subjects(self) -> bool:
+        """Whether an edit acts on any prompt that names its subject, not only on prompts
+        worded like the edit's own (the router sends facts by it)."""
+        ...
+
     def apply(self, edits: Sequence[EditSpec]) -> list[EditOutcome]:
         """Apply a batch; one outcome per edit, in order. Refused edits leave no trace."""
         ...

@@ -76,6 +76,7 @@ class FtEditor:
     """Fine-tunes one projection weight per batch; keeps the batches for replay."""
 
     name = "ft"
+    reads_subjects = True  # one weight update for every input: subject-naming ones too
 
     def __init__(
         self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: FtConfig

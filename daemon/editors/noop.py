@@ -20,6 +20,7 @@ class NoopEditor:
     """Records edit ids; the model is never touched."""
 
     name = "noop"
+    reads_subjects = False
 
     def __init__(self) -> None:
         self._applied: list[str] = []

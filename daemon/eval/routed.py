@@ -63,6 +63,11 @@ class RoutedEditor:
 
     name = "auto"
 
+    @property
+    def reads_subjects(self) -> bool:
+        """Whether the back-end that takes facts reads its keys at the subject."""
+        return any(e.reads_subjects for e in self.engine.editors.values())
+
     def __init__(self, engine: Engine, router: RouterConfig, *, verify: bool) -> None:
         self.engine = engine
         self.router = router

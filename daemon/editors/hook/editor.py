@@ -103,6 +103,11 @@ class HookEditor:
 
     name = "hook"
 
+    @property
+    def reads_subjects(self) -> bool:
+        """Keys at the subject's last token: the gate opens wherever the subject is named."""
+        return self.settings.key_position == "subject_last"
+
     def __init__(
         self,
         model: PreTrainedModel,

@@ -120,6 +120,11 @@ class MeloEditorBase:
 
     name = "melo"
 
+    @property
+    def reads_subjects(self) -> bool:
+        """Subject keys: any prompt token where an edit's subject ends routes to its block."""
+        return self.config.key_position == "subject_last"
+
     def __init__(
         self,
         model: PreTrainedModel,

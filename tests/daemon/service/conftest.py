@@ -28,7 +28,10 @@ def write_config(folder: Path, model: Path, **sections: dict[str, Any]) -> Path:
         "store": {"path": str(folder / "var" / "editd.sqlite3")},
         "checkpoints": {"dir": str(folder / "var" / "checkpoints"), "every_edits": 1000},
         "editors.hook": {"layers": [1], "key_position": "prompt_last", "covariance_tokens": 20000},
-        "editors.melo": {"max_blocks": 256},
+        # The micro world's settings for both back-ends: its facts are templates over few
+        # subjects, and its drift probes ask the edited subjects' other relations, which
+        # subject keys route (see daemon/router.py); the default is covered on SmolLM2.
+        "editors.melo": {"max_blocks": 256, "key_position": "prompt_last"},
         "worker": {"batch_size": 4, "max_wait_s": 0.2, "poll_interval_s": 0.05},
         "drift": {"enabled": False},
         "log": {"level": "info", "format": "json"},

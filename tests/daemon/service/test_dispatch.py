@@ -25,8 +25,15 @@ from store.schema import Backend
 class Scripted:
     """Accepts every edit except ``refuse``; ``crash`` makes ``apply`` raise."""
 
-    def __init__(self, name: str, refuse: Sequence[str] = (), crash: bool = False) -> None:
+    def __init__(
+        self,
+        name: str,
+        refuse: Sequence[str] = (),
+        crash: bool = False,
+        reads_subjects: bool = False,
+    ) -> None:
         self.name = name
+        self.reads_subjects = reads_subjects
         self.refuse = set(refuse)
         self.crash = crash
         self.held: list[str] = []
@@ -104,6 +111,15 @@ def test_routes_per_edit_and_escalates_a_refused_hook_edit_once(loaded: LoadedMo
         (Backend.MELO, ["b", "c"], {}),
     ]
     assert hook.held == ["a"] and melo.held == ["c", "b"]
+
+
+def test_melo_with_subject_keys_takes_every_auto_edit(loaded: LoadedModel) -> None:
+    """The engine's MELO editor says it reads subjects: the facts go there, not to the hook."""
+    hook, melo = Scripted("hook"), Scripted("melo", reads_subjects=True)
+    result = dispatch(_engine(loaded, hook=hook, melo=melo), _items(), RouterConfig(), verify=False)
+    assert result.applied == {"a": Backend.MELO, "b": Backend.MELO, "c": Backend.MELO}
+    assert hook.calls == [] and melo.calls == [["a", "b", "c"]]
+    assert "MELO keys at the subject" in result.routes["a"].reason
 
 
 def test_failed_verification_is_retracted_and_fails_after_escalation(

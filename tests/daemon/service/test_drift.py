@@ -31,6 +31,7 @@ class DamagingEditor:
     def __init__(self, inner: Editor, model: torch.nn.Module, damaging: set[str]) -> None:
         self.inner = inner
         self.name = inner.name
+        self.reads_subjects = inner.reads_subjects
         self.model = model
         self.damaging = damaging
         self.noisy: list[str] = []

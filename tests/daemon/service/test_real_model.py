@@ -27,7 +27,7 @@ def _edits(shared_dir: Path) -> list[dict[str, Any]]:
             "prompt": r["prompt"],
             "target": " " + r["target_new"],
             "subject": r["subject"],
-            "backend": "hook" if k < 2 else "melo",
+            "backend": "hook" if k < 2 else "auto",  # auto: MELO, its keys at the subject
         }
         for k, r in enumerate(chosen)
     ]
@@ -65,6 +65,7 @@ def test_smollm2_edits_verify_serve_retract_and_checkpoint(
     assert daemon.wait_settled(ids) == dict.fromkeys(ids, "applied")
     records = {i: daemon.edit(i) for i in ids}
     assert [records[i]["backend"] for i in ids] == ["hook", "hook", "melo", "melo"]
+    assert "MELO keys at the subject" in json.dumps(records[ids[2]]["result"])
     assert all(records[i]["result"]["verification"]["passed"] for i in ids)
     after = daemon.complete(prompts, max_tokens=4)
     for edit, answer in zip(edits, after, strict=True):

@@ -36,12 +36,17 @@ def loaded(micro_world: Path) -> LoadedModel:
 
 @pytest.fixture
 def make_editor(loaded: LoadedModel) -> Iterator[Any]:
-    """Build MeloEditors on ``loaded``; each is closed (LoRA removed) after the test."""
+    """Build MeloEditors on ``loaded``; each is closed (LoRA removed) after the test.
+
+    Prompt-last keys unless a test asks otherwise: these tests pin that mode's exact
+    routing (``test_subject_keys`` covers the default, subject keys)."""
     made: list[MeloEditor] = []
 
     def build(**config: Any) -> MeloEditor:
         editor = MeloEditor(
-            loaded.model, loaded.tokenizer, MeloConfig(**{"radius": RADIUS, **config})
+            loaded.model,
+            loaded.tokenizer,
+            MeloConfig(**{"radius": RADIUS, "key_position": "prompt_last", **config}),
         )
         made.append(editor)
         return editor

@@ -239,7 +239,9 @@ def test_state_round_trips_through_files_and_state_dict_bit_identically(
     editor.save(tmp_path / "melo")
     for via_files in (True, False):
         fresh = load_model(str(micro_world), device="cpu")
-        other = MeloEditor(fresh.model, fresh.tokenizer, MeloConfig(radius=RADIUS))
+        other = MeloEditor(
+            fresh.model, fresh.tokenizer, MeloConfig(radius=RADIUS, key_position="prompt_last")
+        )
         try:
             if via_files:
                 other.load(tmp_path / "melo")
@@ -293,7 +295,9 @@ def test_calibrated_radius_routes_edits_and_spares_locality(
     loaded: LoadedModel, world_edits: Records
 ) -> None:
     """radius = 0 calibrates once at the first apply; edits verify, most probes stay unrouted."""
-    editor = MeloEditor(loaded.model, loaded.tokenizer, MeloConfig(radius=0.0, seed=3))
+    editor = MeloEditor(
+        loaded.model, loaded.tokenizer, MeloConfig(radius=0.0, seed=3, key_position="prompt_last")
+    )
     try:
         records = world_edits[:4]
         with capture_logs() as logs:
@@ -314,7 +318,9 @@ def test_close_restores_the_base_model(
     loaded: LoadedModel, base: LoadedModel, world_edits: Records
 ) -> None:
     """After close() the model has no LoRA wrappers and answers exactly as the base."""
-    editor = MeloEditor(loaded.model, loaded.tokenizer, MeloConfig(radius=RADIUS))
+    editor = MeloEditor(
+        loaded.model, loaded.tokenizer, MeloConfig(radius=RADIUS, key_position="prompt_last")
+    )
     editor.apply([spec(world_edits[0])])
     editor.close()
     prompt = [world_edits[0]["prompt"]]
@@ -338,7 +344,7 @@ def test_a_state_loads_under_another_max_blocks_when_its_blocks_fit(
     state = source.state_dict()
     for max_blocks in (100_000, 2):
         fresh = load_model(str(micro_world), device="cpu")
-        config = MeloConfig(radius=RADIUS, max_blocks=max_blocks)
+        config = MeloConfig(radius=RADIUS, max_blocks=max_blocks, key_position="prompt_last")
         other = MeloEditor(fresh.model, fresh.tokenizer, config)
         try:
             if max_blocks == 2:  # blocks 0..2 do not fit: a clear refusal

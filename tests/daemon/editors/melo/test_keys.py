@@ -78,7 +78,9 @@ def test_keys_do_not_depend_on_edits_or_outer_routes(
     loaded: LoadedModel, world_edits: list[dict[str, object]]
 ) -> None:
     """Keys are computed on the base model: the same before and after edits, in any context."""
-    editor = MeloEditor(loaded.model, loaded.tokenizer, MeloConfig(radius=RADIUS))
+    editor = MeloEditor(
+        loaded.model, loaded.tokenizer, MeloConfig(radius=RADIUS, key_position="prompt_last")
+    )
     try:
         prompts = [str(r["prompt"]) for r in world_edits[:2]]
         before = editor.keys(prompts)

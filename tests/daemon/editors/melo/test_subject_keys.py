@@ -122,7 +122,9 @@ def test_a_subject_keyed_state_round_trips_and_refuses_a_last_token_editor(
         assert same.route_blocks(prompts) == editor.route_blocks(prompts)
     finally:
         same.close()
-    other = MeloEditor(fresh.model, fresh.tokenizer, MeloConfig(radius=0.25))
+    other = MeloEditor(
+        fresh.model, fresh.tokenizer, MeloConfig(radius=0.25, key_position="prompt_last")
+    )
     try:
         with pytest.raises(EditorStateError, match="other settings"):
             other.load(tmp_path / "melo")
