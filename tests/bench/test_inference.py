@@ -45,3 +45,27 @@ def test_sizes_time_each_size_against_the_base_model(
     assert synthetic[50]["keys"] == 50 and synthetic[50]["us_single_query"] > 0
     assert result["routing_quality"]["edits_checked"] == 6
     assert "| melo | 6 |" in capsys.readouterr().out
+
+
+def test_a_real_model_gets_benchmark_edits_common_probes_and_its_own_editor_settings(
+    micro_world: Path, shared_dir: Path, tmp_path: Path
+) -> None:
+    """A folder without ``world.json``: CounterFact converted as ``editd eval`` does, the
+    shipped common-facts probes, and the config's hook settings (not the world's)."""
+    real = tmp_path / "real"
+    real.mkdir()
+    records = inference.edit_records(
+        shared_dir / "data/counterfact/counterfact-edit.json", "counterfact", 5
+    )
+    assert len(records) == 5 and records[0]["id"] == "counterfact-0"
+    assert records[0]["subject"] in records[0]["prompt"] and records[0]["locality"]
+    probes = inference.probe_prompts_for(real)
+    assert len(probes) > 100 and len(set(probes)) == len(probes)
+    assert inference.probe_prompts_for(micro_world) != probes
+    config = tmp_path / "editd.toml"
+    config.write_text('[editors.hook]\nlayers = [5]\nkey_position = "subject_last"\n')
+    cfg = inference.editor_config(config, tmp_path, world=False)
+    assert cfg.editors.hook.layers == (5,) and cfg.editors.hook.key_position == "subject_last"
+    world = inference.editor_config(config, tmp_path, world=True)
+    assert world.editors.hook.layers == (2, 3) and world.editors.hook.key_position == "prompt_last"
+    assert cfg.store.path == tmp_path / "editd.sqlite3"

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from daemon.cli import cli
-from daemon.config import Config, RouterConfig, load_config
+from daemon.config import RouterConfig, load_config, parse_config
 from daemon.editors.base import Editor, EditOutcome, EditSpec
 from daemon.editors.noop import NoopEditor
 from daemon.editors.registry import make_editor
@@ -26,6 +26,9 @@ from store.schema import Backend
 from tests.daemon.service.conftest import write_toml
 
 HOOK = {"layers": [1], "key_position": "prompt_last", "covariance_tokens": 20000}
+# Prompt-last MELO keys, the micro world's setting: auto then sends facts to the hook,
+# whose escalations these tests follow (with subject keys MELO takes them: test_router).
+MELO = {"max_blocks": 16, "key_position": "prompt_last"}
 
 
 @pytest.fixture
@@ -49,7 +52,7 @@ def mixed_edits(micro_world: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 def _config(folder: Path, **sections: dict[str, Any]) -> Path:
     tables: dict[str, dict[str, Any]] = {
         "editors.hook": dict(HOOK),
-        "editors.melo": {"max_blocks": 16},
+        "editors.melo": dict(MELO),
         **sections,
     }
     return write_toml(folder, tables)
@@ -97,7 +100,7 @@ def test_a_case_that_names_a_backend_gets_it(loaded: LoadedModel, mixed_edits: P
     case = replace(load_cases(mixed_edits).cases[0], backend=Backend.MELO)
     editors: dict[Backend, Editor] = {
         Backend.HOOK: NoopEditor(),
-        Backend.MELO: make_editor("melo", loaded, Config()),
+        Backend.MELO: make_editor("melo", loaded, parse_config({"editors": {"melo": MELO}})),
     }
     editor = RoutedEditor(Engine(loaded, editors), RouterConfig(), verify=False)
     [outcome] = editor.apply_routed([(case.spec, case.backend)])
