@@ -46,13 +46,13 @@ import torch
 
 from daemon.config import MeloConfig
 from daemon.editors.base import EditSpec
-from daemon.editors.hook.scope import subject_grams
 from daemon.editors.melo.editor import MeloEditor
 from daemon.editors.melo.routing import route_rows
 from daemon.eval.metrics import continuation_matches
 from daemon.model import arch
 from daemon.model.generate import greedy_continuations
 from daemon.model.loading import LoadedModel, load_model
+from daemon.model.tokens import subject_grams
 
 REPO = Path(__file__).resolve().parent.parent
 COUNTERFACT = REPO.parent / "shared" / "data" / "counterfact" / "counterfact-edit.json"

@@ -10,6 +10,9 @@ FIRST occurrence of the subject in the prompt. Special tokens (a BOS such as
 ``<s>``) have empty spans and never match, but they do count in the returned
 index, which is an index into ``input_ids`` exactly as the tokenizer produces
 them with the same ``add_special_tokens``.
+
+:func:`subject_grams` gives the token n-grams that name a subject in a sequence (the
+hook's subject scope and MELO's subject routing both match them).
 """
 
 from __future__ import annotations
@@ -130,3 +133,33 @@ def last_prompt_token_indices(attention_mask: torch.Tensor) -> torch.Tensor:
         raise ValueError("attention_mask has a row with no real tokens")
     positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)  # [B, T]
     return torch.where(mask, positions, -1).max(dim=1).values  # [B]
+
+
+TokenGram = tuple[int, ...]
+
+
+def subject_grams(
+    tokenizer: PreTrainedTokenizerBase, subject: str, prompt: str | None = None
+) -> frozenset[TokenGram]:
+    """The token-id n-grams that stand for ``subject`` in a sequence.
+
+    The subject alone, with one leading space, and (when ``prompt`` contains it) the
+    tokens whose character spans overlap its first occurrence in ``prompt``.
+    """
+    needle = subject.strip()
+    grams: set[TokenGram] = set()
+    if not needle:
+        return frozenset()
+    for text in (needle, " " + needle):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if ids:
+            grams.add(tuple(int(i) for i in ids))
+    start = -1 if prompt is None else prompt.find(needle)
+    if prompt is not None and start >= 0 and tokenizer.is_fast:
+        enc = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+        end = start + len(needle)
+        spans = enc["offset_mapping"]
+        inside = [i for i, (s, e) in enumerate(spans) if e > s and s < end and e > start]
+        if inside:
+            grams.add(tuple(int(t) for t in enc["input_ids"][inside[0] : inside[-1] + 1]))
+    return frozenset(grams)

@@ -7,7 +7,7 @@ asks two questions per token:
 1. **Subject presence** (this module): an edit is a *candidate* for a token only
    if one of the edit's subject token n-grams occurs in the sequence and ends at
    or before that token (causal, like the key itself). An edit's n-grams
-   (:func:`subject_grams`) are the subject tokenised alone, with a leading space
+   (:func:`daemon.model.tokens.subject_grams`) are the subject tokenised alone, with a leading space
    (BPE tokenises ``" Acme"`` and ``"Acme"`` differently) and as it appears in the
    edit's own prompt (from character offsets). A :class:`SubjectIndex` maps first
    token -> n-gram length -> n-gram -> edits, so matching a sequence costs
@@ -49,35 +49,7 @@ from torch.utils.hooks import RemovableHandle
 from transformers import PreTrainedTokenizerBase
 
 from daemon.model.kv_cache import is_prefill
-
-TokenGram = tuple[int, ...]
-
-
-def subject_grams(
-    tokenizer: PreTrainedTokenizerBase, subject: str, prompt: str | None = None
-) -> frozenset[TokenGram]:
-    """The token-id n-grams that stand for ``subject`` in a sequence.
-
-    The subject alone, with one leading space, and (when ``prompt`` contains it) the
-    tokens whose character spans overlap its first occurrence in ``prompt``.
-    """
-    needle = subject.strip()
-    grams: set[TokenGram] = set()
-    if not needle:
-        return frozenset()
-    for text in (needle, " " + needle):
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if ids:
-            grams.add(tuple(int(i) for i in ids))
-    start = -1 if prompt is None else prompt.find(needle)
-    if prompt is not None and start >= 0 and tokenizer.is_fast:
-        enc = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
-        end = start + len(needle)
-        spans = enc["offset_mapping"]
-        inside = [i for i, (s, e) in enumerate(spans) if e > s and s < end and e > start]
-        if inside:
-            grams.add(tuple(int(t) for t in enc["input_ids"][inside[0] : inside[-1] + 1]))
-    return frozenset(grams)
+from daemon.model.tokens import TokenGram, subject_grams
 
 
 class SubjectIndex:

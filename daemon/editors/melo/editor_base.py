@@ -40,7 +40,6 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from daemon.config import MeloConfig
 from daemon.editors.base import EditSpec
-from daemon.editors.hook.scope import TokenGram, subject_grams
 from daemon.editors.melo import calibration, checks
 from daemon.editors.melo import layer as blocks
 from daemon.editors.melo import state as melo_state
@@ -54,6 +53,7 @@ from daemon.editors.melo.routing import route_rows
 from daemon.editors.melo.training import TrainSettings
 from daemon.errors import ConfigError, EditorStateError
 from daemon.model import arch
+from daemon.model.tokens import TokenGram, subject_grams
 
 log = structlog.get_logger()
 

@@ -14,10 +14,11 @@ from daemon.config import HookConfig
 from daemon.editors.hook import setup
 from daemon.editors.hook import subject_gate as sg
 from daemon.editors.hook.editor import HookEditor
-from daemon.editors.hook.scope import Scope, SubjectIndex, SubjectScope, subject_grams
+from daemon.editors.hook.scope import Scope, SubjectIndex, SubjectScope
 from daemon.editors.hook.settings import GateScope, HookSettings
 from daemon.editors.hook.setup import build_hook_editor
 from daemon.model.loading import LoadedModel, load_model
+from daemon.model.tokens import subject_grams
 from tests.daemon.editors.hook.conftest import edit_specs, hook_config, prompt_logits
 
 
