@@ -1,4 +1,7 @@
-"""MELO's block table: LoRA rank split into non-overlapping blocks, one per edit batch.
+"""MELO's block table: LoRA rank split into non-overlapping blocks, one per edit group.
+
+A group is a batch of ``edits_per_block`` edits, or (subject keys) one subject's
+edits, which later edits of that subject ``join``.
 
 The table is explicit (after vllm's LoRA slot manager): ``capacity`` block ids
 ``0 .. capacity-1``, each either free or holding the ids of the edits trained
@@ -91,6 +94,18 @@ class BlockTable:
             self._edit_block[edit_id] = block
         log.info("block_allocated", block=block, edit_ids=ids, used=self.used)
         return block
+
+    def join(self, block: int, edit_ids: Sequence[str]) -> None:
+        """Add edits to the allocated ``block`` (edits that share it: one subject's)."""
+        ids = list(edit_ids)
+        self._check_range(block)
+        if block not in self._blocks:
+            raise ValueError(f"block {block} is not allocated")
+        self._check_new_edits(ids)
+        self._blocks[block].extend(ids)
+        for edit_id in ids:
+            self._edit_block[edit_id] = block
+        log.info("block_joined", block=block, edit_ids=ids, used=self.used)
 
     def release_edits(self, edit_ids: Iterable[str]) -> list[int]:
         """Drop the edits; return (sorted) the blocks freed because no live edit is left.

@@ -36,6 +36,7 @@ import time
 from collections.abc import Mapping, Sequence
 
 import structlog
+import torch
 
 from daemon.editors.base import EditOutcome, EditSpec
 from daemon.editors.melo import checks, verify
@@ -65,9 +66,7 @@ class MeloEditor(MeloEditorBase):
             if accepted:
                 self.calibrate()
                 keys = self._keys_by_edit(accepted)
-                size = self.config.edits_per_block
-                for start in range(0, len(accepted), size):
-                    group = accepted[start : start + size]
+                for group in self._groups(accepted):
                     for spec, outcome in zip(group, self._apply_group(group, keys), strict=True):
                         outcomes[self._position(edits, spec)] = outcome
             result = [outcomes[i] for i in range(len(edits))]
@@ -93,6 +92,7 @@ class MeloEditor(MeloEditorBase):
             assert self.index is not None  # applied edits imply an index
             trial = self.index.copy()
             trial.remove(ids)
+            touched = {self.table.block_of(e) for e in ids}
             freed = self.table.release_edits(ids)
             moves = trial.reassign_blocks(freed)
             self.index = trial
@@ -103,6 +103,9 @@ class MeloEditor(MeloEditorBase):
                 self._subject_grams.pop(edit_id, None)
                 del self._prompt_keys[edit_id]
             log.info("melo_edits_retracted", edit_ids=ids, freed_blocks=freed, reassigned=moves)
+            if self.reads_subjects:  # a subject's block still holds the retracted fact
+                for block in sorted(b for b in touched if b is not None and b not in freed):
+                    self._retrain(block)
             if moves:
                 moved = {cid for cid, _, _ in moves}
                 members = {
@@ -156,22 +159,47 @@ class MeloEditor(MeloEditorBase):
 
     # --- one group ----------------------------------------------------------------------
 
+    def _groups(self, accepted: Sequence[EditSpec]) -> list[list[EditSpec]]:
+        """The groups trained together: ``edits_per_block`` at a time, or with subject keys
+        one edit at a time (an edit of an applied subject retrains that subject's block)."""
+        if self.reads_subjects:
+            return [[spec] for spec in accepted]
+        size = self.config.edits_per_block
+        return [list(accepted[i : i + size]) for i in range(0, len(accepted), size)]
+
+    def _subject_block(self, spec: EditSpec) -> int | None:
+        """With subject keys, the block of an applied edit of ``spec``'s subject, else None."""
+        if not self.reads_subjects:
+            return None
+        name = self.subject_name(spec)
+        for applied in self._specs.values():
+            if self.subject_name(applied) == name:
+                return self.table.block_of(applied.edit_id)
+        return None
+
     def _apply_group(self, group: Sequence[EditSpec], keys: Mapping[str, F32]) -> list[EditOutcome]:
         ids = [s.edit_id for s in group]
+        shared = self._subject_block(group[0])
+        members = [] if shared is None else [self._specs[e] for e in self.table.edits_in(shared)]
+        before = None if shared is None else blocks.block_state(self.installed, shared)
         try:
-            block = self.table.allocate(ids)
+            if shared is None:
+                block = self.table.allocate(ids)
+            else:
+                block = shared
+                self.table.join(block, ids)
         except BlockCapacityError as exc:
             log.warning("melo_block_table_full", edit_ids=ids, **self.stats())
             return [self._refuse(e, str(exc)) for e in ids]
         t0 = time.perf_counter()
         try:
-            steps, reasons = self._train_and_insert(group, block, keys)
+            steps, reasons = self._train_and_insert(group, block, keys, members)
         except BaseException:  # Shutdown included: leave no half-applied group behind
-            if self.table.edits_in(block):
-                self.table.free(block)
-            blocks.clear_block(self.installed, block)
+            self._undo_group(block, ids, before)
             raise
-        if reasons:
+        if reasons and before is not None:  # one edit per group: the block as it was
+            self._undo_group(block, ids, before)
+        elif reasons:
             for freed in self.table.release_edits(list(reasons)):
                 blocks.clear_block(self.installed, freed)
         details = {"block": block, "steps": steps, "seconds": round(time.perf_counter() - t0, 4)}
@@ -186,12 +214,31 @@ class MeloEditor(MeloEditorBase):
             outcomes.append(EditOutcome(spec.edit_id, accepted=True, details=details))
         return outcomes
 
+    def _undo_group(
+        self, block: int, ids: Sequence[str], before: Mapping[str, torch.Tensor] | None
+    ) -> None:
+        """Take the group's edits out of ``block``: free it, or give it back its weights."""
+        if before is None:
+            if self.table.edits_in(block):
+                self.table.free(block)
+            blocks.clear_block(self.installed, block)
+            return
+        joined = [e for e in ids if self.table.block_of(e) == block]
+        if joined:
+            self.table.release_edits(joined)
+        blocks.load_block_state(self.installed, block, before)
+
     def _train_and_insert(
-        self, group: Sequence[EditSpec], block: int, keys: Mapping[str, F32]
+        self,
+        group: Sequence[EditSpec],
+        block: int,
+        keys: Mapping[str, F32],
+        members: Sequence[EditSpec] = (),
     ) -> tuple[int, dict[str, str]]:
-        """Train ``block`` on the group, then index and verify; steps and refusal reasons."""
+        """Train ``block`` on the group (and the edits already in it, ``members``), then
+        index and verify; steps and refusal reasons. The members must still verify."""
         blocks.init_block(self.installed, block, self.config.seed + block)
-        rows = [(p, s.target) for s in group for p in checks.edit_prompts(s)]
+        rows = [(p, s.target) for s in [*members, *group] for p in checks.edit_prompts(s)]
         batch = encode_prompt_target(self.tokenizer, [p for p, _ in rows], [t for _, t in rows])
         device = next(self.model.parameters()).device
         trained = train_block(
@@ -210,18 +257,27 @@ class MeloEditor(MeloEditorBase):
             for s in group
             if not hit[s.prompt]
         }
+        broken = [s.edit_id for s in members if not hit[s.prompt]]
+        if broken:
+            reason = f"would break applied edits {broken} (their block is retrained)"
+            return trained.steps, {s.edit_id: reason for s in group}
         trained_specs = [s for s in group if s.edit_id not in reasons]
-        reasons.update(self._insert_verified(trained_specs, block, keys)[1])
+        reasons.update(self._insert_verified(trained_specs, block, keys, members)[1])
         return trained.steps, reasons
 
     def _insert_verified(
-        self, specs: Sequence[EditSpec], block: int, keys: Mapping[str, F32]
+        self,
+        specs: Sequence[EditSpec],
+        block: int,
+        keys: Mapping[str, F32],
+        members: Sequence[EditSpec] = (),
     ) -> tuple[list[EditSpec], dict[str, str]]:
         """Insert the specs' keys into the live index until every routed edit verifies.
 
         Returns the edits now live and a reason per edit refused. Each attempt is an
-        insert transaction, committed only when the new edits and every applied edit
-        whose route changed pass greedy verification, else rolled back.
+        insert transaction, committed only when the new edits, the applied edits of a
+        retrained block (``members``) and every applied edit whose route changed pass
+        greedy verification, else rolled back.
         """
         index = self.index
         assert index is not None
@@ -231,10 +287,13 @@ class MeloEditor(MeloEditorBase):
         while pending:
             index.begin()
             try:
-                conflicts, displaced = verify.insert_keys(index, pending, block, keys)
+                conflicts, displaced = verify.insert_keys(
+                    index, pending, block, keys, label=self.route_label
+                )
                 reasons.update(conflicts)
                 pending = [s for s in pending if s.edit_id not in conflicts]
                 moved = self._rerouted(index, watched) | (displaced & set(self._specs))
+                moved |= {s.edit_id for s in members}
                 failures = self._verify([*pending, *(self._specs[e] for e in sorted(moved))])
             except BaseException:
                 index.rollback()
@@ -254,6 +313,25 @@ class MeloEditor(MeloEditorBase):
                     reasons[s.edit_id] = f"verification failed: got {failures[s.edit_id]!r}"
             pending = [s for s in pending if s.edit_id not in failures]
         return [], reasons
+
+    def _retrain(self, block: int) -> None:
+        """Train ``block`` again on the edits left in it (after a retraction)."""
+        specs = [self._specs[e] for e in self.table.edits_in(block)]
+        blocks.init_block(self.installed, block, self.config.seed + block)
+        rows = [(p, s.target) for s in specs for p in checks.edit_prompts(s)]
+        batch = encode_prompt_target(self.tokenizer, [p for p, _ in rows], [t for _, t in rows])
+        device = next(self.model.parameters()).device
+        trained = train_block(
+            self.model,
+            self.tokenizer,
+            self.installed,
+            block,
+            batch.to(device),
+            self.train_settings,
+            first_layer=min(self.layers),
+        )
+        log.info("melo_block_retrained", block=block, edits=len(specs), steps=trained.steps)
+        self._report_regressions([s.edit_id for s in specs], "retract")
 
     def _rerouted(self, index: NeuronIndex, watched: verify.WatchedRoutes) -> set[str]:
         return verify.rerouted(index, watched)

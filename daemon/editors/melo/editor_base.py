@@ -125,6 +125,15 @@ class MeloEditorBase:
         """Subject keys: any prompt token where an edit's subject ends routes to its block."""
         return self.config.key_position == "subject_last"
 
+    def subject_name(self, spec: EditSpec) -> str:
+        """What groups edits into one block with subject keys: the subject (or prompt)."""
+        return (spec.subject or spec.prompt).strip()
+
+    def route_label(self, spec: EditSpec) -> str:
+        """What the index clusters a spec's keys by: its target, or with subject keys its
+        subject (one subject's keys share a cluster and a block, whatever their targets)."""
+        return f"subject:{self.subject_name(spec)}" if self.reads_subjects else spec.target
+
     def __init__(
         self,
         model: PreTrainedModel,

@@ -44,9 +44,14 @@ Routing = Callable[[Sequence[str]], AbstractContextManager[None]]
 
 
 def insert_keys(
-    index: NeuronIndex, specs: Sequence[EditSpec], block: int, keys: Mapping[str, F32]
+    index: NeuronIndex,
+    specs: Sequence[EditSpec],
+    block: int,
+    keys: Mapping[str, F32],
+    label: Callable[[EditSpec], str] = lambda spec: spec.target,
 ) -> tuple[dict[str, str], set[str]]:
-    """Add each spec's keys under ``block``; return (conflict reason per edit, displaced ids)."""
+    """Add each spec's keys under ``block``, clustered by ``label(spec)`` (the index's
+    "target"); return (conflict reason per edit, displaced ids)."""
     conflicts: dict[str, str] = {}
     results: list[AddResult] = []
     for spec in specs:
@@ -56,7 +61,7 @@ def insert_keys(
                 index.add_batch(
                     [spec.edit_id] * len(texts),
                     np.stack([keys[t] for t in texts]),
-                    [spec.target] * len(texts),
+                    [label(spec)] * len(texts),
                     block,
                 )
             )

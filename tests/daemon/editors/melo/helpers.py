@@ -34,3 +34,10 @@ def logits(loaded: LoadedModel, prompts: list[str]) -> torch.Tensor:
     enc = loaded.tokenizer(prompts, padding=True, return_tensors="pt")
     out: torch.Tensor = loaded.model(**enc).logits
     return out
+
+
+def index_bytes(editor: Any) -> dict[str, Any]:
+    """A MELO editor's live index ``to_state()`` with arrays as raw bytes (comparable)."""
+    assert editor.index is not None
+    state = editor.index.to_state()
+    return {k: v if k == "manifest" else v.tobytes() for k, v in state.items()}

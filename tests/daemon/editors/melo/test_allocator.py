@@ -37,6 +37,26 @@ def test_allocate_release_free_reuse_grow_table_after_each_step() -> None:
     assert (t.used, t.free_count, t.capacity) == (1, 4, 5)
 
 
+def test_join_adds_edits_to_an_allocated_block_and_refuses_what_it_cannot_hold() -> None:
+    """One subject's later edits join its block; a free block, an out-of-range block,
+    an edit id that holds a block and an empty list are errors that change nothing."""
+    t = BlockTable(3)
+    t.allocate(["a"])
+    t.join(0, ["b"])
+    assert t.snapshot() == {"capacity": 3, "blocks": {0: ["a", "b"]}}
+    assert t.block_of("b") == 0
+    for block, ids, match in [
+        (1, ["c"], "not allocated"),
+        (3, ["c"], "outside"),
+        (0, ["a"], "already hold"),
+        (0, [], "at least one"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            t.join(block, ids)
+    assert t.snapshot() == {"capacity": 3, "blocks": {0: ["a", "b"]}}
+    assert t.release_edits(["a", "b"]) == [0]
+
+
 def test_full_table_raises_with_capacity_and_used_and_changes_nothing() -> None:
     """A full table rejects a batch loudly until a block is freed or capacity raised."""
     t = BlockTable(2)

@@ -12,7 +12,7 @@ from daemon.editors.melo import editor as editor_module
 from daemon.editors.melo.editor import MeloEditor
 from daemon.editors.melo.index import NeuronIndex
 from daemon.model.loading import LoadedModel
-from tests.daemon.editors.melo.helpers import logits, spec
+from tests.daemon.editors.melo.helpers import index_bytes, logits, spec
 
 Records = list[dict[str, Any]]
 
@@ -56,26 +56,19 @@ def test_an_edit_failing_verification_leaves_no_trace(
     assert torch.equal(_routed_logits(editor, loaded, prompt), logits(base, prompt))
 
 
-def _index_bytes(editor: MeloEditor) -> dict[str, Any]:
-    """The live index's ``to_state()`` with arrays as raw bytes."""
-    assert editor.index is not None
-    state = editor.index.to_state()
-    return {k: v if k == "manifest" else v.tobytes() for k, v in state.items()}
-
-
 def test_a_refused_batch_leaves_the_index_state_byte_identical(
     make_editor: Any, world_edits: Records, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Verification failures roll the insert back: ``to_state()`` is unchanged, byte for byte."""
     editor = make_editor()
     editor.apply([spec(r) for r in world_edits[:3]])
-    before = _index_bytes(editor)
+    before = index_bytes(editor)
     routes = editor.route_blocks([r["prompt"] for r in world_edits[:5]])
     bad = {world_edits[3]["id"], world_edits[4]["id"]}
     monkeypatch.setattr(editor, "_verify", _failing_verify(editor, bad))
     outcomes = editor.apply([spec(r, rephrases=True) for r in world_edits[3:5]])
     assert not any(o.accepted for o in outcomes)
-    assert _index_bytes(editor) == before
+    assert index_bytes(editor) == before
     assert editor.route_blocks([r["prompt"] for r in world_edits[:5]]) == routes
 
 

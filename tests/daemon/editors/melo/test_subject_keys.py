@@ -19,7 +19,7 @@ from daemon.eval.metrics import continuation_matches
 from daemon.model.generate import greedy_continuations
 from daemon.model.loading import LoadedModel, load_model
 from daemon.model.tokens import subject_last_token_index
-from tests.daemon.editors.melo.helpers import logits, spec
+from tests.daemon.editors.melo.helpers import index_bytes, logits, spec
 
 Records = list[dict[str, Any]]
 
@@ -161,3 +161,73 @@ def test_a_token_near_a_subject_key_routes_only_where_the_subject_itself_ends(
     with route_rows([None]):
         plain = logits(loaded, [impostor])
     assert torch.equal(routed, plain)
+
+
+def _same_subject_pair(world_edits: Records) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Edit 0, and edit 1's prompt and target asked about edit 0's subject."""
+    first, other = world_edits[0], world_edits[1]
+    second = {
+        **other,
+        "id": "same-subject",
+        "prompt": other["prompt"].replace(other["subject"], first["subject"]),
+        "subject": first["subject"],
+    }
+    assert first["subject"] in second["prompt"] and second["prompt"] != first["prompt"]
+    return first, second
+
+
+def _answers(editor: MeloEditor, loaded: LoadedModel, prompts: list[str]) -> list[str]:
+    with editor.routing(prompts):
+        return greedy_continuations(loaded.model, loaded.tokenizer, prompts, max_new_tokens=4)
+
+
+def test_edits_of_one_subject_share_its_block_and_each_keeps_its_answer(
+    make_editor: Any, loaded: LoadedModel, world_edits: Records
+) -> None:
+    """A second edit of an applied subject joins that subject's block, which is trained
+    again on both: each prompt answers its own target. (Before, its subject key equalled
+    the first edit's and it was refused, or it took over the subject's other facts.)
+    Retracting one trains the block on the other alone: the retracted answer is gone."""
+    editor = _subject_editor(make_editor)
+    first, second = _same_subject_pair(world_edits)
+    assert editor.apply([spec(first)])[0].accepted
+    outcome = editor.apply([spec(second)])[0]
+    assert outcome.accepted, outcome.reason
+    block = editor.table.block_of(first["id"])
+    assert editor.table.block_of(second["id"]) == block
+    assert editor.table.snapshot()["blocks"] == {block: [first["id"], "same-subject"]}
+    prompts = [first["prompt"], second["prompt"]]
+    assert editor.route_blocks(prompts) == [block, block]
+    replies = _answers(editor, loaded, prompts)
+    assert continuation_matches(replies[0], first["target"]), replies
+    assert continuation_matches(replies[1], second["target"]), replies
+    editor.retract([first["id"]])
+    assert editor.table.snapshot()["blocks"] == {block: ["same-subject"]}
+    replies = _answers(editor, loaded, prompts)
+    assert not continuation_matches(replies[0], first["target"]), replies
+    assert continuation_matches(replies[1], second["target"]), replies
+
+
+def test_a_refused_edit_of_an_applied_subject_leaves_its_block_as_it_was(
+    make_editor: Any, loaded: LoadedModel, world_edits: Records
+) -> None:
+    """When retraining the subject's block cannot take the new edit, the edit is refused
+    and the block gets back its weights, bit for bit: the applied edit still answers."""
+    from daemon.editors.melo import layer as blocks
+    from daemon.editors.melo.training import TrainSettings
+
+    editor = _subject_editor(make_editor)
+    first, second = _same_subject_pair(world_edits)
+    assert editor.apply([spec(first)])[0].accepted
+    block = editor.table.block_of(first["id"])
+    assert block is not None
+    before = blocks.block_state(editor.installed, block)
+    index_before = index_bytes(editor)
+    editor.train_settings = TrainSettings(editor.config.learning_rate, 1)  # cannot converge
+    outcome = editor.apply([spec(second)])[0]
+    assert not outcome.accepted and outcome.reason is not None
+    after = blocks.block_state(editor.installed, block)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert index_bytes(editor) == index_before
+    assert editor.table.snapshot()["blocks"] == {block: [first["id"]]}
+    assert continuation_matches(_answers(editor, loaded, [first["prompt"]])[0], first["target"])
