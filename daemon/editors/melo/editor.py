@@ -46,7 +46,6 @@ from daemon.editors.melo.index import NeuronIndex
 from daemon.editors.melo.keys import F32
 from daemon.editors.melo.training import train_block
 from daemon.errors import BlockCapacityError, EditorStateError
-from daemon.model.batches import encode_prompt_target
 
 log = structlog.get_logger()
 
@@ -238,19 +237,19 @@ class MeloEditor(MeloEditorBase):
         """Train ``block`` on the group (and the edits already in it, ``members``), then
         index and verify; steps and refusal reasons. The members must still verify."""
         blocks.init_block(self.installed, block, self.config.seed + block)
-        rows = [(p, s.target) for s in [*members, *group] for p in checks.edit_prompts(s)]
-        batch = encode_prompt_target(self.tokenizer, [p for p, _ in rows], [t for _, t in rows])
-        device = next(self.model.parameters()).device
+        specs = [*members, *group]
+        batch = self.training_batch(specs)
         trained = train_block(
             self.model,
             self.tokenizer,
             self.installed,
             block,
-            batch.to(device),
+            batch,
             self.train_settings,
             first_layer=min(self.layers),
         )
-        hit = dict(zip([p for p, _ in rows], trained.row_hits, strict=True))
+        prompts = [p for s in specs for p in checks.edit_prompts(s)]
+        hit = dict(zip(prompts, trained.row_hits, strict=True))
         reasons = {
             s.edit_id: f"training did not reach the target in {trained.steps} steps "
             f"(loss {trained.loss:.3f})"
@@ -281,14 +280,14 @@ class MeloEditor(MeloEditorBase):
         """
         index = self.index
         assert index is not None
-        fresh = [keys[t] for s in specs for t in checks.edit_prompts(s)]
+        fresh = [keys[t] for s in specs for t in self.key_texts(s)]
         watched = verify.watch_routes(index, self._prompt_keys, fresh)
         pending, reasons = list(specs), {}
         while pending:
             index.begin()
             try:
                 conflicts, displaced = verify.insert_keys(
-                    index, pending, block, keys, label=self.route_label
+                    index, pending, block, keys, texts=self.key_texts, label=self.route_label
                 )
                 reasons.update(conflicts)
                 pending = [s for s in pending if s.edit_id not in conflicts]
@@ -318,15 +317,13 @@ class MeloEditor(MeloEditorBase):
         """Train ``block`` again on the edits left in it (after a retraction)."""
         specs = [self._specs[e] for e in self.table.edits_in(block)]
         blocks.init_block(self.installed, block, self.config.seed + block)
-        rows = [(p, s.target) for s in specs for p in checks.edit_prompts(s)]
-        batch = encode_prompt_target(self.tokenizer, [p for p, _ in rows], [t for _, t in rows])
-        device = next(self.model.parameters()).device
+        batch = self.training_batch(specs)
         trained = train_block(
             self.model,
             self.tokenizer,
             self.installed,
             block,
-            batch.to(device),
+            batch,
             self.train_settings,
             first_layer=min(self.layers),
         )
@@ -353,7 +350,7 @@ class MeloEditor(MeloEditorBase):
     def _keys_by_edit(self, specs: Sequence[EditSpec]) -> dict[str, F32]:
         """Each edit text's key: at its last token, or (``key_position = "subject_last"``)
         at the last token of the edit's subject where the text names it."""
-        subject_of = {t: s.subject for s in specs for t in checks.edit_prompts(s)}
+        subject_of = {t: s.subject for s in specs for t in self.key_texts(s)}
         texts = list(subject_of)
         if self.config.key_position != "subject_last":
             return dict(zip(texts, self.keys(texts), strict=True))

@@ -53,6 +53,7 @@ from daemon.editors.melo.routing import route_rows
 from daemon.editors.melo.training import TrainSettings
 from daemon.errors import ConfigError, EditorStateError
 from daemon.model import arch
+from daemon.model.batches import PromptTargetBatch, encode_prompt_target
 from daemon.model.tokens import TokenGram, subject_grams
 
 log = structlog.get_logger()
@@ -64,6 +65,8 @@ merely until the target is the argmax: on the small world (100 edits, no rephras
 sent) rephrases routed to the block then answer the target 98% of the time instead
 of 73% (paraphrase 0.59 -> 0.80 at the same radius) for ~0.02 s more per edit."""
 _CONFIG_KEY = "editors.melo"
+SUBJECT_FRAMES = ("{}", "The {}", "Tell me about {}", "Here is a fact about {}")
+"""Contexts in which an edit's subject key is also read (subject keys), besides its prompt."""
 SUBJECT_RADIUS = 0.5
 """The routing radius with ``key_position = "subject_last"`` and ``radius = 0`` (L2
 between unit keys: cosine >= 0.875). SmolLM2-135M, CounterFact 0-299, keys at block 10
@@ -128,6 +131,22 @@ class MeloEditorBase:
     def subject_name(self, spec: EditSpec) -> str:
         """What groups edits into one block with subject keys: the subject (or prompt)."""
         return (spec.subject or spec.prompt).strip()
+
+    def key_texts(self, spec: EditSpec) -> list[str]:
+        """The texts whose keys route to the spec's block: its prompt and rephrases, and
+        with subject keys its subject in ``SUBJECT_FRAMES`` (what precedes a subject moves
+        its key: "Kharkiv is a twin city of" against "The twin city of Kharkiv is")."""
+        texts = checks.edit_prompts(spec)
+        if self.reads_subjects and spec.subject and spec.subject.strip():
+            texts += [frame.format(spec.subject.strip()) for frame in SUBJECT_FRAMES]
+        return list(dict.fromkeys(texts))
+
+    def training_batch(self, specs: Sequence[EditSpec]) -> PromptTargetBatch:
+        """The block's training rows for ``specs``: prompts and rephrases with their targets,
+        on the model's device."""
+        rows = [(p, s.target) for s in specs for p in checks.edit_prompts(s)]
+        batch = encode_prompt_target(self.tokenizer, [p for p, _ in rows], [t for _, t in rows])
+        return batch.to(next(self.model.parameters()).device)
 
     def route_label(self, spec: EditSpec) -> str:
         """What the index clusters a spec's keys by: its target, or with subject keys its

@@ -49,19 +49,20 @@ def insert_keys(
     block: int,
     keys: Mapping[str, F32],
     label: Callable[[EditSpec], str] = lambda spec: spec.target,
+    texts: Callable[[EditSpec], list[str]] = edit_prompts,
 ) -> tuple[dict[str, str], set[str]]:
     """Add each spec's keys under ``block``, clustered by ``label(spec)`` (the index's
     "target"); return (conflict reason per edit, displaced ids)."""
     conflicts: dict[str, str] = {}
     results: list[AddResult] = []
     for spec in specs:
-        texts = edit_prompts(spec)
+        named = texts(spec)
         try:
             results.extend(
                 index.add_batch(
-                    [spec.edit_id] * len(texts),
-                    np.stack([keys[t] for t in texts]),
-                    [label(spec)] * len(texts),
+                    [spec.edit_id] * len(named),
+                    np.stack([keys[t] for t in named]),
+                    [label(spec)] * len(named),
                     block,
                 )
             )

@@ -231,3 +231,22 @@ def test_a_refused_edit_of_an_applied_subject_leaves_its_block_as_it_was(
     assert index_bytes(editor) == index_before
     assert editor.table.snapshot()["blocks"] == {block: [first["id"]]}
     assert continuation_matches(_answers(editor, loaded, [first["prompt"]])[0], first["target"])
+
+
+def test_a_subject_key_is_also_read_in_fixed_frames_that_route_to_its_block(
+    make_editor: Any, world_edits: Records
+) -> None:
+    """What precedes a subject moves its key, so each edit also stores its subject's keys
+    in ``SUBJECT_FRAMES``, clustered by subject: the frames route to its block."""
+    from daemon.editors.melo.editor_base import SUBJECT_FRAMES
+
+    editor = _subject_editor(make_editor)
+    record = world_edits[0]
+    edit = spec(record)
+    texts = editor.key_texts(edit)
+    framed = [f.format(record["subject"]) for f in SUBJECT_FRAMES]
+    assert texts == [record["prompt"], *framed]
+    assert editor.apply([edit])[0].accepted
+    assert editor.index is not None and editor.index.key_count == len(texts)
+    block = editor.table.block_of(record["id"])
+    assert editor.route_blocks(framed) == [block] * len(framed)
