@@ -44,7 +44,7 @@ from daemon.editors.melo import layer as blocks
 from daemon.editors.melo.editor_base import MeloEditorBase
 from daemon.editors.melo.index import NeuronIndex
 from daemon.editors.melo.keys import F32
-from daemon.editors.melo.training import train_block
+from daemon.editors.melo.training import TrainResult, train_block
 from daemon.errors import BlockCapacityError, EditorStateError
 
 log = structlog.get_logger()
@@ -236,18 +236,8 @@ class MeloEditor(MeloEditorBase):
     ) -> tuple[int, dict[str, str]]:
         """Train ``block`` on the group (and the edits already in it, ``members``), then
         index and verify; steps and refusal reasons. The members must still verify."""
-        blocks.init_block(self.installed, block, self.config.seed + block)
         specs = [*members, *group]
-        batch = self.training_batch(specs)
-        trained = train_block(
-            self.model,
-            self.tokenizer,
-            self.installed,
-            block,
-            batch,
-            self.train_settings,
-            first_layer=min(self.layers),
-        )
+        trained = self._train(block, specs)
         prompts = [p for s in specs for p in checks.edit_prompts(s)]
         hit = dict(zip(prompts, trained.row_hits, strict=True))
         reasons = {
@@ -313,20 +303,23 @@ class MeloEditor(MeloEditorBase):
             pending = [s for s in pending if s.edit_id not in failures]
         return [], reasons
 
-    def _retrain(self, block: int) -> None:
-        """Train ``block`` again on the edits left in it (after a retraction)."""
-        specs = [self._specs[e] for e in self.table.edits_in(block)]
+    def _train(self, block: int, specs: Sequence[EditSpec]) -> TrainResult:
+        """Initialise ``block`` (seed ``config.seed + block``) and train it on ``specs``."""
         blocks.init_block(self.installed, block, self.config.seed + block)
-        batch = self.training_batch(specs)
-        trained = train_block(
+        return train_block(
             self.model,
             self.tokenizer,
             self.installed,
             block,
-            batch,
+            self.training_batch(specs),
             self.train_settings,
             first_layer=min(self.layers),
         )
+
+    def _retrain(self, block: int) -> None:
+        """Train ``block`` again on the edits left in it (after a retraction)."""
+        specs = [self._specs[e] for e in self.table.edits_in(block)]
+        trained = self._train(block, specs)
         log.info("melo_block_retrained", block=block, edits=len(specs), steps=trained.steps)
         self._report_regressions([s.edit_id for s in specs], "retract")
 
