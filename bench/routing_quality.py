@@ -253,6 +253,7 @@ def editor_facts(name: str, editor: Any) -> dict[str, Any]:
     return {
         "layers": list(editor.layers),
         "key_layer": editor.key_layer,
+        "edits": len(editor.applied_ids()),
         "index_keys": 0 if index is None else index.key_count,
         "blocks_used": editor.table.used,
     }
