@@ -7,22 +7,29 @@ Applying a batch (``apply``):
 2. **Group** the accepted edits ``edits_per_block`` at a time; each group gets
    the lowest free block of the ``BlockTable`` (a full table refuses the group
    with the ``BlockCapacityError`` text and logs ``melo_block_table_full``).
+   With subject keys a subject has one block: each edit is a group of its own, and
+   an edit of an applied subject joins that subject's block (``BlockTable.join``),
+   which is trained again on all of its edits; if the new edit is refused, the
+   block gets back its weights.
 3. **Train** the block (seed ``config.seed + block``) with every row of the group
    (prompts and, when sent, rephrases) routed to it, until each row greedy-decodes
    its target (teacher-forced argmax, not run on into a longer word) with a mean
    NLL of at most ``stop_nll``, or ``max_steps`` (``training``).
 4. **Index and verify**, as one transaction on the neuron index (``begin`` /
    ``commit`` / ``rollback``: an undo journal, not a copy of the index): insert
-   the keys of the group's prompts and rephrases (``keys``), then check by real
-   greedy generation under ``routing`` (``continuation_matches``) the new edits
-   and every applied edit whose prompt now routes differently (a key can JOIN
+   the keys of the group's prompts and rephrases (``keys``; with subject keys also
+   the subject's keys in ``SUBJECT_FRAMES``, clustered by subject, not by target),
+   then check by real greedy generation under ``routing`` (``continuation_matches``)
+   the new edits, the other edits of a retrained block, and every applied edit
+   whose prompt now routes differently (a key can JOIN
    another block's cluster, a split can displace keys). Edits that fail are
    dropped, the insert rolled back and the rest inserted again; if an applied
    edit would break, the whole group is refused. A refused edit leaves the index
    exactly as it was (``to_state()`` byte for byte).
 
 Retracting drops the edits' keys, releases them in the table and clears freed
-blocks; a cluster still holding other edits' keys is pointed at a live block
+blocks (with subject keys a block that keeps other edits is trained again on them); a
+cluster still holding other edits' keys is pointed at a live block
 (``NeuronIndex.reassign_blocks``). A retracted prompt that no other cluster
 routes runs the base model: bit-identical logits.
 
