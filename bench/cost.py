@@ -78,7 +78,7 @@ from daemon.editors.base import Editor
 from daemon.editors.hook.setup import read_text_source
 from daemon.editors.hook.stats import cached_covariance, collect_covariance_counted
 from daemon.editors.registry import make_editor
-from daemon.engine import Engine
+from daemon.engine.engine import Engine
 from daemon.log import configure_logging
 from daemon.model.loading import LoadedModel, load_model
 from daemon.world.editsets import counterfactual_edits, read_jsonl, write_jsonl

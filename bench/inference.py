@@ -50,14 +50,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from bench import plots
 from bench import routing_quality as rq
-from daemon.commonfacts import probe_prompts as common_probe_prompts
 from daemon.config import Config, load_config
+from daemon.drift.commonfacts import probe_prompts as common_probe_prompts
 from daemon.drift.probes import left_padded, null_routing, probes_from_world
 from daemon.editors.base import EditSpec
 from daemon.editors.registry import make_editor
 from daemon.eval.loaders import convert
-from daemon.eval.metrics import continuation_matches
 from daemon.log import configure_logging
+from daemon.model.answers import continuation_matches
 from daemon.model.batches import left_padded_position_ids
 from daemon.model.generate import greedy_continuations
 from daemon.model.loading import LoadedModel, load_model

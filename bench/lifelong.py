@@ -44,7 +44,7 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 SHARED_DATA = REPO.parent / "shared" / "data"
 # The `editd eval --editor` choices this grid runs; auto: the daemon's routing, verification
-# and escalation (daemon/dispatch.py) over hook and MELO, its counts under "routing".
+# and escalation (daemon/engine/dispatch.py) over hook and MELO, its counts under "routing".
 EVAL_EDITORS = ("hook", "melo", "ft", "auto")
 UNAVAILABLE: dict[str, str] = {}  # editor -> why this grid cannot run it
 BATCH_SIZE = {"ft": 1, "hook": 10, "melo": 10, "auto": 10}  # ft: the sequential baseline

@@ -48,8 +48,8 @@ from daemon.config import MeloConfig
 from daemon.editors.base import EditSpec
 from daemon.editors.melo.editor import MeloEditor
 from daemon.editors.melo.routing import route_rows
-from daemon.eval.metrics import continuation_matches
 from daemon.model import arch
+from daemon.model.answers import continuation_matches
 from daemon.model.generate import greedy_continuations
 from daemon.model.loading import LoadedModel, load_model
 from daemon.model.tokens import subject_grams

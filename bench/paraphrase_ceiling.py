@@ -25,11 +25,12 @@ from typing import Any
 
 import torch
 
-from daemon.commonfacts import known_facts
+from daemon.drift.commonfacts import known_facts
 from daemon.editors.noop import NoopEditor
 from daemon.eval.loaders import convert
-from daemon.eval.metrics import continuation_matches, fraction_or_none, reply_mentions
+from daemon.eval.metrics import fraction_or_none
 from daemon.eval.scoring import generate, generation_hits
+from daemon.model.answers import continuation_matches, reply_mentions
 from daemon.model.loading import LoadedModel, load_model
 
 REPO = Path(__file__).resolve().parent.parent

@@ -36,7 +36,7 @@ import torch
 import transformers
 
 from daemon.editors.base import Editor, EditSpec
-from daemon.engine import Engine
+from daemon.engine.engine import Engine
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -1,6 +1,6 @@
 """Restore time with N applied edits: how long a restart takes, from a checkpoint or the log.
 
-Builds a store holding N applied edits through the real :class:`daemon.service.Daemon`
+Builds a store holding N applied edits through the real :class:`daemon.service.daemon.Daemon`
 (in-process; checkpoints only on request, drift and scheduler off), writing a
 checkpoint after 90% of the edits and one after all of them, then restarts the
 daemon three ways, each a fresh ``Daemon(config).start()``:
@@ -48,7 +48,7 @@ import torch
 from bench.cost import edit_pool
 from daemon.config import Config, parse_config
 from daemon.log import configure_logging
-from daemon.service import Daemon
+from daemon.service.daemon import Daemon
 from store.checkpoints import list_checkpoints, mark_bad
 from store.db import Store
 

@@ -43,7 +43,7 @@ from bench.daemon_cli import base_parser, run_main
 from bench.daemon_process import DaemonProcess, backend_setup, bench_sections, load_edits
 from bench.daemon_process import write_config as write_daemon_config
 from bench.stats import markdown_table, summary
-from daemon.eval.metrics import continuation_matches
+from daemon.model.answers import continuation_matches
 
 LIVE = ("queued", "applying", "applied", "quarantined")
 VIOLATIONS = (

@@ -2,7 +2,7 @@
 
 A checkpoint's ``watermark`` is the id of the last event it includes (see
 :func:`store.editlog.last_event_id`): restoring it means replaying later edits.
-The snapshot files themselves belong to :mod:`daemon.checkpoints`.
+The snapshot files themselves belong to :mod:`daemon.service.checkpoints`.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ of the incoming folder the row becomes ``processed`` or ``rejected``. The
 
 A nightly run is a row of ``nightly_runs``: ``running`` from its start, then
 ``done`` (with its summary) or ``failed`` (the run itself crashed; the summary
-says why). See :mod:`daemon.nightly`.
+says why). See :mod:`daemon.service.nightly`.
 """
 
 from __future__ import annotations

@@ -48,9 +48,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from daemon.api.errors import ApiError, SafeJSONResponse, error_response, install_error_handlers
-from daemon.api.facade import CompletionChoice, DaemonFacade
+from daemon.api.facade import DaemonFacade
 from daemon.api.models import CompletionBody, EditsBody
 from daemon.config import ApiConfig
+from daemon.engine.completions import CompletionChoice
 from daemon.errors import EditNotFoundError
 from store.schema import EditStatus
 

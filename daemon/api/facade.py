@@ -1,7 +1,7 @@
-"""What the HTTP API needs from the running daemon, and the completion types.
+"""What the HTTP API needs from the running daemon.
 
 The API layer (``daemon.api.app``) only talks to a :class:`DaemonFacade`; the
-service (``daemon.service``) implements it over the store, the worker and the
+service (``daemon.service.daemon``) implements it over the store, the worker and the
 engine that owns the model. Keeping the contract here lets the API be tested
 against any implementation and keeps FastAPI out of the service.
 """
@@ -9,39 +9,12 @@ against any implementation and keeps FastAPI out of the service.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from daemon.engine.completions import CompletionChoice, CompletionRequest
 from store.edits import EditRecord
 from store.intake import EnqueueResult
 from store.schema import EditStatus
-
-
-@dataclass(frozen=True)
-class CompletionRequest:
-    """An OpenAI-style completion request, already validated and bounded."""
-
-    prompts: tuple[str, ...]
-    max_tokens: int = 16
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    logprobs: int | None = None  # None: no logprobs; k >= 0: chosen token + top-k
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-
-
-@dataclass(frozen=True)
-class CompletionChoice:
-    """One generated continuation (OpenAI's ``choices[i]``)."""
-
-    index: int
-    text: str
-    finish_reason: str  # "stop" (eos or a stop string) | "length"
-    tokens: tuple[str, ...] = ()
-    token_logprobs: tuple[float, ...] = ()
-    top_logprobs: tuple[dict[str, float], ...] | None = None
-    text_offset: tuple[int, ...] = ()
-    usage: dict[str, int] = field(default_factory=dict)  # prompt_tokens, completion_tokens
 
 
 class DaemonFacade(Protocol):

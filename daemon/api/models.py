@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue
 
-from daemon.api.facade import CompletionRequest
+from daemon.engine.completions import CompletionRequest
 
 MAX_LOGPROBS = 5
 MAX_STOP_STRINGS = 4

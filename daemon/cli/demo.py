@@ -34,8 +34,8 @@ from daemon.cli.app import CliError, cli, config_option, state
 from daemon.cli.client import call
 from daemon.config import Config, config_as_dict
 from daemon.errors import EditdError
-from daemon.eval.metrics import continuation_matches
 from daemon.model import arch
+from daemon.model.answers import continuation_matches
 from daemon.model.generate import first_sentence
 from daemon.model.loading import LoadedModel
 

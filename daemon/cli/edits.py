@@ -12,7 +12,7 @@ import click
 from daemon.cli.app import CliError, EditdGroup, cli, config_option, echo_json, json_option, state
 from daemon.config import Config, request_limits
 from daemon.errors import EditdError, InvalidTransitionError, StoreInUseError
-from daemon.instance_lock import StoreLock
+from daemon.service.instance_lock import StoreLock
 from store.checkpoints import latest_good
 from store.db import Store
 from store.edits import EditRecord

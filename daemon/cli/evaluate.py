@@ -124,7 +124,6 @@ def eval_(
     ppl_text: Path | None,
 ) -> None:
     """Run N edits through an editor; score efficacy, generalisation, locality, retention."""
-    from daemon.drift_job import drift_probes
     from daemon.editors.hook.setup import read_text_source
     from daemon.editors.registry import make_editor
     from daemon.eval.basetask import world_base_task
@@ -139,6 +138,7 @@ def eval_(
     from daemon.eval.routed import build_routed_editor
     from daemon.model.loading import load_model
     from daemon.model.source import apply_threads
+    from daemon.service.drift_job import drift_probes
 
     cfg = state(ctx).config()
     apply_threads(cfg.model.threads)

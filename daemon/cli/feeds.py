@@ -6,7 +6,7 @@ the daemon runs (a running daemon reads the store at every tick). ``poll`` and
 feed reaches the live model at once, and the nightly run validates drift after);
 with no daemon listening they do the store's part alone: edits are queued, and
 retractions take effect at the daemon's next start. ``poll`` does that only under the
-store's lock (:mod:`daemon.instance_lock`): see :func:`feeds_poll`.
+store's lock (:mod:`daemon.service.instance_lock`): see :func:`feeds_poll`.
 """
 
 from __future__ import annotations
@@ -171,7 +171,7 @@ def nightly(ctx: click.Context, as_json: bool, offline: bool) -> None:
     the edits and validates drift) and returns; otherwise it queues the edits in the
     store for the daemon's next start. This is what ``editd-nightly.timer`` runs.
     """
-    from daemon.nightly import import_offline
+    from daemon.service.nightly import import_offline
 
     cfg = state(ctx).config()
     if not offline:

@@ -28,7 +28,7 @@ def serve(ctx: click.Context, host: str | None, port: int | None, port_file: Pat
 
     from daemon.config import load_config
     from daemon.log import adopt_transformers_logging, configure_logging
-    from daemon.serve import run_server
+    from daemon.service.serve import run_server
 
     cfg = load_config(state(ctx).config_path)
     configure_logging(cfg.log.level, cfg.log.format)

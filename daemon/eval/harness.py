@@ -37,7 +37,7 @@ import structlog
 from tqdm import tqdm
 
 from daemon.editors.base import Editor, EditSpec
-from daemon.eval.metrics import fraction_or_none, probability_wins, reply_mentions
+from daemon.eval.metrics import fraction_or_none, probability_wins
 from daemon.eval.perplexity import perplexity
 from daemon.eval.routed import RoutedEditor
 from daemon.eval.scoring import (
@@ -46,6 +46,7 @@ from daemon.eval.scoring import (
     generation_hits,
     teacher_forced_accuracies,
 )
+from daemon.model.answers import reply_mentions
 from daemon.model.batches import target_nll, target_token_hits, target_token_ids
 from daemon.model.chat import chat_prompt, has_chat_template
 from daemon.model.loading import LoadedModel

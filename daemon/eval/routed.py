@@ -1,9 +1,9 @@
 """``auto`` as an evaluation editor: the daemon's routing, verification and escalation.
 
 :class:`RoutedEditor` is an :class:`~daemon.editors.base.Editor` over an
-:class:`~daemon.engine.Engine` holding every enabled back-end (``[router]
+:class:`~daemon.engine.engine.Engine` holding every enabled back-end (``[router]
 backends``, each built from its ``[editors.*]`` section as the daemon builds it).
-Its ``apply`` is the worker's algorithm, ``daemon.dispatch``: route each edit,
+Its ``apply`` is the worker's algorithm, ``daemon.engine.dispatch``: route each edit,
 apply per back-end, verify by greedy generation (``[worker] verify``), retract
 failures and escalate them once. :class:`RoutingTally` counts where edits went.
 """
@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from daemon.config import Config, RouterConfig
-from daemon.dispatch import DispatchItem, DispatchResult, dispatch, request_for
 from daemon.editors.base import Editor, EditOutcome, EditSpec
-from daemon.engine import Engine
+from daemon.engine.dispatch import DispatchItem, DispatchResult, dispatch, request_for
+from daemon.engine.engine import Engine
 from daemon.model.loading import LoadedModel
 from store.schema import Backend
 

@@ -13,7 +13,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from daemon.editors.base import Editor
-from daemon.eval.metrics import continuation_matches
+from daemon.model.answers import continuation_matches
 from daemon.model.batches import (
     encode_prompt_target,
     left_padded_position_ids,

@@ -15,7 +15,7 @@ LM's position ids count the real tokens before each token, so a forward whose
 largest position id is at least its own width continues earlier tokens, and a
 prefill's never is (left padding only lowers a row's positions). ``generate``
 derives position ids from the attention mask for every model family and every
-cache class, and editd's own token loop (:mod:`daemon.completions`) passes them
+cache class, and editd's own token loop (:mod:`daemon.engine.completions`) passes them
 itself. Only a forward without position ids falls back to ``cache_position``, to
 a 2-D attention mask wider than the input, and last to whatever cache object it
 carries under either name (duck-typed on ``get_seq_length``, never on its class).

@@ -28,7 +28,7 @@ from typing import Any
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from daemon.errors import WorldError
-from daemon.eval.metrics import continuation_matches
+from daemon.model.answers import continuation_matches
 from daemon.model.generate import first_sentence, greedy_continuations
 from daemon.world.evaluate import answer_budget
 from daemon.world.facts import RELATIONS_BY_NAME, Fact, World, fill

@@ -223,7 +223,7 @@ class Fact:
 
 class FactSet(Protocol):
     """Labelled facts under templates: a fact world, or the shipped common facts
-    (:mod:`daemon.commonfacts`). What locate and the gate floor read."""
+    (:mod:`daemon.drift.commonfacts`). What locate and the gate floor read."""
 
     @property
     def relations(self) -> tuple[Relation, ...]: ...

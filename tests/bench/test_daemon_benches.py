@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from bench import load, soak, throughput
 from bench.daemon_process import histogram, histogram_delta, hook_layers
 from bench.stats import percentile, summary
-from daemon.metrics import DaemonMetrics
+from daemon.service.metrics import DaemonMetrics
 from daemon.world.editsets import counterfactual_edits, write_jsonl
 from store import editlog
 from store.db import Store

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from daemon.cli import cli
 from tests.daemon.feeds.conftest import FeedServer, Reply, feed_server  # noqa: F401
-from tests.daemon.test_instance_lock import hold_in_another_process
+from tests.daemon.service.test_instance_lock import hold_in_another_process
 
 DESIGN_VERBS = [
     "serve",

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from daemon.checkpoints import LOCK_FILE, CheckpointManager
 from daemon.errors import UnsafePathError
 from daemon.files import open_private, write_private_text
+from daemon.service.checkpoints import LOCK_FILE, CheckpointManager
 from store.db import Store
 
 

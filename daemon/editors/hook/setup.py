@@ -37,8 +37,8 @@ import structlog
 import torch
 from torch import nn
 
-from daemon.commonfacts import known_facts
 from daemon.config import Config, HookConfig
+from daemon.drift.commonfacts import known_facts
 from daemon.editors.hook.editor import HookEditor
 from daemon.editors.hook.floor import (
     MIN_PAIRS,
@@ -177,7 +177,7 @@ LOCATE_PAIRS = 64
 
 def labelled_facts(loaded: LoadedModel) -> FactSet:
     """The facts to locate and calibrate on: a fact world's own, else the shipped common
-    facts the model states itself (:func:`daemon.commonfacts.known_facts`)."""
+    facts the model states itself (:func:`daemon.drift.commonfacts.known_facts`)."""
     if (Path(loaded.name_or_path) / "world.json").is_file():
         from daemon.world.build import load_world
 

@@ -32,7 +32,7 @@ from transformers import PreTrainedTokenizerBase
 
 from daemon.editors.melo.layer import BlockLoraProjection, trainable_block
 from daemon.editors.melo.routing import route_rows
-from daemon.eval.metrics import continuation_matches
+from daemon.model.answers import continuation_matches
 from daemon.model.batches import (
     PromptTargetBatch,
     label_window,

@@ -34,7 +34,7 @@ from daemon.editors.melo.index_records import AddResult
 from daemon.editors.melo.key_table import KeyTable
 from daemon.editors.melo.keys import F32
 from daemon.errors import EditConflictError
-from daemon.eval.metrics import continuation_matches
+from daemon.model.answers import continuation_matches
 from daemon.model.batches import target_token_ids
 from daemon.model.generate import greedy_continuations
 

@@ -1,7 +1,7 @@
 """A real facade for the API tests: a SQLite store, the edit queue and the micro world model.
 
 Nothing is mocked: edits go through :class:`store.queue.EditQueue` into a fresh
-SQLite file, completions through :func:`daemon.completions.complete` on the
+SQLite file, completions through :func:`daemon.engine.completions.complete` on the
 micro fact-world model (with a routing that records the prompts it was given).
 ``make_server`` serves an app as ``editd serve`` does (uvicorn with the connection
 limits of :mod:`daemon.api.connections`) on a free 127.0.0.1 port.
@@ -31,12 +31,12 @@ from transformers import (
 
 from daemon.api.app import create_app
 from daemon.api.connections import http_server
-from daemon.api.facade import CompletionChoice, CompletionRequest, DaemonFacade
-from daemon.completions import complete
+from daemon.api.facade import DaemonFacade
 from daemon.config import ApiConfig, Config
+from daemon.engine.completions import CompletionChoice, CompletionRequest, complete
 from daemon.errors import DriftDisabledError, RecordNotFoundError
 from daemon.feeds.poller import FeedPoller
-from daemon.serve import bind_socket
+from daemon.service.serve import bind_socket
 from store.db import Store
 from store.edits import EditRecord
 from store.feeds import feed_states

@@ -1,4 +1,4 @@
-"""``daemon.completions.complete`` on the micro fact-world model."""
+"""``daemon.engine.completions.complete`` on the micro fact-world model."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ from typing import Any, cast
 import pytest
 import torch
 
-from daemon.api.facade import CompletionRequest
-from daemon.completions import MIN_LOGPROB, complete
+from daemon.engine.completions import MIN_LOGPROB, CompletionRequest, complete
 from daemon.model.generate import greedy_continuations
 from tests.daemon.api.conftest import RecordingRouting, WorldModel
 

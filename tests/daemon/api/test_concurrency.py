@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 
-from daemon.api.facade import CompletionChoice, CompletionRequest
+from daemon.engine.completions import CompletionChoice, CompletionRequest
 from tests.daemon.api.conftest import (
     ServerFactory,
     StoreFacade,

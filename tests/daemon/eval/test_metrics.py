@@ -6,15 +6,14 @@ import pytest
 import torch
 
 from daemon.eval.metrics import (
-    continuation_matches,
     fraction_or_none,
     generation_scores,
     mean,
     probability_wins,
-    reply_mentions,
     target_logit_positions,
     teacher_forced_token_accuracy,
 )
+from daemon.model.answers import continuation_matches, reply_mentions
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ from daemon.config import RouterConfig, load_config, parse_config
 from daemon.editors.base import Editor, EditOutcome, EditSpec
 from daemon.editors.noop import NoopEditor
 from daemon.editors.registry import make_editor
-from daemon.engine import Engine
+from daemon.engine.engine import Engine
 from daemon.eval.cases import load_cases
 from daemon.eval.harness import EvalSettings, Harness
 from daemon.eval.routed import RoutedEditor, build_routed_editor

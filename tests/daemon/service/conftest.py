@@ -30,7 +30,7 @@ def write_config(folder: Path, model: Path, **sections: dict[str, Any]) -> Path:
         "editors.hook": {"layers": [1], "key_position": "prompt_last", "covariance_tokens": 20000},
         # The micro world's settings for both back-ends: its facts are templates over few
         # subjects, and its drift probes ask the edited subjects' other relations, which
-        # subject keys route (see daemon/router.py); the default is covered on SmolLM2.
+        # subject keys route (see daemon/engine/router.py); the default is covered on SmolLM2.
         "editors.melo": {"max_blocks": 256, "key_position": "prompt_last"},
         "worker": {"batch_size": 4, "max_wait_s": 0.2, "poll_interval_s": 0.05},
         "drift": {"enabled": False},

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.config import Config, load_config
-from daemon.service import Daemon
+from daemon.service.daemon import Daemon
 from store.checkpoints import list_checkpoints
 from store.db import Store
 from tests.daemon.service.conftest import write_config

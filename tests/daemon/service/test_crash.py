@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from daemon.config import load_config
-from daemon.service import Daemon
+from daemon.service.daemon import Daemon
 from tests.daemon.service.conftest import DaemonProcess, write_config
 
 KILLS = 10

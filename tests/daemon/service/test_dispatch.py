@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 
 from daemon.config import RouterConfig
-from daemon.dispatch import DispatchHooks, DispatchItem, Step, dispatch, request_for
 from daemon.editors.base import Editor, EditOutcome, EditSpec
-from daemon.engine import Engine
+from daemon.engine.dispatch import DispatchHooks, DispatchItem, Step, dispatch, request_for
+from daemon.engine.engine import Engine
 from daemon.model.loading import LoadedModel, load_model
 from store.schema import Backend
 

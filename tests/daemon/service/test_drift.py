@@ -16,7 +16,7 @@ import torch
 from daemon.config import load_config
 from daemon.editors.base import Editor, EditOutcome, EditSpec
 from daemon.model import arch
-from daemon.service import Daemon
+from daemon.service.daemon import Daemon
 from store.probes import latest_probe_run
 from store.schema import Backend
 from tests.daemon.service.conftest import write_config

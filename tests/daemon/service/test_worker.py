@@ -16,8 +16,8 @@ from fastapi.testclient import TestClient
 from daemon.api.app import create_app
 from daemon.config import load_config
 from daemon.errors import StoreIntegrityError
-from daemon.service import Daemon
-from daemon.worker import BatchReport
+from daemon.service.daemon import Daemon
+from daemon.service.worker import BatchReport
 from store import editlog
 from store.db import Store
 from store.queue import EditQueue
@@ -126,7 +126,7 @@ def test_a_disabled_backend_fails_the_edit_and_nightly_edits_wait(
     assert "not enabled" in (daemon.get_edit(forced["id"]).error or "")
     assert daemon.get_edit(auto["id"]).backend == "melo"  # auto never picks a missing one
     assert daemon.get_edit(nightly["id"]).status.value == "queued"
-    from daemon.scheduler import nightly_release
+    from daemon.service.scheduler import nightly_release
 
     assert nightly_release(daemon) == 1
     _settle(daemon)

@@ -15,7 +15,7 @@ from daemon.editors.hook.checks import GUARD_MIN_HISTORY
 from daemon.editors.hook.editor import HookEditor
 from daemon.editors.hook.keys import encode_sites
 from daemon.editors.hook.setup import build_hook_editor
-from daemon.eval.metrics import continuation_matches
+from daemon.model.answers import continuation_matches
 from daemon.model.generate import greedy_continuations
 from daemon.model.loading import LoadedModel, load_model
 from daemon.world.editsets import counterfactual_edits

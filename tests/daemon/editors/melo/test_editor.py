@@ -14,8 +14,8 @@ from daemon.config import MeloConfig
 from daemon.editors.base import Editor, EditSpec
 from daemon.editors.melo.editor import MeloEditor
 from daemon.errors import ConfigError, EditorStateError
-from daemon.eval.metrics import continuation_matches
 from daemon.model import arch
+from daemon.model.answers import continuation_matches
 from daemon.model.generate import greedy_continuations
 from daemon.model.loading import LoadedModel, load_model
 from tests.daemon.editors.melo.helpers import RADIUS, logits, spec

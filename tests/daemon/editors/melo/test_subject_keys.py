@@ -15,7 +15,7 @@ from daemon.editors.melo.editor_base import SUBJECT_RADIUS
 from daemon.editors.melo.keys import KeyReader
 from daemon.editors.melo.routing import route_rows
 from daemon.errors import EditorStateError
-from daemon.eval.metrics import continuation_matches
+from daemon.model.answers import continuation_matches
 from daemon.model.generate import greedy_continuations
 from daemon.model.loading import LoadedModel, load_model
 from daemon.model.tokens import subject_last_token_index

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 
 from daemon.errors import StoreInUseError, UnsafePathError
-from daemon.instance_lock import StoreLock, lock_path
+from daemon.service.instance_lock import StoreLock, lock_path
 
 HOLD = """
 import sys
 from pathlib import Path
-from daemon.instance_lock import StoreLock
+from daemon.service.instance_lock import StoreLock
 with StoreLock.acquire(Path(sys.argv[1]), role="test holder"):
     print("held", flush=True)
     sys.stdin.read()  # until the test closes our stdin

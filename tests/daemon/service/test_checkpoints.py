@@ -18,9 +18,9 @@ import pytest
 from safetensors.numpy import load_file, save_file
 from structlog.testing import capture_logs
 
-from daemon.checkpoint_manifest import MANIFEST, CheckpointManifest
-from daemon.checkpoints import LOCK_FILE, CheckpointManager, Persistable
 from daemon.errors import CheckpointError, Shutdown, StoreBusyError
+from daemon.service.checkpoint_manifest import MANIFEST, CheckpointManifest
+from daemon.service.checkpoints import LOCK_FILE, CheckpointManager, Persistable
 from store import checkpoints as registry
 from store import editlog
 from store.checkpoints import CheckpointStatus
@@ -407,7 +407,7 @@ def test_recover_removes_an_orphan_folder_without_a_row(
 _CHILD = """
 import os, signal, sys
 from pathlib import Path
-from daemon.checkpoints import CheckpointManager
+from daemon.service.checkpoints import CheckpointManager
 from store import checkpoints as registry
 from store.db import Store
 from tests.daemon.test_checkpoints import ArrayState

@@ -2,8 +2,9 @@
 
 The registry rows live in :mod:`store.checkpoints`; this module owns the folders under the
 checkpoint directory: ``ck-<utc stamp>-<hex>/`` (ids sort by time) holding ``manifest.json``
-(:mod:`daemon.checkpoint_manifest`) and one sub-folder per editor with what its ``save`` wrote;
-``.tmp-*`` entries (being written or deleted, or a crash's leftovers); ``.lock``.
+(:mod:`daemon.service.checkpoint_manifest`) and one sub-folder per editor with what its
+``save`` wrote; ``.tmp-*`` entries (being written or deleted, or a crash's leftovers);
+``.lock``.
 
 :meth:`CheckpointManager.create` commits in four steps: (1) each editor saves into
 ``.tmp-<id>/<name>/`` and every file is hashed and fsynced; (2) ``manifest.json`` is written
@@ -45,15 +46,15 @@ from typing import Any, Protocol, runtime_checkable
 
 import structlog
 
-from daemon.checkpoint_manifest import (
+from daemon.errors import CheckpointError, RecordNotFoundError
+from daemon.files import fsync_dir, open_private, sha256_file
+from daemon.service.checkpoint_manifest import (
     ID,
     MANIFEST,
     NAME,
     CheckpointManifest,
     is_int,
 )
-from daemon.errors import CheckpointError, RecordNotFoundError
-from daemon.files import fsync_dir, open_private, sha256_file
 from store import checkpoints as registry
 from store.checkpoints import CheckpointRecord, CheckpointStatus
 from store.db import Store

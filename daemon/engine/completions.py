@@ -31,14 +31,13 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import structlog
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from daemon.api.facade import CompletionChoice, CompletionRequest
 from daemon.model.kv_cache import continuation_inputs, returned_cache
 
 Routing = Callable[[Sequence[str]], AbstractContextManager[None]]
@@ -49,6 +48,34 @@ Turn = Callable[[], AbstractContextManager[None]]
 
 MIN_LOGPROB = -9999.0
 """Log-probabilities are clamped to this, so that JSON never sees ``-inf`` or NaN."""
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    """An OpenAI-style completion request, already validated and bounded."""
+
+    prompts: tuple[str, ...]
+    max_tokens: int = 16
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    logprobs: int | None = None  # None: no logprobs; k >= 0: chosen token + top-k
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class CompletionChoice:
+    """One generated continuation (OpenAI's ``choices[i]``)."""
+
+    index: int
+    text: str
+    finish_reason: str  # "stop" (eos or a stop string) | "length"
+    tokens: tuple[str, ...] = ()
+    token_logprobs: tuple[float, ...] = ()
+    top_logprobs: tuple[dict[str, float], ...] | None = None
+    text_offset: tuple[int, ...] = ()
+    usage: dict[str, int] = field(default_factory=dict)  # prompt_tokens, completion_tokens
+
 
 log = structlog.get_logger()
 

@@ -12,9 +12,9 @@ from typing import Any, cast
 
 import pytest
 
-from daemon.api.facade import CompletionChoice, CompletionRequest
 from daemon.editors.base import Editor
-from daemon.engine import Engine, EngineLock
+from daemon.engine.completions import CompletionChoice, CompletionRequest
+from daemon.engine.engine import Engine, EngineLock
 from daemon.model.loading import LoadedModel, load_model
 from store.schema import Backend
 

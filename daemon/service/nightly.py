@@ -54,7 +54,7 @@ Sleep = Callable[[float], None]
 
 
 class NightlyHost(Protocol):
-    """What a nightly run needs from the daemon (:class:`daemon.service.Daemon` is one)."""
+    """What a nightly run needs from the daemon (:class:`daemon.service.daemon.Daemon` is one)."""
 
     @property
     def config(self) -> Config: ...

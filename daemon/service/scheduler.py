@@ -3,7 +3,7 @@
 - ``requeue_expired`` every ``[scheduler] requeue_interval_s``: leases of dead
   workers go back to the queue;
 - ``nightly`` at ``[scheduler] nightly_time`` (``timezone``) unless
-  ``nightly_enabled = false``: the nightly run (:mod:`daemon.nightly`): edits
+  ``nightly_enabled = false``: the nightly run (:mod:`daemon.service.nightly`): edits
   submitted with ``schedule = nightly`` become claimable, the spool is imported,
   drift is validated once they are applied;
 - ``feeds`` every ``[feeds] tick_s`` (and at start): polls the feeds that are due;
@@ -29,7 +29,7 @@ from apscheduler.triggers.cron import CronTrigger
 from store.schema import Schedule
 
 if TYPE_CHECKING:
-    from daemon.service import Daemon
+    from daemon.service.daemon import Daemon
 
 log = structlog.get_logger()
 

@@ -2,13 +2,13 @@
 
 Both only write to the store (edit requests, feed and spool state); the worker
 applies what they queue. Feed items that retract an edit go through the daemon's
-:meth:`~daemon.service.Daemon.retract`, so the live model forgets at once.
+:meth:`~daemon.service.daemon.Daemon.retract`, so the live model forgets at once.
 
 - Feeds are polled by one scheduler job every ``[feeds] tick_s``: it polls each
   feed whose own interval has passed (feeds are added and removed at run time with
   ``editd feeds add|remove``, so the job reads the store each time). ``POST
   /v1/feeds/poll`` polls now. Polls never overlap (one lock).
-- The nightly run (:func:`daemon.nightly.run_nightly`) runs from the scheduler at
+- The nightly run (:func:`daemon.service.nightly.run_nightly`) runs from the scheduler at
   ``[scheduler] nightly_time`` or in the background on ``POST /v1/nightly`` (what
   ``editd nightly`` and ``editd-nightly.timer`` call); at most one runs at a time.
 """
@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from daemon.feeds.poller import FeedPoller, PollReport
-from daemon.nightly import run_nightly
+from daemon.service.nightly import run_nightly
 from store.spool import fail_interrupted_runs, latest_nightly_run
 
 if TYPE_CHECKING:
-    from daemon.service import Daemon
+    from daemon.service.daemon import Daemon
 
 log = structlog.get_logger()
 

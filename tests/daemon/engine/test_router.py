@@ -8,7 +8,7 @@ import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from daemon.config import RouterConfig
-from daemon.router import route
+from daemon.engine.router import route
 from store.schema import Backend, EditRequest
 
 FACT = EditRequest(prompt="The capital of Zorland is", target=" Quux", subject="Zorland")

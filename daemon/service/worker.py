@@ -12,7 +12,7 @@ One batch, one step (all under the engine's lock):
 3. **Apply** each round: take the ``supersedes`` targets the model holds out of
    it, then route, apply per back-end (hook first, then MELO with the hook's
    escalations), verify by greedy generation, retract failures and escalate them
-   once: the store-free ``daemon.dispatch`` (also what ``editd eval --editor
+   once: the store-free ``daemon.engine.dispatch`` (also what ``editd eval --editor
    auto`` runs). Taking the old edit out first lets the new one take its prompt on
    any back-end (MELO refuses a prompt that another edit holds). Around each
    back-end step a batch is recorded in the store (``store.batches``) and the
@@ -57,9 +57,9 @@ from typing import Any
 import structlog
 
 from daemon.config import Config
-from daemon.dispatch import DispatchHooks, DispatchItem, DispatchResult, Step, dispatch
 from daemon.editors.base import EditOutcome, EditSpec
-from daemon.engine import Engine
+from daemon.engine.dispatch import DispatchHooks, DispatchItem, DispatchResult, Step, dispatch
+from daemon.engine.engine import Engine
 from daemon.errors import (
     EditdError,
     EditNotFoundError,

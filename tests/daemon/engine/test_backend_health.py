@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import structlog
 
-from daemon.backend_health import BackendHealth, Outcome, outcome_of
 from daemon.config import HealthConfig, RouterConfig, load_config
-from daemon.dispatch import DispatchHooks, Step, dispatch
 from daemon.editors.base import EditOutcome
-from daemon.engine import Engine
+from daemon.engine.backend_health import BackendHealth, Outcome, outcome_of
+from daemon.engine.dispatch import DispatchHooks, Step, dispatch
+from daemon.engine.engine import Engine
 from daemon.errors import ConfigError
 from daemon.model.loading import load_model
 from store.schema import Backend

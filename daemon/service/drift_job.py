@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from daemon.commonfacts import probe_prompts
 from daemon.config import Config, DriftConfig
+from daemon.drift.commonfacts import probe_prompts
 from daemon.drift.isolate import isolate_damaging
 from daemon.drift.probes import (
     BaseScores,
@@ -45,12 +45,12 @@ from daemon.drift.probes import (
     score_base,
 )
 from daemon.drift.scoring import DriftScores, DriftThresholds, judge, score_edited
-from daemon.engine import Engine
+from daemon.engine.engine import Engine
 from daemon.errors import ConfigError
-from daemon.metrics import DaemonMetrics
 from daemon.model.loading import LoadedModel
-from daemon.replay import applied_in_order, reconcile
-from daemon.worker import spec_of
+from daemon.service.metrics import DaemonMetrics
+from daemon.service.replay import applied_in_order, reconcile
+from daemon.service.worker import spec_of
 from store import editlog
 from store.db import Store
 from store.edits import EditRecord
@@ -59,7 +59,7 @@ from store.queue import EditQueue
 from store.schema import Backend, EditStatus
 
 if TYPE_CHECKING:
-    from daemon.service import Daemon
+    from daemon.service.daemon import Daemon
 
 log = structlog.get_logger()
 
@@ -90,7 +90,7 @@ class DriftReport:
 
 def drift_probes(cfg: Config, name_or_path: str) -> list[Probe]:
     """The probes for ``cfg``: the configured file, the fact world's, or (any other model)
-    the shipped common-facts prompts (:mod:`daemon.commonfacts`). MELO calibrates its
+    the shipped common-facts prompts (:mod:`daemon.drift.commonfacts`). MELO calibrates its
     routing radius on the same prompts (``editd eval`` builds its editors likewise)."""
     if cfg.drift.probes:
         return load_probes_jsonl(cfg.drift.probes)
@@ -115,7 +115,7 @@ class DriftMonitor:
     @classmethod
     def build(cls, cfg: Config, loaded: LoadedModel, store: Store) -> DriftMonitor:
         """The monitor for ``cfg``: probes from the configured file, the fact world, or
-        (any other model) the shipped common-facts prompts (:mod:`daemon.commonfacts`)."""
+        (any other model) the shipped common-facts prompts (:mod:`daemon.drift.commonfacts`)."""
         probes = drift_probes(cfg, loaded.name_or_path)
         fingerprint = probe_fingerprint(probes)[:16]
         path = store.path.parent / "drift" / f"base-{fingerprint}.safetensors"

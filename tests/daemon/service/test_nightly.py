@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-import daemon.nightly as nightly_mod
+import daemon.service.nightly as nightly_mod
 from daemon.config import Config, FeedsConfig
 from daemon.errors import DriftDisabledError
-from daemon.nightly import NightlySummary, import_offline, run_nightly
+from daemon.service.nightly import NightlySummary, import_offline, run_nightly
 from store.db import Store
 from store.queue import EditQueue, QueuePolicy
 from store.spool import NightlyRunStatus, get_nightly_run, latest_nightly_run, list_spool_files

@@ -25,9 +25,9 @@ from typing import Any
 
 import structlog
 
-from daemon.api.facade import CompletionChoice, CompletionRequest
 from daemon.editors.base import Editor, EditOutcome, EditSpec
-from daemon.eval.metrics import continuation_matches
+from daemon.engine.completions import CompletionChoice, CompletionRequest
+from daemon.model.answers import continuation_matches
 from daemon.model.batches import target_token_ids
 from daemon.model.generate import greedy_continuations
 from daemon.model.loading import LoadedModel
@@ -189,7 +189,7 @@ class Engine:
         """OpenAI-style completions from the edited model. Each prompt is generated under
         the lock (:meth:`EngineLock.after_waiting`), so each choice sees one state of the
         model; a batch waiting for the lock goes between two prompts of a request."""
-        from daemon.completions import complete
+        from daemon.engine.completions import complete
 
         return complete(
             self.loaded.model,

@@ -30,8 +30,8 @@ from itertools import groupby
 
 import structlog
 
-from daemon.engine import Engine
-from daemon.worker import spec_of
+from daemon.engine.engine import Engine
+from daemon.service.worker import spec_of
 from store.db import Store
 from store.edits import EditRecord
 from store.queue import EditQueue

@@ -1,6 +1,6 @@
 """``manifest.json``: what a checkpoint holds, and the checks a manifest must pass.
 
-Written by :class:`daemon.checkpoints.CheckpointManager` beside the editors' folders
+Written by :class:`daemon.service.checkpoints.CheckpointManager` beside the editors' folders
 and hashed into the registry row; read back on verify and restore. Every field is
 validated on construction, with errors that name the field.
 """

@@ -40,8 +40,8 @@ from fastapi import FastAPI
 from daemon.config import ApiConfig, Config, load_config
 from daemon.errors import ConfigError, Shutdown
 from daemon.files import write_private_text
-from daemon.sdnotify import Notifier
-from daemon.service import Daemon
+from daemon.service.daemon import Daemon
+from daemon.service.sdnotify import Notifier
 
 log = structlog.get_logger()
 

@@ -4,7 +4,7 @@ The daemon's algorithm for turning edit requests into model edits, without a
 store, so that the worker and the evaluation harness (editor ``auto``) run
 exactly the same steps:
 
-1. route each edit (``daemon.router``); a request that names a disabled back-end
+1. route each edit (``daemon.engine.router``); a request that names a disabled back-end
    fails;
 2. per back-end (hook first, then MELO with the hook's escalations) apply the
    edits and, when ``verify``, check every accepted one by greedy generation
@@ -34,8 +34,8 @@ import structlog
 
 from daemon.config import RouterConfig
 from daemon.editors.base import EditOutcome, EditSpec
-from daemon.engine import Engine, Verification
-from daemon.router import Route, escalation, route
+from daemon.engine.engine import Engine, Verification
+from daemon.engine.router import Route, escalation, route
 from store.schema import Backend, EditRequest
 
 log = structlog.get_logger()

@@ -3,7 +3,7 @@
 :class:`Daemon` is what ``editd serve`` runs and what the HTTP API talks to
 (it implements :class:`daemon.api.facade.DaemonFacade`). Start-up order:
 
-0. take the store's lock (:mod:`daemon.instance_lock`): one daemon per store, or
+0. take the store's lock (:mod:`daemon.service.instance_lock`): one daemon per store, or
    ``StoreInUseError`` before anything below touches the store or the checkpoints;
 1. open the store; recover the checkpoint folder (temp and orphan folders);
 2. load the model and build the editors (hook and MELO, ``[router] backends``);
@@ -28,15 +28,13 @@ from typing import Any, TypeVar
 import structlog
 
 from daemon import __version__
-from daemon.api.facade import CompletionChoice, CompletionRequest
-from daemon.backend_health import BackendHealth
-from daemon.checkpoints import CheckpointManager, Persistable
 from daemon.config import Config, request_limits
-from daemon.dispatch import Step
-from daemon.drift_job import DriftMonitor
 from daemon.editors.base import Editor
 from daemon.editors.registry import make_editor
-from daemon.engine import Engine
+from daemon.engine.backend_health import BackendHealth
+from daemon.engine.completions import CompletionChoice, CompletionRequest
+from daemon.engine.dispatch import Step
+from daemon.engine.engine import Engine
 from daemon.errors import (
     CheckpointError,
     DaemonNotReadyError,
@@ -44,13 +42,15 @@ from daemon.errors import (
     EditdError,
     InvalidTransitionError,
 )
-from daemon.ingest import Ingestion
-from daemon.instance_lock import StoreLock
-from daemon.metrics import DaemonMetrics
 from daemon.model.loading import LoadedModel
 from daemon.model.source import load_configured_model
-from daemon.replay import RestoreReport, reconcile, requeue_orphans
-from daemon.worker import BatchReport, Worker, WorkerHooks
+from daemon.service.checkpoints import CheckpointManager, Persistable
+from daemon.service.drift_job import DriftMonitor
+from daemon.service.ingest import Ingestion
+from daemon.service.instance_lock import StoreLock
+from daemon.service.metrics import DaemonMetrics
+from daemon.service.replay import RestoreReport, reconcile, requeue_orphans
+from daemon.service.worker import BatchReport, Worker, WorkerHooks
 from store import editlog
 from store.checkpoints import CheckpointRecord, get_checkpoint, latest_good
 from store.db import Store
@@ -142,7 +142,7 @@ class Daemon:
             target=self.worker.run, args=(self._stop,), name="editd-worker", daemon=True
         )
         self._worker_thread.start()
-        from daemon.scheduler import start_scheduler
+        from daemon.service.scheduler import start_scheduler
 
         self.scheduler = start_scheduler(self)
         self._ready.set()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from daemon.sdnotify import Notifier, parse_watchdog_usec, socket_address
+from daemon.service.sdnotify import Notifier, parse_watchdog_usec, socket_address
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@
 A back-end can stop working without an error: a transformers upgrade once made
 every hook edit fail verification, and the router quietly escalated all of them to
 MELO. :class:`BackendHealth` keeps, per back-end, the outcome of the last
-``[health] window_edits`` edits it was given (one :class:`~daemon.dispatch.Step`
+``[health] window_edits`` edits it was given (one :class:`~daemon.engine.dispatch.Step`
 at a time) and calls a back-end *degraded* when, over at least ``min_edits`` of
 them, the share that failed verification passes ``max_verification_failure_rate``
 or the share escalated to another back-end passes ``max_escalation_rate``.
@@ -26,7 +26,7 @@ from typing import Any
 import structlog
 
 from daemon.config import HealthConfig
-from daemon.dispatch import Step
+from daemon.engine.dispatch import Step
 
 log = structlog.get_logger()
 

@@ -8,7 +8,7 @@ import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemon.metrics import SUBMIT_TO_APPLIED_BUCKETS, DaemonMetrics
+from daemon.service.metrics import SUBMIT_TO_APPLIED_BUCKETS, DaemonMetrics
 
 Labels = tuple[tuple[str, str], ...]
 

@@ -1,0 +1,1 @@
+"""The engine: the one model, its editors, the router and dispatch, and completions."""

@@ -1,0 +1,1 @@
+"""The service: the daemon process, its worker and jobs, checkpoints, replay and serving."""
