@@ -77,7 +77,7 @@ from daemon.drift.probes import probes_from_world
 from daemon.editors.base import Editor
 from daemon.editors.hook.setup import read_text_source
 from daemon.editors.hook.stats import cached_covariance, collect_covariance_counted
-from daemon.editors.registry import make_editor
+from daemon.editors.registry import HOOK, MELO, make_editor
 from daemon.engine.engine import Engine
 from daemon.log import configure_logging
 from daemon.model.loading import LoadedModel, load_model
@@ -86,7 +86,7 @@ from store.schema import Backend
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
-LABEL = {"hook": Backend.HOOK, "melo": Backend.MELO, "ft": Backend.AUTO}  # Engine's key only
+LABEL = {"hook": HOOK, "melo": MELO, "ft": Backend.AUTO}  # Engine's key only
 MB = 2**20
 STATS = "the store folder: the hook's covariance statistics are cached in its stats/"
 

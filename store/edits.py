@@ -29,7 +29,9 @@ MAX_RAW_BYTES = 64 * 1024
 """Rejected input is kept as raw text, truncated to this many UTF-8 bytes."""
 
 # Stored requests were valid under the limits of their day; decode them under none.
-_NO_LIMITS = RequestLimits(**{f.name: sys.maxsize for f in fields(RequestLimits)})
+_NO_LIMITS = RequestLimits(
+    **{f.name: sys.maxsize for f in fields(RequestLimits) if f.type == "int"}  # type: ignore[arg-type]
+)
 
 
 @dataclass(frozen=True)
@@ -187,7 +189,8 @@ def update(db: Database, edit_id: str, now: float, **values: Any) -> None:
     values["updated_at"] = now
     assignments = ", ".join(f"{column} = ?" for column in values)
     params = [
-        v.value if isinstance(v, EditStatus | Schedule | Backend) else v for v in values.values()
+        v.value if isinstance(v, EditStatus | Schedule) else str(v) if isinstance(v, Backend) else v
+        for v in values.values()
     ]
     db.execute(f"UPDATE edits SET {assignments} WHERE id = ?", [*params, edit_id])
 
@@ -238,3 +241,17 @@ def counts(db: Database) -> dict[str, int]:
     for status, count in db.execute("SELECT status, COUNT(*) FROM edits GROUP BY status"):
         out[str(status)] = int(count)
     return out
+
+
+def counts_by_backend(db: Database) -> dict[tuple[str, str], int]:
+    """Number of edits per ``(status, backend)``; ``backend`` is ``""`` where unset."""
+    rows = db.execute(
+        "SELECT status, COALESCE(backend, ''), COUNT(*) FROM edits GROUP BY status, backend"
+    )
+    return {(str(s), str(b)): int(n) for s, b, n in rows}
+
+
+def in_status(db: Database, status: EditStatus) -> list[EditRecord]:
+    """Every edit in ``status``, in the order it reached it (``applied_at``, then queue order)."""
+    rows = db.query("SELECT * FROM edits WHERE status = ? ORDER BY applied_at, seq", [status.value])
+    return [EditRecord.from_row(row) for row in rows]

@@ -11,16 +11,30 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import Protocol
 
 import structlog
 from sqlite_utils import Database
 
 from daemon.errors import MigrationError
 
-if TYPE_CHECKING:
-    from store.db import Store
+
+class Migratable(Protocol):
+    """What migrating needs of a store (:class:`store.db.Store` is one)."""
+
+    @property
+    def path(self) -> Path: ...
+
+    @property
+    def db(self) -> Database: ...
+
+    def write(self) -> AbstractContextManager[Database]: ...
+
+    def now(self) -> float: ...
+
 
 log = structlog.get_logger()
 
@@ -253,7 +267,7 @@ def current_version(db: Database) -> int:
     return int(db.execute("PRAGMA user_version").fetchone()[0])
 
 
-def migrate(store: Store, migrations: Sequence[Migration] = MIGRATIONS) -> list[str]:
+def migrate(store: Migratable, migrations: Sequence[Migration] = MIGRATIONS) -> list[str]:
     """Apply the pending ``migrations`` in version order; return the names applied.
 
     Safe to run from several processes at once: each step re-reads the version
@@ -277,7 +291,7 @@ def migrate(store: Store, migrations: Sequence[Migration] = MIGRATIONS) -> list[
     return applied
 
 
-def _apply(store: Store, migration: Migration) -> bool:
+def _apply(store: Migratable, migration: Migration) -> bool:
     try:
         with store.write() as db:
             if migration.version <= current_version(db):
@@ -304,7 +318,7 @@ def _check_order(migrations: Sequence[Migration]) -> None:
         raise MigrationError(f"migration versions must be unique, positive and ordered: {versions}")
 
 
-def _check_known(store: Store, migrations: Sequence[Migration], latest: int) -> None:
+def _check_known(store: Migratable, migrations: Sequence[Migration], latest: int) -> None:
     """Refuse a database that is newer than this code or disagrees with its history."""
     version = current_version(store.db)
     if version > latest:

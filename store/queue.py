@@ -336,6 +336,22 @@ class EditQueue:
         with self.store.read() as db:
             return edits.counts(db)
 
+    def counts_by_backend(self) -> dict[tuple[str, str], int]:
+        """Number of edits per ``(status, backend)`` (``backend`` ``""`` where unset)."""
+        with self.store.read() as db:
+            return edits.counts_by_backend(db)
+
+    def applied_by_backend(self) -> dict[str, int]:
+        """Number of ``applied`` edits per back-end."""
+        applied = EditStatus.APPLIED.value
+        return {b: n for (s, b), n in self.counts_by_backend().items() if s == applied}
+
+    def in_status(self, status: EditStatus) -> builtins.list[EditRecord]:
+        """Every edit in ``status``, in the order it reached it (for ``applied``: the order
+        the model received them)."""
+        with self.store.read() as db:
+            return edits.in_status(db, status)
+
     def due(self) -> tuple[int, float | None]:
         """How many ``queued`` edits are due now (schedule ``now``), and the oldest's
         ``created_at`` (``None`` when there are none)."""

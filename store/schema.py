@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
-from typing import Any
+from typing import Any, ClassVar
 
 from daemon.errors import ConfigError
 
@@ -44,12 +45,45 @@ class EditStatus(StrEnum):
     QUARANTINED = "quarantined"
 
 
-class Backend(StrEnum):
-    """Which editor should apply an edit (``auto`` lets the router decide)."""
+class Backend(str):
+    """A back-end's name as requests and records carry it; ``auto`` lets the router decide.
 
-    AUTO = "auto"
-    MELO = "melo"
-    HOOK = "hook"
+    The store does not know which back-ends exist (:mod:`daemon.editors.registry` does,
+    and intake checks names against it through :class:`RequestLimits`); it only keeps
+    names well formed: lower-case letters, digits and ``_``, starting with a letter, at
+    most 32 characters. Instances are interned, so ``is`` compares them like enum members.
+    """
+
+    __slots__ = ()
+    _interned: ClassVar[dict[str, Backend]] = {}
+    AUTO: ClassVar[Backend]
+
+    def __new__(cls, name: object) -> Backend:
+        if isinstance(name, Backend):
+            return name
+        known = cls._interned.get(name) if isinstance(name, str) else None
+        if known is not None:
+            return known
+        if not isinstance(name, str) or not _BACKEND_NAME.fullmatch(name):
+            raise ValueError(
+                f"a back-end name is 1-32 lower-case letters, digits or '_', starting with "
+                f"a letter; got {name!r}"
+            )
+        made = super().__new__(cls, name)
+        cls._interned[name] = made
+        return made
+
+    @property
+    def value(self) -> str:
+        """The name as a plain ``str`` (what the store writes)."""
+        return str.__str__(self)
+
+    def __repr__(self) -> str:
+        return f"Backend({self.value!r})"
+
+
+_BACKEND_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
+Backend.AUTO = Backend("auto")
 
 
 class Schedule(StrEnum):
@@ -98,7 +132,8 @@ def can_transition(current: EditStatus, wanted: EditStatus) -> bool:
 
 @dataclass(frozen=True)
 class RequestLimits:
-    """Size limits applied to every edit request at intake."""
+    """What intake accepts of every edit request: sizes, and the back-end names a
+    request may ask for (``auto`` always; ``backends`` empty: any well-formed name)."""
 
     max_id_chars: int = 200
     max_prompt_chars: int = 2000
@@ -107,12 +142,17 @@ class RequestLimits:
     max_relation_chars: int = 100
     max_url_chars: int = 2048
     max_request_bytes: int = 256 * 1024
+    backends: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for f in fields(self):
+            if f.name == "backends":
+                continue
             value = getattr(self, f.name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"must be a positive integer, got {value!r}", key=f.name)
+        for name in self.backends:
+            Backend(name)
 
 
 @dataclass(frozen=True)

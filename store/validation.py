@@ -67,7 +67,7 @@ def parse_edit_request(
         heldout_rephrases=_text_list(obj.get("heldout_rephrases"), "heldout_rephrases", limits),
         locality=_locality(obj.get("locality"), limits),
         target_true=_optional_text(obj.get("target_true"), "target_true", limits.max_target_chars),
-        backend=_enum(obj.get("backend"), "backend", Backend, Backend.AUTO),
+        backend=_backend(obj.get("backend"), limits),
         schedule=_enum(obj.get("schedule"), "schedule", Schedule, Schedule.NOW),
         supersedes=_optional_ident(obj.get("supersedes"), "supersedes", limits.max_id_chars),
         source=_source(obj.get("source"), limits, default_source or _DEFAULT_SOURCE),
@@ -321,6 +321,21 @@ def _probe(item: object, name: str, limits: RequestLimits) -> LocalityProbe:
         prompt=_required_text(item, "prompt", limits.max_prompt_chars, f"{name}.prompt"),
         target=_required_text(item, "target", limits.max_target_chars, f"{name}.target"),
     )
+
+
+def _backend(value: object, limits: RequestLimits) -> Backend:
+    if value is None:
+        return Backend.AUTO
+    allowed = ("auto", *limits.backends)
+    if isinstance(value, str) and (value in allowed if limits.backends else value != ""):
+        try:
+            return Backend(value)
+        except ValueError as exc:
+            raise EditValidationError(str(exc), field="backend") from None
+    if limits.backends:
+        shown = ", ".join(repr(b) for b in allowed)
+        raise EditValidationError(f"must be one of {shown}, got {_show(value)}", field="backend")
+    raise EditValidationError(f"must be a back-end name, got {_show(value)}", field="backend")
 
 
 def _enum(value: object, name: str, cls: type[_E], default: _E) -> _E:

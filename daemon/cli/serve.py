@@ -26,6 +26,7 @@ def serve(ctx: click.Context, host: str | None, port: int | None, port_file: Pat
     """Run the daemon: worker, scheduler and HTTP API (until SIGTERM)."""
     from dataclasses import replace
 
+    from daemon.api.server import ApiServer
     from daemon.config import load_config
     from daemon.log import adopt_transformers_logging, configure_logging
     from daemon.service.serve import run_server
@@ -38,7 +39,7 @@ def serve(ctx: click.Context, host: str | None, port: int | None, port_file: Pat
         host=cfg.api.host if host is None else host,
         port=cfg.api.port if port is None else port,
     )
-    raise SystemExit(run_server(replace(cfg, api=api), port_file=port_file))
+    raise SystemExit(run_server(replace(cfg, api=api), frontend=ApiServer, port_file=port_file))
 
 
 @cli.group(cls=EditdGroup)

@@ -6,12 +6,14 @@ exactly the same steps:
 
 1. route each edit (``daemon.engine.router``); a request that names a disabled back-end
    fails;
-2. per back-end (hook first, then MELO with the hook's escalations) apply the
-   edits and, when ``verify``, check every accepted one by greedy generation
+2. per back-end, in the registry's dispatch order (hook first, then MELO with the
+   hook's escalations), apply the edits and, when ``verify``, check every accepted one
+   by greedy generation
    (``Engine.verify``); an edit that fails verification is retracted again;
 3. an edit a back-end refuses or that fails verification there is escalated once
-   (``router.escalation``: hook to MELO); an edit that fails everywhere is failed
-   with the reason (no retry: the same input fails the same way).
+   (``router.escalation``: to the back-end's ``escalates_to``, hook to MELO); an edit
+   that fails everywhere is failed with the reason (no retry: the same input fails the
+   same way).
 
 An editor may replace earlier edits on its own (the hook merges edits of one
 fact: the earlier one is retracted inside ``apply``). Their ids are kept in the
@@ -34,13 +36,12 @@ import structlog
 
 from daemon.config import RouterConfig
 from daemon.editors.base import EditOutcome, EditSpec
+from daemon.editors.registry import MELO, backend_names
 from daemon.engine.engine import Engine, Verification
 from daemon.engine.router import Route, escalation, route
 from store.schema import Backend, EditRequest
 
 log = structlog.get_logger()
-
-BACKEND_ORDER = (Backend.HOOK, Backend.MELO)
 
 
 @dataclass(frozen=True)
@@ -122,9 +123,10 @@ def dispatch(
     hooks = hooks or DispatchHooks()
     result = DispatchResult()
     specs = {item.spec.edit_id: item.spec for item in items}
-    waiting: dict[Backend, list[str]] = {b: [] for b in BACKEND_ORDER}
+    order = backend_names()
+    waiting: dict[Backend, list[str]] = {b: [] for b in order}
     available = engine.backends
-    melo = engine.editors.get(Backend.MELO)
+    melo = engine.editors.get(MELO)
     by_subject = melo is not None and melo.reads_subjects
     for item in items:
         edit_id = item.spec.edit_id
@@ -134,7 +136,7 @@ def dispatch(
             result.failed[edit_id] = f"back-end '{chosen.backend.value}' is not enabled"
         else:
             waiting[chosen.backend].append(edit_id)
-    for backend in BACKEND_ORDER:
+    for backend in order:
         ids = waiting[backend]
         if not ids:
             continue

@@ -2,26 +2,27 @@
 
 Rules, in order:
 
-1. A request that names a back-end (``"backend": "melo" | "hook"``) gets it.
-2. ``"auto"`` means ``[router] default_backend``; when that is ``melo`` or
-   ``hook`` the edit goes there.
+1. A request that names a back-end (``"backend": "melo"``, ``"hook"`` or any name in
+   :mod:`daemon.editors.registry`) gets it.
+2. ``"auto"`` means ``[router] default_backend``; when that names a back-end the edit
+   goes there.
 3. Otherwise (auto/auto), by what the back-ends' keys reach:
    - an edit without a subject, or with a long target (more than
      ``hook_max_target_tokens`` tokens), goes to MELO, which trains a LoRA block on
      any prompt/target pair;
    - a subject-bearing edit with a short target goes to MELO when MELO reads its keys
      at the subject (``[editors.melo] key_position = "subject_last"``, the default),
-     and to the hook when MELO's keys are prompt-last. Measured on real models
-     (BENCHMARKS.md, "Real models, session 10"): on SmolLM2-135M at 1,000 sequential
-     CounterFact edits, MELO with subject keys scored ES .995 / PS .853 / NS .668,
-     paraphrase .462 by generation and .626 under the chat template, at 0.9 s and
-     2.3 GB, against the hook's .973 / .762 / .664, .211, .211, 4.2 s and 4.4 GB;
-     with prompt-last keys MELO reaches no paraphrase (.002), so the hook's subject
-     keys are the better home for a fact.
+     and to the hook when MELO's keys are prompt-last (BENCHMARKS.md has the real-model
+     measurements behind this rule: with prompt-last keys MELO reaches almost no
+     paraphrase, so the hook's subject keys are the better home for a fact).
 
 A back-end that is not available in this daemon is never chosen for ``auto`` (the
-other one is, with the reason saying so); an explicit request for it is routed
-anyway and fails with a clear reason.
+first available one in dispatch order is, with the reason saying so); an explicit
+request for it is routed anyway and fails with a clear reason.
+
+Escalation: an edit that fails verification on a back-end is retried on the
+back-end its registry entry names in ``escalates_to`` (the hook's is MELO), when
+``[router] escalate_to_melo`` is on and that back-end is available.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 from transformers import PreTrainedTokenizerBase
 
 from daemon.config import RouterConfig
+from daemon.editors.registry import HOOK, MELO, backend_names, entry
 from daemon.model.batches import target_token_ids
 from store.schema import Backend, EditRequest
 
@@ -48,7 +50,7 @@ def route(
     request: EditRequest,
     config: RouterConfig,
     tokenizer: PreTrainedTokenizerBase,
-    available: Collection[Backend] = (Backend.MELO, Backend.HOOK),
+    available: Collection[Backend] = (MELO, HOOK),
     melo_reads_subjects: bool = False,
 ) -> Route:
     """The back-end for ``request`` under ``config`` (see the module rules);
@@ -62,9 +64,9 @@ def route(
     chosen = _auto(request, config, tokenizer, melo_reads_subjects)
     if chosen.backend in available:
         return chosen
-    other = Backend.HOOK if chosen.backend is Backend.MELO else Backend.MELO
-    if other in available:
-        return Route(other, f"{chosen.backend.value} back-end unavailable: {other.value}")
+    for other in backend_names():
+        if other in available:
+            return Route(other, f"{chosen.backend.value} back-end unavailable: {other.value}")
     return chosen
 
 
@@ -75,22 +77,26 @@ def _auto(
     melo_reads_subjects: bool,
 ) -> Route:
     if not request.subject:
-        return Route(Backend.MELO, "no subject: MELO")
+        return Route(MELO, "no subject: MELO")
     n_tokens = len(target_token_ids(tokenizer, request.prompt, request.target))
     if n_tokens > config.hook_max_target_tokens:
         return Route(
-            Backend.MELO,
+            MELO,
             f"target is {n_tokens} tokens (> {config.hook_max_target_tokens}): MELO",
         )
     if melo_reads_subjects:
-        return Route(Backend.MELO, "subject-bearing edit, MELO keys at the subject: MELO")
-    return Route(Backend.HOOK, "subject-bearing edit with a short target: hook")
+        return Route(MELO, "subject-bearing edit, MELO keys at the subject: MELO")
+    return Route(HOOK, "subject-bearing edit with a short target: hook")
 
 
 def escalation(
     current: Backend, config: RouterConfig, available: Collection[Backend]
 ) -> Backend | None:
     """Where an edit that failed verification on ``current`` is retried, if anywhere."""
-    if current is Backend.HOOK and config.escalate_to_melo and Backend.MELO in available:
-        return Backend.MELO
-    return None
+    here = entry(current)
+    onwards = here.escalates_to
+    if not config.escalate_to_melo or onwards is None or onwards not in available:
+        return None
+    if entry(onwards).order <= here.order:  # dispatch has passed it: nowhere to go
+        return None
+    return onwards

@@ -17,6 +17,7 @@ from typing import Any
 
 from daemon.config import Config, RouterConfig
 from daemon.editors.base import Editor, EditOutcome, EditSpec
+from daemon.editors.registry import HOOK, MELO
 from daemon.engine.dispatch import DispatchItem, DispatchResult, dispatch, request_for
 from daemon.engine.engine import Engine
 from daemon.model.loading import LoadedModel
@@ -49,7 +50,7 @@ class RoutingTally:
         self.failed += len(result.failed)
 
     def to_json_dict(self) -> dict[str, Any]:
-        names = [b.value for b in (Backend.HOOK, Backend.MELO)]
+        names = [b.value for b in (HOOK, MELO)]
         return {
             "routed": {n: self.routed.get(n, 0) for n in names},
             "applied": {n: self.applied.get(n, 0) for n in names},

@@ -6,7 +6,7 @@
 0. take the store's lock (:mod:`daemon.service.instance_lock`): one daemon per store, or
    ``StoreInUseError`` before anything below touches the store or the checkpoints;
 1. open the store; recover the checkpoint folder (temp and orphan folders);
-2. load the model and build the editors (hook and MELO, ``[router] backends``);
+2. load the model and build the editors (``[router] backends``, by the registry);
 3. score the drift probes on the base model (cached per model and probe set);
 4. restore: requeue orphaned ``applying`` edits, load the newest checkpoint
    that verifies, reconcile the model with the store's ``applied`` edits;
@@ -50,6 +50,7 @@ from daemon.service.ingest import Ingestion
 from daemon.service.instance_lock import StoreLock
 from daemon.service.metrics import DaemonMetrics
 from daemon.service.replay import RestoreReport, reconcile, requeue_orphans
+from daemon.service.scheduler import start_scheduler
 from daemon.service.worker import BatchReport, Worker, WorkerHooks
 from store import editlog
 from store.checkpoints import CheckpointRecord, get_checkpoint, latest_good
@@ -78,7 +79,7 @@ class Daemon:
 
     def __init__(self, config: Config, *, metrics: DaemonMetrics | None = None) -> None:
         self.config = config
-        self.metrics = metrics or DaemonMetrics(__version__)
+        self.metrics = metrics or DaemonMetrics(__version__, backends=config.router.backends)
         self.store_lock: StoreLock | None = None
         self.health = BackendHealth(config.health, config.router.backends)
         self.store: Store | None = None
@@ -142,7 +143,6 @@ class Daemon:
             target=self.worker.run, args=(self._stop,), name="editd-worker", daemon=True
         )
         self._worker_thread.start()
-        from daemon.service.scheduler import start_scheduler
 
         self.scheduler = start_scheduler(self)
         self._ready.set()
@@ -185,6 +185,11 @@ class Daemon:
     @property
     def stopping(self) -> bool:
         return self._stop.is_set()
+
+    @property
+    def edits_since_checkpoint(self) -> int:
+        """Edits applied since the last checkpoint (the interval job skips when none)."""
+        return self._edits_since_checkpoint
 
     def worker_progress_age(self) -> float:
         """Seconds since the worker last made progress (for the watchdog)."""
@@ -413,10 +418,6 @@ class Daemon:
     def status(self) -> dict[str, Any]:
         store, queue, engine = self.live_store(), self.live_queue(), self.live_engine()
         counts = queue.counts()
-        with store.read() as db:
-            rows = db.execute(
-                "SELECT backend, COUNT(*) FROM edits WHERE status = 'applied' GROUP BY backend"
-            ).fetchall()
         last_ck = latest_good(store)
         drift = latest_probe_run(store, "drift")
         nightly = latest_nightly_run(store)
@@ -427,7 +428,7 @@ class Daemon:
             "backends": [b.value for b in engine.backends],
             "queue_depth": counts["queued"] + counts["applying"],
             "edits": counts,
-            "applied_by_backend": {str(b): int(n) for b, n in rows},
+            "applied_by_backend": queue.applied_by_backend(),
             "backend_health": {b: r.to_json_dict() for b, r in self.health.snapshot().items()},
             "last_checkpoint": None if last_ck is None else last_ck.to_json_dict(),
             "last_drift": None if drift is None else drift.to_json_dict(),
@@ -440,12 +441,7 @@ class Daemon:
 
     def metrics_text(self) -> tuple[bytes, str]:
         if self.store is not None and self._ready.is_set():
-            with self.store.read() as db:
-                rows = db.execute(
-                    "SELECT status, COALESCE(backend, ''), COUNT(*) FROM edits "
-                    "GROUP BY status, backend"
-                ).fetchall()
-            self.metrics.set_edit_counts({(s, b): int(n) for s, b, n in rows})
+            self.metrics.set_edit_counts(self.live_queue().counts_by_backend())
             self.metrics.set_queue_depth(self.live_queue().depth())
         return self.metrics.exposition()
 

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import groupby
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -48,6 +48,7 @@ from daemon.drift.scoring import DriftScores, DriftThresholds, judge, score_edit
 from daemon.engine.engine import Engine
 from daemon.errors import ConfigError
 from daemon.model.loading import LoadedModel
+from daemon.service.checkpoints import CheckpointManager, Persistable
 from daemon.service.metrics import DaemonMetrics
 from daemon.service.replay import applied_in_order, reconcile
 from daemon.service.worker import spec_of
@@ -58,10 +59,28 @@ from store.probes import record_probe_run
 from store.queue import EditQueue
 from store.schema import Backend, EditStatus
 
-if TYPE_CHECKING:
-    from daemon.service.daemon import Daemon
-
 log = structlog.get_logger()
+
+
+class RollbackHost(Protocol):
+    """What a drift rollback needs from the daemon (:class:`daemon.service.daemon.Daemon`
+    is one): the live engine, queue, store and checkpoints, and what to checkpoint."""
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def metrics(self) -> DaemonMetrics: ...
+
+    def live_engine(self) -> Engine: ...
+
+    def live_queue(self) -> EditQueue: ...
+
+    def live_store(self) -> Store: ...
+
+    def live_checkpoints(self) -> CheckpointManager: ...
+
+    def persistables(self) -> dict[str, Persistable]: ...
 
 
 @dataclass(frozen=True)
@@ -206,7 +225,7 @@ class DriftMonitor:
 
     # --- repair -------------------------------------------------------------------------
 
-    def rollback(self, daemon: Daemon, evidence: DriftReport) -> dict[str, Any]:
+    def rollback(self, daemon: RollbackHost, evidence: DriftReport) -> dict[str, Any]:
         """Restore the last good state and isolate the damaging edits (see the module doc)."""
         engine, queue, store = daemon.live_engine(), daemon.live_queue(), daemon.live_store()
         manager = daemon.live_checkpoints()
@@ -265,9 +284,12 @@ class DriftMonitor:
 
 
 def _by_backend(items: Sequence[EditRecord]) -> list[tuple[Backend, list[EditRecord]]]:
+    """Runs of consecutive edits by the back-end that applied them (applied edits name
+    theirs; one that does not is left out, as replay leaves it out)."""
     return [
-        (Backend(name or "melo"), list(group))
+        (Backend(name), list(group))
         for name, group in groupby(items, key=lambda r: r.backend)
+        if name is not None
     ]
 
 

@@ -16,24 +16,30 @@ applies what they queue. Feed items that retract an edit go through the daemon's
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import structlog
 
 from daemon.feeds.poller import FeedPoller, PollReport
-from daemon.service.nightly import run_nightly
+from daemon.service.nightly import NightlyHost, run_nightly
+from store.edits import EditRecord
 from store.spool import fail_interrupted_runs, latest_nightly_run
 
-if TYPE_CHECKING:
-    from daemon.service.daemon import Daemon
-
 log = structlog.get_logger()
+
+
+class IngestionHost(NightlyHost, Protocol):
+    """What feed polls and nightly runs need from the daemon
+    (:class:`daemon.service.daemon.Daemon` is one): a nightly run's needs, and retraction
+    for feed items that are withdrawn."""
+
+    def retract(self, edit_id: str, reason: str) -> EditRecord: ...
 
 
 class Ingestion:
     """Feed polls and nightly runs for one daemon."""
 
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: IngestionHost) -> None:
         self.daemon = daemon
         self._poll_lock = threading.Lock()
         self._nightly_lock = threading.Lock()

@@ -40,6 +40,8 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from daemon.editors.registry import backend_names
+
 SUBMIT_TO_APPLIED_BUCKETS: tuple[float, ...] = (
     0.1,
     0.25,
@@ -90,15 +92,16 @@ class _CheckpointAgeCollector(Collector):
 class DaemonMetrics:
     """The daemon's metrics; every method is cheap and thread-safe (prometheus_client locks).
 
-    ``backends`` pre-creates the per-backend series at zero so rates work from
-    the first scrape; ``clock`` (wall-clock seconds) is for the checkpoint age.
+    ``backends`` (default: every registered one) pre-creates the per-backend series at
+    zero so rates work from the first scrape; ``clock`` (wall-clock seconds) is for the
+    checkpoint age.
     """
 
     def __init__(
         self,
         version: str,
         *,
-        backends: Sequence[str] = ("melo", "hook"),
+        backends: Sequence[str] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -181,7 +184,7 @@ class DaemonMetrics:
         self._edit_lock = threading.Lock()
         for outcome in DRIFT_OUTCOMES:
             self._drift_runs.labels(outcome=outcome)
-        for backend in backends:
+        for backend in backend_names() if backends is None else backends:
             self._verification_failures.labels(backend=backend)
             self._backend_edits.labels(backend=backend)
             self._escalations.labels(backend=backend)

@@ -30,6 +30,7 @@ from itertools import groupby
 
 import structlog
 
+from daemon.editors.registry import BACKENDS
 from daemon.engine.engine import Engine
 from daemon.service.worker import spec_of
 from store.db import Store
@@ -63,9 +64,7 @@ class RestoreReport:
 
 def applied_in_order(store: Store) -> list[EditRecord]:
     """Every ``applied`` edit, in the order it was applied."""
-    with store.read() as db:
-        rows = db.query("SELECT * FROM edits WHERE status = 'applied' ORDER BY applied_at, seq")
-        return [EditRecord.from_row(row) for row in rows]
+    return EditQueue(store).in_status(EditStatus.APPLIED)
 
 
 def requeue_orphans(queue: EditQueue, store: Store) -> int:
@@ -74,8 +73,7 @@ def requeue_orphans(queue: EditQueue, store: Store) -> int:
     Only one daemon owns a store (and the model), so at start-up every lease is
     a dead process's, expired or not.
     """
-    with store.read() as db:
-        ids = [row[0] for row in db.execute("SELECT id FROM edits WHERE status = 'applying'")]
+    ids = [r.id for r in queue.in_status(EditStatus.APPLYING)]
     for edit_id in ids:
         queue.transition(edit_id, EditStatus.QUEUED, reason="taken back at start-up")
     if ids:
@@ -86,8 +84,8 @@ def requeue_orphans(queue: EditQueue, store: Store) -> int:
 def reconcile(engine: Engine, queue: EditQueue, store: Store, *, verify: bool) -> ReconcileReport:
     """Make the model hold exactly the store's ``applied`` edits (see the module doc)."""
     t0 = time.perf_counter()
-    desired = [r for r in applied_in_order(store) if r.backend in {b.value for b in Backend}]
-    wanted = {(r.id, Backend(r.backend or "melo")) for r in desired}
+    desired = [r for r in applied_in_order(store) if r.backend in BACKENDS]
+    wanted = {(r.id, Backend(r.backend)) for r in desired}
     retracted = 0
     for backend, held in engine.applied_ids().items():
         stale = [e for e in held if (e, backend) not in wanted]
@@ -95,11 +93,9 @@ def reconcile(engine: Engine, queue: EditQueue, store: Store, *, verify: bool) -
             engine.retract(backend, stale)
             retracted += len(stale)
     held_now = {(e, b) for b, ids in engine.applied_ids().items() for e in ids}
-    missing = [r for r in desired if (r.id, Backend(r.backend or "melo")) not in held_now]
+    missing = [r for r in desired if (r.id, Backend(r.backend)) not in held_now]
     failed: list[str] = []
-    for (_batch, backend_name), group in groupby(
-        missing, key=lambda r: (r.batch_id, r.backend or "melo")
-    ):
+    for (_batch, backend_name), group in groupby(missing, key=lambda r: (r.batch_id, r.backend)):
         failed += _replay_batch(engine, queue, Backend(backend_name), list(group), verify)
     report = ReconcileReport(
         replayed=len(missing) - len(failed),

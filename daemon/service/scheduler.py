@@ -20,18 +20,46 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import structlog
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 
+from daemon.config import Config
+from daemon.service.drift_job import DriftMonitor
+from daemon.service.ingest import Ingestion
+from store.checkpoints import CheckpointRecord
+from store.queue import EditQueue
 from store.schema import Schedule
 
-if TYPE_CHECKING:
-    from daemon.service.daemon import Daemon
-
 log = structlog.get_logger()
+
+
+class SchedulerHost(Protocol):
+    """What the scheduled jobs need from the daemon (:class:`daemon.service.daemon.Daemon`
+    is one)."""
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def stopping(self) -> bool: ...
+
+    @property
+    def edits_since_checkpoint(self) -> int: ...
+
+    @property
+    def ingestion(self) -> Ingestion: ...
+
+    @property
+    def drift(self) -> DriftMonitor | None: ...
+
+    def live_queue(self) -> EditQueue: ...
+
+    def checkpoint(self, reason: str) -> CheckpointRecord | None: ...
+
+    def run_drift_check(self) -> dict[str, Any]: ...
 
 
 def _guarded(name: str, job: Callable[[], Any]) -> Callable[[], None]:
@@ -45,20 +73,20 @@ def _guarded(name: str, job: Callable[[], Any]) -> Callable[[], None]:
     return run
 
 
-def nightly_release(daemon: Daemon) -> int:
+def nightly_release(daemon: SchedulerHost) -> int:
     """Release the nightly edits into the queue now; how many."""
     return daemon.live_queue().release_schedule(Schedule.NIGHTLY)
 
 
-def interval_checkpoint(daemon: Daemon) -> str | None:
+def interval_checkpoint(daemon: SchedulerHost) -> str | None:
     """A checkpoint if edits were applied since the last one."""
-    if daemon.stopping or daemon._edits_since_checkpoint == 0:
+    if daemon.stopping or daemon.edits_since_checkpoint == 0:
         return None
     record = daemon.checkpoint("interval")
     return None if record is None else record.id
 
 
-def start_scheduler(daemon: Daemon) -> BackgroundScheduler | None:
+def start_scheduler(daemon: SchedulerHost) -> BackgroundScheduler | None:
     """Start the jobs for ``daemon`` (None when ``[scheduler] enabled = false``)."""
     cfg = daemon.config
     if not cfg.scheduler.enabled:

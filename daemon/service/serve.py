@@ -13,8 +13,11 @@ systemd is told READY=1. The main thread only waits for signals:
   minutes on locate and key statistics) the first one abandons the start at
   once: nothing is half-written (caches are written atomically), exit 0.
 - SIGHUP: re-read the config file and take its reloadable parts, the API token
-  among them (:data:`daemon.api.app.RELOADABLE`): a rotated token applies to the
+  among them (the front end's reloadable settings): a rotated token applies to the
   next request.
+
+The HTTP front end comes from the caller (``editd serve`` passes
+:class:`daemon.api.server.ApiServer`), so the service does not know the API.
 
 With ``NOTIFY_SOCKET`` set, systemd hears READY/STATUS/STOPPING/RELOADING,
 EXTEND_TIMEOUT while the model loads, and WATCHDOG pings while the worker makes
@@ -29,13 +32,13 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Protocol
 
 import structlog
-from fastapi import FastAPI
 
 from daemon.config import ApiConfig, Config, load_config
 from daemon.errors import ConfigError, Shutdown
@@ -47,6 +50,26 @@ log = structlog.get_logger()
 
 LOAD_TIMEOUT_EXTENSION_S = 600.0
 EXIT_NOW = 1
+
+
+class HttpFrontend(Protocol):
+    """The HTTP side of the process: serves the daemon on a bound socket."""
+
+    def run(self, sockets: list[socket.socket]) -> None:
+        """Serve until :meth:`stop` (blocks; run in a thread)."""
+        ...
+
+    def stop(self) -> None:
+        """Finish the requests under way and return from :meth:`run`."""
+        ...
+
+    def reload(self, fresh: ApiConfig) -> None:
+        """Take the reloadable settings of ``fresh``."""
+        ...
+
+
+FrontendFactory = Callable[[Daemon, ApiConfig], HttpFrontend]
+"""Builds the front end for a daemon (``ApiServer(daemon, config.api)``)."""
 
 
 def is_loopback(host: str) -> bool:
@@ -125,7 +148,7 @@ def _watchdog(daemon: Daemon, notifier: Notifier, interval: float, done: threadi
             log.warning("watchdog_withheld", worker_stalled_s=round(age, 1))
 
 
-def run_server(config: Config, *, port_file: Path | None = None) -> int:
+def run_server(config: Config, *, frontend: FrontendFactory, port_file: Path | None = None) -> int:
     """Run the daemon until a signal; the process exit status."""
     check_bind(config)
     signals = _Signals()
@@ -133,13 +156,13 @@ def run_server(config: Config, *, port_file: Path | None = None) -> int:
     signals.install()
     notifier = Notifier.from_env()
     daemon = Daemon(config)
-    server: Any = None
+    server: HttpFrontend | None = None
     http: threading.Thread | None = None
     t0 = time.perf_counter()
 
     def stop_http() -> None:
         if server is not None and http is not None:
-            server.should_exit = True
+            server.stop()
             http.join(timeout=10)
 
     try:
@@ -148,12 +171,8 @@ def run_server(config: Config, *, port_file: Path | None = None) -> int:
         port = sock.getsockname()[1]
         if port_file is not None:
             write_private_text(port_file, f"{port}\n")
-        from daemon.api.app import create_app
-        from daemon.api.connections import http_server
-
-        app = create_app(daemon, config.api)
-        server = http_server(app, config.api)
-        http = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="editd-http")
+        server = frontend(daemon, config.api)
+        http = threading.Thread(target=server.run, args=([sock],), name="editd-http")
         http.start()
         log.info("api_listening", host=config.api.host, port=port)
         notifier.extend_timeout(LOAD_TIMEOUT_EXTENSION_S)
@@ -182,28 +201,26 @@ def run_server(config: Config, *, port_file: Path | None = None) -> int:
     while not signals.stop.wait(0.2):
         if signals.reload.is_set():
             signals.reload.clear()
-            _reload(daemon, app, notifier, config.source)
+            _reload(daemon, server, notifier, config.source)
     notifier.stopping()
     notifier.status("stopping: finishing the current batch")
     daemon.stop(checkpoint=True)
     done.set()
-    server.should_exit = True
+    server.stop()
     http.join(timeout=30)
     notifier.close()
     return 0
 
 
-def _reload(daemon: Daemon, app: FastAPI, notifier: Notifier, source: Path | None) -> None:
+def _reload(daemon: Daemon, server: HttpFrontend, notifier: Notifier, source: Path | None) -> None:
     """Take the reloadable parts of the config file: the daemon's, then the API's (a
     public bind keeps refusing an empty token; the bind address itself stays)."""
-    from daemon.api.app import reload_settings
-
     notifier.reloading()
     try:
         fresh = load_config(source)
         check_api_bind(replace(fresh.api, host=daemon.config.api.host))
         daemon.reload(replace(fresh, api=daemon.config.api))
-        reload_settings(app, fresh.api)
+        server.reload(fresh.api)
     except ConfigError as exc:
         log.error("reload_failed", error=str(exc))
     notifier.ready()

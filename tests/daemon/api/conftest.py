@@ -4,7 +4,7 @@ Nothing is mocked: edits go through :class:`store.queue.EditQueue` into a fresh
 SQLite file, completions through :func:`daemon.engine.completions.complete` on the
 micro fact-world model (with a routing that records the prompts it was given).
 ``make_server`` serves an app as ``editd serve`` does (uvicorn with the connection
-limits of :mod:`daemon.api.connections`) on a free 127.0.0.1 port.
+limits of :mod:`daemon.api.server`) on a free 127.0.0.1 port.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from transformers import (
 )
 
 from daemon.api.app import create_app
-from daemon.api.connections import http_server
 from daemon.api.facade import DaemonFacade
+from daemon.api.server import http_server
 from daemon.config import ApiConfig, Config
 from daemon.engine.completions import CompletionChoice, CompletionRequest, complete
 from daemon.errors import DriftDisabledError, RecordNotFoundError

@@ -10,6 +10,7 @@ import structlog
 
 from daemon.config import HealthConfig, RouterConfig, load_config
 from daemon.editors.base import EditOutcome
+from daemon.editors.registry import HOOK, MELO
 from daemon.engine.backend_health import BackendHealth, Outcome, outcome_of
 from daemon.engine.dispatch import DispatchHooks, Step, dispatch
 from daemon.engine.engine import Engine
@@ -43,7 +44,7 @@ def _step(
 
 
 def test_outcome_of_each_edit_of_a_step() -> None:
-    step = _step(Backend.HOOK, applied=1, unverified=1, refused=1)
+    step = _step(HOOK, applied=1, unverified=1, refused=1)
     assert [outcome_of(step, e) for e in step.edit_ids] == [
         Outcome.APPLIED,
         Outcome.UNVERIFIED,
@@ -56,16 +57,16 @@ def test_no_verdict_before_min_edits_then_degraded_once_and_recovered_once() -> 
     changes: list[bool] = []
     health = BackendHealth(config, ["hook", "melo"], on_change=lambda r: changes.append(r.degraded))
     with structlog.testing.capture_logs() as logs:
-        rates = health.record(_step(Backend.HOOK, unverified=3, escalate=False))
+        rates = health.record(_step(HOOK, unverified=3, escalate=False))
         assert rates.edits == 3 and not rates.degraded  # 3 < min_edits
         assert rates.verification_failure_rate == 1.0
-        rates = health.record(_step(Backend.HOOK, applied=1, tag="b"))
+        rates = health.record(_step(HOOK, applied=1, tag="b"))
         assert rates.degraded and rates.verification_failure_rate == 0.75
         assert rates.escalation_rate == 0.0
         assert rates.reasons == ("3 of the last 4 edits failed verification (> 25%)",)
-        health.record(_step(Backend.HOOK, unverified=1, tag="c", escalate=False))  # still bad
+        health.record(_step(HOOK, unverified=1, tag="c", escalate=False))  # still bad
         # the window keeps the last 10: seven good edits push the failures out
-        rates = health.record(_step(Backend.HOOK, applied=8, tag="d"))
+        rates = health.record(_step(HOOK, applied=8, tag="d"))
         assert rates.edits == 10 and rates.verification_failures == 1 and not rates.degraded
     events = [(e["event"], e["log_level"]) for e in logs]
     assert events == [("backend_degraded", "warning"), ("backend_recovered", "info")]
@@ -84,8 +85,8 @@ def test_new_thresholds_and_window_apply_at_once_and_announce_changed_verdicts()
     health = BackendHealth(
         config, ["hook", "melo"], on_change=lambda r: changes.append((r.backend, r.degraded))
     )
-    health.record(_step(Backend.HOOK, unverified=4, escalate=False))
-    health.record(_step(Backend.HOOK, applied=4, tag="b"))
+    health.record(_step(HOOK, unverified=4, escalate=False))
+    health.record(_step(HOOK, applied=4, tag="b"))
     assert health.snapshot()["hook"].degraded and changes == [("hook", True)]
     health.reconfigure(replace(config, max_verification_failure_rate=0.6))
     assert not health.snapshot()["hook"].degraded and changes[-1] == ("hook", False)
@@ -93,7 +94,7 @@ def test_new_thresholds_and_window_apply_at_once_and_announce_changed_verdicts()
     rates = health.snapshot()["hook"]
     assert rates.edits == 4 and rates.verification_failure_rate == 0.0  # the newest 4
     assert not rates.degraded and len(changes) == 2
-    health.record(_step(Backend.HOOK, unverified=2, escalate=False, tag="c"))
+    health.record(_step(HOOK, unverified=2, escalate=False, tag="c"))
     assert health.snapshot()["hook"].degraded  # 2 of the newest 4 > 0.25
     assert health.config.window_edits == 4 and changes[-1] == ("hook", True)
 
@@ -102,7 +103,7 @@ def test_escalations_alone_make_a_back_end_degraded() -> None:
     """Refusals that escalate (no verification failure) count against the escalation rate."""
     config = HealthConfig(window_edits=20, min_edits=5, max_escalation_rate=0.5)
     health = BackendHealth(config, ["hook"])
-    rates = health.record(_step(Backend.HOOK, applied=2, refused=3))
+    rates = health.record(_step(HOOK, applied=2, refused=3))
     assert rates.degraded and rates.refusals == 3 and rates.escalation_rate == 0.6
     assert rates.verification_failure_rate == 0.0
     assert rates.reasons == ("3 of the last 5 edits escalated to another back-end (> 50%)",)
@@ -129,7 +130,7 @@ def test_a_back_end_whose_edits_never_verify_is_degraded(micro_world: Path) -> N
     the model, so greedy verification fails every one; the hook's go on to MELO."""
     engine = Engine(
         load_model(str(micro_world), device="cpu"),
-        {Backend.HOOK: Scripted("hook"), Backend.MELO: Scripted("melo")},
+        {HOOK: Scripted("hook"), MELO: Scripted("melo")},
     )
     health = BackendHealth(HealthConfig(min_edits=2), ["hook", "melo"])
     steps: list[Step] = []
@@ -140,7 +141,7 @@ def test_a_back_end_whose_edits_never_verify_is_degraded(micro_world: Path) -> N
 
     hooks = DispatchHooks(after_step=after_step)
     result = dispatch(engine, _items(), RouterConfig(), verify=True, hooks=hooks)
-    hook_step = next(s for s in steps if s.backend is Backend.HOOK)
+    hook_step = next(s for s in steps if s.backend is HOOK)
     assert hook_step.unverified and hook_step.unverified == hook_step.escalated
     assert set(result.escalated) == set(hook_step.escalated)
     rates = health.snapshot()

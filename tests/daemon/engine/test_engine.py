@@ -13,10 +13,10 @@ from typing import Any, cast
 import pytest
 
 from daemon.editors.base import Editor
+from daemon.editors.registry import HOOK
 from daemon.engine.completions import CompletionChoice, CompletionRequest
 from daemon.engine.engine import Engine, EngineLock
 from daemon.model.loading import LoadedModel, load_model
-from store.schema import Backend
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def test_a_waiting_batch_goes_between_the_prompts_of_a_completion(loaded: Loaded
     """A 32-prompt completion is under way; a batch (``with engine.lock``) that starts
     waiting gets the lock after the current prompt, and the completion resumes after it."""
     routing = RoutingLog()
-    engine = Engine(loaded, {Backend.HOOK: cast(Editor, routing)})
+    engine = Engine(loaded, {HOOK: cast(Editor, routing)})
     prompts = tuple(f"The capital of Vonmark is{' the' * (i % 4)}" for i in range(32))
     request = CompletionRequest(prompts=prompts, max_tokens=12, temperature=0)
     out: list[list[CompletionChoice]] = []

@@ -15,7 +15,7 @@ from daemon.cli import cli
 from daemon.config import RouterConfig, load_config, parse_config
 from daemon.editors.base import Editor, EditOutcome, EditSpec
 from daemon.editors.noop import NoopEditor
-from daemon.editors.registry import make_editor
+from daemon.editors.registry import HOOK, MELO, make_editor
 from daemon.engine.engine import Engine
 from daemon.eval.cases import load_cases
 from daemon.eval.harness import EvalSettings, Harness
@@ -25,10 +25,10 @@ from daemon.world.editsets import counterfactual_edits, write_jsonl
 from store.schema import Backend
 from tests.daemon.service.conftest import write_toml
 
-HOOK = {"layers": [1], "key_position": "prompt_last", "covariance_tokens": 20000}
+HOOK_SETTINGS = {"layers": [1], "key_position": "prompt_last", "covariance_tokens": 20000}
 # Prompt-last MELO keys, the micro world's setting: auto then sends facts to the hook,
 # whose escalations these tests follow (with subject keys MELO takes them: test_router).
-MELO = {"max_blocks": 16, "key_position": "prompt_last"}
+MELO_SETTINGS = {"max_blocks": 16, "key_position": "prompt_last"}
 
 
 @pytest.fixture
@@ -51,8 +51,8 @@ def mixed_edits(micro_world: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 def _config(folder: Path, **sections: dict[str, Any]) -> Path:
     tables: dict[str, dict[str, Any]] = {
-        "editors.hook": dict(HOOK),
-        "editors.melo": dict(MELO),
+        "editors.hook": dict(HOOK_SETTINGS),
+        "editors.melo": dict(MELO_SETTINGS),
         **sections,
     }
     return write_toml(folder, tables)
@@ -65,7 +65,7 @@ def test_auto_routes_to_both_backends_and_escalates_a_refused_hook_edit(
     (as it does, e.g., when its update norm is out of range) and MELO takes it instead."""
     config = load_config(_config(tmp_path))
     editor = build_routed_editor(loaded, config)
-    hook = editor.engine.editor(Backend.HOOK)
+    hook = editor.engine.editor(HOOK)
     real_apply = hook.apply
     cases = list(load_cases(mixed_edits).cases)
     refused_id = cases[1].spec.edit_id
@@ -88,7 +88,7 @@ def test_auto_routes_to_both_backends_and_escalates_a_refused_hook_edit(
     assert routing["applied"]["hook"] >= 1 and routing["applied"]["melo"] >= 3
     assert sum(routing["applied"].values()) + routing["failed"] == 6
     assert scores[-1].refused == routing["failed"]
-    assert editor.engine.backend_of(refused_id) is Backend.MELO
+    assert editor.engine.backend_of(refused_id) is MELO
     assert scores[0].routing is not None and sum(scores[0].routing["routed"].values()) == 3
     assert scores[-1].efficacy is not None and scores[-1].efficacy >= 0.8
     assert "routing" in scores[-1].to_json_dict()
@@ -97,10 +97,10 @@ def test_auto_routes_to_both_backends_and_escalates_a_refused_hook_edit(
 def test_a_case_that_names_a_backend_gets_it(loaded: LoadedModel, mixed_edits: Path) -> None:
     """A request's explicit back-end survives into the eval case and the dispatch
     (auto would send this subject-bearing, short-target edit to the hook)."""
-    case = replace(load_cases(mixed_edits).cases[0], backend=Backend.MELO)
+    case = replace(load_cases(mixed_edits).cases[0], backend=MELO)
     editors: dict[Backend, Editor] = {
-        Backend.HOOK: NoopEditor(),
-        Backend.MELO: make_editor("melo", loaded, parse_config({"editors": {"melo": MELO}})),
+        HOOK: NoopEditor(),
+        MELO: make_editor("melo", loaded, parse_config({"editors": {"melo": MELO_SETTINGS}})),
     }
     editor = RoutedEditor(Engine(loaded, editors), RouterConfig(), verify=False)
     [outcome] = editor.apply_routed([(case.spec, case.backend)])
@@ -117,7 +117,8 @@ def test_eval_command_runs_auto_and_reports_routing(
     """A hook that cannot make its edits take (one tiny optimisation step) fails
     verification: every hook edit is retracted and escalated to MELO, as in the daemon."""
     config = _config(
-        tmp_path, **{"editors.hook": {**HOOK, "target_steps": 1, "target_learning_rate": 1e-4}}
+        tmp_path,
+        **{"editors.hook": {**HOOK_SETTINGS, "target_steps": 1, "target_learning_rate": 1e-4}},
     )
     out = tmp_path / "r"
     args = ["--config", str(config), "eval", "--model", str(micro_world), "--editor", "auto"]

@@ -410,7 +410,7 @@ from pathlib import Path
 from daemon.service.checkpoints import CheckpointManager
 from store import checkpoints as registry
 from store.db import Store
-from tests.daemon.test_checkpoints import ArrayState
+from tests.daemon.service.test_checkpoints import ArrayState
 
 store_path, directory, phase, ready = sys.argv[1:5]
 manager = CheckpointManager(Path(directory), Store.open(store_path), keep=3)

@@ -16,6 +16,7 @@ import pytest
 
 from daemon.config import RouterConfig
 from daemon.editors.base import Editor, EditOutcome, EditSpec
+from daemon.editors.registry import HOOK, MELO
 from daemon.engine.dispatch import DispatchHooks, DispatchItem, Step, dispatch, request_for
 from daemon.engine.engine import Engine
 from daemon.model.loading import LoadedModel, load_model
@@ -98,17 +99,17 @@ def test_routes_per_edit_and_escalates_a_refused_hook_edit_once(loaded: LoadedMo
         before_step=lambda b, ids: started.append((b, list(ids))), after_step=steps.append
     )
     result = dispatch(engine, _items(), RouterConfig(), verify=False, hooks=hooks)
-    assert result.applied == {"a": Backend.HOOK, "c": Backend.MELO, "b": Backend.MELO}
+    assert result.applied == {"a": HOOK, "c": MELO, "b": MELO}
     assert result.escalated == ["b"] and result.failed == {}
-    assert result.routes["b"].backend is Backend.HOOK
+    assert result.routes["b"].backend is HOOK
     assert result.details["b"]["escalated_from"] == {
         "backend": "hook",
         "reason": "hook: scripted refusal",
     }
-    assert started == [(Backend.HOOK, ["a", "b"]), (Backend.MELO, ["c", "b"])]
+    assert started == [(HOOK, ["a", "b"]), (MELO, ["c", "b"])]
     assert [(s.backend, sorted(s.taken), dict(s.refused)) for s in steps] == [
-        (Backend.HOOK, ["a"], {"b": "hook: scripted refusal"}),
-        (Backend.MELO, ["b", "c"], {}),
+        (HOOK, ["a"], {"b": "hook: scripted refusal"}),
+        (MELO, ["b", "c"], {}),
     ]
     assert hook.held == ["a"] and melo.held == ["c", "b"]
 
@@ -117,7 +118,7 @@ def test_melo_with_subject_keys_takes_every_auto_edit(loaded: LoadedModel) -> No
     """The engine's MELO editor says it reads subjects: the facts go there, not to the hook."""
     hook, melo = Scripted("hook"), Scripted("melo", reads_subjects=True)
     result = dispatch(_engine(loaded, hook=hook, melo=melo), _items(), RouterConfig(), verify=False)
-    assert result.applied == {"a": Backend.MELO, "b": Backend.MELO, "c": Backend.MELO}
+    assert result.applied == {"a": MELO, "b": MELO, "c": MELO}
     assert hook.calls == [] and melo.calls == [["a", "b", "c"]]
     assert "MELO keys at the subject" in result.routes["a"].reason
 
@@ -136,7 +137,7 @@ def test_failed_verification_is_retracted_and_fails_after_escalation(
     assert result.failed["a"].startswith("melo: verification failed (greedy output")
     assert "verification failed" in result.details["a"]["escalated_from"]["reason"]
     assert not result.verifications["a"].passed
-    assert failures == [Backend.HOOK, Backend.MELO]
+    assert failures == [HOOK, MELO]
     assert hook.held == [] and melo.held == []
 
 
@@ -146,7 +147,7 @@ def test_no_escalation_a_disabled_backend_and_a_crashing_apply(loaded: LoadedMod
     hook = Scripted("hook", refuse=["a"])
     engine = _engine(loaded, hook=hook)
     items = _items()
-    forced = DispatchItem(items[2].spec, request_for(items[2].spec, Backend.MELO))
+    forced = DispatchItem(items[2].spec, request_for(items[2].spec, MELO))
     router = RouterConfig(escalate_to_melo=False, backends=("hook",))
     result = dispatch(engine, [items[0], forced], router, verify=False)
     assert result.failed == {

@@ -15,10 +15,10 @@ import torch
 
 from daemon.config import load_config
 from daemon.editors.base import Editor, EditOutcome, EditSpec
+from daemon.editors.registry import MELO
 from daemon.model import arch
 from daemon.service.daemon import Daemon
 from store.probes import latest_probe_run
-from store.schema import Backend
 from tests.daemon.service.conftest import write_config
 
 NOISE_SCALE = 4.0
@@ -118,9 +118,9 @@ def test_damaging_edit_is_detected_rolled_back_and_isolated(
     daemon.start()
     try:
         assert daemon.engine is not None and daemon.store is not None
-        inner = daemon.engine.editors[Backend.MELO]
+        inner = daemon.engine.editors[MELO]
         damaging = DamagingEditor(inner, daemon.engine.loaded.model, {"bad"})
-        daemon.engine.editors[Backend.MELO] = damaging
+        daemon.engine.editors[MELO] = damaging
         first = [dict(e) for e in world_edits[:4]]
         daemon.submit(first)
         _wait_batches(daemon, 0)

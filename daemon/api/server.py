@@ -1,4 +1,7 @@
-"""The HTTP server and its connection limits (uvicorn over h11).
+"""The HTTP server: the API app under uvicorn (h11) with connection limits.
+
+:class:`ApiServer` is the front end ``editd serve`` runs beside the daemon
+(:func:`daemon.service.serve.run_server` takes it as its ``frontend``).
 
 uvicorn bounds requests in flight (``limit_concurrency``: more get its plain 503)
 and idle keep-alive connections (``timeout_keep_alive``), but not the connections
@@ -13,13 +16,14 @@ sockets that never send a byte would each hold a file descriptor for good.
   out ``/healthz``. When every connection is busy, the new one's request gets 503.
 
 It relies on the h11 protocol class of the pinned uvicorn (``cycle``,
-``connections``, ``on_response_complete``); ``tests/daemon/api/test_connections.py``
+``connections``, ``on_response_complete``); ``tests/daemon/api/test_server.py``
 checks the behaviour against a live server.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from typing import Any, ClassVar
 
@@ -28,6 +32,8 @@ import uvicorn
 from starlette.types import ASGIApp
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from daemon.api.app import create_app, reload_settings
+from daemon.api.facade import DaemonFacade
 from daemon.config import ApiConfig
 
 log = structlog.get_logger()
@@ -125,3 +131,23 @@ def http_server(app: ASGIApp, settings: ApiConfig) -> uvicorn.Server:
         h11_max_incomplete_event_size=settings.max_header_bytes,
     )
     return uvicorn.Server(config)
+
+
+class ApiServer:
+    """The API over ``facade``, served by uvicorn under ``settings``' connection limits."""
+
+    def __init__(self, facade: DaemonFacade, settings: ApiConfig) -> None:
+        self.app = create_app(facade, settings)
+        self._server = http_server(self.app, settings)
+
+    def run(self, sockets: list[socket.socket]) -> None:
+        """Serve on ``sockets`` until :meth:`stop` (blocks; run it in a thread)."""
+        self._server.run(sockets=sockets)
+
+    def stop(self) -> None:
+        """Ask the server to finish the requests under way and return from :meth:`run`."""
+        self._server.should_exit = True
+
+    def reload(self, fresh: ApiConfig) -> None:
+        """Take the reloadable API settings of ``fresh`` (SIGHUP)."""
+        reload_settings(self.app, fresh)
