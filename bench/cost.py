@@ -73,7 +73,6 @@ from bench.phases import (
     trimmed_rss_bytes,
 )
 from daemon.config import Config, load_config
-from daemon.drift.probes import probes_from_world
 from daemon.editors.base import Editor
 from daemon.editors.hook.setup import read_text_source
 from daemon.editors.hook.stats import cached_covariance, collect_covariance_counted
@@ -81,7 +80,7 @@ from daemon.editors.registry import HOOK, MELO, make_editor
 from daemon.engine.engine import Engine
 from daemon.log import configure_logging
 from daemon.model.loading import LoadedModel, load_model
-from daemon.world.editsets import counterfactual_edits, read_jsonl, write_jsonl
+from daemon.world.editsets import counterfactual_edits, probes_from_world, read_jsonl, write_jsonl
 from store.schema import Backend
 
 REPO = Path(__file__).resolve().parent.parent

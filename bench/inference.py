@@ -52,7 +52,7 @@ from bench import plots
 from bench import routing_quality as rq
 from daemon.config import Config, load_config
 from daemon.drift.commonfacts import probe_prompts as common_probe_prompts
-from daemon.drift.probes import left_padded, null_routing, probes_from_world
+from daemon.drift.probes import left_padded, null_routing
 from daemon.editors.base import EditSpec
 from daemon.editors.registry import make_editor
 from daemon.eval.loaders import convert
@@ -61,7 +61,7 @@ from daemon.model.answers import continuation_matches
 from daemon.model.batches import left_padded_position_ids
 from daemon.model.generate import greedy_continuations
 from daemon.model.loading import LoadedModel, load_model
-from daemon.world.editsets import read_jsonl
+from daemon.world.editsets import probes_from_world, read_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"

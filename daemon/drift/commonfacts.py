@@ -8,7 +8,7 @@ founders of 12 companies), each relation under three templates. Countries carry 
 to four relations, which gives the same-subject, other-relation pairs the subject
 gate's floor is calibrated on.
 
-:func:`load_common_facts` reads them as a :class:`~daemon.world.facts.FactSet`;
+:func:`load_common_facts` reads them as a :class:`~daemon.facts.FactSet`;
 :func:`known_facts` keeps the facts a model states itself (its greedy continuation
 of the first template starts with the answer), which is what locate traces and
 what the floor is calibrated on; :func:`probe_prompts` gives every prompt for drift
@@ -25,9 +25,9 @@ from typing import Any
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from daemon.errors import WorldFormatError
+from daemon.facts import Fact, Relation, fill
 from daemon.log import get_logger
 from daemon.model.generate import greedy_continuations
-from daemon.world.facts import Fact, Relation, fill
 
 log = get_logger(__name__)
 

@@ -2,10 +2,9 @@
 
 A probe is a prompt that edits should leave alone. The set comes from a JSONL
 file (objects with ``"prompt"``; other keys are ignored, so a locality file with
-targets works) or from a built fact world's ``probe`` split under training
-templates (the same prompts, in the same order, as
-``daemon.world.editsets.probe_set``, without its model-generated targets:
-drift compares distributions, not answers).
+targets works), from what editd knows of the model
+(:func:`daemon.model.source.knowledge_of`: a fact world's ``probe`` split) or
+from the shipped common facts (drift compares distributions, not answers).
 
 ``BaseScores`` summarises the base model's next-token distribution at each
 probe's last prompt token: the top-1 id, the top-k log-probs and ids, and the
@@ -24,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext, suppress
 from dataclasses import dataclass
@@ -36,11 +34,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from daemon.errors import EditdError, EvalDataError, WorldError
+from daemon.errors import EditdError, EvalDataError
 from daemon.log import get_logger
 from daemon.model.batches import padded_forward_inputs
 from daemon.model.tokens import last_prompt_token_indices
-from daemon.world.facts import RELATIONS_BY_NAME, World, fill
 
 BASE_SCORES_VERSION = 1
 DEFAULT_MAX_PROBES = 1000
@@ -104,7 +101,7 @@ def load_probes_jsonl(
     for number, line in enumerate(lines, start=1):
         if line.strip():
             prompts.append(_probe_prompt(line, number, where))
-    probes = _dedupe(prompts, max_probes)
+    probes = unique_probes(prompts, max_probes)
     if not probes:
         raise EvalDataError("the probe file holds no probes", path=where)
     if max_probes is not None and len(probes) == max_probes and len(set(prompts)) > max_probes:
@@ -127,7 +124,8 @@ def _probe_prompt(line: str, number: int, where: str) -> str:
     return prompt
 
 
-def _dedupe(prompts: Sequence[str], limit: int | None) -> list[Probe]:
+def unique_probes(prompts: Sequence[str], limit: int | None = None) -> list[Probe]:
+    """``prompts`` as probes, each prompt once, in first-seen order (at most ``limit``)."""
     seen: set[str] = set()
     out: list[Probe] = []
     for prompt in prompts:
@@ -138,33 +136,6 @@ def _dedupe(prompts: Sequence[str], limit: int | None) -> list[Probe]:
         if limit is not None and len(out) >= limit:
             break
     return out
-
-
-def probes_from_world(
-    world: World | Path | str, n: int = 200, *, seed: int = 0, split: str = "probe"
-) -> list[Probe]:
-    """``n`` probes from a fact world's ``split`` under training templates (deduplicated).
-
-    ``world`` is a ``World`` or a built world folder. The prompts are those of
-    ``daemon.world.editsets.probe_set`` with the same ``seed`` and ``split``.
-    """
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    if isinstance(world, World):
-        w = world
-    else:
-        from daemon.world.build import load_world
-
-        w = load_world(world)
-    if split not in w.splits:
-        raise WorldError(f"unknown split {split!r} (expected one of {sorted(w.splits)})")
-    rng = random.Random(f"editd-probes-{seed}")  # the same draws as editsets.probe_set
-    chosen = rng.sample(list(w.splits[split]), min(n, len(w.splits[split])))
-    prompts = [
-        fill(rng.choice(RELATIONS_BY_NAME[w.facts[i].relation].train_templates), w.facts[i].subject)
-        for i in chosen
-    ]
-    return _dedupe(prompts, None)
 
 
 def probe_fingerprint(probes: Sequence[Probe]) -> str:

@@ -12,7 +12,7 @@ import random
 from collections.abc import Collection
 from pathlib import Path
 
-from daemon.world.facts import fill
+from daemon.facts import fill
 
 WORLD_FILE = "world.json"
 

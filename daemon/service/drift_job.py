@@ -41,13 +41,14 @@ from daemon.drift.probes import (
     Probe,
     load_probes_jsonl,
     probe_fingerprint,
-    probes_from_world,
     score_base,
+    unique_probes,
 )
 from daemon.drift.scoring import DriftScores, DriftThresholds, judge, score_edited
 from daemon.engine.engine import Engine
 from daemon.errors import ConfigError
 from daemon.model.loading import LoadedModel
+from daemon.model.source import knowledge_of
 from daemon.service.checkpoints import CheckpointManager, Persistable
 from daemon.service.metrics import DaemonMetrics
 from daemon.service.replay import applied_in_order, reconcile
@@ -60,6 +61,10 @@ from store.queue import EditQueue
 from store.schema import Backend, EditStatus
 
 log = structlog.get_logger()
+
+
+DEFAULT_PROBES = 200
+"""Probe prompts drawn from what the model's source knows (a fact world's probe split)."""
 
 
 class RollbackHost(Protocol):
@@ -108,13 +113,15 @@ class DriftReport:
 
 
 def drift_probes(cfg: Config, name_or_path: str) -> list[Probe]:
-    """The probes for ``cfg``: the configured file, the fact world's, or (any other model)
-    the shipped common-facts prompts (:mod:`daemon.drift.commonfacts`). MELO calibrates its
-    routing radius on the same prompts (``editd eval`` builds its editors likewise)."""
+    """The probes for ``cfg``: the configured file, those of the model's source (a fact
+    world's probe split), or (any other model) the shipped common-facts prompts
+    (:mod:`daemon.drift.commonfacts`). MELO calibrates its routing radius on the same
+    prompts (``editd eval`` builds its editors likewise)."""
     if cfg.drift.probes:
         return load_probes_jsonl(cfg.drift.probes)
-    if (Path(name_or_path) / "world.json").is_file():
-        return probes_from_world(name_or_path)
+    known = knowledge_of(name_or_path)
+    if known is not None:
+        return unique_probes(known.probe_prompts(DEFAULT_PROBES))
     probes = [Probe(prompt) for prompt in probe_prompts()]
     log.info("drift_probes_common_facts", probes=len(probes))
     return probes

@@ -27,11 +27,13 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from daemon.drift.probes import Probe, unique_probes
 from daemon.errors import WorldError
+from daemon.facts import Fact, fill
 from daemon.model.answers import continuation_matches
 from daemon.model.generate import first_sentence, greedy_continuations
 from daemon.world.evaluate import answer_budget
-from daemon.world.facts import RELATIONS_BY_NAME, Fact, World, fill
+from daemon.world.facts import RELATIONS_BY_NAME, World
 
 EDIT_ID_PREFIX = "world-cf-"
 
@@ -178,6 +180,32 @@ def _request(number: int, plan: _Plan, answers: dict[str, str]) -> dict[str, Any
     }
 
 
+def probe_prompts(world: World, n: int, *, seed: int = 0, split: str = "probe") -> list[str]:
+    """``n`` prompts (fewer if the split is smaller) of facts of ``split``, each under a
+    training template drawn with ``seed``: :func:`probe_set`'s prompts, in its order."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if split not in world.splits:
+        raise WorldError(f"unknown split {split!r} (expected one of {sorted(world.splits)})")
+    rng = random.Random(f"editd-probes-{seed}")
+    chosen = rng.sample(list(world.splits[split]), min(n, len(world.splits[split])))
+    return [
+        fill(
+            rng.choice(RELATIONS_BY_NAME[world.facts[i].relation].train_templates),
+            world.facts[i].subject,
+        )
+        for i in chosen
+    ]
+
+
+def probes_from_world(
+    world: World | Path | str, n: int = 200, *, seed: int = 0, split: str = "probe"
+) -> list[Probe]:
+    """Drift probes from a fact world (a ``World`` or a built folder): the prompts of
+    :func:`probe_prompts`, each once."""
+    return unique_probes(probe_prompts(_as_world(world), n, seed=seed, split=split))
+
+
 def probe_set(
     world: World | Path | str,
     model: PreTrainedModel,
@@ -194,12 +222,7 @@ def probe_set(
     as a default drift probe set disjoint from the edit split's facts.
     """
     w = _as_world(world)
-    rng = random.Random(f"editd-probes-{seed}")
-    chosen = rng.sample(list(w.splits[split]), min(n, len(w.splits[split])))
-    prompts = [
-        fill(rng.choice(RELATIONS_BY_NAME[w.facts[i].relation].train_templates), w.facts[i].subject)
-        for i in chosen
-    ]
+    prompts = probe_prompts(w, n, seed=seed, split=split)
     outs = greedy_continuations(
         model, tokenizer, prompts, max_new_tokens=answer_budget(tokenizer, w), batch_size=batch_size
     )

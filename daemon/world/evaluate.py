@@ -8,9 +8,10 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from daemon.facts import fill
 from daemon.model.answers import continuation_matches
 from daemon.model.generate import greedy_continuations
-from daemon.world.facts import HELDOUT_KINDS, RELATIONS_BY_NAME, World, fill
+from daemon.world.facts import HELDOUT_KINDS, RELATIONS_BY_NAME, World
 from daemon.world.tokenizer import token_length
 
 

@@ -21,9 +21,10 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from daemon.errors import WorldFormatError
+from daemon.facts import SUBJECT_SLOT, Fact, Relation, fill
 from daemon.world.names import NameBook
 
 WORLD_FORMAT_VERSION = 1
@@ -35,18 +36,7 @@ PROFESSION, LANGUAGE = "profession", "language"
 ENTITY_TYPES = (PERSON, COMPANY, CITY, COUNTRY, PROFESSION, LANGUAGE)
 
 
-@dataclass(frozen=True)
-class Relation:
-    """A relation from subjects of one entity type to objects of another."""
-
-    name: str
-    subject_type: str
-    object_type: str
-    train_templates: tuple[str, ...]
-    heldout_templates: tuple[str, ...]
-
-
-_S = "{subject}"
+_S = SUBJECT_SLOT
 RELATIONS: tuple[Relation, ...] = (
     Relation(
         "born_in",
@@ -209,32 +199,6 @@ WORLD_SPECS: dict[str, WorldSpec] = {
 
 
 @dataclass(frozen=True)
-class Fact:
-    """One (subject, relation, object) triple; ``target`` is the object with a leading space."""
-
-    subject: str
-    relation: str
-    object: str
-
-    @property
-    def target(self) -> str:
-        return " " + self.object
-
-
-class FactSet(Protocol):
-    """Labelled facts under templates: a fact world, or the shipped common facts
-    (:mod:`daemon.drift.commonfacts`). What locate and the gate floor read."""
-
-    @property
-    def relations(self) -> tuple[Relation, ...]: ...
-
-    @property
-    def facts(self) -> tuple[Fact, ...]: ...
-
-    def relation(self, name: str) -> Relation: ...
-
-
-@dataclass(frozen=True)
 class World:
     """A generated world: entities by type, facts, per-relation templates and fact splits."""
 
@@ -301,10 +265,6 @@ class World:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise WorldFormatError(f"malformed world data: {exc!r}") from exc
-
-
-def fill(template: str, subject: str) -> str:
-    return template.replace(_S, subject)
 
 
 def _examples(facts: Iterable[Fact], *, heldout: bool) -> Iterator[tuple[str, str]]:

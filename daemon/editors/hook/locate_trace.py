@@ -51,9 +51,9 @@ from daemon.editors.hook.patching import (
     recalled_tokens,
 )
 from daemon.errors import EditValidationError, LocateError
+from daemon.facts import FactSet, fill
 from daemon.model import arch
 from daemon.model.batches import padding_id
-from daemon.world.facts import FactSet, fill
 from store.records import iter_jsonl
 
 log = structlog.get_logger()

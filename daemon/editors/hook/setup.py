@@ -53,9 +53,9 @@ from daemon.editors.hook.settings import HookSettings
 from daemon.editors.hook.stats import cached_covariance
 from daemon.editors.hook.targets import TargetSettings
 from daemon.errors import ConfigError
+from daemon.facts import FactSet, fill
 from daemon.model import arch
 from daemon.model.loading import LoadedModel
-from daemon.world.facts import FactSet, fill
 
 log = structlog.get_logger()
 

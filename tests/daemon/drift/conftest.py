@@ -9,7 +9,8 @@ import pytest
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from daemon.drift.probes import BaseScores, Probe, probes_from_world, score_base
+from daemon.drift.probes import BaseScores, Probe, score_base
+from daemon.world.editsets import probes_from_world
 
 
 @pytest.fixture(scope="session")

@@ -19,11 +19,10 @@ from daemon.drift.probes import (
     StaleBaseScoresError,
     load_probes_jsonl,
     probe_fingerprint,
-    probes_from_world,
 )
 from daemon.errors import EvalDataError, WorldError
 from daemon.world.build import load_world
-from daemon.world.editsets import probe_set
+from daemon.world.editsets import probe_set, probes_from_world
 
 
 def write_lines(path: Path, lines: list[str]) -> Path:

@@ -9,11 +9,12 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from daemon.errors import WorldError
+from daemon.facts import fill
 from daemon.model.generate import first_sentence, greedy_continuations
 from daemon.world.build import load_world
 from daemon.world.editsets import counterfactual_edits, probe_set, read_jsonl, write_jsonl
 from daemon.world.evaluate import answer_budget
-from daemon.world.facts import RELATIONS_BY_NAME, World, fill
+from daemon.world.facts import RELATIONS_BY_NAME, World
 
 REQUEST_KEYS = {
     "id",

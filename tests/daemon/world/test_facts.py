@@ -7,13 +7,13 @@ import json
 import pytest
 
 from daemon.errors import WorldFormatError
+from daemon.facts import fill
 from daemon.world.facts import (
     HELDOUT_KINDS,
     RELATIONS,
     WORLD_SPECS,
     World,
     WorldSpec,
-    fill,
     generate_world,
 )
 
