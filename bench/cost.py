@@ -1,6 +1,6 @@
 """What an edit costs: time per phase, covariance statistics, memory and disk per edit.
 
-Editors are built as the daemon builds them (``make_editor`` on a loaded model, the
+Editors are built as the daemon builds them (``build_editor`` on a loaded model, the
 config ``--config`` with the hook at ``--hook-layers`` (2,3), prompt-last keys, as
 BENCHMARKS.md evaluates it; MELO calibrated on the world's drift probes), in this
 process, without the daemon's queue. Each batch is applied and every accepted edit
@@ -76,8 +76,8 @@ from daemon.config import Config, load_config
 from daemon.editors.base import Editor
 from daemon.editors.hook.setup import read_text_source
 from daemon.editors.hook.stats import cached_covariance, collect_covariance_counted
-from daemon.editors.registry import HOOK, MELO, make_editor
-from daemon.engine.engine import Engine
+from daemon.editors.registry import HOOK, MELO
+from daemon.engine.engine import Engine, build_editor
 from daemon.log import configure_logging
 from daemon.model.loading import LoadedModel, load_model
 from daemon.world.editsets import counterfactual_edits, probes_from_world, read_jsonl, write_jsonl
@@ -103,7 +103,7 @@ def cost_config(args: argparse.Namespace) -> Config:
     )
     blocks = max(cfg.editors.melo.max_blocks, max(args.sizes) if args.stage == "scale" else 0)
     melo = dataclasses.replace(cfg.editors.melo, max_blocks=blocks)
-    editors = dataclasses.replace(cfg.editors, hook=hook, melo=melo)
+    editors = cfg.editors.with_sections(hook=hook, melo=melo)
     store = dataclasses.replace(cfg.store, path=args.stats_home / "editd.sqlite3")
     return dataclasses.replace(cfg, editors=editors, store=store)
 
@@ -128,7 +128,7 @@ def edit_pool(edits: Path, n: int, model: Path) -> list[dict[str, Any]]:
 
 def build(name: str, cfg: Config, model: Path, probes: Sequence[str]) -> tuple[Editor, Engine]:
     loaded: LoadedModel = load_model(str(model), device=cfg.model.device, dtype=cfg.model.dtype)
-    editor = make_editor(name, loaded, cfg, calibration_prompts=probes)
+    editor = build_editor(name, loaded, cfg, calibration_prompts=probes)
     return editor, Engine(loaded, {LABEL[name]: editor})
 
 

@@ -54,7 +54,7 @@ from daemon.config import Config, load_config
 from daemon.drift.commonfacts import probe_prompts as common_probe_prompts
 from daemon.drift.probes import left_padded, null_routing
 from daemon.editors.base import EditSpec
-from daemon.editors.registry import make_editor
+from daemon.engine.engine import build_editor
 from daemon.eval.loaders import convert
 from daemon.log import configure_logging
 from daemon.model.answers import continuation_matches
@@ -88,7 +88,7 @@ def editor_config(config_path: Path, stats_home: Path, world: bool) -> Config:
     cfg = load_config(config_path)
     if world:
         hook = dataclasses.replace(cfg.editors.hook, layers=HOOK_LAYERS, key_position="prompt_last")
-        cfg = dataclasses.replace(cfg, editors=dataclasses.replace(cfg.editors, hook=hook))
+        cfg = dataclasses.replace(cfg, editors=cfg.editors.with_sections(hook=hook))
     store = dataclasses.replace(cfg.store, path=stats_home / "editd.sqlite3")
     return dataclasses.replace(cfg, store=store)
 
@@ -323,7 +323,7 @@ def run_editor(
     edited = load(cfg, str(args.model))
     print(f"[{name}] building the editor ...", flush=True)
     t0 = time.perf_counter()
-    editor: Any = make_editor(name, edited, cfg, calibration_prompts=probes)
+    editor: Any = build_editor(name, edited, cfg, calibration_prompts=probes)
     build_s = time.perf_counter() - t0
     specs = edit_specs(records)
     groups = prompt_set(records, probes, args.prompts)

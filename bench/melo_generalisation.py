@@ -40,11 +40,11 @@ import torch
 
 from bench.melo_keys import COUNTERFACT, OTHER_RELATIONS
 from bench.stats import RESULTS, machine_info, markdown_table, write_result
-from daemon.config import MeloConfig
 from daemon.drift.commonfacts import probe_prompts
 from daemon.drift.probes import Probe, score_base
 from daemon.drift.scoring import score_edited
 from daemon.editors.base import EditSpec
+from daemon.editors.melo.config import MeloConfig
 from daemon.editors.melo.editor import MeloEditor
 from daemon.editors.noop import NoopEditor
 from daemon.eval.loaders import convert

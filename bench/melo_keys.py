@@ -44,8 +44,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from daemon.config import MeloConfig
 from daemon.editors.base import EditSpec
+from daemon.editors.melo.config import MeloConfig
 from daemon.editors.melo.editor import MeloEditor
 from daemon.editors.melo.routing import route_rows
 from daemon.model import arch

@@ -6,7 +6,10 @@ paths resolve against the folder of the config file. The environment may
 override paths and secrets only (see ``ENV_OVERRIDES``).
 
 The key names under ``[model]``, ``[store]``, ``[checkpoints]``, ``[api]`` and
-``[router]`` listed in DESIGN.md are a contract with other programs: keep them.
+``[router]`` listed in ``docs/contracts.md`` are a contract with other programs: keep
+them. Each back-end's ``[editors.<name>]`` section is its own config class
+(``daemon/editors/<name>/config.py``), found through the back-end registry; this
+module only composes the sections.
 """
 
 from __future__ import annotations
@@ -18,51 +21,26 @@ import re
 import tomllib
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from daemon.config_fields import FieldError, fraction, non_negative, positive, require
+from daemon.editors.hook.config import HookConfig
+from daemon.editors.melo.config import MeloConfig
+from daemon.editors.registry import BACKENDS, backend_names
+from daemon.editors.registry import entry as backend_entry
 from daemon.errors import ConfigError
-from store.schema import RequestLimits
+from store.schema import Backend, RequestLimits
 
 CONFIG_ENV = "EDITD_CONFIG"
 DEFAULT_CONFIG_NAME = "config.toml"
 
 Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
-BackendChoice = Literal["auto", "melo", "hook"]
-EnabledBackend = Literal["melo", "hook"]
-KeyPosition = Literal["auto", "subject_last", "prompt_last"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["auto", "json", "console"]
-
-
-class _FieldError(ValueError):
-    """Raised inside ``__post_init__``; the loader adds the file and section."""
-
-    def __init__(self, key: str, message: str):
-        super().__init__(message)
-        self.key = key
-
-
-def _require(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise _FieldError(key, message)
-
-
-def _positive(cfg: object, *names: str) -> None:
-    for name in names:
-        _require(getattr(cfg, name) > 0, name, "must be > 0")
-
-
-def _non_negative(cfg: object, *names: str) -> None:
-    for name in names:
-        _require(getattr(cfg, name) >= 0, name, "must be >= 0")
-
-
-def _fraction(cfg: object, *names: str) -> None:
-    for name in names:
-        _require(0.0 <= getattr(cfg, name) <= 1.0, name, "must be between 0 and 1")
 
 
 @dataclass(frozen=True)
@@ -83,8 +61,8 @@ class ModelConfig:
     import_cache: Path = Path("var/models")
 
     def __post_init__(self) -> None:
-        _require(bool(self.name_or_path.strip()), "name_or_path", "must not be empty")
-        _non_negative(self, "threads")
+        require(bool(self.name_or_path.strip()), "name_or_path", "must not be empty")
+        non_negative(self, "threads")
 
 
 @dataclass(frozen=True)
@@ -98,122 +76,80 @@ class StoreConfig:
     max_list_items: int = 64
 
     def __post_init__(self) -> None:
-        _positive(self, "busy_timeout_s", "max_prompt_chars", "max_target_chars", "max_list_items")
+        positive(self, "busy_timeout_s", "max_prompt_chars", "max_target_chars", "max_list_items")
 
 
 @dataclass(frozen=True)
 class RouterConfig:
     """How ``backend = "auto"`` edits are sent to a back-end."""
 
-    default_backend: BackendChoice = "auto"
+    default_backend: str = "auto"
     hook_max_target_tokens: int = 8
     escalate_to_melo: bool = True
-    backends: tuple[EnabledBackend, ...] = ("hook", "melo")
+    backends: tuple[str, ...] = ("hook", "melo")
 
     def __post_init__(self) -> None:
-        _positive(self, "hook_max_target_tokens")
-        _require(bool(self.backends), "backends", "must name at least one back-end")
-        _require(
-            len(set(self.backends)) == len(self.backends), "backends", "must not repeat a name"
+        positive(self, "hook_max_target_tokens")
+        known = backend_names()
+        shown = ", ".join(repr(str(n)) for n in known)
+        require(
+            self.default_backend == "auto" or self.default_backend in known,
+            "default_backend",
+            f"must be 'auto' or a registered back-end ({shown}); got {self.default_backend!r}",
         )
-
-
-@dataclass(frozen=True)
-class MeloConfig:
-    """MELO: LoRA blocks routed by a neuron-key index. Empty ``layers`` and
-    ``key_layer = -1`` mean the architecture table's defaults; ``radius = 0``
-    means calibrate from the key-distance distribution."""
-
-    layers: tuple[int, ...] = ()
-    key_layer: int = -1
-    rank_per_block: int = 4
-    edits_per_block: int = 1
-    max_blocks: int = 100_000  # a limit: LoRA blocks are created as used (see melo.layer)
-    learning_rate: float = 1e-2
-    max_steps: int = 100
-    radius: float = 0.0
-    radius_fraction: float = 0.5
-    stop_nll: float = 0.02
-    max_target_tokens: int = 16
-    exact_index_max: int = 10000
-    seed: int = 0
-    key_position: Literal["prompt_last", "subject_last"] = "subject_last"
-
-    def __post_init__(self) -> None:
-        _positive(self, "rank_per_block", "edits_per_block", "max_blocks", "learning_rate")
-        _positive(self, "max_steps", "exact_index_max", "radius_fraction", "max_target_tokens")
-        _non_negative(self, "radius", "stop_nll")
-        _require(self.key_layer >= -1, "key_layer", "must be -1 (auto) or a layer index")
-        _require(all(i >= 0 for i in self.layers), "layers", "layer indices must be >= 0")
-
-
-@dataclass(frozen=True)
-class HookConfig:
-    """COMEBA-HK: hook layers with closed-form consecutive updates and a scope gate.
-
-    ``gate_scope = "subject"``: an edit is in scope only where its subject's tokens
-    occur in the input, and a token is scored against those edits' keys alone
-    (cosine floor ``gate_subject_cos_floor``: a number in [-1, 1], or ``"auto"`` to
-    calibrate it from the model's own keys when the editor is built, see
-    ``daemon.editors.hook.floor``); ``"key"``: every token against every key (floor
-    ``gate_cos_floor``). ``gate_snap_keys``: a routed token gets the
-    output stored for the key it matched; ``gate_shared_route``: the lowest hook
-    layer's routing serves the layers above it.
-
-    ``stats_device``: where the float64 running sums, the covariance and the per-edit
-    key rows live (they are read only when a batch is solved or retracted):
-    ``"model"`` (with the model, the default), ``"cpu"`` (host memory: on a GPU the
-    solve then runs on the CPU, slower, and only the applied deltas take GPU
-    memory) or ``"cuda"``/``"cuda:N"``.
-    """
-
-    layers: tuple[int, ...] = ()
-    key_position: KeyPosition = "auto"
-    covariance_source: str = "auto"
-    covariance_tokens: int = 100_000
-    covariance_weight: float = 10.0
-    target_steps: int = 25
-    target_learning_rate: float = 0.5
-    target_kl_weight: float = 0.0625
-    target_norm_clamp: float = 4.0
-    gate_threshold: float = 3.0
-    gate_floor: float = 1.0
-    gate_cos_floor: float = 0.7
-    gate_scope: Literal["subject", "key"] = "subject"
-    gate_subject_cos_floor: float | Literal["auto"] = "auto"
-    gate_snap_keys: bool = True
-    gate_shared_route: bool = True
-    shard_keys: int = 0
-    max_update_norm_zscore: float = 6.0
-    max_target_tokens: int = 8
-    stats_device: str = "model"
-
-    def __post_init__(self) -> None:
-        _require(-1.0 <= self.gate_cos_floor <= 1.0, "gate_cos_floor", "must be in [-1, 1]")
-        _require(
-            re.fullmatch(r"model|cpu|cuda(:\d+)?", self.stats_device) is not None,
-            "stats_device",
-            f"must be 'model', 'cpu', 'cuda' or 'cuda:N'; got {self.stats_device!r}",
-        )
-        floor = self.gate_subject_cos_floor
-        ok = floor == "auto" or (
-            isinstance(floor, float | int) and not isinstance(floor, bool) and -1 <= floor <= 1
-        )
-        _require(ok, "gate_subject_cos_floor", f"must be in [-1, 1] or 'auto'; got {floor!r}")
-        _non_negative(self, "shard_keys")
-        _positive(self, "covariance_tokens", "covariance_weight", "target_steps")
-        _positive(self, "target_learning_rate", "target_norm_clamp", "max_target_tokens")
-        _positive(self, "max_update_norm_zscore")
-        _non_negative(self, "target_kl_weight", "gate_threshold", "gate_floor")
-        _require(all(i >= 0 for i in self.layers), "layers", "layer indices must be >= 0")
+        require(bool(self.backends), "backends", "must name at least one back-end")
+        for name in self.backends:
+            require(name in known, "backends", f"unknown back-end {name!r} (registered: {shown})")
+        require(len(set(self.backends)) == len(self.backends), "backends", "must not repeat a name")
 
 
 @dataclass(frozen=True)
 class EditorsConfig:
-    """Per-back-end settings: ``[editors.melo]`` and ``[editors.hook]``."""
+    """``[editors.<name>]``: one section per registered back-end, each its entry's config
+    class (:mod:`daemon.editors.registry`); a section left out takes its defaults."""
 
-    melo: MeloConfig = field(default_factory=MeloConfig)
-    hook: HookConfig = field(default_factory=HookConfig)
+    sections: Mapping[str, Any] = field(default_factory=lambda: default_sections())
+
+    def section(self, name: str) -> Any:
+        """The section of back-end ``name`` (its defaults if the file has none)."""
+        if name in self.sections:
+            return self.sections[name]
+        return backend_entry(name).config_class()
+
+    @property
+    def melo(self) -> MeloConfig:
+        """``[editors.melo]``."""
+        return typing.cast(MeloConfig, self.section("melo"))
+
+    @property
+    def hook(self) -> HookConfig:
+        """``[editors.hook]``."""
+        return typing.cast(HookConfig, self.section("hook"))
+
+    def with_sections(self, **sections: Any) -> EditorsConfig:
+        """A copy with these sections replaced (by back-end name)."""
+        for name, value in sections.items():
+            wanted = backend_entry(name).config_class
+            if not isinstance(value, wanted):
+                raise TypeError(f"[editors.{name}] must be a {wanted.__name__}, got {value!r}")
+        return EditorsConfig({**self.sections, **sections})
+
+
+def default_sections() -> dict[str, Any]:
+    """Every registered back-end's section at its defaults."""
+    return {str(e.name): e.config_class() for e in BACKENDS.values()}
+
+
+def _build_editors(table: Any, prefix: str) -> EditorsConfig:
+    if not isinstance(table, dict):
+        raise FieldError(prefix, f"expected a table, got {_describe(table)}")
+    sections = default_sections()
+    for name, value in table.items():
+        if name not in BACKENDS:
+            known = ", ".join(str(n) for n in backend_names())
+            raise FieldError(f"{prefix}.{name}", f"unknown back-end (registered: {known})")
+        sections[name] = _build(BACKENDS[Backend(name)].config_class, value, f"{prefix}.{name}")
+    return EditorsConfig(sections)
 
 
 @dataclass(frozen=True)
@@ -230,9 +166,9 @@ class WorkerConfig:
     verify: bool = True
 
     def __post_init__(self) -> None:
-        _positive(self, "batch_size", "lease_s", "max_attempts", "poll_interval_s")
-        _non_negative(self, "max_wait_s", "backoff_base_s")
-        _require(
+        positive(self, "batch_size", "lease_s", "max_attempts", "poll_interval_s")
+        non_negative(self, "max_wait_s", "backoff_base_s")
+        require(
             self.backoff_max_s >= self.backoff_base_s, "backoff_max_s", "must be >= backoff_base_s"
         )
 
@@ -254,11 +190,11 @@ class SchedulerConfig:
     nightly_wait_s: float = 21600.0
 
     def __post_init__(self) -> None:
-        _positive(self, "requeue_interval_s", "nightly_wait_s")
+        positive(self, "requeue_interval_s", "nightly_wait_s")
         parts = self.nightly_time.split(":")
         ok = len(parts) == 2 and all(p.isdigit() for p in parts)
         ok = ok and 0 <= int(parts[0]) <= 23 and 0 <= int(parts[1]) <= 59
-        _require(ok, "nightly_time", f"must be HH:MM in 24-hour time, got '{self.nightly_time}'")
+        require(ok, "nightly_time", f"must be HH:MM in 24-hour time, got '{self.nightly_time}'")
 
 
 @dataclass(frozen=True)
@@ -271,7 +207,7 @@ class CheckpointsConfig:
     keep: int = 5
 
     def __post_init__(self) -> None:
-        _positive(self, "every_edits", "every_minutes", "keep")
+        positive(self, "every_edits", "every_minutes", "keep")
 
 
 @dataclass(frozen=True)
@@ -289,9 +225,9 @@ class DriftConfig:
     min_retention: float = 0.9
 
     def __post_init__(self) -> None:
-        _positive(self, "interval_minutes", "every_batches", "retention_sample")
-        _fraction(self, "min_top1_agreement", "min_retention")
-        _non_negative(self, "max_mean_kl")
+        positive(self, "interval_minutes", "every_batches", "retention_sample")
+        fraction(self, "min_top1_agreement", "min_retention")
+        non_negative(self, "max_mean_kl")
 
 
 @dataclass(frozen=True)
@@ -307,9 +243,9 @@ class HealthConfig:
     max_escalation_rate: float = 0.25
 
     def __post_init__(self) -> None:
-        _positive(self, "window_edits", "min_edits")
-        _require(self.min_edits <= self.window_edits, "min_edits", "must be <= window_edits")
-        _fraction(self, "max_verification_failure_rate", "max_escalation_rate")
+        positive(self, "window_edits", "min_edits")
+        require(self.min_edits <= self.window_edits, "min_edits", "must be <= window_edits")
+        fraction(self, "max_verification_failure_rate", "max_escalation_rate")
 
 
 MIN_TOKEN_CHARS = 16
@@ -361,31 +297,31 @@ class ApiConfig:
     max_header_bytes: int = 16384
 
     def __post_init__(self) -> None:
-        _require(0 <= self.port <= 65535, "port", "must be between 0 and 65535")
-        _require(bool(self.host.strip()), "host", "must not be empty")
-        _require(
+        require(0 <= self.port <= 65535, "port", "must be between 0 and 65535")
+        require(bool(self.host.strip()), "host", "must not be empty")
+        require(
             not self.token or len(self.token) >= MIN_TOKEN_CHARS,
             "token",
             f"must be at least {MIN_TOKEN_CHARS} characters, got {len(self.token)} (make one "
             "with: python -c 'import secrets; print(secrets.token_urlsafe(32))')",
         )
-        _require(
+        require(
             not self.token or re.fullmatch(r"[\x21-\x7e]+", self.token) is not None,
             "token",
             "must be printable ASCII without spaces",
         )
-        _positive(self, "max_request_bytes", "max_edits_per_request")
-        _positive(self, "max_prompts_per_completion", "max_tokens_limit")
-        _positive(self, "max_connections", "request_header_timeout_s", "keep_alive_timeout_s")
-        _positive(self, "max_header_bytes")
-        _require(
+        positive(self, "max_request_bytes", "max_edits_per_request")
+        positive(self, "max_prompts_per_completion", "max_tokens_limit")
+        positive(self, "max_connections", "request_header_timeout_s", "keep_alive_timeout_s")
+        positive(self, "max_header_bytes")
+        require(
             0 < self.max_concurrent_completions <= MAX_CONCURRENT_COMPLETIONS,
             "max_concurrent_completions",
             f"must be between 1 and {MAX_CONCURRENT_COMPLETIONS} (the rest of the HTTP "
             "thread pool serves the other routes)",
         )
         for name in self.allowed_hosts:
-            _require(
+            require(
                 _host_name(name),
                 "allowed_hosts",
                 f'must hold host names or addresses without a port (or "*"), got {name!r}',
@@ -410,20 +346,20 @@ class PatternRule:
     ignore_case: bool = True
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             bool(re.fullmatch(r"[a-z][a-z0-9_]*", self.relation)), "relation", "must be snake_case"
         )
         try:
             groups = re.compile(self.pattern).groupindex
         except re.error as exc:
-            raise _FieldError("pattern", f"is not a valid regular expression: {exc}") from None
-        _require(
+            raise FieldError("pattern", f"is not a valid regular expression: {exc}") from None
+        require(
             {"subject", "object"} <= set(groups),
             "pattern",
             "must name the groups 'subject' and 'object'",
         )
-        _require("{subject}" in self.prompt, "prompt", "must contain {subject}")
-        _require(bool(self.target.strip()), "target", "must not be empty")
+        require("{subject}" in self.prompt, "prompt", "must contain {subject}")
+        require(bool(self.target.strip()), "target", "must not be empty")
 
 
 @dataclass(frozen=True)
@@ -445,11 +381,11 @@ class FeedsConfig:
     allow_hosts: tuple[str, ...] = ()  # non-public hosts feeds may be fetched from
 
     def __post_init__(self) -> None:
-        _positive(self, "default_interval_s", "timeout_s", "max_bytes", "spool_max_file_bytes")
-        _positive(self, "tick_s", "backoff_s")
-        _require(self.retries >= 0, "retries", "must be >= 0")
+        positive(self, "default_interval_s", "timeout_s", "max_bytes", "spool_max_file_bytes")
+        positive(self, "tick_s", "backoff_s")
+        require(self.retries >= 0, "retries", "must be >= 0")
         for entry in self.allow_hosts:
-            _require(
+            require(
                 _feed_host_or_network(entry),
                 "allow_hosts",
                 f"must hold host names, IP addresses or CIDR networks, got {entry!r}",
@@ -492,12 +428,19 @@ class Config:
     source: Path | None = None
 
 
+def cache_dir(cfg: Config) -> Path:
+    """Where editors keep what they compute once per model (key statistics, locate
+    results): the folder beside the store (``var/`` by default)."""
+    return cfg.store.path.parent
+
+
 def request_limits(cfg: Config) -> RequestLimits:
     """The intake limits the config asks for (applied to edits from every source)."""
     return RequestLimits(
         max_prompt_chars=cfg.store.max_prompt_chars,
         max_target_chars=cfg.store.max_target_chars,
         max_list_items=cfg.store.max_list_items,
+        backends=tuple(str(n) for n in backend_names()),
     )
 
 
@@ -551,15 +494,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         for alternative in typing.get_args(tp):
             try:
                 return _coerce(value, alternative, key)
-            except _FieldError:
+            except FieldError:
                 continue
-        raise _FieldError(key, f"expected {_type_name(tp)}, got {_describe(value)}")
+        raise FieldError(key, f"expected {_type_name(tp)}, got {_describe(value)}")
     if origin is Literal:
         ok = isinstance(value, str) and value in typing.get_args(tp)
     elif origin is tuple:
         (item_tp, _ellipsis) = typing.get_args(tp)
         if not isinstance(value, list):
-            raise _FieldError(key, f"expected {_type_name(tp)}, got {_describe(value)}")
+            raise FieldError(key, f"expected {_type_name(tp)}, got {_describe(value)}")
         if dataclasses.is_dataclass(item_tp):
             rule_tp = typing.cast(type[Any], item_tp)
             return tuple(_build(rule_tp, v, f"{key}[{i}]") for i, v in enumerate(value))
@@ -579,14 +522,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     else:
         raise TypeError(f"unsupported annotation for {key}: {tp}")
     if not ok:
-        raise _FieldError(key, f"expected {_type_name(tp)}, got {_describe(value)}")
+        raise FieldError(key, f"expected {_type_name(tp)}, got {_describe(value)}")
     return value
 
 
 def _build(cls: type[Any], table: Any, prefix: str) -> Any:
     """Build dataclass ``cls`` from a TOML table, naming keys as ``prefix.key``."""
     if not isinstance(table, dict):
-        raise _FieldError(prefix, f"expected a table, got {_describe(table)}")
+        raise FieldError(prefix, f"expected a table, got {_describe(table)}")
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
     kwargs: dict[str, Any] = {}
@@ -594,16 +537,18 @@ def _build(cls: type[Any], table: Any, prefix: str) -> Any:
         key = f"{prefix}.{name}" if prefix else name
         if name not in known:
             allowed = ", ".join(sorted(known))
-            raise _FieldError(key, f"unknown key (allowed here: {allowed})")
+            raise FieldError(key, f"unknown key (allowed here: {allowed})")
         tp = hints[name]
-        if dataclasses.is_dataclass(tp):
+        if tp is EditorsConfig:
+            kwargs[name] = _build_editors(value, key)
+        elif dataclasses.is_dataclass(tp):
             kwargs[name] = _build(typing.cast(type[Any], tp), value, key)
         else:
             kwargs[name] = _coerce(value, tp, key)
     try:
         return cls(**kwargs)
-    except _FieldError as e:
-        raise _FieldError(f"{prefix}.{e.key}" if prefix else e.key, str(e)) from None
+    except FieldError as e:
+        raise FieldError(f"{prefix}.{e.key}" if prefix else e.key, str(e)) from None
 
 
 def _resolve_paths(cfg: Config, base: Path) -> Config:
@@ -637,7 +582,7 @@ def parse_config(
     merged = _apply_env(data, os.environ if env is None else env)
     try:
         cfg: Config = _build(Config, merged, "")
-    except _FieldError as e:
+    except FieldError as e:
         raise ConfigError(str(e), path=source, key=e.key) from None
     base = source.parent if source is not None else Path.cwd()
     return dataclasses.replace(_resolve_paths(cfg, base.resolve()), source=source)
@@ -697,7 +642,8 @@ def config_as_dict(cfg: Config) -> dict[str, Any]:
             return {k: plain(v) for k, v in value.items()}
         return value
 
-    out = plain(dataclasses.asdict(cfg))
+    editors = {name: dataclasses.asdict(section) for name, section in cfg.editors.sections.items()}
+    out = plain({**dataclasses.asdict(cfg), "editors": editors})
     out.pop("source", None)
     if out["api"]["token"]:
         out["api"]["token"] = "***"

@@ -125,7 +125,7 @@ def eval_(
 ) -> None:
     """Run N edits through an editor; score efficacy, generalisation, locality, retention."""
     from daemon.editors.hook.setup import read_text_source
-    from daemon.editors.registry import make_editor
+    from daemon.engine.engine import build_editor
     from daemon.eval.basetask import world_base_task
     from daemon.eval.harness import (
         CheckpointScores,
@@ -155,7 +155,7 @@ def eval_(
     editor = (
         build_routed_editor(loaded, cfg, calibration_prompts=probes)
         if editor_name == "auto"
-        else make_editor(editor_name, loaded, cfg, calibration_prompts=probes)
+        else build_editor(editor_name, loaded, cfg, calibration_prompts=probes)
     )
     settings = EvalSettings(
         n=min(n, len(cases)),

@@ -24,10 +24,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from daemon.config import Config
 from daemon.editors.base import Editor
 from daemon.editors.ft import FtConfig, FtEditor
+from daemon.editors.hook.config import HookConfig
+from daemon.editors.melo.config import MeloConfig
 from daemon.editors.noop import NoopEditor
 from daemon.model.loading import LoadedModel
 from store.schema import Backend
@@ -45,25 +47,28 @@ class EditorContext:
     calibration_prompts: tuple[str, ...] = ()
 
 
-EditorFactory = Callable[[LoadedModel, Config, EditorContext], Editor]
+EditorFactory = Callable[[LoadedModel, Any, EditorContext], Editor]
+"""Builds a back-end's editor from the model, its ``[editors.<name>]`` section (an
+instance of the entry's ``config_class``) and the context."""
 
 
 @dataclass(frozen=True)
 class BackendEntry:
-    """One back-end: its name (requests, the store, metric labels), how to build its
-    editor, where it stands in a batch (``order``) and where its failures go."""
+    """One back-end: its name (requests, the store, metric labels), its config section's
+    class, how to build its editor, where it stands in a batch (``order``) and where its
+    failures go."""
 
     name: Backend
+    config_class: type[Any]
     factory: EditorFactory
     order: int
     escalates_to: Backend | None = None
     summary: str = ""
 
 
-def _build_melo(loaded: LoadedModel, config: Config, context: EditorContext) -> Editor:
+def _build_melo(loaded: LoadedModel, cfg: MeloConfig, context: EditorContext) -> Editor:
     from daemon.editors.melo.editor import MeloEditor
 
-    cfg = config.editors.melo
     return MeloEditor(
         loaded.model,
         loaded.tokenizer,
@@ -75,10 +80,10 @@ def _build_melo(loaded: LoadedModel, config: Config, context: EditorContext) -> 
     )
 
 
-def _build_hook(loaded: LoadedModel, config: Config, context: EditorContext) -> Editor:
+def _build_hook(loaded: LoadedModel, cfg: HookConfig, context: EditorContext) -> Editor:
     from daemon.editors.hook.setup import build_hook_editor
 
-    return build_hook_editor(loaded, config)
+    return build_hook_editor(loaded, cfg, cache_dir=context.cache_dir)
 
 
 MELO = Backend("melo")
@@ -103,8 +108,8 @@ def unregister(name: str) -> None:
     BACKENDS.pop(Backend(name), None)
 
 
-register(BackendEntry(HOOK, _build_hook, order=0, escalates_to=MELO, summary="COMEBA-HK hooks"))
-register(BackendEntry(MELO, _build_melo, order=1, summary="MELO LoRA blocks"))
+register(BackendEntry(HOOK, HookConfig, _build_hook, 0, escalates_to=MELO, summary="COMEBA-HK"))
+register(BackendEntry(MELO, MeloConfig, _build_melo, 1, summary="MELO LoRA blocks"))
 
 
 def backend_names() -> tuple[Backend, ...]:
@@ -133,13 +138,14 @@ def editor_names() -> tuple[str, ...]:
 def make_editor(
     name: str,
     loaded: LoadedModel,
-    config: Config,
+    section: Any = None,
     *,
+    cache_dir: Path,
     calibration_prompts: Sequence[str] = (),
-    cache_dir: Path | None = None,
 ) -> Editor:
-    """A fresh editor called ``name`` bound to ``loaded``'s model (``cache_dir``: by
-    default the folder beside the store)."""
+    """A fresh editor called ``name`` bound to ``loaded``'s model; ``section``: its
+    ``[editors.<name>]`` config (None: the defaults); ``cache_dir``: where it keeps what it
+    computes once per model (the daemon's is the folder beside the store)."""
     if name == "noop":
         return NoopEditor()
     if name == "ft":
@@ -148,8 +154,5 @@ def make_editor(
         found = entry(name)
     except KeyError:
         raise ValueError(f"unknown editor '{name}' (known: {', '.join(editor_names())})") from None
-    context = EditorContext(
-        cache_dir=cache_dir or config.store.path.parent,
-        calibration_prompts=tuple(calibration_prompts),
-    )
-    return found.factory(loaded, config, context)
+    context = EditorContext(cache_dir=cache_dir, calibration_prompts=tuple(calibration_prompts))
+    return found.factory(loaded, found.config_class() if section is None else section, context)

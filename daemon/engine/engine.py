@@ -25,7 +25,9 @@ from typing import Any
 
 import structlog
 
+from daemon.config import Config, cache_dir
 from daemon.editors.base import Editor, EditOutcome, EditSpec
+from daemon.editors.registry import BACKENDS, make_editor
 from daemon.engine.completions import CompletionChoice, CompletionRequest
 from daemon.model.answers import continuation_matches
 from daemon.model.batches import target_token_ids
@@ -57,6 +59,21 @@ class Verification:
             "rephrases_passed": self.rephrases_passed,
             "rephrases_total": self.rephrases_total,
         }
+
+
+def build_editor(
+    name: str, loaded: LoadedModel, config: Config, *, calibration_prompts: Sequence[str] = ()
+) -> Editor:
+    """The editor ``name`` (a back-end or an evaluation baseline) for ``loaded``, as
+    ``config`` describes it: its ``[editors.<name>]`` section, caches beside the store."""
+    section = config.editors.section(name) if name in BACKENDS else None
+    return make_editor(
+        name,
+        loaded,
+        section,
+        cache_dir=cache_dir(config),
+        calibration_prompts=calibration_prompts,
+    )
 
 
 class EngineLock:

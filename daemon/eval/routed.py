@@ -19,7 +19,7 @@ from daemon.config import Config, RouterConfig
 from daemon.editors.base import Editor, EditOutcome, EditSpec
 from daemon.editors.registry import HOOK, MELO
 from daemon.engine.dispatch import DispatchItem, DispatchResult, dispatch, request_for
-from daemon.engine.engine import Engine
+from daemon.engine.engine import Engine, build_editor
 from daemon.model.loading import LoadedModel
 from store.schema import Backend
 
@@ -128,10 +128,9 @@ def build_routed_editor(
 ) -> RoutedEditor:
     """An Engine with every back-end of ``[router] backends``, wrapped for the harness
     (``calibration_prompts``: as the daemon gives its editors, its drift probes)."""
-    from daemon.editors.registry import make_editor
 
     editors: dict[Backend, Editor] = {
-        Backend(name): make_editor(name, loaded, config, calibration_prompts=calibration_prompts)
+        Backend(name): build_editor(name, loaded, config, calibration_prompts=calibration_prompts)
         for name in config.router.backends
     }
     return RoutedEditor(Engine(loaded, editors), config.router, verify=config.worker.verify)

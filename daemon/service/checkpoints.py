@@ -45,7 +45,9 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import structlog
+import torch
 
+from daemon.editors.base import Editor
 from daemon.errors import CheckpointError, RecordNotFoundError
 from daemon.files import fsync_dir, open_private, sha256_file
 from daemon.service.checkpoint_manifest import (
@@ -80,6 +82,32 @@ class Persistable(Protocol):
 
     def applied_ids(self) -> list[str]:
         """The ids of the edits the state holds, in applied order."""
+
+
+class StateDictFiles:
+    """An editor that gives only ``state_dict`` / ``load_state_dict`` (the :class:`Editor`
+    protocol), checkpointed as one ``state.pt`` file: ``torch.save`` on save, and
+    ``torch.load(weights_only=True)`` on load, so a file cannot run code."""
+
+    FILE = "state.pt"
+
+    def __init__(self, editor: Editor) -> None:
+        self.editor = editor
+
+    def save(self, directory: Path) -> None:
+        torch.save(self.editor.state_dict(), directory / self.FILE)
+
+    def load(self, directory: Path) -> None:
+        state = torch.load(directory / self.FILE, map_location="cpu", weights_only=True)
+        self.editor.load_state_dict(state)
+
+    def applied_ids(self) -> list[str]:
+        return self.editor.applied_ids()
+
+
+def persistable(editor: Editor) -> Persistable:
+    """``editor`` itself when it saves to files, else its state dict in one file."""
+    return editor if isinstance(editor, Persistable) else StateDictFiles(editor)
 
 
 @dataclass(frozen=True)

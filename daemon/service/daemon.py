@@ -30,11 +30,10 @@ import structlog
 from daemon import __version__
 from daemon.config import Config, request_limits
 from daemon.editors.base import Editor
-from daemon.editors.registry import make_editor
 from daemon.engine.backend_health import BackendHealth
 from daemon.engine.completions import CompletionChoice, CompletionRequest
 from daemon.engine.dispatch import Step
-from daemon.engine.engine import Engine
+from daemon.engine.engine import Engine, build_editor
 from daemon.errors import (
     CheckpointError,
     DaemonNotReadyError,
@@ -44,7 +43,7 @@ from daemon.errors import (
 )
 from daemon.model.loading import LoadedModel
 from daemon.model.source import load_configured_model
-from daemon.service.checkpoints import CheckpointManager, Persistable
+from daemon.service.checkpoints import CheckpointManager, Persistable, persistable
 from daemon.service.drift_job import DriftMonitor
 from daemon.service.ingest import Ingestion
 from daemon.service.instance_lock import StoreLock
@@ -153,7 +152,7 @@ class Daemon:
         probes = self.drift.prompts() if self.drift is not None else ()
         editors: dict[Backend, Editor] = {}
         for backend in wanted:
-            editors[backend] = make_editor(
+            editors[backend] = build_editor(
                 backend.value, loaded, self.config, calibration_prompts=probes
             )
         return editors
@@ -239,7 +238,7 @@ class Daemon:
 
     def persistables(self) -> dict[str, Persistable]:
         engine = self.live_engine()
-        return {b.value: e for b, e in engine.editors.items() if isinstance(e, Persistable)}
+        return {b.value: persistable(e) for b, e in engine.editors.items()}
 
     def restore(self, checkpoint_id: str | None = None) -> RestoreReport:
         """Load a checkpoint (the newest valid one by default) and replay the store."""

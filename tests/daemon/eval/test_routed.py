@@ -94,13 +94,20 @@ def test_auto_routes_to_both_backends_and_escalates_a_refused_hook_edit(
     assert "routing" in scores[-1].to_json_dict()
 
 
-def test_a_case_that_names_a_backend_gets_it(loaded: LoadedModel, mixed_edits: Path) -> None:
+def test_a_case_that_names_a_backend_gets_it(
+    loaded: LoadedModel, mixed_edits: Path, tmp_path: Path
+) -> None:
     """A request's explicit back-end survives into the eval case and the dispatch
     (auto would send this subject-bearing, short-target edit to the hook)."""
     case = replace(load_cases(mixed_edits).cases[0], backend=MELO)
     editors: dict[Backend, Editor] = {
         HOOK: NoopEditor(),
-        MELO: make_editor("melo", loaded, parse_config({"editors": {"melo": MELO_SETTINGS}})),
+        MELO: make_editor(
+            "melo",
+            loaded,
+            parse_config({"editors": {"melo": MELO_SETTINGS}}).editors.melo,
+            cache_dir=tmp_path,
+        ),
     }
     editor = RoutedEditor(Engine(loaded, editors), RouterConfig(), verify=False)
     [outcome] = editor.apply_routed([(case.spec, case.backend)])

@@ -467,8 +467,8 @@ def test_a_real_melo_editor_round_trips_through_a_checkpoint(
     micro_world: Path, manager: CheckpointManager
 ) -> None:
     """MeloEditor fits Persistable: a restored editor routes and holds edits identically."""
-    from daemon.config import MeloConfig
     from daemon.editors.base import EditSpec
+    from daemon.editors.melo.config import MeloConfig
     from daemon.editors.melo.editor import MeloEditor
     from daemon.model.loading import load_model
     from daemon.world.editsets import counterfactual_edits
