@@ -85,11 +85,11 @@ from daemon.editors.hook.state import (
     pack_tensors,
     read_state,
     records_manifest,
+    shard_rows,
     tensor_sha,
     unpack_records,
     write_state,
 )
-from daemon.editors.hook.sums import shard_rows
 from daemon.editors.hook.targets import EditText, TargetResult, optimise_targets
 from daemon.editors.hook.wiring import calibrate_gates, install_hooks
 from daemon.errors import EditorStateError, SolveError

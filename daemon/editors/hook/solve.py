@@ -18,7 +18,7 @@ from daemon.editors.hook.checks import guard_update
 from daemon.editors.hook.deltas import frobenius, use_factors
 from daemon.editors.hook.keys import KeySites, capture
 from daemon.editors.hook.layer import HookedProjection
-from daemon.editors.hook.sums import LayerSums, empty_sums
+from daemon.editors.hook.state import LayerSums, empty_sums
 from daemon.model.partial import record_block_output, replaying
 
 
@@ -76,7 +76,7 @@ def solve_layers(
     collapse guard, which appends to ``history``). ``rows``: the shard's earlier rows.
 
     Every round adds its terms to the shard's sums from before the batch (one
-    ``plus``), so the sums after the batch are exactly those ``sums.rebuild_sums``
+    ``plus``), so the sums after the batch are exactly those ``state.rebuild_sums``
     computes from the batch's records."""
     layers = plan.layers
     z = values.to(enc.input_ids.device, torch.float64)  # (sites, d_model)
