@@ -34,7 +34,7 @@ For a batch of edits (subject, prompt, target):
    computed once when the key is added), so the delta fires only near an edit's key
    and adding keys never moves the gate of earlier ones. With ``gate_scope =
    "subject"`` (default) a token is scored only against the keys of edits whose
-   subject its sequence names (``scope.SubjectScope``, rebuilt from the records, so
+   subject its sequence names (``gate.SubjectScope``, rebuilt from the records, so
    nothing new is persisted) and, with ``gate_snap_keys``, gets the matched key's
    value; ``"key"`` scores it against every key. A **recall check** then
    runs the batch's prompts through the gated model: every key site must be routed
@@ -67,9 +67,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from daemon.editors.base import EditOutcome, EditSpec
 from daemon.editors.hook.deltas import frobenius
+from daemon.editors.hook.gate import SubjectScope
 from daemon.editors.hook.keys import encode_sites
 from daemon.editors.hook.layer import HookedProjection
-from daemon.editors.hook.scope import SubjectScope
 from daemon.editors.hook.settings import HookSettings
 from daemon.editors.hook.solve import (
     SolvePlan,

@@ -55,13 +55,16 @@ from daemon.editors.hook.gate import (
     DEFAULT_SUBJECT_COS_FLOOR,
     DEFAULT_THRESHOLD,
     DEFAULT_THRESHOLD_FLOOR,
+    CandidateTable,
     GateCache,
+    Scope,
+    SubjectScope,
+    add_values,
     key_reference,
+    route_table,
 )
 from daemon.editors.hook.layer_routing import GateMode, GateRoutingMixin, RouteParts
 from daemon.editors.hook.layer_shards import ShardDeltasMixin
-from daemon.editors.hook.scope import Scope, SubjectScope
-from daemon.editors.hook.subject_gate import CandidateTable, add_values, route_table
 from daemon.model import arch
 
 __all__ = [

@@ -50,14 +50,17 @@ from torch import nn
 
 from daemon.editors.hook import deltas as shard_deltas
 from daemon.editors.hook.deltas import ShardDelta
-from daemon.editors.hook.gate import GateCache, route_tokens, tensor_stamp
-from daemon.editors.hook.scope import Scope, SubjectScope
-from daemon.editors.hook.subject_gate import (
+from daemon.editors.hook.gate import (
     CandidateTable,
+    GateCache,
+    Scope,
+    SubjectScope,
     candidate_table,
     key_reach,
     route_table,
+    route_tokens,
     routes_of,
+    tensor_stamp,
 )
 
 GateMode = Literal["auto", "open", "closed", "mask"]
