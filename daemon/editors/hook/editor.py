@@ -69,7 +69,7 @@ from daemon.editors.base import EditOutcome, EditSpec
 from daemon.editors.hook.deltas import frobenius
 from daemon.editors.hook.gate import SubjectScope
 from daemon.editors.hook.keys import encode_sites
-from daemon.editors.hook.layer import HookedProjection
+from daemon.editors.hook.layer import HookedProjection, calibrate_gates, install_hooks
 from daemon.editors.hook.settings import HookSettings
 from daemon.editors.hook.solve import (
     SolvePlan,
@@ -95,7 +95,6 @@ from daemon.editors.hook.state import (
     write_state,
 )
 from daemon.editors.hook.targets import EditText, TargetResult, optimise_targets
-from daemon.editors.hook.wiring import calibrate_gates, install_hooks
 from daemon.errors import EditorStateError, SolveError
 from daemon.model import arch
 from daemon.model.batches import target_token_ids
@@ -103,7 +102,7 @@ from daemon.model.batches import target_token_ids
 log = structlog.get_logger()
 
 
-# --- what the back-end accepts, and one batch's edits of the same fact -----------------
+# --- what the back-end accepts, and one batch's edits of the same fact ----------------
 
 
 def fact_key(spec: EditSpec) -> str:

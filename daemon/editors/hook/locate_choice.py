@@ -15,7 +15,7 @@ The choice (``choose``)
   see ``first_candidate_layer``) with the highest ``mlp_out`` moved sum at that kind;
   ties go to the higher ``mlp_out`` probability sum, then the higher ``residual``
   moved sum, then the DEEPER window (the scope gate separates subjects better in
-  deeper layers; see ``layer_routing.py``).
+  deeper layers; see :mod:`daemon.editors.hook.layer`).
 
 Why ``mlp_out`` leads: the residual stream at the prompt's last token in the last
 layer IS the prediction, so patching it moves every answer by construction, and

@@ -160,7 +160,7 @@ def resolve_shards(
             set_shard(hook, shard, sums[layer][shard], k, t, covariance[layer], cov_weight)
 
 
-# --- refusals after a solve ------------------------------------------------------------
+# --- refusals after a solve -----------------------------------------------------------
 
 
 def check_recall(
