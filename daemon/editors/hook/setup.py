@@ -189,10 +189,14 @@ def _located_layout(
     loaded: LoadedModel, config: Config, facts: FactSet
 ) -> tuple[Sequence[int], KeyKind] | None:
     """The cached locate result for this model; with none cached, locate now on
-    ``facts`` and cache it. Too few facts to
-    trace gives None (the defaults, with a warning naming ``editd locate --facts``)."""
-    from daemon.editors.hook.locate import cached_locate, latest_locate, locate_cache_dir
-    from daemon.editors.hook.locate_trace import world_trace_facts
+    ``facts`` and cache it. Too few facts to trace gives None (the defaults, with a
+    warning naming ``editd locate --facts``)."""
+    from daemon.editors.hook.locate import (
+        cached_locate,
+        latest_locate,
+        locate_cache_dir,
+        world_trace_facts,
+    )
 
     cache = locate_cache_dir(config)
     found = latest_locate(cache, loaded)
