@@ -18,7 +18,7 @@ from daemon.errors import LocateError
 
 if TYPE_CHECKING:
     from daemon.config import Config
-    from daemon.editors.hook.locate_choice import LocateResult
+    from daemon.editors.hook.locate import LocateResult
     from daemon.editors.hook.patching import TraceFact
 
 CANDIDATES_PER_PAIR = 4
@@ -27,7 +27,7 @@ CANDIDATES_PER_PAIR = 4
 
 def _facts(model_dir: str, facts_path: Path | None, n: int) -> list[TraceFact]:
     """Facts from ``--facts``, else from the ``world.json`` beside a fact-world model."""
-    from daemon.editors.hook.locate_trace import request_trace_facts, world_trace_facts
+    from daemon.editors.hook.locate import request_trace_facts, world_trace_facts
     from daemon.world.build import WORLD_FILE, load_world
 
     if facts_path is not None:

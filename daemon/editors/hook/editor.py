@@ -34,7 +34,7 @@ For a batch of edits (subject, prompt, target):
    computed once when the key is added), so the delta fires only near an edit's key
    and adding keys never moves the gate of earlier ones. With ``gate_scope =
    "subject"`` (default) a token is scored only against the keys of edits whose
-   subject its sequence names (``scope.SubjectScope``, rebuilt from the records, so
+   subject its sequence names (``gate.SubjectScope``, rebuilt from the records, so
    nothing new is persisted) and, with ``gate_snap_keys``, gets the matched key's
    value; ``"key"`` scores it against every key. A **recall check** then
    runs the batch's prompts through the gated model: every key site must be routed
@@ -66,14 +66,18 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from daemon.editors.base import EditOutcome, EditSpec
-from daemon.editors.hook.batching import fact_key, merge_batch, refusal_reason, refuse_all
-from daemon.editors.hook.checks import check_recall
 from daemon.editors.hook.deltas import frobenius
+from daemon.editors.hook.gate import SubjectScope
 from daemon.editors.hook.keys import encode_sites
-from daemon.editors.hook.layer import HookedProjection
-from daemon.editors.hook.scope import SubjectScope
+from daemon.editors.hook.layer import HookedProjection, calibrate_gates, install_hooks
 from daemon.editors.hook.settings import HookSettings
-from daemon.editors.hook.solve import SolvePlan, resolve_shards, solve_layers, zero_sums
+from daemon.editors.hook.solve import (
+    SolvePlan,
+    check_recall,
+    resolve_shards,
+    solve_layers,
+    zero_sums,
+)
 from daemon.editors.hook.state import (
     READABLE_VERSIONS,
     STATE_VERSION,
@@ -85,17 +89,89 @@ from daemon.editors.hook.state import (
     pack_tensors,
     read_state,
     records_manifest,
+    shard_rows,
     tensor_sha,
     unpack_records,
     write_state,
 )
-from daemon.editors.hook.sums import shard_rows
 from daemon.editors.hook.targets import EditText, TargetResult, optimise_targets
-from daemon.editors.hook.wiring import calibrate_gates, install_hooks
 from daemon.errors import EditorStateError, SolveError
 from daemon.model import arch
+from daemon.model.batches import target_token_ids
 
 log = structlog.get_logger()
+
+
+# --- what the back-end accepts, and one batch's edits of the same fact ----------------
+
+
+def fact_key(spec: EditSpec) -> str:
+    """What makes two edits "the same fact": subject and relation, else the prompt."""
+    if spec.relation and spec.subject:
+        return f"{spec.subject.strip().casefold()}\x1f{spec.relation.strip().casefold()}"
+    return f"prompt\x1f{spec.prompt.strip()}"
+
+
+def refusal_reason(
+    tokenizer: PreTrainedTokenizerBase, spec: EditSpec, max_target_tokens: int
+) -> str | None:
+    """Why the hook back-end cannot take ``spec`` (None when it can)."""
+    if not spec.subject or not spec.subject.strip():
+        return "the hook back-end needs a subject (the router sends such edits to MELO)"
+    if spec.subject not in spec.prompt:
+        return f"subject {spec.subject!r} does not occur in the prompt"
+    n_tokens = len(target_token_ids(tokenizer, spec.prompt, spec.target))
+    if n_tokens == 0:
+        return "the target tokenises to nothing"
+    if n_tokens > max_target_tokens:
+        return (
+            f"the target has {n_tokens} tokens, more than the hook back-end's limit "
+            f"of {max_target_tokens}"
+        )
+    return None
+
+
+def merge_batch(
+    specs: Sequence[EditSpec],
+) -> tuple[list[EditSpec], dict[str, list[str]], dict[str, str]]:
+    """``(batch, merged, conflicts)`` of one batch (see the module docstring).
+
+    ``batch`` keeps one spec per fact, ``merged`` maps each kept id to the ids
+    merged into it, ``conflicts`` gives each conflicting edit id its reason.
+    """
+    groups: dict[str, list[EditSpec]] = {}
+    for spec in specs:
+        groups.setdefault(fact_key(spec), []).append(spec)
+    batch: list[EditSpec] = []
+    merged: dict[str, list[str]] = {}
+    conflicts: dict[str, str] = {}
+    for group in groups.values():
+        targets = {s.target for s in group}
+        if len(targets) > 1:
+            ids = [s.edit_id for s in group]
+            for s in group:
+                conflicts[s.edit_id] = (
+                    f"conflicting targets for the same fact in one batch "
+                    f"(edits {ids}: {sorted(targets)})"
+                )
+            continue
+        batch.append(group[0])
+        merged[group[0].edit_id] = [s.edit_id for s in group[1:]]
+    return batch, merged, conflicts
+
+
+def refuse_all(
+    batch: Sequence[EditSpec], merged: Mapping[str, list[str]], reason: str
+) -> dict[str, EditOutcome]:
+    """A refusal with ``reason`` for every edit of ``batch`` and every edit merged into one."""
+    out: dict[str, EditOutcome] = {}
+    for spec in batch:
+        for edit_id in (spec.edit_id, *merged.get(spec.edit_id, [])):
+            out[edit_id] = EditOutcome(edit_id, False, reason)
+    return out
+
+
+# --- the editor -----------------------------------------------------------------------
 
 
 class HookEditor:
@@ -290,7 +366,7 @@ class HookEditor:
             result = self._targets(texts)
             if not all(result.converged) and self._live_keys(shard) > 0:
                 # The open shard's delta, applied at the new subjects as the gate would,
-                # can garble them (SmolLM2: 4 of 10 converged once it held ~80 edits): a
+                # can garble them (seen on SmolLM2 once a shard held many edits): a
                 # fresh shard has none, and leaves the earlier edits' solve alone.
                 shard = self._open_shard()
                 retry = self._targets(texts)

@@ -27,8 +27,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from daemon.editors.hook.layer import HookedProjection
-from daemon.editors.hook.wiring import gate_positions
+from daemon.editors.hook.layer import HookedProjection, gate_positions
 from daemon.model import arch
 from daemon.model.batches import encode_prompt_target, padded_forward_inputs, target_token_ids
 from daemon.model.partial import forward_until

@@ -1,4 +1,5 @@
-"""Hook layers: gated fp32 deltas beside an MLP output projection whose weight stays intact.
+"""Hook layers: gated fp32 deltas beside an MLP output projection whose weight stays
+intact, and how the editor installs and drives them on a model.
 
 ``HookedProjection`` replaces a model's MLP output projection (``nn.Linear`` or
 transformers' ``Conv1D``, told apart by ``daemon.model.arch``) with a wrapper that
@@ -15,34 +16,78 @@ The base module and its weight ``W0`` are never touched, so a bf16/fp16 model ke
 ``W0`` in its dtype while the edits accumulate in fp32 deltas. Where the gate is
 closed for a token the output is the base output bit for bit.
 
-The class is assembled from three modules, one job each:
-:mod:`daemon.editors.hook.layer_shards` keeps the shard deltas and their edits
-(``set_delta``, ``add_shard``, ...), :mod:`daemon.editors.hook.layer_routing`
-decides which shard each token gets (the scope gate, ``gate_mode``,
-``last_route``), and this module holds :class:`HookedProjection` itself: its
-buffers, the stored keys and their calibration, the forward pass, its
-``state_dict`` and its snapshots.
+Shards
+------
+``deltas`` holds one :class:`~daemon.editors.hook.deltas.ShardDelta` per shard
+(``d_out x d_in``, dense or as two low-rank factors; immutable, replaced on every
+change): the editor fills one shard with a bounded number of edit keys (a linear map
+from ``d_in`` cannot hold many more facts than ``d_in`` keys) and then opens the
+next. Every stored key carries its shard (``key_shard``); a token that the gate lets
+through gets the delta of the shard of its nearest eligible key, so each shard is a
+closed-form solve over its own keys. The layer's ``state_dict`` persists the shards
+(:func:`daemon.editors.hook.deltas.state_entries`).
 
 Stored keys
 -----------
 The hook stores the keys of its edits, ``keys`` ``(m, d_in)`` fp32 (one row per key
 site; rows can be removed for retraction), each with its shard (``key_shard``) and
 its own reference (``key_mean``, ``key_std``) over the calibration tokens, all
-persisted; :mod:`daemon.editors.hook.layer_routing` describes how they route.
+persisted.
 
-``calibrate_gates`` (:mod:`daemon.editors.hook.wiring`) reads the calibration
-tokens' keys once (pads excluded, deltas closed, so they are the base model's),
-sets ``center``, caches up to ``MAX_CALIBRATION_TOKENS`` of them (not persisted)
-and computes every key's reference; ``add_keys`` computes the references of new
-keys from that cache. A key without a reference (NaN: added before any
-calibration) never fires, so an uncalibrated hook behaves as the base model.
+``calibrate_gates`` reads the calibration tokens' keys once (pads excluded, deltas
+closed, so they are the base model's), sets ``center``, caches up to
+``MAX_CALIBRATION_TOKENS`` of them (not persisted) and computes every key's
+reference; ``add_keys`` computes the references of new keys from that cache. A key
+without a reference (NaN: added before any calibration) never fires, so an
+uncalibrated hook behaves as the base model.
+
+Routing
+-------
+A token is routed to the shard of the nearest eligible stored key. The rules live in
+:mod:`daemon.editors.hook.gate`; this layer holds their state and applies them. Two
+gates:
+
+- **subject** (``scope`` set: a :class:`~daemon.editors.hook.gate.SubjectScope` the
+  editor attaches): a token is scored only against the keys of the edits whose
+  subject its sequence names up to it (cosine floor ``subject_cos_floor``, a
+  persisted buffer that ``gate_subject_cos_floor = "auto"`` calibrates). The
+  candidates are decided at the prefill and kept for the KV-cached decode steps.
+  With ``snap_keys`` a routed token gets the value of the key it matched,
+  ``keys[j] @ delta[s].T``, instead of ``x @ delta[s].T``: a rephrasing whose key
+  is merely near the edit's then receives the edit's whole residual. With
+  ``share_route`` the first hook layer of a forward decides for the layers above it
+  (the key rows are the same in every hook), which halves the gate's cost.
+- **key** (no scope, or no scope for this forward, e.g. ``inputs_embeds``): every
+  token against every key, decided per token from its own key, so a one-token
+  decode step is scored like the same position of a full forward pass.
+
+A limit of the key gate: at hook layer 0 the input at the prompt's last token
+carries almost no subject information, so same-template prompts about other
+subjects pass it; deeper hook layers separate far better and the editor's locate
+step should prefer them.
+
+``gate_mode`` (``"auto"``, ``"open"``, ``"closed"``) forces the gate for tests and
+diagnostics (``"open"`` applies the shard ``mask_shard``); ``"mask"`` (entered
+through :func:`gate_positions`) applies shard ``mask_shard``'s delta exactly at
+given token positions, which is how the editor computes keys and residuals while it
+solves. ``last_route`` holds the shard per token of the latest forward (-1: closed)
+and ``last_gate`` its boolean form (neither persisted).
+
+On the model
+------------
+``install_hooks``/``remove_hooks`` swap each hook layer's MLP output projection for a
+``HookedProjection`` and back (where a norm follows the projection, the hook adds its
+edit after that norm); ``gate_positions`` applies one shard exactly at given token
+positions; ``calibrate_gates`` reads the calibration text's keys and references
+every stored key.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import structlog
 import torch
@@ -55,28 +100,33 @@ from daemon.editors.hook.gate import (
     DEFAULT_SUBJECT_COS_FLOOR,
     DEFAULT_THRESHOLD,
     DEFAULT_THRESHOLD_FLOOR,
+    CandidateTable,
     GateCache,
+    Scope,
+    SubjectScope,
+    add_values,
+    candidate_table,
+    key_reach,
     key_reference,
+    route_table,
+    route_tokens,
+    routes_of,
+    tensor_stamp,
 )
-from daemon.editors.hook.layer_routing import GateMode, GateRoutingMixin, RouteParts
-from daemon.editors.hook.layer_shards import ShardDeltasMixin
-from daemon.editors.hook.scope import Scope, SubjectScope
-from daemon.editors.hook.subject_gate import CandidateTable, add_values, route_table
 from daemon.model import arch
-
-__all__ = [
-    "DEFAULT_COS_FLOOR",
-    "DEFAULT_SUBJECT_COS_FLOOR",
-    "DEFAULT_THRESHOLD",
-    "DEFAULT_THRESHOLD_FLOOR",
-    "GateMode",
-    "HookedProjection",
-    "key_reference",
-]
+from daemon.model.batches import padded_forward_inputs
+from daemon.model.partial import forward_until
 
 log = structlog.get_logger()
 
 MAX_CALIBRATION_TOKENS = 8192
+"""At most this many calibration tokens (spread evenly) are cached per hook."""
+
+_KEY_CHUNK = 4096
+
+GateMode = Literal["auto", "open", "closed", "mask"]
+
+RouteParts = tuple[CandidateTable, torch.Tensor, torch.Tensor]  # table, fire, winner
 
 
 def calibration_sample(n_tokens: int) -> list[int]:
@@ -86,11 +136,6 @@ def calibration_sample(n_tokens: int) -> list[int]:
         return list(range(n_tokens))
     step = n_tokens / MAX_CALIBRATION_TOKENS
     return [int(i * step) for i in range(MAX_CALIBRATION_TOKENS)]
-
-
-"""At most this many calibration tokens (spread evenly) are cached per hook."""
-
-_KEY_CHUNK = 4096
 
 
 @dataclass(frozen=True)
@@ -104,7 +149,7 @@ class HookSnapshot:
     key_std: torch.Tensor
 
 
-class HookedProjection(ShardDeltasMixin, GateRoutingMixin, nn.Module):
+class HookedProjection(nn.Module):
     """An MLP output projection plus gated fp32 deltas; ``base`` is the original module."""
 
     keys: torch.Tensor
@@ -172,6 +217,87 @@ class HookedProjection(ShardDeltasMixin, GateRoutingMixin, nn.Module):
         # computed in ``forward`` waits in ``_addend`` for that norm's forward hook
         self._norm_handle: torch.utils.hooks.RemovableHandle | None = None
         self._addend: torch.Tensor | None = None
+
+    # --- shard deltas --------------------------------------------------------------------
+
+    @property
+    def n_shards(self) -> int:
+        return len(self.deltas)
+
+    @property
+    def delta(self) -> torch.Tensor:
+        """Every shard's delta, dense ``(n_shards, d_out, d_in)`` fp32 (materialised:
+        for tests and diagnostics, never on the forward path)."""
+        return torch.stack([d.to_dense() for d in self.deltas])
+
+    def shard_output(self, x: torch.Tensor, shard: int) -> torch.Tensor:
+        """``x @ delta[shard].T`` for rows ``x`` ``(n, d_in)``, in ``x``'s dtype."""
+        return self.deltas[self._shard_index(shard)].apply(x.to(self._device))
+
+    def _as_delta(self, delta_out_in: torch.Tensor) -> torch.Tensor:
+        if tuple(delta_out_in.shape) != (self.d_out, self.d_in):
+            raise ValueError(
+                f"delta shape {tuple(delta_out_in.shape)} does not match the projection's "
+                f"[out, in] = [{self.d_out}, {self.d_in}]"
+            )
+        if not bool(torch.isfinite(delta_out_in).all()):
+            raise ValueError("delta holds non-finite values (NaN/inf)")
+        return delta_out_in.detach().to(device=self._device, dtype=torch.float32)
+
+    def _shard_index(self, shard: int) -> int:
+        if not 0 <= shard < self.n_shards:
+            raise ValueError(f"shard {shard} outside 0..{self.n_shards - 1}")
+        return shard
+
+    def _set_deltas(self, deltas: list[ShardDelta]) -> None:
+        """Replace the shard list (never written into: a rollback may hold the old one)."""
+        self.deltas = deltas
+        self._delta_version += 1
+        self._has_delta = any(d.nonzero() for d in deltas)
+
+    def _replace(self, shard: int, delta: ShardDelta) -> None:
+        s = self._shard_index(shard)
+        self._set_deltas([*self.deltas[:s], delta, *self.deltas[s + 1 :]])
+
+    @torch.no_grad()
+    def add_shard(self) -> int:
+        """Open a new, empty shard; returns its index."""
+        zero = ShardDelta.zero(self.d_out, self.d_in, self._device)
+        self._set_deltas([*self.deltas, zero])
+        return self.n_shards - 1
+
+    @torch.no_grad()
+    def set_delta(self, delta_out_in: torch.Tensor, shard: int = 0) -> None:
+        """Replace one shard's delta (``[out, in]``, any float dtype; stored fp32)."""
+        self._replace(shard, ShardDelta(dense=self._as_delta(delta_out_in)))
+
+    @torch.no_grad()
+    def set_factors(self, up: torch.Tensor, down: torch.Tensor, shard: int = 0) -> None:
+        """Replace one shard's delta by ``up @ down``: ``(d_out, r)`` and ``(r, d_in)``
+        (any float dtype; stored fp32)."""
+        if up.dim() != 2 or down.dim() != 2 or up.shape[1] != down.shape[0]:
+            raise ValueError(f"factors {tuple(up.shape)} @ {tuple(down.shape)} do not multiply")
+        if up.shape[0] != self.d_out or down.shape[1] != self.d_in:
+            raise ValueError(
+                f"factors give [{up.shape[0]}, {down.shape[1]}], not the projection's "
+                f"[out, in] = [{self.d_out}, {self.d_in}]"
+            )
+        if not (bool(torch.isfinite(up).all()) and bool(torch.isfinite(down).all())):
+            raise ValueError("delta factors hold non-finite values (NaN/inf)")
+        f32 = torch.float32
+        self._replace(
+            shard,
+            ShardDelta(
+                up=up.detach().to(self._device, f32), down=down.detach().to(self._device, f32)
+            ),
+        )
+
+    @torch.no_grad()
+    def add_delta(self, delta_out_in: torch.Tensor, shard: int = 0) -> None:
+        """Add an ``[out, in]`` update to one shard's delta (summed in float64, stored fp32)."""
+        s = self._shard_index(shard)
+        add = delta_out_in.detach().to(device=self._device, dtype=torch.float64)
+        self.set_delta(self.deltas[s].to_dense(torch.float64) + add, s)
 
     # --- stored keys ---------------------------------------------------------------------
 
@@ -318,6 +444,127 @@ class HookedProjection(ShardDeltasMixin, GateRoutingMixin, nn.Module):
         new = (flat_out.index_select(0, rows).float() + update).to(out.dtype)
         return flat_out.index_copy(0, rows, new).reshape(out.shape)
 
+    # --- routing -------------------------------------------------------------------------
+
+    def _cache(self) -> GateCache:
+        """The gate's derived tensors, rebuilt when a key, reference or threshold changed."""
+        limits = (self.threshold, self.threshold_floor, self.cos_floor)
+        sources = (self.keys, self.center, self.key_mean, self.key_std, *limits)
+        stamp = tuple(tensor_stamp(t) for t in sources)  # no .item() per forward
+        cache = self._gate_cache
+        if cache is None or cache.stamp != stamp:
+            with torch.no_grad():
+                cache = self._gate_cache = GateCache(
+                    stamp,
+                    self.keys,
+                    self.center,
+                    self.key_mean,
+                    self.key_std,
+                    max(float(self.threshold), float(self.threshold_floor)),
+                    float(self.cos_floor),
+                )
+                cache.sources = sources  # kept alive: ids stay unique
+        return cache
+
+    def _normalised(self, x: torch.Tensor) -> torch.Tensor:
+        """Centred unit token keys ``(N, d_in)`` float32 from ``x`` ``(..., d_in)``."""
+        return nn.functional.normalize(x.reshape(-1, self.d_in).float() - self.center, dim=-1)
+
+    def cosines(self, x: torch.Tensor) -> torch.Tensor:
+        """Centred cosine of each token's key to every stored key: ``x.shape[:-1] + (m,)``."""
+        cos = self._normalised(x) @ self._cache().keys_n.T
+        return cos.reshape(*x.shape[:-1], self.keys.shape[0])
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Max centred cosine to the stored keys, shape ``x.shape[:-1]`` (-inf: no keys)."""
+        if self.keys.shape[0] == 0:
+            return torch.full(x.shape[:-1], float("-inf"), device=x.device)
+        return self.cosines(x).amax(dim=-1)
+
+    def route(self, x: torch.Tensor) -> torch.Tensor:
+        """Shard per token (``x.shape[:-1]``, long), -1 where the gate is closed."""
+        closed = torch.full(x.shape[:-1], -1, dtype=torch.long, device=x.device)
+        if self.gate_mode == "open":
+            return closed + 1 + self.mask_shard
+        if self.gate_mode == "mask":
+            if self.position_mask is None or tuple(self.position_mask.shape) != tuple(x.shape[:-1]):
+                shape = None if self.position_mask is None else tuple(self.position_mask.shape)
+                raise ValueError(f"gate position mask {shape} does not fit input {tuple(x.shape)}")
+            return torch.where(self.position_mask.to(x.device), self.mask_shard, closed)
+        if self.gate_mode == "closed" or self.keys.shape[0] == 0:
+            return closed
+        scope = self._subject_scope(x)
+        if scope is not None:
+            table = self._table(scope)
+            if table is None:
+                return closed
+            fire, winner = route_table(x, self.center, table, scope.causal(x.shape[1]))
+            return routes_of(table, fire, winner)
+        cache = self._cache()
+        if not cache.any_reachable:
+            return closed
+        shards = route_tokens(
+            self._normalised(x), cache, self.key_mean, self.key_std, self.key_shard
+        )
+        return shards.reshape(closed.shape)
+
+    def gate(self, x: torch.Tensor) -> torch.Tensor:
+        """Boolean gate per token, shape ``x.shape[:-1]``."""
+        return self.route(x) >= 0
+
+    # --- the subject gate ----------------------------------------------------------------
+
+    def _subject_scope(self, x: torch.Tensor) -> Scope | None:
+        """The subject scope of this forward, when the subject gate decides it."""
+        if self.scope is None or self.gate_mode != "auto" or self.keys.shape[0] == 0:
+            return None
+        scope = self.scope.current()
+        return scope if scope is not None and scope.fits(x.shape[:-1]) else None
+
+    def _table(self, scope: Scope) -> CandidateTable | None:
+        """This layer's candidate table of ``scope``; its decode steps reuse the table of
+        its prefill (the editor changes no key while a request runs)."""
+        held = self._tables
+        if not scope.prefill and held is not None and held[0] is scope.candidates:
+            return held[2]
+        cache = self._cache()
+        floor_stamp = tensor_stamp(self.subject_cos_floor)  # in place: fill_, load_state_dict
+        stamp = (cache.stamp, self._delta_version, floor_stamp, self.snap_keys)
+        if held is not None and held[0] is scope.candidates and held[1] == stamp:
+            return held[2]
+        with torch.no_grad():
+            if self._per_key is None or self._per_key[0] != stamp:
+                floor = float(self.subject_cos_floor)
+                reach = key_reach(self.key_mean, self.key_std, cache.limit, floor)
+                snapped = shard_deltas.key_values(self.keys, self.key_shard, self.deltas)
+                self._per_key = (stamp, reach, snapped if self.snap_keys else None)
+            _, fire_at, values = self._per_key
+            table = candidate_table(scope.candidates, cache.keys_n, fire_at, self.key_shard, values)
+        self._tables = (scope.candidates, stamp, table)
+        return table
+
+    # --- the latest forward's route ------------------------------------------------------
+
+    @property
+    def last_gate(self) -> torch.Tensor | None:
+        """Boolean gate per token of the latest forward (None when no delta applied)."""
+        return None if self.last_route is None else self.last_route >= 0
+
+    @property
+    def last_route(self) -> torch.Tensor | None:
+        """Shard per token of the latest forward (-1: closed; None: no delta applied)."""
+        if self._pending_route is not None:  # the subject gate builds it only when asked
+            shape, parts = self._pending_route
+            self._pending_route = None
+            closed = torch.full(shape, -1, dtype=torch.long, device=self.keys.device)
+            self._last_route = closed if parts is None else routes_of(*parts)
+        return self._last_route
+
+    @last_route.setter
+    def last_route(self, route: torch.Tensor | None) -> None:
+        self._pending_route = None
+        self._last_route = route
+
     # --- calibration ---------------------------------------------------------------------
 
     @torch.no_grad()
@@ -417,3 +664,132 @@ class HookedProjection(ShardDeltasMixin, GateRoutingMixin, nn.Module):
             f"d_in={self.d_in}, d_out={self.d_out}, keys={self.keys.shape[0]}, "
             f"shards={self.n_shards}"
         )
+
+
+# --- on the model ---------------------------------------------------------------------
+
+
+def _parent_and_name(model: nn.Module, layer: int) -> tuple[nn.Module, str]:
+    path = arch.module_path(model, "mlp_out", layer)
+    parent_path, _, name = path.rpartition(".")
+    parent = arch.get_module(model, parent_path) if parent_path else model
+    return parent, name
+
+
+def install_hooks(
+    model: nn.Module,
+    layers: Sequence[int],
+    *,
+    threshold: float = DEFAULT_THRESHOLD,
+    threshold_floor: float = DEFAULT_THRESHOLD_FLOOR,
+    cos_floor: float = DEFAULT_COS_FLOOR,
+    subject_cos_floor: float = DEFAULT_SUBJECT_COS_FLOOR,
+) -> dict[int, HookedProjection]:
+    """Wrap the MLP output projection of each of ``layers`` in a ``HookedProjection``."""
+    hooks: dict[int, HookedProjection] = {}
+    for i in layers:
+        parent, name = _parent_and_name(model, i)
+        current = getattr(parent, name)
+        if isinstance(current, HookedProjection):
+            raise ValueError(f"layer {i} already carries a hook")
+        hook = HookedProjection(
+            current,
+            threshold=threshold,
+            threshold_floor=threshold_floor,
+            cos_floor=cos_floor,
+            subject_cos_floor=subject_cos_floor,
+        )
+        setattr(parent, name, hook)
+        norm = arch.post_mlp_norm_module(model, i)
+        if norm is not None:
+            hook.defer_past(norm)
+        hooks[i] = hook
+    log.debug("hooks_installed", layers=list(hooks))
+    return hooks
+
+
+def remove_hooks(model: nn.Module, hooks: Mapping[int, HookedProjection]) -> None:
+    """Put the original projection modules back (the very same objects)."""
+    for i, hook in hooks.items():
+        parent, name = _parent_and_name(model, i)
+        if getattr(parent, name) is not hook:
+            raise ValueError(f"layer {i} does not carry the given hook")
+        hook.undefer()
+        setattr(parent, name, hook.base)
+    log.debug("hooks_removed", layers=list(hooks))
+
+
+@contextmanager
+def gate_positions(
+    hooks: Mapping[int, HookedProjection],
+    mask: torch.Tensor | None,
+    shard: int | None = None,
+) -> Iterator[None]:
+    """Apply one shard's delta exactly where ``mask`` ``[B, T]`` is True (None: nowhere).
+
+    ``shard`` defaults to each hook's last (open) shard. Restores each hook's
+    previous gate mode on exit. The editor uses this while it solves so that keys
+    and residuals see the batch's shard at the edits' key positions only, as the
+    gate routes those prompts at inference.
+    """
+    saved = {i: (h.gate_mode, h.position_mask, h.mask_shard) for i, h in hooks.items()}
+    for h in hooks.values():
+        h.gate_mode = "closed" if mask is None else "mask"
+        h.position_mask = None if mask is None else mask.bool()
+        h.mask_shard = h.n_shards - 1 if shard is None else shard
+    try:
+        yield
+    finally:
+        for i, h in hooks.items():
+            h.gate_mode, h.position_mask, h.mask_shard = saved[i]
+
+
+@torch.no_grad()
+def calibrate_gates(
+    model: nn.Module,
+    hooks: Mapping[int, HookedProjection],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    batch_size: int = 32,
+) -> None:
+    """Read the calibration tokens' keys (pads excluded, deltas off) and reference every key.
+
+    One pass over the batch: sets each hook's ``center`` (the mean of every key),
+    caches its sample of calibration tokens (``calibration_sample``, taken batch by
+    batch so that no more than one batch of keys is held beyond it) and recomputes
+    every stored key's reference (``set_calibration``).
+    """
+    modes = {i: h.gate_mode for i, h in hooks.items()}
+    keep = torch.tensor(calibration_sample(int(attention_mask.sum())), dtype=torch.long)
+    sums = {i: torch.zeros(h.d_in, dtype=torch.float64) for i, h in hooks.items()}
+    kept: dict[int, list[torch.Tensor]] = {i: [] for i in hooks}
+    seen = 0
+    for h in hooks.values():
+        h.gate_mode = "closed"
+    try:
+        for start in range(0, input_ids.shape[0], batch_size):
+            ids = input_ids[start : start + batch_size]
+            mask = attention_mask[start : start + batch_size]
+            for h in hooks.values():
+                h._token_mask = mask.bool()
+                h._collect = []
+            inputs = padded_forward_inputs(ids, mask)
+            forward_until(model, hooks[max(hooks)], **inputs, use_cache=False)  # none above
+            n = int(mask.sum())
+            mine = keep[(keep >= seen) & (keep < seen + n)] - seen
+            for i, h in hooks.items():
+                assert h._collect is not None
+                keys = torch.cat(h._collect)  # (n, d_in)
+                sums[i] += keys.double().sum(dim=0).cpu()
+                kept[i].append(keys[mine.to(keys.device)])
+            seen += n
+        for i, h in hooks.items():
+            center = (sums[i] / max(seen, 1)).float()
+            h.set_calibration(torch.cat(kept[i]), center=center.to(h.center.device))
+    finally:
+        for i, h in hooks.items():
+            h.gate_mode = modes[i]
+            h._collect = None
+            h._token_mask = None
+    log.debug("gates_calibrated", tokens=int(attention_mask.sum()), hooks=list(hooks))

@@ -16,7 +16,7 @@
 - ``gate_subject_cos_floor = "auto"``: once the editor is built (its gates
   calibrated), a seeded sample of the fact world's facts under their training
   templates is keyed at the lowest hook layer (the configured key position, the
-  gate's centre) and :mod:`daemon.editors.hook.floor` picks the floor, which every
+  gate's centre) and :mod:`daemon.editors.hook.gate` picks the floor, which every
   hook layer then uses. A model without a world, a subject gate or enough
   same-subject pairs keeps ``DEFAULT_SUBJECT_COS_FLOOR``. The floor is a persisted
   hook buffer: a loaded state keeps the floor it was saved with.
@@ -40,14 +40,14 @@ from torch import nn
 from daemon.config import Config, HookConfig
 from daemon.drift.commonfacts import known_facts
 from daemon.editors.hook.editor import HookEditor
-from daemon.editors.hook.floor import (
+from daemon.editors.hook.gate import (
+    DEFAULT_SUBJECT_COS_FLOOR,
     MIN_PAIRS,
     FactLabel,
     FloorEvidence,
     floor_rule,
     pair_cosines,
 )
-from daemon.editors.hook.gate import DEFAULT_SUBJECT_COS_FLOOR
 from daemon.editors.hook.keys import KeyKind, capture, encode_sites
 from daemon.editors.hook.settings import HookSettings
 from daemon.editors.hook.stats import cached_covariance
@@ -189,10 +189,14 @@ def _located_layout(
     loaded: LoadedModel, config: Config, facts: FactSet
 ) -> tuple[Sequence[int], KeyKind] | None:
     """The cached locate result for this model; with none cached, locate now on
-    ``facts`` (about a second on the small world) and cache it. Too few facts to
-    trace gives None (the defaults, with a warning naming ``editd locate --facts``)."""
-    from daemon.editors.hook.locate import cached_locate, latest_locate, locate_cache_dir
-    from daemon.editors.hook.locate_trace import world_trace_facts
+    ``facts`` and cache it. Too few facts to trace gives None (the defaults, with a
+    warning naming ``editd locate --facts``)."""
+    from daemon.editors.hook.locate import (
+        cached_locate,
+        latest_locate,
+        locate_cache_dir,
+        world_trace_facts,
+    )
 
     cache = locate_cache_dir(config)
     found = latest_locate(cache, loaded)

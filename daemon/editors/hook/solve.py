@@ -1,6 +1,10 @@
-"""MEMIT's layer loop on one shard: spread the residual, solve each hook layer in turn.
+"""MEMIT's layer loop on one shard, and the two refusals after a solve.
 
-Split out of :mod:`daemon.editors.hook.editor` (which describes the method); the
+``solve_layers`` spreads the residual and solves each hook layer in turn;
+``resolve_shards`` solves shards again after a retraction. After a batch's solve,
+``guard_update`` (the collapse guard) and ``check_recall`` (the gate recall check)
+may refuse it: both raise :class:`~daemon.errors.SolveError`, and the editor then
+rolls the batch back. :mod:`daemon.editors.hook.editor` describes the method; the
 math itself is :mod:`daemon.editors.hook.math`.
 """
 
@@ -12,13 +16,15 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
+from daemon.editors.base import EditSpec
 from daemon.editors.hook import math as hmath
-from daemon.editors.hook.checks import guard_update
 from daemon.editors.hook.deltas import frobenius, use_factors
 from daemon.editors.hook.keys import KeySites, capture
 from daemon.editors.hook.layer import HookedProjection
-from daemon.editors.hook.sums import LayerSums, empty_sums
+from daemon.editors.hook.state import LayerSums, empty_sums
+from daemon.errors import SolveError
 from daemon.model.partial import record_block_output, replaying
 
 
@@ -76,7 +82,7 @@ def solve_layers(
     collapse guard, which appends to ``history``). ``rows``: the shard's earlier rows.
 
     Every round adds its terms to the shard's sums from before the batch (one
-    ``plus``), so the sums after the batch are exactly those ``sums.rebuild_sums``
+    ``plus``), so the sums after the batch are exactly those ``state.rebuild_sums``
     computes from the batch's records."""
     layers = plan.layers
     z = values.to(enc.input_ids.device, torch.float64)  # (sites, d_model)
@@ -152,3 +158,50 @@ def resolve_shards(
                 continue
             k, t = rows(layer, shard)
             set_shard(hook, shard, sums[layer][shard], k, t, covariance[layer], cov_weight)
+
+
+# --- refusals after a solve -----------------------------------------------------------
+
+
+def check_recall(
+    model: PreTrainedModel,
+    hooks: Mapping[int, HookedProjection],
+    batch: Sequence[EditSpec],
+    enc: KeySites,
+    shard: int,
+) -> None:
+    """Raise SolveError unless the gate routes every key site of the batch to ``shard``."""
+    model(**enc.forward_inputs(), use_cache=False)
+    for layer, hook in hooks.items():
+        route = hook.last_route
+        got = route[enc.rows, enc.positions] if route is not None else torch.full_like(enc.rows, -1)
+        missed = sorted({batch[int(e)].edit_id for e in enc.owner[got != shard].tolist()})
+        if missed:
+            raise SolveError(
+                f"layer {layer}: the scope gate does not route {len(missed)} edit(s) of "
+                f"the batch to their shard {shard} (gate recall check): {missed[:5]}",
+                layer=layer,
+                edit_ids=missed,
+            )
+
+
+GUARD_MIN_HISTORY = 20
+"""Batches a layer must have taken before the collapse guard judges one.
+
+Against a short, tight history an ordinary batch early in a stream looks like an
+outlier; a longer history lets those through while later real jumps are still
+refused (the measurements are in BENCHMARKS.md)."""
+
+
+def guard_update(layer: int, update: float, history: list[float], max_zscore: float) -> None:
+    """Refuse an update norm (``||update|| / ||W0||``) that is an outlier against this
+    layer's ``history`` (once it holds ``GUARD_MIN_HISTORY`` batches; a non-finite
+    norm always); otherwise append it to the history."""
+    if hmath.is_outlier(update, history, max_zscore, min_history=GUARD_MIN_HISTORY):
+        raise SolveError(
+            f"layer {layer}: the batch's update norm {update:.4g} x ||W0|| is an outlier "
+            f"against the last {len(history)} batches (collapse guard)",
+            layer=layer,
+            update_norm_ratio=update,
+        )
+    history.append(update)

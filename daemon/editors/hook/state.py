@@ -1,5 +1,19 @@
-"""The hook editor's per-edit records and the (de)serialisation of its state.
+"""The hook editor's per-edit records, the running sums that follow from them, and the
+(de)serialisation of its state.
 
+Running sums
+------------
+A shard's sums at a layer are ``M = sum t k^T`` ``(d_out, d_in)`` and ``S = sum k k^T``
+``(d_in, d_in)`` over the ``(k, t)`` rows of its live edits, in float64 on
+``stats_device``. The solve (``solve.solve_layers``) adds a batch's rows with one
+``LayerSums.plus``; a retraction takes an edit's rows out with ``LayerSums.minus``.
+Since they are a function of the records (:class:`Record`), the persisted state
+does not hold them: ``rebuild_sums`` recomputes them on load with the same
+arithmetic, bit for bit as long as nothing was retracted (after a retraction the two
+differ by float64 round-off) and the device and BLAS are the same.
+
+Persisted state
+---------------
 The persisted state (version ``STATE_VERSION``) is a JSON manifest plus flat tensors:
 
 - ``hook.{layer}.{buffer}``: each hook's buffers (the shard deltas ``delta.{s}``, or
@@ -8,10 +22,10 @@ The persisted state (version ``STATE_VERSION``) is a JSON manifest plus flat ten
 - ``records.{layer}.keys`` / ``records.{layer}.outputs``: the ``(k, t)`` rows of
   every applied edit, in the manifest's record order (``sites`` rows each).
 
-The shards' running sums ``M`` and ``S`` (``sums.LayerSums``) are not stored since
+The shards' running sums ``M`` and ``S`` (:class:`LayerSums`) are not stored since
 version 4: they follow from the records and, at ``(d_out + d_in) d_in`` float64 per
 shard and layer, they dominated the state. ``load_sums`` rebuilds them
-(``sums.rebuild_sums``), adding each batch's rows to its shard in apply order with
+(``rebuild_sums``), adding each batch's rows to its shard in apply order with
 ``LayerSums.plus``'s arithmetic, the live editor's, so a state saved without
 retractions reloads to bit-identical sums (on the same device and BLAS); after a
 retraction (``LayerSums.minus`` on the live sums) the two differ by float64 round-off.
@@ -37,7 +51,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from daemon.editors.base import EditSpec
-from daemon.editors.hook.sums import LayerSums, rebuild_sums
 from daemon.errors import EditorStateError
 from daemon.files import atomic_write, atomic_write_text
 
@@ -66,6 +79,101 @@ class Record:
     @property
     def sites(self) -> int:
         return int(next(iter(self.keys.values())).shape[0])
+
+
+# --- running sums ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerSums:
+    """One shard's running sums at one layer: ``M = sum t k^T`` and ``S = sum k k^T``.
+
+    Never written into: a change makes new sums (``plus``/``minus``), so an edit
+    batch's rollback keeps the old object instead of a copy.
+    """
+
+    moment: torch.Tensor  # (d_out, d_in) float64
+    key_outer: torch.Tensor  # (d_in, d_in) float64
+
+    def plus(self, keys: torch.Tensor, outputs: torch.Tensor) -> LayerSums:
+        """With the rows ``keys`` ``(n, d_in)`` and ``outputs`` ``(n, d_out)`` added."""
+        k, t = keys.to(self.moment), outputs.to(self.moment)
+        return LayerSums(self.moment + t.T @ k, self.key_outer + k.T @ k)
+
+    def minus(self, keys: torch.Tensor, outputs: torch.Tensor) -> LayerSums:
+        """With the rows ``keys`` and ``outputs`` taken out (undoes ``plus`` up to
+        float64 round-off)."""
+        k, t = keys.to(self.moment), outputs.to(self.moment)
+        return LayerSums(self.moment - t.T @ k, self.key_outer - k.T @ k)
+
+
+def empty_sums(d_in: int, d_out: int, device: torch.device | str) -> LayerSums:
+    """Zero running sums for one shard at a layer of widths ``d_in``, ``d_out`` (float64)."""
+    f64 = torch.float64
+    return LayerSums(
+        torch.zeros(d_out, d_in, dtype=f64, device=device),
+        torch.zeros(d_in, d_in, dtype=f64, device=device),
+    )
+
+
+def rebuild_sums(
+    records: Iterable[Record],
+    layers: Sequence[int],
+    n_shards: int,
+    widths: Mapping[int, tuple[int, int]],
+    device: torch.device | str,
+) -> dict[int, list[LayerSums]]:
+    """Every layer's ``n_shards`` running sums from the ``records`` (in apply order).
+
+    Each batch's rows, concatenated in record order, are added to its shard's sums
+    batch after batch with ``LayerSums.plus``'s arithmetic (``M + t^T k``, ``S + k^T k``),
+    as the live editor added them, but into one accumulator per shard rather than a
+    new matrix per batch (faster, the same bits). A shard without records keeps
+    zero sums. ``widths``: ``(d_in, d_out)`` per layer; the sums are float64 on
+    ``device``. ValueError for a record outside ``0..n_shards-1`` or a batch across shards.
+    """
+    batches: dict[int, list[Record]] = {}  # batch -> its records, in record order
+    for r in records:
+        if not 0 <= r.shard < n_shards:
+            raise ValueError(f"edit {r.spec.edit_id!r}: shard {r.shard} of {n_shards}")
+        batches.setdefault(r.batch, []).append(r)
+    for batch, held in batches.items():
+        if len({r.shard for r in held}) != 1:
+            raise ValueError(f"batch {batch} spans shards {sorted({r.shard for r in held})}")
+    sums: dict[int, list[LayerSums]] = {}
+    for layer in layers:
+        shards = [empty_sums(*widths[layer], device) for _ in range(n_shards)]
+        for batch in sorted(batches):
+            held = batches[batch]
+            k = torch.cat([r.keys[layer] for r in held]).to(device, torch.float64)  # (n, d_in)
+            t = torch.cat([r.outputs[layer] for r in held]).to(device, torch.float64)
+            acc = shards[held[0].shard]  # a fresh object nobody else holds yet
+            acc.moment.add_(t.T @ k)  # (d_out, d_in)
+            acc.key_outer.add_(k.T @ k)  # (d_in, d_in)
+        sums[layer] = shards
+    return sums
+
+
+def shard_rows(
+    records: Iterable[Record],
+    layer: int,
+    shard: int,
+    widths: tuple[int, int],
+    device: torch.device | str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys ``(n, d_in)`` and outputs ``(n, d_out)`` of ``shard``'s ``records`` at
+    ``layer`` in record order (empty float64 tensors on ``device`` when it has none)."""
+    held = [r for r in records if r.shard == shard]
+    if not held:
+        (d_in, d_out), f64 = widths, torch.float64
+        return (
+            torch.zeros(0, d_in, dtype=f64, device=device),
+            torch.zeros(0, d_out, dtype=f64, device=device),
+        )
+    return torch.cat([r.keys[layer] for r in held]), torch.cat([r.outputs[layer] for r in held])
+
+
+# --- the persisted state --------------------------------------------------------------
 
 
 def records_manifest(records: Mapping[str, Record]) -> list[dict[str, Any]]:

@@ -37,8 +37,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from daemon.editors.hook.keys import KeyKind, encode_sites
-from daemon.editors.hook.layer import HookedProjection
-from daemon.editors.hook.wiring import gate_positions
+from daemon.editors.hook.layer import HookedProjection, gate_positions
 from daemon.model import arch
 from daemon.model.batches import (
     label_window,

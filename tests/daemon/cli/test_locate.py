@@ -10,8 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from daemon.cli import cli
-from daemon.editors.hook.locate_choice import LocateResult
-from daemon.editors.hook.locate_trace import world_trace_facts
+from daemon.editors.hook.locate import LocateResult, world_trace_facts
 from daemon.world.build import WORLD_FILE, load_world
 
 

@@ -11,10 +11,10 @@ import torch
 
 from daemon.editors.base import EditSpec
 from daemon.editors.hook import targets as targets_module
-from daemon.editors.hook.checks import GUARD_MIN_HISTORY
 from daemon.editors.hook.editor import HookEditor
 from daemon.editors.hook.keys import encode_sites
 from daemon.editors.hook.setup import build_hook_editor
+from daemon.editors.hook.solve import GUARD_MIN_HISTORY
 from daemon.model.answers import continuation_matches
 from daemon.model.generate import greedy_continuations
 from daemon.model.loading import LoadedModel, load_model

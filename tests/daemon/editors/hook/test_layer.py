@@ -13,8 +13,13 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
 from daemon.editors.hook import gate
-from daemon.editors.hook.layer import HookedProjection, key_reference
-from daemon.editors.hook.wiring import calibrate_gates, install_hooks, remove_hooks
+from daemon.editors.hook.gate import key_reference
+from daemon.editors.hook.layer import (
+    HookedProjection,
+    calibrate_gates,
+    install_hooks,
+    remove_hooks,
+)
 from daemon.model import arch
 from daemon.model.loading import LoadedModel, load_model
 from daemon.world.build import load_world

@@ -13,11 +13,16 @@ import torch
 from structlog.testing import capture_logs
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedModel, PreTrainedTokenizerBase
 
-from daemon.editors.hook.locate import cached_locate, latest_locate, locate
-from daemon.editors.hook.locate_choice import LocateResult, best_window, choose, default_window
-from daemon.editors.hook.locate_trace import (
+from daemon.editors.hook.locate import (
     LocateEvidence,
+    LocateResult,
     TraceScores,
+    best_window,
+    cached_locate,
+    choose,
+    default_window,
+    latest_locate,
+    locate,
     make_pairs,
     request_trace_facts,
     trace_recall,

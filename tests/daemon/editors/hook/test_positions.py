@@ -10,9 +10,10 @@ import torch
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase
 
 from daemon.editors.base import EditSpec
-from daemon.editors.hook.checks import check_recall
 from daemon.editors.hook.keys import KEY_KINDS, KeyKind, KeySites, capture, encode_sites
+from daemon.editors.hook.layer import install_hooks, remove_hooks
 from daemon.editors.hook.patching import TraceFact, capture_donor_states, prepare
+from daemon.editors.hook.solve import check_recall
 from daemon.editors.hook.targets import (
     EditText,
     TargetSettings,
@@ -20,7 +21,6 @@ from daemon.editors.hook.targets import (
     _essence_logits,
     optimise_targets,
 )
-from daemon.editors.hook.wiring import install_hooks, remove_hooks
 from daemon.model import arch
 from daemon.model.batches import padding_id
 

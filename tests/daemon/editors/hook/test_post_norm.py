@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
 
-from daemon.editors.hook.wiring import install_hooks, remove_hooks
+from daemon.editors.hook.layer import install_hooks, remove_hooks
 from daemon.model import arch
 from tests.daemon.model.conftest import eval_mode
 

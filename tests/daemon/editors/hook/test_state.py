@@ -15,8 +15,15 @@ from safetensors import safe_open
 from daemon.editors.base import EditSpec
 from daemon.editors.hook.editor import HookEditor
 from daemon.editors.hook.setup import build_hook_editor
-from daemon.editors.hook.state import MANIFEST, STATE_VERSION, TENSORS, Record, write_state
-from daemon.editors.hook.sums import LayerSums, rebuild_sums
+from daemon.editors.hook.state import (
+    MANIFEST,
+    STATE_VERSION,
+    TENSORS,
+    LayerSums,
+    Record,
+    rebuild_sums,
+    write_state,
+)
 from daemon.errors import EditorStateError
 from daemon.model.loading import LoadedModel, load_model
 from tests.daemon.editors.hook.conftest import edit_specs, hook_config, prompt_logits

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from daemon.editors.hook.checks import GUARD_MIN_HISTORY, guard_update
+from daemon.editors.hook.solve import GUARD_MIN_HISTORY, guard_update
 from daemon.errors import SolveError
 
 
