@@ -208,13 +208,14 @@ def hook_comparison(
     loaded: LoadedModel, records: Sequence[dict[str, Any]], config: Path
 ) -> dict[str, Any]:
     """Section 5: the hook editor on the same records, batches of 10."""
-    from daemon.config import load_config
+    from daemon.config import cache_dir, load_config
     from daemon.editors.hook.setup import build_hook_editor
 
     model, tok = loaded.model, loaded.tokenizer
     others = [t.format(r["subject"]) for r in records for t in OTHER_RELATIONS]
     base = greedy_continuations(model, tok, others, max_new_tokens=3)
-    editor = build_hook_editor(loaded, load_config(config))
+    cfg = load_config(config)
+    editor = build_hook_editor(loaded, cfg.editors.hook, cache_dir=cache_dir(cfg))
     specs = [
         EditSpec(f"e{i}", r["prompt"], r["target_new"], subject=r["subject"])
         for i, r in enumerate(records)

@@ -117,6 +117,7 @@ def locate_(
     last token) and counts how often the answer follows. The result is cached
     under the store's folder (locate/) and reused by later runs.
     """
+    from daemon.config import cache_dir
     from daemon.editors.hook.locate import cached_locate, locate_cache_dir
     from daemon.model.loading import load_model
     from daemon.model.source import apply_threads, resolve_model_source
@@ -133,7 +134,7 @@ def locate_(
         trust_remote_code=model_cfg.trust_remote_code,
     )
     result = cached_locate(
-        locate_cache_dir(cfg),
+        locate_cache_dir(cache_dir(cfg)),
         loaded,
         facts,
         window=window,

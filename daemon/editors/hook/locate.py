@@ -52,10 +52,10 @@ is what a hook edit can change. ``LocateEvidence.layer_scores`` and
 
 Cache
 -----
-``locate_cache_dir(config)``, i.e. ``locate/`` beside the SQLite store
-(next to the covariance ``stats/``), one ``locate-<fingerprint16>-<settings16>.json``
-per model id and fingerprint (``stats.model_fingerprint``), dtype, facts and
-``max_pairs``; written atomically; unreadable, corrupt or stale files are logged
+``locate_cache_dir(cache_dir)``, i.e. ``locate/`` in the editors' cache folder beside
+the SQLite store (next to the covariance ``stats/``), one
+``locate-<fingerprint16>-<settings16>.json`` per model id and fingerprint
+(``stats.model_fingerprint``), dtype, facts and ``max_pairs``; written atomically; unreadable, corrupt or stale files are logged
 and recomputed. The window is not part of the key: a cached result is re-chosen
 for another window from its stored evidence. A file holds a :class:`LocateResult`
 (``to_json``/``from_json``, ``LOCATE_FORMAT_VERSION``).
@@ -77,7 +77,6 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from daemon.config import Config
 from daemon.editors.hook.patching import (
     KINDS,
     SITES,
@@ -503,9 +502,9 @@ def locate(
 # --- the cache -----------------------------------------------------------------------
 
 
-def locate_cache_dir(config: Config) -> Path:
-    """Where results live: ``locate/`` beside the SQLite store (``var/locate/`` by default)."""
-    return config.store.path.parent / "locate"
+def locate_cache_dir(cache_dir: Path) -> Path:
+    """Where results live: ``locate/`` in the editors' cache folder (``var/locate/`` by default)."""
+    return cache_dir / "locate"
 
 
 def _cache_key(

@@ -2,8 +2,9 @@
 
 ``[editors.hook]`` decides:
 
-- ``covariance_source``: ``"auto"`` (the fact-world corpus for a world model, else
-  the shipped Wikipedia passages), ``"world"``, ``"wikibio"`` (464 English Wikipedia
+- ``covariance_source``: ``"auto"`` (the model's own training text when its model
+  source knows it, as for a fact-world model, else the shipped Wikipedia passages),
+  ``"world"`` (the model's own training text, required), ``"wikibio"`` (464 English Wikipedia
   biographies shipped in ``daemon/data``, about 33,000 tokens; see its NOTICE.md), or
   a path to a text file (one text per line) or a JSONL file (a ``text`` field, else
   ``prompt`` + ``target``). The same texts calibrate the scope gate.
@@ -11,14 +12,15 @@
   ``editd locate`` for this model decides; without one, the architecture table's
   middle block and subject-last keys (what large models need). Note: locate ranks
   layers by how much patching the MLP output moves answers; it does not yet weigh
-  how well a layer's keys separate one fact from another for the scope gate, so on
-  the small world its layer 0 choice gates worse than layers 2-3 (BENCHMARKS.md).
+  how well a layer's keys separate one fact from another for the scope gate
+  (BENCHMARKS.md has a case where that matters).
 - ``gate_subject_cos_floor = "auto"``: once the editor is built (its gates
-  calibrated), a seeded sample of the fact world's facts under their training
-  templates is keyed at the lowest hook layer (the configured key position, the
-  gate's centre) and :mod:`daemon.editors.hook.gate` picks the floor, which every
-  hook layer then uses. A model without a world, a subject gate or enough
-  same-subject pairs keeps ``DEFAULT_SUBJECT_COS_FLOOR``. The floor is a persisted
+  calibrated), a seeded sample of the model's labelled facts (its model source's, else
+  the shipped common facts it states) under their training templates is keyed at the
+  lowest hook layer (the configured key position, the gate's centre) and
+  :mod:`daemon.editors.hook.gate` picks the floor, which every hook layer then uses.
+  A model without a subject gate or enough same-subject pairs keeps
+  ``DEFAULT_SUBJECT_COS_FLOOR``. The floor is a persisted
   hook buffer: a loaded state keeps the floor it was saved with.
 """
 
@@ -37,8 +39,8 @@ import structlog
 import torch
 from torch import nn
 
-from daemon.config import Config, HookConfig
 from daemon.drift.commonfacts import known_facts
+from daemon.editors.hook.config import HookConfig
 from daemon.editors.hook.editor import HookEditor
 from daemon.editors.hook.gate import (
     DEFAULT_SUBJECT_COS_FLOOR,
@@ -56,6 +58,7 @@ from daemon.errors import ConfigError
 from daemon.facts import FactSet, fill
 from daemon.model import arch
 from daemon.model.loading import LoadedModel
+from daemon.model.source import knowledge_of
 
 log = structlog.get_logger()
 
@@ -69,22 +72,21 @@ SHIPPED_TEXTS = {"wikibio": "wikibio-passages.jsonl"}
 
 def read_text_source(source: str, model_path: str) -> list[str]:
     """The texts of ``covariance_source`` (see the module docstring)."""
+    known = knowledge_of(model_path) if source in ("auto", "world") else None
     if source == "auto":
-        source = "world" if (Path(model_path) / "world.json").is_file() else "wikibio"
+        source = "world" if known is not None else "wikibio"
     if source in SHIPPED_TEXTS:
         data = resources.files("daemon") / "data" / SHIPPED_TEXTS[source]
         return [json.loads(line)["text"] for line in data.read_text("utf-8").splitlines() if line]
     if source == "world":
-        world_file = Path(model_path) / "world.json"
-        if not world_file.is_file():
+        if known is None:
             raise ConfigError(
-                f"editors.hook.covariance_source = 'world' needs a fact-world model, but "
-                f"{model_path} has no world.json; name a text or JSONL file instead",
+                f"editors.hook.covariance_source = 'world' needs a model whose training "
+                f"text editd knows (a fact-world model), but {model_path} is not one; "
+                "name a text or JSONL file instead",
                 key="editors.hook.covariance_source",
             )
-        from daemon.world.build import load_world
-
-        return load_world(model_path).training_corpus()
+        return known.corpus()
     path = Path(source)
     if not path.is_file():
         raise ConfigError(
@@ -176,17 +178,17 @@ LOCATE_PAIRS = 64
 
 
 def labelled_facts(loaded: LoadedModel) -> FactSet:
-    """The facts to locate and calibrate on: a fact world's own, else the shipped common
-    facts the model states itself (:func:`daemon.drift.commonfacts.known_facts`)."""
-    if (Path(loaded.name_or_path) / "world.json").is_file():
-        from daemon.world.build import load_world
-
-        return load_world(loaded.name_or_path)
+    """The facts to locate and calibrate on: those the model's source knows it states (a
+    fact world's), else the shipped common facts the model states itself
+    (:func:`daemon.drift.commonfacts.known_facts`)."""
+    known = knowledge_of(loaded.name_or_path)
+    if known is not None:
+        return known.facts
     return known_facts(loaded.model, loaded.tokenizer)
 
 
 def _located_layout(
-    loaded: LoadedModel, config: Config, facts: FactSet
+    loaded: LoadedModel, cache_dir: Path, facts: FactSet
 ) -> tuple[Sequence[int], KeyKind] | None:
     """The cached locate result for this model; with none cached, locate now on
     ``facts`` and cache it. Too few facts to trace gives None (the defaults, with a
@@ -198,7 +200,7 @@ def _located_layout(
         world_trace_facts,
     )
 
-    cache = locate_cache_dir(config)
+    cache = locate_cache_dir(cache_dir)
     found = latest_locate(cache, loaded)
     if found is None and facts.facts:
         traced = world_trace_facts(facts, limit=4 * LOCATE_PAIRS)
@@ -214,21 +216,23 @@ def _located_layout(
 
 def build_hook_editor(
     loaded: LoadedModel,
-    config: Config,
+    cfg: HookConfig,
     *,
+    cache_dir: Path,
     located: tuple[Sequence[int], KeyKind] | None = None,
     stats_dir: Path | None = None,
     progress: bool = False,
 ) -> HookEditor:
-    """A hook editor for ``loaded`` as ``config`` describes it (statistics cached)."""
-    cfg = config.editors.hook
+    """A hook editor for ``loaded`` as ``[editors.hook]`` (``cfg``) describes it; key
+    statistics are cached in ``stats_dir`` (default ``cache_dir/stats``), locate results
+    in ``cache_dir/locate``."""
     facts: FactSet | None = None
     if located is None and (not cfg.layers or cfg.key_position == "auto"):
         facts = labelled_facts(loaded)
-        located = _located_layout(loaded, config, facts)
+        located = _located_layout(loaded, cache_dir, facts)
     layers, kind = choose_layout(loaded, cfg, located)
     texts = read_text_source(cfg.covariance_source, loaded.name_or_path)
-    cache = stats_dir or config.store.path.parent / "stats"
+    cache = stats_dir or cache_dir / "stats"
     covariance = cached_covariance(
         cache,
         loaded.model,

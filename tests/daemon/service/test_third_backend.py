@@ -60,7 +60,7 @@ class ForcedAnswers:
         self.edits: dict[str, tuple[str, str]] = {}
         self._rows: list[list[int] | None] | None = None
         self._step = 0
-        head = loaded.model.get_output_embeddings()
+        head = loaded.model.get_output_embeddings()  # type: ignore[no-untyped-call]
         assert head is not None
         head.register_forward_hook(self._force)
 

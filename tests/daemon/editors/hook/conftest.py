@@ -11,8 +11,10 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from daemon.config import Config
+from daemon.config import Config, cache_dir
 from daemon.editors.base import EditSpec
+from daemon.editors.hook.editor import HookEditor
+from daemon.editors.hook.setup import build_hook_editor
 from daemon.model.loading import LoadedModel, load_model
 from daemon.world.editsets import counterfactual_edits
 
@@ -31,7 +33,12 @@ def hook_config(**hook: Any) -> Config:
         gate_threshold=3.0,
         **hook,
     )
-    return dataclasses.replace(cfg, editors=dataclasses.replace(cfg.editors, hook=settings))
+    return dataclasses.replace(cfg, editors=cfg.editors.with_sections(hook=settings))
+
+
+def build_from_config(loaded: LoadedModel, cfg: Config, **options: Any) -> HookEditor:
+    """``build_hook_editor`` with ``cfg``'s ``[editors.hook]`` and cache folder."""
+    return build_hook_editor(loaded, cfg.editors.hook, cache_dir=cache_dir(cfg), **options)
 
 
 class HasModel(Protocol):

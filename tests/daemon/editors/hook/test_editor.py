@@ -13,19 +13,24 @@ from daemon.editors.base import EditSpec
 from daemon.editors.hook import targets as targets_module
 from daemon.editors.hook.editor import HookEditor
 from daemon.editors.hook.keys import encode_sites
-from daemon.editors.hook.setup import build_hook_editor
 from daemon.editors.hook.solve import GUARD_MIN_HISTORY
 from daemon.model.answers import continuation_matches
 from daemon.model.generate import greedy_continuations
 from daemon.model.loading import LoadedModel, load_model
 from daemon.world.editsets import counterfactual_edits
-from tests.daemon.editors.hook.conftest import N_EDITS, edit_specs, hook_config, prompt_logits
+from tests.daemon.editors.hook.conftest import (
+    N_EDITS,
+    build_from_config,
+    edit_specs,
+    hook_config,
+    prompt_logits,
+)
 
 
 @pytest.fixture
 def editor(loaded: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> HookEditor:
     stats = tmp_path_factory.getbasetemp() / "hook-stats"  # shared: computed once
-    return build_hook_editor(loaded, hook_config(), stats_dir=stats)
+    return build_from_config(loaded, hook_config(), stats_dir=stats)
 
 
 def _answers(loaded: LoadedModel, prompts: list[str]) -> list[str]:
@@ -97,7 +102,7 @@ def test_state_round_trips_to_bit_identical_logits(
 
     for restore in ("directory", "state_dict"):
         fresh = load_model(str(micro_world), device="cpu")
-        other = build_hook_editor(
+        other = build_from_config(
             fresh, hook_config(), stats_dir=tmp_path_factory.getbasetemp() / "hook-stats"
         )
         if restore == "directory":

@@ -15,8 +15,8 @@ import torch
 from structlog.testing import capture_logs
 from torch import nn
 
-from daemon.config import HookConfig
 from daemon.editors.hook import gate, setup
+from daemon.editors.hook.config import HookConfig
 from daemon.editors.hook.deltas import ShardDelta, key_values
 from daemon.editors.hook.editor import HookEditor
 from daemon.editors.hook.gate import (
@@ -31,7 +31,6 @@ from daemon.editors.hook.gate import (
 )
 from daemon.editors.hook.settings import GateScope, HookSettings
 from daemon.editors.hook.setup import (
-    build_hook_editor,
     set_subject_floor,
     settings_from_config,
     world_floor_facts,
@@ -39,7 +38,12 @@ from daemon.editors.hook.setup import (
 from daemon.model.loading import LoadedModel, load_model
 from daemon.model.tokens import subject_grams
 from daemon.world.build import load_world
-from tests.daemon.editors.hook.conftest import edit_specs, hook_config, prompt_logits
+from tests.daemon.editors.hook.conftest import (
+    build_from_config,
+    edit_specs,
+    hook_config,
+    prompt_logits,
+)
 
 
 def _build(loaded: LoadedModel, stats: Path, gate_scope: GateScope = "subject") -> HookEditor:
@@ -51,7 +55,7 @@ def _build(loaded: LoadedModel, stats: Path, gate_scope: GateScope = "subject") 
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(setup, "settings_from_config", settings)
-        return build_hook_editor(loaded, hook_config(), stats_dir=stats)
+        return build_from_config(loaded, hook_config(), stats_dir=stats)
 
 
 @pytest.fixture
@@ -292,8 +296,8 @@ def test_a_shared_route_lets_the_first_hook_layer_decide_for_all(
     lowest one did, and the edits still take."""
     cfg = hook_config()
     hook_cfg = dataclasses.replace(cfg.editors.hook, layers=(0, 1))
-    cfg = dataclasses.replace(cfg, editors=dataclasses.replace(cfg.editors, hook=hook_cfg))
-    editor = build_hook_editor(loaded, cfg, stats_dir=stats)
+    cfg = dataclasses.replace(cfg, editors=cfg.editors.with_sections(hook=hook_cfg))
+    editor = build_from_config(loaded, cfg, stats_dir=stats)
     assert editor.settings.gate_shared_route
     assert all(o.accepted for o in editor.apply(edit_specs(edits)))
     prompts = [e["prompt"] for e in edits] + [p["prompt"] for e in edits for p in e["locality"]]
@@ -426,7 +430,7 @@ def auto_editor(loaded: LoadedModel, stats: Path) -> tuple[HookEditor, dict[str,
     """A hook editor on the micro world with ``gate_subject_cos_floor = "auto"``, and the
     ``hook_floor_calibrated`` event it logged."""
     with capture_logs() as logs:
-        editor = build_hook_editor(
+        editor = build_from_config(
             loaded, hook_config(gate_subject_cos_floor="auto"), stats_dir=stats
         )
     (event,) = _events(logs, "hook_floor_calibrated")
@@ -476,7 +480,7 @@ def test_a_model_that_states_no_common_fact_keeps_the_default(
     corpus.write_text("\n".join(load_world(str(micro_world)).training_corpus()))
     config = hook_config(gate_subject_cos_floor="auto", covariance_source=str(corpus))
     with capture_logs() as logs:
-        editor = build_hook_editor(load_model(str(plain), device="cpu"), config, stats_dir=stats)
+        editor = build_from_config(load_model(str(plain), device="cpu"), config, stats_dir=stats)
     (known,) = _events(logs, "common_facts_known")
     assert known["known"] == 0 and known["facts"] > 200
     (event,) = _events(logs, "hook_floor_default")
@@ -490,7 +494,7 @@ def test_a_model_that_states_no_common_fact_keeps_the_default(
 def test_the_key_gate_keeps_the_default(loaded: LoadedModel, stats: Path) -> None:
     config = hook_config(gate_subject_cos_floor="auto", gate_scope="key")
     with capture_logs() as logs:
-        editor = build_hook_editor(loaded, config, stats_dir=stats)
+        editor = build_from_config(loaded, config, stats_dir=stats)
     (event,) = _events(logs, "hook_floor_default")
     assert "gate_scope" in event["reason"]
     assert editor.settings.gate_subject_cos_floor == DEFAULT_SUBJECT_COS_FLOOR
@@ -515,7 +519,7 @@ def test_a_loaded_state_keeps_the_floor_it_was_saved_with(
     editor.save(tmp_path / "hook")
     other_floor = 0.3 if event["floor"] != 0.3 else 0.45
     fresh = load_model(str(micro_world), device="cpu")
-    other = build_hook_editor(
+    other = build_from_config(
         fresh, hook_config(gate_subject_cos_floor=other_floor), stats_dir=stats
     )
     assert other.settings.gate_subject_cos_floor == other_floor
@@ -539,7 +543,7 @@ def test_a_state_without_a_floor_keeps_the_editors_own(
     tensors = {k: v for k, v in state["tensors"].items() if not k.endswith(".subject_cos_floor")}
     assert len(tensors) == len(state["tensors"]) - len(editor.hooks)
     fresh = load_model(str(micro_world), device="cpu")
-    other = build_hook_editor(fresh, hook_config(gate_subject_cos_floor=0.45), stats_dir=stats)
+    other = build_from_config(fresh, hook_config(gate_subject_cos_floor=0.45), stats_dir=stats)
     other.load_state_dict({**state, "tensors": tensors})
     assert other.settings.gate_subject_cos_floor == 0.45
     assert all(h.subject_floor == 0.45 for h in other.hooks.values())

@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from daemon.config import Config, HookConfig, StoreConfig
+from daemon.config import Config, StoreConfig, cache_dir
+from daemon.editors.hook.config import HookConfig
 from daemon.editors.hook.locate import latest_locate, locate_cache_dir
-from daemon.editors.hook.setup import build_hook_editor
 from daemon.model.loading import load_model
+from tests.daemon.editors.hook.conftest import build_from_config
 
 
 def test_auto_layout_locates_once_and_reuses_the_cache(micro_world: Path, tmp_path: Path) -> None:
@@ -16,16 +17,16 @@ def test_auto_layout_locates_once_and_reuses_the_cache(micro_world: Path, tmp_pa
     config = replace(
         Config(),
         store=StoreConfig(path=tmp_path / "var" / "editd.sqlite3"),
-        editors=replace(Config().editors, hook=HookConfig(covariance_tokens=5000)),
+        editors=Config().editors.with_sections(hook=HookConfig(covariance_tokens=5000)),
     )
-    assert latest_locate(locate_cache_dir(config), loaded) is None
-    editor = build_hook_editor(loaded, config)
+    assert latest_locate(locate_cache_dir(cache_dir(config)), loaded) is None
+    editor = build_from_config(loaded, config)
     pristine = load_model(str(micro_world), device="cpu")  # the editor wrapped ``loaded``
-    found = latest_locate(locate_cache_dir(config), pristine)
+    found = latest_locate(locate_cache_dir(cache_dir(config)), pristine)
     assert found is not None  # located and cached
     assert editor.settings.layers == tuple(sorted(found.layers))
     assert editor.settings.key_position == found.key_position
-    cached = sorted(locate_cache_dir(config).glob("locate-*.json"))
-    again = build_hook_editor(pristine, config)  # reused, not recomputed
-    assert sorted(locate_cache_dir(config).glob("locate-*.json")) == cached
+    cached = sorted(locate_cache_dir(cache_dir(config)).glob("locate-*.json"))
+    again = build_from_config(pristine, config)  # reused, not recomputed
+    assert sorted(locate_cache_dir(cache_dir(config)).glob("locate-*.json")) == cached
     assert again.settings.layers == editor.settings.layers

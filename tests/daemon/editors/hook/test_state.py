@@ -14,7 +14,6 @@ from safetensors import safe_open
 
 from daemon.editors.base import EditSpec
 from daemon.editors.hook.editor import HookEditor
-from daemon.editors.hook.setup import build_hook_editor
 from daemon.editors.hook.state import (
     MANIFEST,
     STATE_VERSION,
@@ -26,13 +25,18 @@ from daemon.editors.hook.state import (
 )
 from daemon.errors import EditorStateError
 from daemon.model.loading import LoadedModel, load_model
-from tests.daemon.editors.hook.conftest import edit_specs, hook_config, prompt_logits
+from tests.daemon.editors.hook.conftest import (
+    build_from_config,
+    edit_specs,
+    hook_config,
+    prompt_logits,
+)
 
 SHARD_KEYS = 4  # key sites per shard: shard 0 takes two batches (see _three_batches)
 
 
 def _editor(loaded: LoadedModel, stats: Path) -> HookEditor:
-    return build_hook_editor(loaded, hook_config(shard_keys=SHARD_KEYS), stats_dir=stats)
+    return build_from_config(loaded, hook_config(shard_keys=SHARD_KEYS), stats_dir=stats)
 
 
 def _prompts(edits: list[dict[str, Any]]) -> list[str]:

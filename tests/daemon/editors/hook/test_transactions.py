@@ -12,19 +12,24 @@ from typing import Any
 import pytest
 import torch
 
-from daemon.config import HookConfig
 from daemon.editors.base import EditSpec
 from daemon.editors.hook import solve as solve_module
 from daemon.editors.hook import targets as targets_module
+from daemon.editors.hook.config import HookConfig
 from daemon.editors.hook.editor import HookEditor
 from daemon.editors.hook.settings import HookSettings
-from daemon.editors.hook.setup import build_hook_editor, settings_from_config
+from daemon.editors.hook.setup import settings_from_config
 from daemon.model.loading import LoadedModel, load_model
-from tests.daemon.editors.hook.conftest import edit_specs, hook_config, prompt_logits
+from tests.daemon.editors.hook.conftest import (
+    build_from_config,
+    edit_specs,
+    hook_config,
+    prompt_logits,
+)
 
 
 def _editor(loaded: LoadedModel, stats: Path, **hook: Any) -> HookEditor:
-    return build_hook_editor(loaded, hook_config(**hook), stats_dir=stats)
+    return build_from_config(loaded, hook_config(**hook), stats_dir=stats)
 
 
 def _assert_same_state(a: dict[str, Any], b: dict[str, Any]) -> None:
