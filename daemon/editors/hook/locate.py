@@ -55,10 +55,11 @@ Cache
 ``locate_cache_dir(cache_dir)``, i.e. ``locate/`` in the editors' cache folder beside
 the SQLite store (next to the covariance ``stats/``), one
 ``locate-<fingerprint16>-<settings16>.json`` per model id and fingerprint
-(``stats.model_fingerprint``), dtype, facts and ``max_pairs``; written atomically; unreadable, corrupt or stale files are logged
-and recomputed. The window is not part of the key: a cached result is re-chosen
-for another window from its stored evidence. A file holds a :class:`LocateResult`
-(``to_json``/``from_json``, ``LOCATE_FORMAT_VERSION``).
+(``stats.model_fingerprint``), dtype, facts and ``max_pairs``; written atomically;
+unreadable, corrupt or stale files are logged and recomputed. The window is not part
+of the key: a cached result is re-chosen for another window from its stored evidence.
+A file holds a :class:`LocateResult` (``to_json``/``from_json``,
+``LOCATE_FORMAT_VERSION``).
 """
 
 from __future__ import annotations
