@@ -1,7 +1,7 @@
 """Fixtures shared by the whole suite.
 
 Tests use one torch thread (two shared cores: more threads are slower, see
-ENVIRONMENT.md) and never touch a model hub.
+``docs/environment.md``) and never touch a model hub.
 """
 
 from __future__ import annotations

@@ -1,1 +1,1 @@
-"""The HTTP API (FastAPI): routes from DESIGN.md over a :class:`DaemonFacade`."""
+"""The HTTP API (FastAPI) over a :class:`DaemonFacade`; routes in ``docs/contracts.md``."""

@@ -1,6 +1,6 @@
 """The HTTP API: a FastAPI app over a :class:`~daemon.api.facade.DaemonFacade`.
 
-Routes (DESIGN.md, "The HTTP API"; ``POST /v1/checkpoints`` serves
+Routes (``docs/contracts.md``, "The HTTP API"; ``POST /v1/checkpoints`` serves
 ``editd checkpoint create``)::
 
     POST   /v1/edits            202 {"ids": [...], "results": [...]}

@@ -34,7 +34,7 @@ Text = Annotated[str, AfterValidator(_encodable)]
 
 
 class EditsBody(BaseModel):
-    """``POST /v1/edits``: a list of edit requests (see DESIGN.md, "The edit request")."""
+    """``POST /v1/edits``: a list of edit requests (``docs/contracts.md``, "The edit request")."""
 
     model_config = ConfigDict(extra="forbid")
 

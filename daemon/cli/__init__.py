@@ -1,9 +1,9 @@
 """The ``editd`` command.
 
-Every verb from DESIGN.md is listed in ``editd --help``, plus ``nightly`` (what
-the ``editd-nightly.timer`` unit runs). Errors
-editd raises on purpose print one line (``editd: error: ...``) and exit 1;
-usage errors exit 2 (click's convention).
+Every verb in ``docs/contracts.md`` ("The CLI verbs") is listed in ``editd --help``,
+plus ``nightly`` (what the ``editd-nightly.timer`` unit runs). Errors editd raises on
+purpose print one line (``editd: error: ...``) and exit 1; usage errors exit 2
+(click's convention).
 """
 
 from __future__ import annotations

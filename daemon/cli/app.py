@@ -1,9 +1,9 @@
 """The ``editd`` command group, shared options and error handling.
 
-Every verb from DESIGN.md is listed in ``editd --help``, plus ``nightly``. An
-``EditdError`` that says something is not built exits 3, never a fake success. Errors
-editd raises on purpose print one line (``editd: error: ...``) and exit 1;
-usage errors exit 2 (click's convention).
+Every verb in ``docs/contracts.md`` ("The CLI verbs") is listed in ``editd --help``,
+plus ``nightly``. An ``EditdError`` that says something is not built exits 3, never a
+fake success. Errors editd raises on purpose print one line (``editd: error: ...``)
+and exit 1; usage errors exit 2 (click's convention).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Drift scores of an edited model against the base model's stored ``BaseScores``, and the verdict.
 
-Two numbers per probe set (see DESIGN.md "Drift validation"):
+Two numbers per probe set (see ``docs/contracts.md``, "Drift validation"):
 
 - top-1 agreement: the fraction of probes whose most likely next token is the
   base model's (ties broken by ``argmax``, the same rule ``score_base`` uses);

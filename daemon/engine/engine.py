@@ -4,10 +4,11 @@ The :class:`Engine` is the only thing in the daemon that touches the model.
 Every change (apply, retract, restore) and every read (completions, verification,
 drift probes) runs under one lock, so no request ever sees a half-applied batch.
 On two shared CPU cores concurrent forwards are slower than serial ones (see
-ENVIRONMENT.md), so a mutex is the read/write lock's equivalent here: the
-:class:`EngineLock`. The worker holds it per batch; completions hold it per prompt
-and step aside for a waiting batch (or any other holder), so a batch waits for at
-most one prompt's generation, not for a queue of completion requests.
+``docs/environment.md``, "Torch threads on two shared cores"), so a mutex is the
+read/write lock's equivalent here: the :class:`EngineLock`. The worker holds it per
+batch; completions hold it per prompt and step aside for a waiting batch (or any
+other holder), so a batch waits for at most one prompt's generation, not for a queue
+of completion requests.
 
 Generation and scoring always run inside :meth:`Engine.routing`, which enters
 every editor's per-request routing for the same prompts (MELO routes per row;

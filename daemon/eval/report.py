@@ -1,4 +1,4 @@
-"""Writing an evaluation: the JSON report (a contract, see DESIGN.md), Markdown, a PNG plot."""
+"""Writing an evaluation: the JSON report (a contract: ``docs/contracts.md``), Markdown, a plot."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ PLOTTED = ("efficacy", "paraphrase", "heldout", "locality", "retention", "base_t
 
 @dataclass(frozen=True)
 class EvalReport:
-    """What ``editd eval`` writes. ``to_json_dict`` keeps DESIGN.md's shape."""
+    """What ``editd eval`` writes. ``to_json_dict`` keeps the shape in ``docs/contracts.md``."""
 
     editor: str
     model: str

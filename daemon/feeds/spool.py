@@ -12,9 +12,10 @@ Only regular ``*.jsonl`` files not starting with ``.`` are read, in name order,
 so a half-written file is never imported. Do not reuse a name while it is still in
 ``incoming/``.
 
-Each non-blank line is one edit request (see DESIGN.md). A line without a
-``source`` gets ``{"kind": "spool", "url": <file name, percent-encoded>, "item_id":
-"<line number>"}``; a line that names its own source keeps it. Every edit is stored
+Each non-blank line is one edit request (see ``docs/contracts.md``, "The edit
+request"). A line without a ``source`` gets ``{"kind": "spool", "url": <file name,
+percent-encoded>, "item_id": "<line number>"}``; a line that names its own source
+keeps it. Every edit is stored
 with ``source_kind = "spool"``. An invalid line becomes a ``rejected`` edit with its
 reason (lines that are not JSON objects carry the file and line in the reason);
 a line whose edit already exists (same client id, or same content as a live edit)

@@ -4,7 +4,8 @@ Every training sentence is ``<s> prompt target.</s>``. The loss is the
 token-level cross-entropy over the whole sentence, with the answer tokens
 (the target's tokens and the full stop after them) weighted
 ``object_loss_weight`` times: with a uniform loss a small model sits on a
-plateau for a long time (ENVIRONMENT.md, "Teaching a small model its facts").
+plateau for a long time (``docs/environment.md``, "Teaching a small model its
+facts").
 
 Progress is measured as teacher-forced answer accuracy: an example counts when
 every answer token is the argmax given the true prefix, which is exactly the

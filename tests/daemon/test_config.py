@@ -50,7 +50,7 @@ def test_shipped_config_toml_equals_the_built_in_defaults(repo_root: Path) -> No
 
 
 def test_contract_keys_exist() -> None:
-    """The keys other programs rely on (DESIGN.md) keep their names."""
+    """The keys other programs rely on (``docs/contracts.md``) keep their names."""
     cfg = Config()
     for section, key in [
         ("model", "name_or_path"),
