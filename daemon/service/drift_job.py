@@ -47,8 +47,8 @@ from daemon.drift.probes import (
 from daemon.drift.scoring import DriftScores, DriftThresholds, judge, score_edited
 from daemon.engine.engine import Engine
 from daemon.errors import ConfigError
+from daemon.model.knowledge import knowledge_of
 from daemon.model.loading import LoadedModel
-from daemon.model.source import knowledge_of
 from daemon.service.checkpoints import CheckpointManager, Persistable
 from daemon.service.metrics import DaemonMetrics
 from daemon.service.replay import applied_in_order, reconcile

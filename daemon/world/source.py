@@ -1,6 +1,6 @@
 """The fact world as a model source: ``world:SIZE`` / ``world:SIZE-ARCH`` names, and what
 editd knows of a world model (registered in ``pyproject.toml`` under the
-``editd.model_sources`` entry points; see :mod:`daemon.model.source`).
+``editd.model_sources`` entry points; see :mod:`daemon.model.knowledge`).
 
 ``world:small`` or ``world:micro-gpt2`` names the embedded fact-world model; it is built
 once into ``[model] world_cache`` and then loaded like any folder. A folder holding a
@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from daemon.config import ModelConfig
 from daemon.errors import ModelLoadError
 from daemon.world.build import WORLD_FILE, cached_world, load_world
 from daemon.world.editsets import probe_prompts
@@ -54,11 +53,9 @@ class WorldSource:
 
     prefix = PREFIX
 
-    def resolve(self, name: str, cfg: ModelConfig, *, progress: bool) -> Path:
+    def resolve(self, name: str, cache_dir: Path, *, threads: int, progress: bool) -> Path:
         size, arch = parse_world_name(name)
-        return cached_world(
-            cfg.world_cache, size, arch, threads=max(1, cfg.threads), progress=progress
-        )
+        return cached_world(cache_dir, size, arch, threads=threads, progress=progress)
 
     def knowledge(self, folder: Path) -> WorldKnowledge | None:
         if not (folder / WORLD_FILE).is_file():

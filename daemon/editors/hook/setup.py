@@ -57,8 +57,8 @@ from daemon.editors.hook.targets import TargetSettings
 from daemon.errors import ConfigError
 from daemon.facts import FactSet, fill
 from daemon.model import arch
+from daemon.model.knowledge import knowledge_of
 from daemon.model.loading import LoadedModel
-from daemon.model.source import knowledge_of
 
 log = structlog.get_logger()
 

@@ -38,12 +38,12 @@ import structlog
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from daemon.config import MeloConfig
 from daemon.editors.base import EditSpec
 from daemon.editors.melo import calibration, checks
 from daemon.editors.melo import layer as blocks
 from daemon.editors.melo import state as melo_state
 from daemon.editors.melo.allocator import BlockTable
+from daemon.editors.melo.config import MeloConfig
 from daemon.editors.melo.index import NeuronIndex
 from daemon.editors.melo.index_records import Route
 from daemon.editors.melo.inline import InlineRouter

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from daemon.config import MeloConfig
+from daemon.editors.melo.config import MeloConfig
 from daemon.editors.melo.editor import MeloEditor
 from daemon.model.loading import LoadedModel, load_model
 from tests.daemon.editors.melo.helpers import RADIUS

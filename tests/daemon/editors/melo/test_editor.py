@@ -10,8 +10,8 @@ import pytest
 import torch
 from structlog.testing import capture_logs
 
-from daemon.config import MeloConfig
 from daemon.editors.base import Editor, EditSpec
+from daemon.editors.melo.config import MeloConfig
 from daemon.editors.melo.editor import MeloEditor
 from daemon.errors import ConfigError, EditorStateError
 from daemon.model import arch

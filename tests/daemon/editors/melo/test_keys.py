@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from daemon.config import MeloConfig
+from daemon.editors.melo.config import MeloConfig
 from daemon.editors.melo.editor import MeloEditor
 from daemon.editors.melo.keys import KeyReader
 from daemon.editors.melo.routing import route_rows

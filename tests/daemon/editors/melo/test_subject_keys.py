@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from daemon.config import MeloConfig
+from daemon.editors.melo.config import MeloConfig
 from daemon.editors.melo.editor import MeloEditor
 from daemon.editors.melo.editor_base import SUBJECT_RADIUS
 from daemon.editors.melo.keys import KeyReader
