@@ -282,9 +282,14 @@ class EditQueue:
 
     def release_schedule(self, schedule: Schedule) -> int:
         """Make every queued edit of ``schedule`` claimable now; return how many."""
+        return len(self.release_schedule_ids(schedule))
+
+    def release_schedule_ids(self, schedule: Schedule) -> builtins.list[str]:
+        """Make every queued edit of ``schedule`` claimable now, in one transaction; their
+        ids in queue order."""
         schedule = Schedule(schedule)
         if schedule is Schedule.NOW:
-            return 0
+            return []
         with self.store.write() as db:
             ids = [
                 row[0]
@@ -300,7 +305,7 @@ class EditQueue:
                     self.store, EventKind.EDIT_SCHEDULE_RELEASED, edit_id=edit_id, data=data
                 )
         log.info("schedule_released", schedule=schedule.value, count=len(ids))
-        return len(ids)
+        return ids
 
     # --- administration -------------------------------------------------------------
 

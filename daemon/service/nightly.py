@@ -42,7 +42,6 @@ from store.spool import (
     NightlyRunStatus,
     edit_status_counts,
     finish_nightly_run,
-    queued_edit_ids,
     start_nightly_run,
 )
 
@@ -247,10 +246,7 @@ def _run(
 
 def _release(queue: EditQueue) -> list[str]:
     """Release the nightly edits; their ids (read in the same transaction)."""
-    with queue.store.write():
-        ids = queued_edit_ids(queue.store, Schedule.NIGHTLY)
-        queue.release_schedule(Schedule.NIGHTLY)
-    return ids
+    return queue.release_schedule_ids(Schedule.NIGHTLY)
 
 
 def _edit_counts(by_status: dict[str, int], total: int) -> dict[str, int]:
