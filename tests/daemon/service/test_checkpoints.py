@@ -19,8 +19,13 @@ from safetensors.numpy import load_file, save_file
 from structlog.testing import capture_logs
 
 from daemon.errors import CheckpointError, Shutdown, StoreBusyError
-from daemon.service.checkpoint_manifest import MANIFEST, CheckpointManifest
-from daemon.service.checkpoints import LOCK_FILE, CheckpointManager, Persistable
+from daemon.service.checkpoints import (
+    LOCK_FILE,
+    MANIFEST,
+    CheckpointManager,
+    CheckpointManifest,
+    Persistable,
+)
 from store import checkpoints as registry
 from store import editlog
 from store.checkpoints import CheckpointStatus
