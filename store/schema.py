@@ -78,9 +78,6 @@ class Backend(str):
         """The name as a plain ``str`` (what the store writes)."""
         return str.__str__(self)
 
-    def __repr__(self) -> str:
-        return f"Backend({self.value!r})"
-
 
 _BACKEND_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 Backend.AUTO = Backend("auto")

@@ -66,6 +66,21 @@ def _auto_settings(editor_name: str, cfg: Config) -> dict[str, Any]:
     }
 
 
+class EditorName(click.ParamType[str]):
+    """An editor ``editd eval`` can build: the registry's names (read when the option is
+    used, so ``editd --help`` does not load the back-ends) or ``auto``."""
+
+    name = "editor"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        from daemon.editors.registry import editor_names
+
+        known = (*map(str, editor_names()), "auto")
+        if value not in known:
+            self.fail(f"{value!r} is not one of {', '.join(map(repr, known))}", param, ctx)
+        return str(value)
+
+
 @cli.command(name="eval")
 @config_option
 @click.option(
@@ -78,8 +93,9 @@ def _auto_settings(editor_name: str, cfg: Config) -> dict[str, Any]:
     "--editor",
     "editor_name",
     required=True,
-    type=click.Choice(["noop", "ft", "hook", "melo", "auto"]),
-    help="auto: the daemon's routing, verification and escalation over [router] backends.",
+    type=EditorName(),
+    help="noop, ft, a registered back-end (hook, melo) or auto: the daemon's routing, "
+    "verification and escalation over [router] backends.",
 )
 @click.option(
     "--edits",
