@@ -76,8 +76,7 @@ from daemon.editors.melo import calibration, checks, verify
 from daemon.editors.melo import layer as blocks
 from daemon.editors.melo import state as melo_state
 from daemon.editors.melo.allocator import BlockTable
-from daemon.editors.melo.index import NeuronIndex
-from daemon.editors.melo.index_records import Route
+from daemon.editors.melo.index import NeuronIndex, Route
 from daemon.editors.melo.inline import InlineRouter
 from daemon.editors.melo.key_table import KeyTable
 from daemon.editors.melo.keys import F32, KeyReader, span_keys, unit_keys

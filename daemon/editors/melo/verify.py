@@ -29,8 +29,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from daemon.editors.base import EditSpec
 from daemon.editors.melo.checks import edit_prompts
-from daemon.editors.melo.index import NeuronIndex
-from daemon.editors.melo.index_records import AddResult
+from daemon.editors.melo.index import AddResult, NeuronIndex
 from daemon.editors.melo.key_table import KeyTable
 from daemon.editors.melo.keys import F32
 from daemon.errors import EditConflictError
