@@ -78,8 +78,7 @@ from daemon.editors.melo import state as melo_state
 from daemon.editors.melo.allocator import BlockTable
 from daemon.editors.melo.index import NeuronIndex, Route
 from daemon.editors.melo.inline import InlineRouter
-from daemon.editors.melo.key_table import KeyTable
-from daemon.editors.melo.keys import F32, KeyReader, span_keys, unit_keys
+from daemon.editors.melo.keys import F32, KeyReader, KeyTable, span_keys, unit_keys
 from daemon.editors.melo.routing import route_rows
 from daemon.editors.melo.training import TrainResult, TrainSettings, train_block
 from daemon.errors import BlockCapacityError, ConfigError, EditorStateError

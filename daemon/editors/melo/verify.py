@@ -30,8 +30,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from daemon.editors.base import EditSpec
 from daemon.editors.melo.checks import edit_prompts
 from daemon.editors.melo.index import AddResult, NeuronIndex
-from daemon.editors.melo.key_table import KeyTable
-from daemon.editors.melo.keys import F32
+from daemon.editors.melo.keys import F32, KeyTable
 from daemon.errors import EditConflictError
 from daemon.model.answers import continuation_matches
 from daemon.model.batches import target_token_ids
