@@ -7,7 +7,7 @@ the applied edits with their prompts' keys.
 
 Applying a batch (``apply``):
 
-1. **Check** each edit (``checks``): token counts, clashes inside the batch and
+1. **Check** each edit (``verify``): token counts, clashes inside the batch and
    with applied edits. Refusals carry a reason; refused edits leave no trace.
 2. **Group** the accepted edits ``edits_per_block`` at a time; each group gets
    the lowest free block of the ``BlockTable`` (a full table refuses the group
@@ -72,7 +72,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from daemon.config import MeloConfig
 from daemon.editors.base import EditOutcome, EditSpec
-from daemon.editors.melo import calibration, checks, verify
+from daemon.editors.melo import calibration, verify
 from daemon.editors.melo import layer as blocks
 from daemon.editors.melo import state as melo_state
 from daemon.editors.melo.allocator import BlockTable
@@ -167,7 +167,7 @@ class MeloEditor:
         """The texts whose keys route to the spec's block: its prompt and rephrases, and
         with subject keys its subject in ``SUBJECT_FRAMES`` (what precedes a subject moves
         its key: "Kharkiv is a twin city of" against "The twin city of Kharkiv is")."""
-        texts = checks.edit_prompts(spec)
+        texts = verify.edit_prompts(spec)
         if self.reads_subjects and spec.subject and spec.subject.strip():
             texts += [frame.format(spec.subject.strip()) for frame in SUBJECT_FRAMES]
         return list(dict.fromkeys(texts))
@@ -175,7 +175,7 @@ class MeloEditor:
     def training_batch(self, specs: Sequence[EditSpec]) -> PromptTargetBatch:
         """The block's training rows for ``specs``: prompts and rephrases with their targets,
         on the model's device."""
-        rows = [(p, s.target) for s in specs for p in checks.edit_prompts(s)]
+        rows = [(p, s.target) for s in specs for p in verify.edit_prompts(s)]
         batch = encode_prompt_target(self.tokenizer, [p for p, _ in rows], [t for _, t in rows])
         return batch.to(next(self.model.parameters()).device)
 
@@ -206,7 +206,7 @@ class MeloEditor:
         self.radius_fraction = radius_fraction
         self.max_target_tokens = max_target_tokens
         self.verify_batch_size = verify_batch_size
-        self.context = checks.model_context(getattr(model, "config", None))
+        self.context = verify.model_context(getattr(model, "config", None))
         self.train_settings = TrainSettings(config.learning_rate, config.max_steps, stop_nll)
         self.installed = blocks.install_block_lora(
             model, self.layers, config.max_blocks, config.rank_per_block
@@ -360,7 +360,7 @@ class MeloEditor:
             elif spec.edit_id in seen:
                 reasons[i] = "edit id occurs twice in the batch"
             else:
-                reason = checks.size_reason(
+                reason = verify.size_reason(
                     self.tokenizer,
                     spec,
                     max_target_tokens=self.max_target_tokens,
@@ -373,9 +373,9 @@ class MeloEditor:
         applied = {
             text: (s.edit_id, s.target)
             for s in self._specs.values()
-            for text in checks.edit_prompts(s)
+            for text in verify.edit_prompts(s)
         }
-        clashes = checks.conflict_reasons(candidates, applied)
+        clashes = verify.conflict_reasons(candidates, applied)
         for i, spec in enumerate(edits):
             if i not in reasons and spec.edit_id in clashes:
                 reasons[i] = clashes[spec.edit_id]
@@ -470,7 +470,7 @@ class MeloEditor:
         index and verify; steps and refusal reasons. The members must still verify."""
         specs = [*members, *group]
         trained = self._train(block, specs)
-        prompts = [p for s in specs for p in checks.edit_prompts(s)]
+        prompts = [p for s in specs for p in verify.edit_prompts(s)]
         hit = dict(zip(prompts, trained.row_hits, strict=True))
         reasons = {
             s.edit_id: f"training did not reach the target in {trained.steps} steps "
