@@ -2,7 +2,7 @@
 
 :class:`MeloEditor` builds its parts on one live model: block LoRA on ``layers``
 (``layer``), the key reader at ``key_layer`` (``keys``), the inline router
-(``inline``), the block table (``allocator``), the neuron index (``index``) and
+(``routing``), the block table (``allocator``), the neuron index (``index``) and
 the applied edits with their prompts' keys.
 
 Applying a batch (``apply``):
@@ -39,7 +39,7 @@ cluster still holding other edits' keys is pointed at a live block
 routes runs the base model: bit-identical logits.
 
 Serving (``routing``): the prompts' keys are looked up once per request, from
-the key layer's output in the request's own prefill (``inline``; up front by
+the key layer's output in the request's own prefill (``InlineRouter``; up front by
 ``KeyReader`` when the batch's layout does not allow it), and frozen for every
 decode step (a context variable, so concurrent requests in other threads keep
 their own routes). Each lookup holds the index's lock, so it sees the index
@@ -77,9 +77,8 @@ from daemon.editors.melo import layer as blocks
 from daemon.editors.melo import state as melo_state
 from daemon.editors.melo.allocator import BlockTable
 from daemon.editors.melo.index import NeuronIndex, Route
-from daemon.editors.melo.inline import InlineRouter
 from daemon.editors.melo.keys import F32, KeyReader, KeyTable, span_keys, unit_keys
-from daemon.editors.melo.routing import route_rows
+from daemon.editors.melo.routing import InlineRouter, route_rows
 from daemon.editors.melo.training import TrainResult, TrainSettings, train_block
 from daemon.errors import BlockCapacityError, ConfigError, EditorStateError
 from daemon.model import arch

@@ -8,11 +8,10 @@ looked up by the keys of ALL its prompt tokens (``token_keys``, ``span_keys``):
 the nearest stored key within reach, at a token where that edit's subject (its
 token n-grams) ends, routes it, wherever the subject sits in the request.
 
-:class:`KeyReader` computes the keys that go into the neuron index at
-edit time; a request's keys are read by :func:`unit_keys` from the same layer of
-its own prefill (``inline``), or by :class:`KeyReader` when the request's batch
-does not allow it, so the two can only differ by float rounding between batch
-shapes.
+:class:`KeyReader` computes the keys that go into the neuron index at edit time; a
+request's keys are read by :func:`unit_keys` from the same layer of its own prefill
+(``routing.InlineRouter``), or by :class:`KeyReader` when the request's batch does not
+allow it, so the two can only differ by float rounding between batch shapes.
 
 :class:`KeyTable` holds the applied edits' prompt keys (edit id -> key) as one
 matrix, for finding the applied edits a batch of new keys may re-route.
