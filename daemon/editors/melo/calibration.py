@@ -17,23 +17,11 @@ grows; a radius taken from "the edit prompts seen so far" would depend on how
 many arrived in the first batch (one, with batch size 1). Edit prompts are not
 used: the radius must not depend on which edits came first.
 
-Evidence (small fact world, unit-norm keys at block 2 of 4): the median
-nearest-neighbour distance is 0.86 for 256 model-sampled prompts, 0.88 for 256
-probe-split prompts and 0.85 for 256 edit prompts, so the sampled bank stands in
-for real prompts. After 1,000 sequential edits (no rephrases sent), per fraction:
-
-=========  =====================  ===========  ====================================
-fraction   rephrases routed right  paraphrase   locality probes unrouted / unchanged
-=========  =====================  ===========  ====================================
-0.5        0.73                    0.73         0.997 / 0.997
-0.6        0.82                    0.81         0.984 / 0.985
-0.7        0.85                    0.84         0.937 / 0.955
-=========  =====================  ===========  ====================================
-
-(locality over probes that are not themselves prompts of applied edits). No
-fraction gives both 0.85 and 0.99; ``DEFAULT_FRACTION`` keeps unrelated prompts
-unchanged, and paraphrases are reached by sending rephrases (indexed and trained
-with the edit: paraphrase 0.999 at 0.5).
+Model-sampled prompts stand in for real ones: their nearest-neighbour distances
+are close to those of probe and edit prompts. A larger fraction routes more
+unsent rephrases to their edit but leaves fewer unrelated prompts unrouted; no
+fraction gives both. ``DEFAULT_FRACTION`` keeps unrelated prompts unchanged, and
+paraphrases are reached by sending rephrases (indexed and trained with the edit).
 """
 
 from __future__ import annotations

@@ -91,18 +91,16 @@ log = structlog.get_logger()
 STATE_VERSION = melo_state.STATE_VERSION
 DEFAULT_STOP_NLL = 0.02
 """Train each block until every row's mean target NLL is at most this (p ~ 0.98), not
-merely until the target is the argmax: on the small world (100 edits, no rephrases
-sent) rephrases routed to the block then answer the target 98% of the time instead
-of 73% (paraphrase 0.59 -> 0.80 at the same radius) for ~0.02 s more per edit."""
+merely until the target is the argmax: rephrases routed to the block then answer the
+target far more often, for a little more training per edit."""
 _CONFIG_KEY = "editors.melo"
 SUBJECT_FRAMES = ("{}", "The {}", "Tell me about {}", "Here is a fact about {}")
 """Contexts in which an edit's subject key is also read (subject keys), besides its prompt."""
 SUBJECT_RADIUS = 0.5
 """The routing radius with ``key_position = "subject_last"`` and ``radius = 0`` (L2
-between unit keys: cosine >= 0.875). SmolLM2-135M, CounterFact 0-299, keys at block 10
-of 30, the default key layer (``bench/melo_keys.py``): a rephrase's subject key lies at
-cosine >= 0.907 of the edit prompt's in 90% of records (median 0.978); the nearest OTHER
-record's subject key at cosine <= 0.868 in 90% (median 0.802)."""
+between unit keys: cosine >= 0.875): between how near a rephrase's subject key lies to
+its edit prompt's and how near the nearest OTHER record's subject key does, as
+``bench/melo_keys.py`` measures them at the default key layer."""
 
 
 def resolve_layers(model: PreTrainedModel, config: MeloConfig) -> tuple[tuple[int, ...], int]:

@@ -205,9 +205,9 @@ def _faiss_add(index: Any, vectors: F32, ids: npt.NDArray[np.int64]) -> None:
 def _faiss_search(index: Any, queries: F32, k: int) -> tuple[F32, npt.NDArray[np.int64]]:
     """k nearest (L2, square-rooted) of each query row.
 
-    A few queries run on one OpenMP thread: waking the thread pool costs ~2 ms per call
-    on 2 cores against ~0.1 ms for the search itself at 5,000 x 192. ``omp_set_num_threads``
-    sets the calling thread's value only, and it is restored afterwards.
+    A few queries run on one OpenMP thread: for them, waking the thread pool costs
+    more than the search itself. ``omp_set_num_threads`` sets the calling thread's
+    value only, and it is restored afterwards.
     """
     if len(queries) > SMALL_QUERY:
         sq, ids = index.search(queries, k)

@@ -29,11 +29,9 @@ Why these choices:
   (``batches.left_padded_position_ids``, as ``generate`` and teacher-forced scoring
   compute them for real tokens), so a padded prompt gets the key it would get
   alone, also with absolute position embeddings (GPT-2).
-* **Unit norm.** Measured on the small fact world (1,000 counterfactual edits,
-  key = block 2 of 4): at a radius that keeps 99% of locality probes unrouted,
-  unit-norm keys route 87% of training-template rephrases to their edit at 100
-  edits (78% at 1,000), raw keys 78% (76%). The norm of the hidden state mostly
-  carries the template, its direction the fact.
+* **Unit norm.** At a radius that leaves locality probes unrouted, unit-norm keys
+  route more rephrases to their edit than raw keys: the norm of the hidden state
+  mostly carries the template, its direction the fact.
 
 The capture hook is installed once and stays: whether a forward is being
 captured is a context variable, so concurrent requests in other threads run
