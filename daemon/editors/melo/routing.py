@@ -66,20 +66,30 @@ from daemon.model.kv_cache import is_prefill
 
 RowRoutes = tuple[int | None, ...]
 """One entry per batch row: the block id the row is routed to, or None for the base model."""
+Lookup = Callable[
+    [NeuronIndex, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], list[int | None]
+]
+"""``(index, hidden [B, T, d], input_ids [B, T], starts [B], ends [B])`` -> each row's
+block: the key layer's output, the tokens, and where each row's prompt starts and ends
+in them (inclusive)."""
+UpFront = Callable[[NeuronIndex, Sequence[str]], list[int | None]]
 
 
 class PendingRoutes:
     """A request's routes, decided by its first forward pass rather than up front.
 
-    ``prompts`` are the request's prompts (one per batch row); ``routes`` stays None
-    until :meth:`decide` sets it, after which every forward of the context reuses
-    it. ``fallback(prompts)`` computes the routes up front: :meth:`resolve` uses it
-    when routes are read before any forward decided them.
+    ``prompts`` are the request's prompts (one per batch row), tied to the ``router``
+    and the ``index`` snapshot that decide them; ``routes`` stays None until
+    :meth:`decide` sets it, after which every forward of the context reuses it. The
+    fallback, ``up_front(index, prompts)``, computes the routes up front:
+    :meth:`resolve` uses it when routes are read before any forward decided them.
     """
 
     def __init__(
-        self, prompts: Sequence[str], fallback: Callable[[Sequence[str]], Sequence[int | None]]
+        self, router: InlineRouter, index: NeuronIndex, prompts: Sequence[str], up_front: UpFront
     ) -> None:
+        self.router = router
+        self.index = index
         self.prompts = tuple(prompts)
         self.routes: RowRoutes | None = None
         # [B] index of each row's last prompt token in the first forward (set when armed)
@@ -88,7 +98,7 @@ class PendingRoutes:
         self.key_starts: torch.Tensor | None = None
         # [B, T] the first forward's input ids (set when armed)
         self.key_ids: torch.Tensor | None = None
-        self._fallback = fallback
+        self._up_front = up_front
 
     def decide(self, blocks: Sequence[int | None]) -> RowRoutes:
         """Freeze the routes (checked like ``route_rows``); later calls keep the first."""
@@ -99,7 +109,7 @@ class PendingRoutes:
     def resolve(self) -> RowRoutes:
         """The routes, computed by the fallback if no forward decided them yet."""
         if self.routes is None:
-            self.decide(self._fallback(self.prompts))
+            self.decide(self._up_front(self.index, self.prompts))
         assert self.routes is not None
         return self.routes
 
@@ -159,25 +169,6 @@ def route_rows(blocks: Sequence[int | None]) -> Iterator[RowRoutes]:
 
 # --- routes decided in the request's own prefill ---------------------------------------
 
-Lookup = Callable[
-    [NeuronIndex, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], list[int | None]
-]
-"""``(index, hidden [B, T, d], input_ids [B, T], starts [B], ends [B])`` -> each row's
-block: the key layer's output, the tokens, and where each row's prompt starts and ends
-in them (inclusive)."""
-UpFront = Callable[[NeuronIndex, Sequence[str]], list[int | None]]
-
-
-class _Pending(PendingRoutes):
-    """Pending routes of one request, tied to the router and index snapshot that decide them."""
-
-    def __init__(
-        self, router: InlineRouter, index: NeuronIndex, prompts: Sequence[str], up_front: UpFront
-    ) -> None:
-        super().__init__(prompts, lambda ps: up_front(index, ps))
-        self.router = router
-        self.index = index
-
 
 class InlineRouter:
     """Hooks that route each request from the key layer's output of its own prefill."""
@@ -207,12 +198,12 @@ class InlineRouter:
     @contextmanager
     def routing(self, prompts: Sequence[str], index: NeuronIndex) -> Iterator[None]:
         """Route ``prompts`` (one per batch row) by ``index``, decided in the first forward."""
-        with route_later(_Pending(self, index, prompts, self._up_front)):
+        with route_later(PendingRoutes(self, index, prompts, self._up_front)):
             yield
 
-    def _mine(self) -> _Pending | None:
+    def _mine(self) -> PendingRoutes | None:
         pending = pending_routes()
-        if isinstance(pending, _Pending) and pending.router is self:
+        if pending is not None and pending.router is self:
             return pending
         return None
 
