@@ -10,30 +10,18 @@ Rule (``radius = 0`` in the config; a positive configured radius always wins):
    fact-completion prompts edits arrive as, for any model and with no data.
    More than ``BANK_SIZE`` given prompts are subsampled deterministically.
 2. The radius is ``fraction`` times the median distance from each bank key to
-   its nearest other bank key (``distances.calibrate_radius``).
+   its nearest other bank key (``calibrate_radius``).
 
 The bank has a FIXED size because nearest-neighbour distances shrink as a set
 grows; a radius taken from "the edit prompts seen so far" would depend on how
 many arrived in the first batch (one, with batch size 1). Edit prompts are not
 used: the radius must not depend on which edits came first.
 
-Evidence (small fact world, unit-norm keys at block 2 of 4): the median
-nearest-neighbour distance is 0.86 for 256 model-sampled prompts, 0.88 for 256
-probe-split prompts and 0.85 for 256 edit prompts, so the sampled bank stands in
-for real prompts. After 1,000 sequential edits (no rephrases sent), per fraction:
-
-=========  =====================  ===========  ====================================
-fraction   rephrases routed right  paraphrase   locality probes unrouted / unchanged
-=========  =====================  ===========  ====================================
-0.5        0.73                    0.73         0.997 / 0.997
-0.6        0.82                    0.81         0.984 / 0.985
-0.7        0.85                    0.84         0.937 / 0.955
-=========  =====================  ===========  ====================================
-
-(locality over probes that are not themselves prompts of applied edits). No
-fraction gives both 0.85 and 0.99; ``DEFAULT_FRACTION`` keeps unrelated prompts
-unchanged, and paraphrases are reached by sending rephrases (indexed and trained
-with the edit: paraphrase 0.999 at 0.5).
+Model-sampled prompts stand in for real ones: their nearest-neighbour distances
+are close to those of probe and edit prompts. A larger fraction routes more
+unsent rephrases to their edit but leaves fewer unrelated prompts unrouted; no
+fraction gives both. ``DEFAULT_FRACTION`` keeps unrelated prompts unchanged, and
+paraphrases are reached by sending rephrases (indexed and trained with the edit).
 """
 
 from __future__ import annotations
@@ -47,7 +35,7 @@ import structlog
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from daemon.editors.melo.distances import calibrate_radius
+from daemon.editors.melo.index import pairwise_sq
 from daemon.model.generate import SENTENCE_ENDS
 
 BANK_SIZE = 256
@@ -124,6 +112,41 @@ def calibration_bank(
         distinct.extend(p for p in sampled if p not in seen)
         distinct = distinct[:size]
     return distinct
+
+
+def calibrate_radius(
+    keys: npt.ArrayLike,
+    *,
+    groups: npt.ArrayLike | None = None,
+    quantile: float = 0.5,
+    fraction: float = 0.5,
+) -> float:
+    """A radius for ``keys`` of one model and layer, by the rule below (pure function).
+
+    For every key, take the L2 distance to the nearest key of a *different* group
+    (``groups`` labels keys of the same fact, e.g. a prompt and its rephrasings;
+    without it every key is its own group). The radius is ``fraction`` times the
+    ``quantile`` of those distances. With ``fraction = 0.5`` two distinct facts at
+    the typical nearest distance get balls that touch but do not overlap; rephrases
+    closer than that to their fact's key still fall inside.
+    """
+    x = np.asarray(keys, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"calibrate_radius needs (N >= 2, d) keys, got shape {x.shape}")
+    labels = np.arange(len(x)) if groups is None else np.asarray(groups)
+    if labels.shape != (len(x),):
+        raise ValueError(f"groups has {labels.shape} labels for {len(x)} keys")
+    if len(np.unique(labels)) < 2:
+        raise ValueError("calibrate_radius needs keys of at least two distinct groups")
+    if not (0.0 <= quantile <= 1.0 and fraction > 0.0):
+        raise ValueError(f"need 0 <= quantile <= 1 and fraction > 0, got {quantile}, {fraction}")
+    nearest = np.empty(len(x))
+    for start in range(0, len(x), 1024):  # (chunk, N) distance rows at a time
+        rows = slice(start, start + 1024)
+        sq = pairwise_sq(x[rows], x)
+        sq[labels[rows, None] == labels[None, :]] = np.inf
+        nearest[rows] = np.sqrt(np.maximum(sq.min(axis=1), 0.0))
+    return float(fraction * np.quantile(nearest, quantile))
 
 
 def radius_from_keys(keys: npt.ArrayLike, fraction: float = DEFAULT_FRACTION) -> float:

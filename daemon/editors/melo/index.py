@@ -3,8 +3,8 @@
 A key is a float32 hidden state (dim ``d``) of an edit prompt. Keys are grouped in
 clusters; a cluster has a centre (the key that opened it), a radius, a target text
 and a block id. Distances are plain Euclidean (L2, *not* squared) everywhere in
-this module: radii, ``Route.distance`` and ``distances.calibrate_radius`` share that unit;
-faiss's squared distances are square-rooted at the boundary.
+this module: radii, ``Route.distance`` and ``calibration.calibrate_radius`` share that
+unit; faiss's squared distances are square-rooted at the boundary (``_faiss_search``).
 
 Insertion rules (``add``), against the nearest cluster centre at distance ``dist``:
 
@@ -22,13 +22,26 @@ Insertion rules (``add``), against the nearest cluster centre at distance ``dist
 Routing (``query``) takes the nearest centre and routes to its block when the
 query lies within that cluster's radius, else None (the base model runs).
 
-The keys, the clusters and faiss over the cluster centres (exact, or IVF past
-``exact_max`` centres) are held by the base class ``index_data.IndexData``, with
-the index's persisted form (``save`` / ``load``, ``to_state`` / ``from_state``,
-``copy``).
+The data :class:`NeuronIndex` holds:
+
+* the keys: a float32 buffer whose first rows are the stored keys (``_keys``, the
+  source of truth), one ``KeyMeta`` per row and the rows' exact bytes (to find an
+  identical key in O(1));
+* the clusters by id (``Cluster``: centre, radius, target, block, member edits);
+* faiss over the cluster *centres* (ids = cluster ids): an exact
+  ``IndexIDMap2(IndexFlatL2)`` while there are at most ``exact_max`` centres, an
+  ``IndexIVFFlat`` (its own id list; trained on the centres) past that. The numpy
+  copies of all keys and centres are the source of truth: the faiss index can
+  always be rebuilt from them, and is after removals from an IVF index. faiss is
+  called through the typed ``_faiss_*`` wrappers (faiss ships no type stubs).
+
+The persisted form carries a version (``STATE_VERSION``): ``save`` / ``load`` write
+and read a folder (keys, centres, the faiss index and a JSON manifest, each file
+atomically; reads are validated); ``to_state`` / ``from_state`` hold the same in
+memory, for the editor's state dict; ``copy`` makes an independent twin.
 
 Transactions (``begin`` / ``commit`` / ``rollback``): inserts made after ``begin``
-are journalled (``index_journal``) and ``rollback`` restores the index exactly as
+are journalled (:class:`Journal`) and ``rollback`` restores the index exactly as
 it was at ``begin`` (``to_state()`` byte for byte), in time proportional to what
 changed, not to the index size. ``query``, ``add_batch`` and ``rollback`` hold the
 index's lock, so a reader in another thread sees the index before or after a
@@ -37,28 +50,355 @@ batch of keys, never half-way through one.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import Literal
+import json
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Self
 
+import faiss
 import numpy as np
 import numpy.typing as npt
 import structlog
 
-from daemon.editors.melo import faiss_ops
-from daemon.editors.melo.distances import pairwise_sq
-from daemon.editors.melo.faiss_ops import F32
-from daemon.editors.melo.index_data import IndexData
-from daemon.editors.melo.index_journal import Journal
-from daemon.editors.melo.index_records import AddResult, Cluster, Displaced, KeyMeta, Route
 from daemon.errors import EditConflictError, NeuronIndexError
+from daemon.files import atomic_write, atomic_write_text
+
+F32 = npt.NDArray[np.float32]
+STATE_VERSION = 1
+MANIFEST = "manifest.json"
+KEYS_FILE = "keys.npy"
+CENTRES_FILE = "centres.npy"
+FAISS_FILE = "centres.faiss"
+SMALL_QUERY = 16  # query rows up to which faiss searches on one thread
 
 log = structlog.get_logger()
 
 
-class NeuronIndex(IndexData):
-    """Keys in clusters, searched by faiss (``IndexData``), and the rules that change them."""
+# --- records ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where one query goes: the block to activate, its cluster, the L2 distance."""
+
+    block: int
+    cluster_id: int
+    distance: float
+
+
+@dataclass(frozen=True)
+class Displaced:
+    """A key moved out of a shrunken cluster, and the cluster it was re-inserted into."""
+
+    edit_id: str
+    from_cluster: int
+    to_cluster: int
+
+
+@dataclass(frozen=True)
+class AddResult:
+    """What ``add`` did with one key. ``block`` is the block the key now routes to."""
+
+    edit_id: str
+    cluster_id: int
+    block: int
+    action: Literal["opened", "joined", "split"]
+    displaced: tuple[Displaced, ...] = ()
+
+
+@dataclass
+class Cluster:
+    """A ball around ``centre`` routed to ``block``; ``edit_ids`` has one entry per key."""
+
+    cluster_id: int
+    centre: F32
+    radius: float
+    target: str
+    block: int
+    edit_ids: list[str] = field(default_factory=list)
+
+
+@dataclass
+class KeyMeta:
+    """One stored key: its edit, target, block and cluster."""
+
+    edit_id: str
+    target: str
+    block: int
+    cluster_id: int
+
+
+# --- the undo journal ------------------------------------------------------------------
+
+
+@dataclass
+class Journal:
+    """The index's state at ``begin`` wherever an open insert transaction changed it.
+
+    ``NeuronIndex.begin()`` opens a :class:`Journal`; every change ``add`` makes while
+    it is open is recorded the first time it touches something, with the value it
+    had at ``begin``:
+
+    * keys appended: rows ``key_count ..`` (their metas and exact-key entries) go;
+    * clusters opened: ids ``next_cluster ..`` go, from the dict and from faiss;
+    * clusters changed (a key joined, a split shrank the radius, keys were evicted):
+      their radius and member list at ``begin`` (``clusters``);
+    * keys moved (evicted by a split, re-inserted elsewhere): their cluster id at
+      ``begin`` (``key_clusters``);
+    * the faiss index object and whether it is IVF (a switch to IVF replaces it).
+
+    Centres are never written after a cluster opens, and blocks change only in
+    ``reassign_blocks`` (not allowed while a journal is open), so nothing else can
+    differ. Recording costs O(1) per change plus a copy of each touched cluster's
+    member list, independent of the index size: the rollback replaces the full copy
+    of the index a transaction used to take.
+    """
+
+    key_count: int
+    next_cluster: int
+    searcher: Any  # the faiss index at begin (opaque: faiss ships no stubs)
+    approximate: bool
+    clusters: dict[int, tuple[float, list[str]]] = field(default_factory=dict)
+    key_clusters: dict[int, int] = field(default_factory=dict)
+
+    def touch_cluster(self, cluster: Cluster) -> None:
+        """Remember ``cluster``'s radius and members before their first change."""
+        cid = cluster.cluster_id
+        if cid < self.next_cluster and cid not in self.clusters:
+            self.clusters[cid] = (cluster.radius, list(cluster.edit_ids))
+
+    def touch_key(self, row: int, meta: KeyMeta) -> None:
+        """Remember the cluster of key ``row`` before its first change."""
+        if row < self.key_count and row not in self.key_clusters:
+            self.key_clusters[row] = meta.cluster_id
+
+    def opened(self, next_cluster: int) -> list[int]:
+        """The ids of the clusters opened since ``begin`` (given the index's next id now)."""
+        return list(range(self.next_cluster, next_cluster))
+
+
+# --- faiss (typed wrappers) and distances -----------------------------------------------
+
+
+def _faiss_flat_index(dim: int) -> Any:
+    return faiss.IndexIDMap2(faiss.IndexFlatL2(dim))
+
+
+def _faiss_ivf_index(vectors: F32, nlist: int, nprobe: int) -> Any:
+    quantizer = faiss.IndexFlatL2(vectors.shape[1])
+    index = faiss.IndexIVFFlat(quantizer, vectors.shape[1], nlist, faiss.METRIC_L2)
+    index.train(vectors)  # faiss's Python wrapper keeps ``quantizer`` alive with ``index``
+    index.nprobe = nprobe
+    return index
+
+
+def _faiss_set_nprobe(index: Any, nprobe: int) -> None:
+    index.nprobe = nprobe
+
+
+def _faiss_add(index: Any, vectors: F32, ids: npt.NDArray[np.int64]) -> None:
+    index.add_with_ids(vectors, ids)
+
+
+def _faiss_search(index: Any, queries: F32, k: int) -> tuple[F32, npt.NDArray[np.int64]]:
+    """k nearest (L2, square-rooted) of each query row.
+
+    A few queries run on one OpenMP thread: for them, waking the thread pool costs
+    more than the search itself. ``omp_set_num_threads`` sets the calling thread's
+    value only, and it is restored afterwards.
+    """
+    if len(queries) > SMALL_QUERY:
+        sq, ids = index.search(queries, k)
+    else:
+        threads = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(1)
+        try:
+            sq, ids = index.search(queries, k)
+        finally:
+            faiss.omp_set_num_threads(threads)
+    return np.sqrt(np.maximum(sq, 0.0)).astype(np.float32), ids.astype(np.int64)
+
+
+def _faiss_remove(index: Any, ids: Sequence[int]) -> None:
+    index.remove_ids(np.asarray(ids, dtype=np.int64))
+
+
+def _faiss_ntotal(index: Any) -> int:
+    return int(index.ntotal)
+
+
+def _faiss_clone(index: Any) -> Any:
+    """An independent deep copy (same vectors, ids and training; set nprobe again)."""
+    return faiss.clone_index(index)
+
+
+def _faiss_serialize(index: Any) -> npt.NDArray[np.uint8]:
+    """The index as bytes in a uint8 array (faiss's own format), for state dicts."""
+    return np.asarray(faiss.serialize_index(index), dtype=np.uint8)
+
+
+def _faiss_deserialize(data: npt.NDArray[np.uint8]) -> Any:
+    return faiss.deserialize_index(np.ascontiguousarray(data, dtype=np.uint8))
+
+
+def pairwise_sq(a: npt.NDArray[np.float64], b: npt.NDArray[np.float64]) -> Any:
+    """(len(a), len(b)) squared L2 distances in float64, clipped at 0."""
+    sq = (a * a).sum(axis=1)[:, None] + (b * b).sum(axis=1)[None, :] - 2.0 * a @ b.T
+    return np.maximum(sq, 0.0)
+
+
+# --- files -----------------------------------------------------------------------------
+
+
+def _save_npy(path: Path, arr: F32) -> None:
+    with path.open("wb") as f:
+        np.save(f, arr, allow_pickle=False)
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise NeuronIndexError(f"{path}: cannot read manifest: {exc}") from exc
+    if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
+        version = data.get("version") if isinstance(data, dict) else None
+        raise NeuronIndexError(f"{path}: unknown manifest version {version!r}")
+    return data
+
+
+def _read_npy(path: Path, shape: tuple[int, int]) -> F32:
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise NeuronIndexError(f"{path}: cannot read array: {exc}") from exc
+    if arr.shape != shape or arr.dtype != np.float32:
+        raise NeuronIndexError(f"{path}: expected float32 {shape}, found {arr.dtype} {arr.shape}")
+    return np.ascontiguousarray(arr)
+
+
+def _read_faiss(path: Path, count: int, dim: int) -> Any:
+    try:
+        index = faiss.read_index(str(path))
+    except RuntimeError as exc:
+        raise NeuronIndexError(f"{path}: cannot read faiss index: {exc}") from exc
+    if _faiss_ntotal(index) != count or int(index.d) != dim:
+        raise NeuronIndexError(
+            f"{path}: faiss index holds {_faiss_ntotal(index)} vectors of dim {index.d}, "
+            f"manifest lists {count} clusters of dim {dim}"
+        )
+    return index
+
+
+# --- the index -------------------------------------------------------------------------
+
+
+class NeuronIndex:
+    """Keys in clusters, searched by faiss over the centres; the rules that change them;
+    save, load and copy."""
 
     _journal: Journal | None = None  # open between begin() and commit()/rollback()
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        radius: float,
+        exact_max: int = 10_000,
+        nlist: int | None = None,
+        nprobe: int = 16,
+    ) -> None:
+        if dim < 1 or radius <= 0 or exact_max < 1 or nprobe < 1:
+            raise ValueError(f"bad NeuronIndex settings: {dim=} {radius=} {exact_max=} {nprobe=}")
+        self.dim = dim
+        self.radius = float(radius)
+        self.exact_max = exact_max
+        self.nlist = nlist
+        self.nprobe = nprobe
+        self._buf: F32 = np.zeros((64, dim), dtype=np.float32)  # rows [0, _n) are the keys
+        self._n = 0
+        self._meta: list[KeyMeta] = []  # one per row of _keys
+        self._by_bytes: dict[bytes, list[KeyMeta]] = {}  # exact key -> its entries
+        self._clusters: dict[int, Cluster] = {}
+        self._next_cluster = 0
+        self._faiss: Any = _faiss_flat_index(dim)
+        self._is_ivf = False
+        self._lock = threading.RLock()
+
+    @property
+    def _keys(self) -> F32:
+        """(N, d) float32: every stored key, the source of truth."""
+        return self._buf[: self._n]
+
+    @_keys.setter
+    def _keys(self, keys: F32) -> None:
+        self._buf = np.array(keys, dtype=np.float32).reshape(-1, self.dim)
+        self._n = len(self._buf)
+        self._by_bytes = {}
+        for row, meta in zip(self._buf, self._meta, strict=False):
+            self._by_bytes.setdefault(row.tobytes(), []).append(meta)
+
+    def _append_key(self, vec: F32, meta: KeyMeta) -> int:
+        if self._n == len(self._buf):  # double the buffer: amortised O(d) per key
+            grown = np.zeros((max(64, 2 * len(self._buf)), self.dim), dtype=np.float32)
+            grown[: self._n] = self._buf[: self._n]
+            self._buf = grown
+        self._buf[self._n] = vec
+        self._n += 1
+        self._meta.append(meta)
+        self._by_bytes.setdefault(vec.tobytes(), []).append(meta)
+        return self._n - 1
+
+    # --- contents ------------------------------------------------------------------
+
+    @property
+    def key_count(self) -> int:
+        return len(self._meta)
+
+    @property
+    def cluster_count(self) -> int:
+        return len(self._clusters)
+
+    @property
+    def is_approximate(self) -> bool:
+        """True once the search runs on an IVF index (more than ``exact_max`` centres)."""
+        return self._is_ivf
+
+    def clusters(self) -> dict[int, Cluster]:
+        """The clusters by id (copies of the list fields; centres are shared arrays)."""
+        return {
+            c.cluster_id: Cluster(
+                c.cluster_id, c.centre, c.radius, c.target, c.block, list(c.edit_ids)
+            )
+            for c in self._clusters.values()
+        }
+
+    def edit_ids(self) -> set[str]:
+        return {m.edit_id for m in self._meta}
+
+    # --- backend -------------------------------------------------------------------
+
+    def _centres(self) -> tuple[F32, npt.NDArray[np.int64]]:
+        ids = np.array(sorted(self._clusters), dtype=np.int64)
+        vecs = np.stack([self._clusters[int(i)].centre for i in ids]) if len(ids) else None
+        return (np.zeros((0, self.dim), np.float32) if vecs is None else vecs), ids
+
+    def _maybe_switch_backend(self) -> None:
+        if (len(self._clusters) > self.exact_max) != self._is_ivf:
+            self._rebuild()
+
+    def _rebuild(self) -> None:
+        vecs, ids = self._centres()
+        self._is_ivf = len(ids) > self.exact_max
+        if self._is_ivf:
+            nlist = self.nlist or max(1, int(np.sqrt(len(ids))))
+            self._faiss = _faiss_ivf_index(vecs, min(nlist, len(ids)), self.nprobe)
+        else:
+            self._faiss = _faiss_flat_index(self.dim)
+        if len(ids):
+            _faiss_add(self._faiss, vecs, ids)
+        log.info("neuron_index_rebuilt", approximate=self._is_ivf, centres=len(ids))
 
     # --- queries -------------------------------------------------------------------
 
@@ -68,7 +408,7 @@ class NeuronIndex(IndexData):
         with self._lock:
             if not self._clusters:
                 return [None] * len(q)
-            dist, ids = faiss_ops.search(self._faiss, q, 1)
+            dist, ids = _faiss_search(self._faiss, q, 1)
             routes: list[Route | None] = []
             for d, cid in zip(dist[:, 0], ids[:, 0], strict=True):
                 cluster = self._clusters.get(int(cid))
@@ -126,7 +466,7 @@ class NeuronIndex(IndexData):
             self._next_cluster = j.next_cluster
             self._faiss, self._is_ivf = j.searcher, j.approximate
             if opened:  # ids a rebuilt (IVF) index took are simply not in the old one
-                faiss_ops.remove(self._faiss, opened)
+                _faiss_remove(self._faiss, opened)
             log.debug("neuron_keys_rolled_back", keys=dropped, clusters=len(opened))
 
     def _end(self) -> Journal:
@@ -254,7 +594,7 @@ class NeuronIndex(IndexData):
     def _nearest(self, vec: F32) -> tuple[Cluster, float] | None:
         if not self._clusters:
             return None
-        _, ids = faiss_ops.search(self._faiss, vec[None, :], 1)
+        _, ids = _faiss_search(self._faiss, vec[None, :], 1)
         cluster = self._clusters.get(int(ids[0, 0]))
         if cluster is None:
             return None
@@ -270,7 +610,7 @@ class NeuronIndex(IndexData):
         self._touch_key(row)
         meta.cluster_id = cid
         # IVF: new centres are added without retraining
-        faiss_ops.add(self._faiss, centre[None, :], np.array([cid], dtype=np.int64))
+        _faiss_add(self._faiss, centre[None, :], np.array([cid], dtype=np.int64))
         return cid
 
     def _evict(self, cluster: Cluster) -> list[int]:
@@ -303,7 +643,7 @@ class NeuronIndex(IndexData):
         if empty and self._is_ivf:
             self._rebuild()
         elif empty:
-            faiss_ops.remove(self._faiss, empty)
+            _faiss_remove(self._faiss, empty)
         self._maybe_switch_backend()
         log.info("neuron_keys_removed", edit_ids=sorted(gone), dropped_clusters=empty)
         return empty
@@ -339,3 +679,162 @@ class NeuronIndex(IndexData):
         for cid, old, new in moves:
             log.info("neuron_cluster_reassigned", cluster_id=cid, old_block=old, new_block=new)
         return moves
+
+    # --- persistence ---------------------------------------------------------------
+
+    def save(self, directory: Path | str) -> None:
+        """Write keys, centres, the faiss index and a versioned manifest (each atomically)."""
+        folder = Path(directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        vecs, _ = self._centres()
+        atomic_write(folder / KEYS_FILE, lambda p: _save_npy(p, self._keys))
+        atomic_write(folder / CENTRES_FILE, lambda p: _save_npy(p, vecs))
+        atomic_write(folder / FAISS_FILE, lambda p: faiss.write_index(self._faiss, str(p)))
+        text = json.dumps(self._manifest(), indent=1)
+        atomic_write_text(folder / MANIFEST, text)
+        log.info("neuron_index_saved", path=str(folder), keys=self.key_count)
+
+    def _manifest(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "settings": {
+                "dim": self.dim,
+                "radius": self.radius,
+                "exact_max": self.exact_max,
+                "nlist": self.nlist,
+                "nprobe": self.nprobe,
+            },
+            "next_cluster": self._next_cluster,
+            "approximate": self._is_ivf,
+            "clusters": [  # edit_ids copied: a state must not change with the index
+                {
+                    "cluster_id": c.cluster_id,
+                    "radius": c.radius,
+                    "target": c.target,
+                    "block": c.block,
+                    "edit_ids": list(c.edit_ids),
+                }
+                for c in (self._clusters[i] for i in sorted(self._clusters))
+            ],
+            "keys": [[m.edit_id, m.target, m.block, m.cluster_id] for m in self._meta],
+        }
+
+    def copy(self) -> Self:
+        """An independent copy (keys, clusters, faiss index): ``retract`` changes one, O(N)."""
+        twin = type(self)(
+            self.dim,
+            radius=self.radius,
+            exact_max=self.exact_max,
+            nlist=self.nlist,
+            nprobe=self.nprobe,
+        )
+        twin._meta = [KeyMeta(m.edit_id, m.target, m.block, m.cluster_id) for m in self._meta]
+        twin._keys = self._keys  # the setter copies and re-indexes the exact keys
+        twin._clusters = {  # centres are never written after _open: share them
+            cid: Cluster(cid, c.centre, c.radius, c.target, c.block, list(c.edit_ids))
+            for cid, c in self._clusters.items()
+        }
+        twin._next_cluster = self._next_cluster
+        twin._faiss = _faiss_clone(self._faiss)
+        twin._is_ivf = self._is_ivf
+        if twin._is_ivf:
+            _faiss_set_nprobe(twin._faiss, twin.nprobe)
+        return twin
+
+    def to_state(self) -> dict[str, Any]:
+        """The index in memory: the JSON-able manifest plus numpy arrays.
+
+        ``{"manifest": dict, "keys": (N, d) float32, "centres": (C, d) float32,
+        "faiss": uint8 bytes}``; what ``save`` writes as files, for a state dict.
+        """
+        vecs, _ = self._centres()
+        return {
+            "manifest": self._manifest(),
+            "keys": self._keys.copy(),
+            "centres": vecs.copy(),
+            "faiss": _faiss_serialize(self._faiss),
+        }
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> Self:
+        """Rebuild an index from ``to_state``; raise NeuronIndexError when it does not fit."""
+        manifest = state.get("manifest")
+        if not isinstance(manifest, dict) or manifest.get("version") != STATE_VERSION:
+            version = manifest.get("version") if isinstance(manifest, dict) else None
+            raise NeuronIndexError(f"neuron index state has unknown version {version!r}")
+        index, clusters = cls._from_manifest(manifest, "neuron index state")
+        try:
+            keys = np.asarray(state["keys"], dtype=np.float32)
+            centres = np.asarray(state["centres"], dtype=np.float32)
+            raw_faiss = np.asarray(state["faiss"], dtype=np.uint8)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise NeuronIndexError(f"neuron index state is malformed: {exc}") from exc
+        if keys.shape != (len(index._meta), index.dim) or centres.shape != (
+            len(clusters),
+            index.dim,
+        ):
+            raise NeuronIndexError(
+                f"neuron index state: keys {keys.shape} / centres {centres.shape} do not fit "
+                f"{len(index._meta)} keys and {len(clusters)} clusters of dim {index.dim}"
+            )
+        index._keys = keys
+        index._load_clusters(Path("<state>"), clusters, centres)
+        searcher = _faiss_deserialize(raw_faiss)
+        if _faiss_ntotal(searcher) != len(clusters):
+            raise NeuronIndexError("neuron index state: faiss index and clusters disagree")
+        index._set_faiss(searcher, approximate=bool(manifest.get("approximate", False)))
+        return index
+
+    @classmethod
+    def load(cls, directory: Path | str) -> Self:
+        """Read a saved index; raise NeuronIndexError naming the file that does not fit."""
+        folder = Path(directory)
+        manifest = _read_manifest(folder / MANIFEST)
+        index, clusters = cls._from_manifest(manifest, f"{folder / MANIFEST}")
+        index._keys = _read_npy(folder / KEYS_FILE, (len(index._meta), index.dim))
+        centres = _read_npy(folder / CENTRES_FILE, (len(clusters), index.dim))
+        index._load_clusters(folder / MANIFEST, clusters, centres)
+        searcher = _read_faiss(folder / FAISS_FILE, len(clusters), index.dim)
+        index._set_faiss(searcher, approximate=bool(manifest.get("approximate", False)))
+        log.info("neuron_index_loaded", path=str(folder), keys=index.key_count)
+        return index
+
+    @classmethod
+    def _from_manifest(
+        cls, manifest: Mapping[str, Any], where: str
+    ) -> tuple[Self, list[dict[str, Any]]]:
+        """An empty index with the manifest's settings and key table; its cluster specs."""
+        try:
+            index = cls(**manifest["settings"])
+            index._next_cluster = int(manifest["next_cluster"])
+            index._meta = [
+                KeyMeta(str(e), str(t), int(b), int(c)) for e, t, b, c in manifest["keys"]
+            ]
+            clusters = list(manifest["clusters"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise NeuronIndexError(f"{where}: malformed manifest: {exc}") from exc
+        return index, clusters
+
+    def _set_faiss(self, searcher: Any, *, approximate: bool) -> None:
+        self._faiss = searcher
+        self._is_ivf = approximate
+        if approximate:
+            _faiss_set_nprobe(self._faiss, self.nprobe)
+
+    def _load_clusters(self, path: Path, clusters: list[dict[str, Any]], centres: F32) -> None:
+        try:
+            for spec, centre in zip(clusters, centres, strict=True):
+                c = Cluster(centre=centre.copy(), **spec)
+                self._clusters[c.cluster_id] = c
+        except (KeyError, TypeError, ValueError) as exc:
+            raise NeuronIndexError(f"{path}: malformed cluster entry: {exc}") from exc
+        if len(self._clusters) != len(clusters):
+            raise NeuronIndexError(f"{path}: duplicate cluster ids")
+        for m in self._meta:
+            if m.cluster_id not in self._clusters:
+                raise NeuronIndexError(f"{path}: key of '{m.edit_id}' in unknown cluster")
+        member_count = sum(len(c.edit_ids) for c in self._clusters.values())
+        if member_count != len(self._meta):
+            raise NeuronIndexError(
+                f"{path}: clusters list {member_count} keys, key table has {len(self._meta)}"
+            )

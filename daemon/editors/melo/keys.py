@@ -8,11 +8,13 @@ looked up by the keys of ALL its prompt tokens (``token_keys``, ``span_keys``):
 the nearest stored key within reach, at a token where that edit's subject (its
 token n-grams) ends, routes it, wherever the subject sits in the request.
 
-:class:`KeyReader` computes the keys that go into the neuron index at
-edit time; a request's keys are read by :func:`unit_keys` from the same layer of
-its own prefill (``inline``), or by :class:`KeyReader` when the request's batch
-does not allow it, so the two can only differ by float rounding between batch
-shapes.
+:class:`KeyReader` computes the keys that go into the neuron index at edit time; a
+request's keys are read by :func:`unit_keys` from the same layer of its own prefill
+(``routing.InlineRouter``), or by :class:`KeyReader` when the request's batch does not
+allow it, so the two can only differ by float rounding between batch shapes.
+
+:class:`KeyTable` holds the applied edits' prompt keys (edit id -> key) as one
+matrix, for finding the applied edits a batch of new keys may re-route.
 
 Why these choices:
 
@@ -27,11 +29,9 @@ Why these choices:
   (``batches.left_padded_position_ids``, as ``generate`` and teacher-forced scoring
   compute them for real tokens), so a padded prompt gets the key it would get
   alone, also with absolute position embeddings (GPT-2).
-* **Unit norm.** Measured on the small fact world (1,000 counterfactual edits,
-  key = block 2 of 4): at a radius that keeps 99% of locality probes unrouted,
-  unit-norm keys route 87% of training-template rephrases to their edit at 100
-  edits (78% at 1,000), raw keys 78% (76%). The norm of the hidden state mostly
-  carries the template, its direction the fact.
+* **Unit norm.** At a radius that leaves locality probes unrouted, unit-norm keys
+  route more rephrases to their edit than raw keys: the norm of the hidden state
+  mostly carries the template, its direction the fact.
 
 The capture hook is installed once and stays: whether a forward is being
 captured is a context variable, so concurrent requests in other threads run
@@ -40,7 +40,7 @@ their full forward untouched.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from contextvars import ContextVar
 from typing import Any
@@ -190,3 +190,59 @@ def _capturing() -> Iterator[list[torch.Tensor]]:
         yield slot
     finally:
         _CAPTURE.reset(token)
+
+
+class KeyTable(Mapping[str, F32]):
+    """Edit id -> float32 key ``(d,)``, stored as rows of one ``(N, d)`` matrix.
+
+    The applied edits' prompt keys, which ``verify.watch_routes`` compares with each
+    batch's new keys: they already lie in one ``(N, d)`` buffer (no stacking per
+    batch) that doubles when full, and a removal moves the last row into the hole, so
+    adding and removing are O(d) and the matrix is a view. Row order is not edit
+    order: callers that need an order (the editor's state) look keys up by id.
+    """
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+        self._buf: F32 = np.zeros((64, dim), dtype=np.float32)
+        self._ids: list[str] = []  # row -> edit id
+        self._rows: dict[str, int] = {}  # edit id -> row
+
+    def __getitem__(self, edit_id: str) -> F32:
+        key: F32 = self._buf[self._rows[edit_id]].copy()
+        return key
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._ids))
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __setitem__(self, edit_id: str, key: F32) -> None:
+        row = self._rows.get(edit_id)
+        if row is None:
+            row = len(self._ids)
+            if row == len(self._buf):  # double: amortised O(d) per key
+                grown = np.zeros((2 * len(self._buf), self.dim), dtype=np.float32)
+                grown[:row] = self._buf[:row]
+                self._buf = grown
+            self._ids.append(edit_id)
+            self._rows[edit_id] = row
+        self._buf[row] = np.asarray(key, dtype=np.float32).reshape(self.dim)
+
+    def __delitem__(self, edit_id: str) -> None:
+        row = self._rows.pop(edit_id)
+        last = len(self._ids) - 1
+        moved = self._ids.pop()
+        if row != last:  # the last row fills the hole
+            self._buf[row] = self._buf[last]
+            self._ids[row] = moved
+            self._rows[moved] = row
+
+    def ids(self) -> list[str]:
+        """The edit id of each row of ``matrix()``."""
+        return list(self._ids)
+
+    def matrix(self) -> F32:
+        """``(N, d)`` float32, row i the key of ``ids()[i]`` (a view: do not keep it)."""
+        return self._buf[: len(self._ids)]

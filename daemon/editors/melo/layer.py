@@ -73,8 +73,8 @@ class BlockLoraProjection(nn.Module):
         self.lora_B = nn.ParameterList()
         # Blocks that take part in the forward pass; cleared blocks are skipped.
         self._active: list[bool] = []
-        # The same Parameter objects as plain lists: indexing a ParameterList costs ~2 us
-        # per item, a noticeable share of a decode step. Blocks change only in place.
+        # The same Parameter objects as plain lists: indexing a ParameterList is slow
+        # enough to show in a decode step. Blocks change only in place.
         self._a_params: list[nn.Parameter] = []
         self._b_params: list[nn.Parameter] = []
 

@@ -14,7 +14,7 @@ uses, would reject it). A row that runs on gets an unlikelihood term,
 ``-log(1 - p(run-on token))`` at the position after its target, until it stops
 doing so. With ``stop_nll`` every row must moreover reach a mean target NLL at
 most that: a block trained past the bare argmax carries over to rephrases routed
-to it (see ``editor_base.DEFAULT_STOP_NLL``). Position ids are computed from the
+to it (see ``editor.DEFAULT_STOP_NLL``). Position ids are computed from the
 attention mask as ``generate`` does, so the trained block sees the positions it
 will see when serving padded batches. Training is deterministic: the block's
 initial values come from a seed (``layer.init_block``) and Adam draws nothing.

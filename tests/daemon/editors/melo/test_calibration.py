@@ -52,3 +52,25 @@ def test_radius_is_a_fraction_of_the_median_nearest_distance(loaded: LoadedModel
     assert calibration.radius_from_keys(keys, 1.0) == pytest.approx(2 * half)
     with pytest.raises(ValueError):
         calibration.radius_from_keys(np.ones((4, 3)), 0.5)
+
+
+def test_calibrate_radius_lies_between_intra_and_inter_cluster_distances() -> None:
+    """On well-separated synthetic facts with rephrasings, the radius separates the two."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(20, 32)) * 10.0
+    keys = np.repeat(centres, 6, axis=0) + rng.normal(scale=0.2, size=(120, 32))
+    groups = np.repeat(np.arange(20), 6)
+    radius = calibration.calibrate_radius(keys, groups=groups)
+    intra = max(
+        float(np.linalg.norm(keys[groups == g] - centres[g], axis=1).max()) for g in range(20)
+    )
+    diffs = centres[:, None, :] - centres[None, :, :]
+    inter = np.sqrt((diffs**2).sum(-1))[~np.eye(20, dtype=bool)].min()
+    assert intra < radius < inter
+    # pure: same input, same radius
+    assert calibration.calibrate_radius(keys, groups=groups) == radius
+    assert calibration.calibrate_radius(centres) == pytest.approx(
+        0.5 * np.median(np.sort(np.sqrt((diffs**2).sum(-1)), axis=1)[:, 1])
+    )
+    with pytest.raises(ValueError, match="two distinct groups"):
+        calibration.calibrate_radius(keys, groups=np.zeros(120))

@@ -1,19 +1,22 @@
-"""The MELO neuron-key index: insertion rules, routing, removal, IVF switch, persistence."""
+"""The MELO neuron-key index: insertion rules, routing, removal, IVF switch, persistence,
+transactions (begin / commit / rollback restore the index exactly), copies, in-memory
+state and block reassignment."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
-from daemon.editors.melo.distances import calibrate_radius
-from daemon.editors.melo.index import NeuronIndex
-from daemon.editors.melo.index_records import AddResult, Displaced, Route
+from daemon.editors.melo.index import AddResult, Displaced, NeuronIndex, Route
 from daemon.errors import EditConflictError, NeuronIndexError
 
 DIM = 16
+JOURNAL_DIM = 2  # transactions: hand-placed keys in the plane
+STATE_DIM = 8
 
 
 def _spread(n: int, seed: int = 0, dim: int = DIM, scale: float = 10.0) -> np.ndarray:
@@ -177,27 +180,6 @@ def test_corrupted_or_inconsistent_state_raises_naming_the_file(tmp_path: Path) 
         NeuronIndex.load(folder)
 
 
-def test_calibrate_radius_lies_between_intra_and_inter_cluster_distances() -> None:
-    """On well-separated synthetic facts with rephrasings, the radius separates the two."""
-    rng = np.random.default_rng(0)
-    centres = rng.normal(size=(20, 32)) * 10.0
-    keys = np.repeat(centres, 6, axis=0) + rng.normal(scale=0.2, size=(120, 32))
-    groups = np.repeat(np.arange(20), 6)
-    radius = calibrate_radius(keys, groups=groups)
-    intra = max(
-        float(np.linalg.norm(keys[groups == g] - centres[g], axis=1).max()) for g in range(20)
-    )
-    diffs = centres[:, None, :] - centres[None, :, :]
-    inter = np.sqrt((diffs**2).sum(-1))[~np.eye(20, dtype=bool)].min()
-    assert intra < radius < inter
-    assert calibrate_radius(keys, groups=groups) == radius  # pure: same input, same radius
-    assert calibrate_radius(centres) == pytest.approx(
-        0.5 * np.median(np.sort(np.sqrt((diffs**2).sum(-1)), axis=1)[:, 1])
-    )
-    with pytest.raises(ValueError, match="two distinct groups"):
-        calibrate_radius(keys, groups=np.zeros(120))
-
-
 def test_query_at_ten_thousand_keys_d192_sanity() -> None:
     """10,000 stored keys of dim 192: a batch of queries routes correctly (no timing)."""
     n, dim = 10_000, 192
@@ -211,3 +193,164 @@ def test_query_at_ten_thousand_keys_d192_sanity() -> None:
     routes = index.query(keys[sample] + 0.01)
     assert [r.cluster_id if r else None for r in routes] == sample.tolist()
     assert [r.block if r else None for r in routes] == (sample // 2_000).tolist()
+
+
+# --- transactions ----------------------------------------------------------------------
+
+
+def _state_bytes(index: NeuronIndex) -> dict[str, Any]:
+    """``to_state()`` with every array as raw bytes, for byte-for-byte comparison."""
+    state = index.to_state()
+    return {
+        "manifest": state["manifest"],
+        **{
+            k: (state[k].dtype.str, state[k].shape, state[k].tobytes())
+            for k in state
+            if k != "manifest"
+        },
+    }
+
+
+def _seeded(exact_max: int = 100) -> NeuronIndex:
+    """Clusters around (0, 0) ("Paris", two keys) and (5, 0) ("Oslo"), radius 1."""
+    index = NeuronIndex(JOURNAL_DIM, radius=1.0, exact_max=exact_max, nlist=1)
+    index.add("a", np.array([0.0, 0.0]), "Paris", block=0)
+    index.add("b", np.array([0.5, 0.0]), "Paris", block=0)
+    index.add("o", np.array([5.0, 0.0]), "Oslo", block=1)
+    return index
+
+
+def _mutate(index: NeuronIndex) -> None:
+    """A join, a split that displaces a key (re-opened elsewhere) and a new cluster."""
+    index.add("j", np.array([5.2, 0.0]), "Oslo", block=2)  # joins cluster 2
+    index.add("c", np.array([0.0, 0.8]), "Rome", block=3)  # splits cluster 0, displaces b
+    index.add("far", np.array([-9.0, 9.0]), "Lima", block=4)  # opens
+
+
+@pytest.mark.parametrize("exact_max", [100, 4])
+def test_rollback_restores_the_state_byte_for_byte(exact_max: int) -> None:
+    """Joins, splits, displaced keys, new clusters (and a switch to IVF) are all undone."""
+    index = _seeded(exact_max)
+    before = _state_bytes(index)
+    routes = index.query(np.array([[0.0, 0.0], [0.5, 0.0], [5.0, 0.0], [0.0, 0.8]]))
+    index.begin()
+    _mutate(index)
+    assert index.key_count == 6 and index.is_approximate == (exact_max == 4)
+    index.rollback()
+    assert _state_bytes(index) == before
+    assert index.query(np.array([[0.0, 0.0], [0.5, 0.0], [5.0, 0.0], [0.0, 0.8]])) == routes
+    _mutate(index)  # the index works on as if the transaction never happened
+    fresh = _seeded(exact_max)
+    _mutate(fresh)
+    assert _state_bytes(index) == _state_bytes(fresh)
+
+
+def test_commit_keeps_the_inserts_and_ends_the_transaction() -> None:
+    """After commit the keys stay; a second rollback or commit has nothing to act on."""
+    index = _seeded()
+    reference = _seeded()
+    _mutate(reference)
+    index.begin()
+    _mutate(index)
+    index.commit()
+    assert _state_bytes(index) == _state_bytes(reference)
+    with pytest.raises(NeuronIndexError, match="no insert transaction"):
+        index.rollback()
+
+
+def test_a_rejected_batch_inside_a_transaction_leaves_the_rest_undoable() -> None:
+    """A conflicting batch changes nothing; what was added before it still rolls back."""
+    index = _seeded()
+    before = _state_bytes(index)
+    index.begin()
+    index.add("far", np.array([-9.0, 9.0]), "Lima", block=4)
+    with pytest.raises(EditConflictError):
+        index.add_batch(["x", "y"], np.array([[3.0, 3.0], [3.1, 3.0]]), ["A", "B"], block=5)
+    index.rollback()
+    assert _state_bytes(index) == before
+
+
+def test_transactions_do_not_nest_and_forbid_removal() -> None:
+    """One open transaction at a time; remove and reassign_blocks are refused inside one."""
+    index = _seeded()
+    index.begin()
+    with pytest.raises(NeuronIndexError, match="already open"):
+        index.begin()
+    with pytest.raises(NeuronIndexError, match="remove is not allowed"):
+        index.remove(["a"])
+    with pytest.raises(NeuronIndexError, match="reassign_blocks is not allowed"):
+        index.reassign_blocks([0])
+    index.rollback()
+    assert index.remove(["o"]) == [1]
+
+
+def test_a_state_taken_earlier_does_not_change_with_the_index() -> None:
+    """``to_state()`` copies the clusters' member lists: a later join leaves it alone."""
+    index = _seeded()
+    state = index.to_state()
+    members = [c["edit_ids"] for c in state["manifest"]["clusters"]]
+    index.add("j", np.array([5.2, 0.0]), "Oslo", block=2)
+    assert [c["edit_ids"] for c in state["manifest"]["clusters"]] == members == [["a", "b"], ["o"]]
+
+
+# --- copies, in-memory state, block reassignment -----------------------------------------
+
+
+def _keys(n: int, seed: int = 0) -> np.ndarray:
+    return (np.random.default_rng(seed).normal(size=(n, STATE_DIM)) * 10.0).astype(np.float32)
+
+
+@pytest.mark.parametrize("exact_max", [100, 2])
+def test_state_and_copy_answer_like_the_original_and_are_independent(exact_max: int) -> None:
+    """to_state/from_state and copy() give equal routes; changing a copy leaves the original."""
+    index = NeuronIndex(STATE_DIM, radius=1.0, exact_max=exact_max, nlist=2)
+    keys = _keys(6)
+    for i, k in enumerate(keys):
+        index.add(f"e{i}", k, f"t{i}", block=i)
+    queries = np.concatenate([keys, keys + 0.3, _keys(4, seed=9)])
+    restored = NeuronIndex.from_state(index.to_state())
+    twin = index.copy()
+    assert restored.query(queries) == index.query(queries) == twin.query(queries)
+    assert restored.is_approximate == index.is_approximate == (exact_max == 2)
+    twin.remove(["e0"])
+    twin.add("new", keys[1] + 0.1, "t1", block=9)
+    assert index.query(keys[:1])[0] is not None and twin.query(keys[:1])[0] is None
+    assert index.key_count == 6 and twin.key_count == 6
+
+
+def test_from_state_rejects_other_versions_and_mismatched_arrays() -> None:
+    """A state whose version or array shapes do not fit raises NeuronIndexError."""
+    index = NeuronIndex(STATE_DIM, radius=1.0)
+    index.add("a", _keys(1)[0], "t", block=0)
+    state = index.to_state()
+    with pytest.raises(NeuronIndexError, match="version"):
+        NeuronIndex.from_state({**state, "manifest": {**state["manifest"], "version": 9}})
+    with pytest.raises(NeuronIndexError, match="do not fit"):
+        NeuronIndex.from_state({**state, "keys": np.zeros((2, STATE_DIM), np.float32)})
+
+
+def test_keys_can_be_added_after_every_key_was_removed() -> None:
+    """Emptying the index and adding again works (the key buffer regrows from empty)."""
+    index = NeuronIndex(STATE_DIM, radius=1.0)
+    keys = _keys(2)
+    index.add("a", keys[0], "t", block=0)
+    index.remove(["a"])
+    index.copy().add("b", keys[1], "t", block=1)
+    index.add("b", keys[1], "t", block=1)
+    assert index.query(keys[1:])[0] is not None
+
+
+def test_reassign_blocks_points_a_freed_cluster_at_a_live_member_block() -> None:
+    """A joined key keeps routing after its cluster's block is freed: to its own block."""
+    index = NeuronIndex(STATE_DIM, radius=1.0)
+    key = _keys(1)[0]
+    index.add("owner", key, "Paris", block=3)
+    joined = index.add("joiner", key + 0.2, "Paris", block=5)
+    assert joined.action == "joined" and joined.block == 3
+    index.remove(["owner"])
+    assert index.reassign_blocks([3]) == [(joined.cluster_id, 3, 5)]
+    route = index.query(key + 0.2)[0]
+    assert route is not None and route.block == 5
+    assert index.reassign_blocks([7]) == []
+    with pytest.raises(NeuronIndexError, match="no member key"):
+        index.reassign_blocks([5])

@@ -1,4 +1,5 @@
-"""MELO keys: last real prompt token, padding-invariant, unit norm, never routed."""
+"""MELO keys: last real prompt token, padding-invariant, unit norm, never routed; the
+prompt-key table, a Mapping over one growable matrix."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 
 from daemon.editors.melo.config import MeloConfig
 from daemon.editors.melo.editor import MeloEditor
-from daemon.editors.melo.keys import KeyReader
+from daemon.editors.melo.keys import KeyReader, KeyTable
 from daemon.editors.melo.routing import route_rows
 from daemon.model import arch
 from daemon.model.loading import LoadedModel
@@ -92,3 +93,20 @@ def test_keys_do_not_depend_on_edits_or_outer_routes(
         assert np.array_equal(before, inside)
     finally:
         editor.close()
+
+
+def test_rows_follow_adds_and_removals_past_a_regrowth() -> None:
+    """Every id maps to its key after 100 adds (buffer doubled) and swap-removals."""
+    rng = np.random.default_rng(0)
+    table = KeyTable(3)
+    want = {f"e{i}": rng.normal(size=3).astype(np.float32) for i in range(100)}
+    for edit_id, key in want.items():
+        table[edit_id] = key
+    for edit_id in ("e0", "e50", "e99"):
+        del table[edit_id]
+        del want[edit_id]
+    assert len(table) == len(want) and set(table) == set(want)
+    for edit_id, key in want.items():
+        assert np.array_equal(table[edit_id], key)
+    rows = dict(zip(table.ids(), table.matrix(), strict=True))
+    assert all(np.array_equal(rows[e], k) for e, k in want.items())

@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from daemon.editors.melo.config import MeloConfig
-from daemon.editors.melo.editor import MeloEditor
-from daemon.editors.melo.editor_base import SUBJECT_RADIUS
+from daemon.editors.melo.editor import SUBJECT_RADIUS, MeloEditor
 from daemon.editors.melo.keys import KeyReader
 from daemon.editors.melo.routing import route_rows
 from daemon.errors import EditorStateError
@@ -238,7 +237,7 @@ def test_a_subject_key_is_also_read_in_fixed_frames_that_route_to_its_block(
 ) -> None:
     """What precedes a subject moves its key, so each edit also stores its subject's keys
     in ``SUBJECT_FRAMES``, clustered by subject: the frames route to its block."""
-    from daemon.editors.melo.editor_base import SUBJECT_FRAMES
+    from daemon.editors.melo.editor import SUBJECT_FRAMES
 
     editor = _subject_editor(make_editor)
     record = world_edits[0]

@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from daemon.editors.melo.editor import MeloEditor
-from daemon.editors.melo.inline import _prompt_ends
-from daemon.editors.melo.routing import RowRoutes, current_routes, route_rows
+from daemon.editors.melo.routing import RowRoutes, _prompt_ends, current_routes, route_rows
 from daemon.model import arch
 from daemon.model.batches import encode_prompt_target
 from daemon.model.generate import greedy_continuations
