@@ -55,13 +55,13 @@ from daemon.errors import (
 from daemon.feeds.extract import Extraction, Extractor, build_extractors
 from daemon.feeds.fetch import FetchOutcome, FetchPolicy, fetch_feed
 from daemon.feeds.parse import FeedEntry, parse_feed
-from store import editlog, intake
+from store import feed_updates
 from store import feeds as feed_store
 from store.db import Store
 from store.feeds import Feed
 from store.ownership import Origin, check_may_replace
 from store.queue import EditQueue
-from store.schema import EditStatus, SourceKind
+from store.schema import SourceKind
 
 log = structlog.get_logger()
 
@@ -241,88 +241,35 @@ class FeedPoller:
         for slot, old in slots.items():  # slots the new version no longer fills
             if slot not in wanted and self._retract(old.edit_id, feed, entry.item_id, "changed"):
                 report.retracted.append(old.edit_id)
-        errors: list[str] = []
-        made: list[str] = []
-        with self.store.write():
-            feed_store.record_feed_item(
-                self.store, feed, entry.item_id, content_hash=entry.content_hash
-            )
-            for slot, extraction in wanted.items():
-                edit_id, why = self._submit(feed, url, entry, slot, extraction, slots.get(slot))
-                if edit_id is None:
-                    report.rejected += 1
-                    errors.append(f"slot {slot}: rejected: {why}")
-                else:
-                    made.append(edit_id)
-            if errors or made:
-                feed_store.record_feed_item(
-                    self.store,
-                    feed,
-                    entry.item_id,
-                    content_hash=entry.content_hash,
-                    edit_id=made[0] if made else None,
-                    error="; ".join(errors) or None,
-                )
-        report.edits.extend(made)  # only once the item's transaction committed
+        requests = [
+            self._slot_request(url, entry, slot, extraction, slots.get(slot))
+            for slot, extraction in wanted.items()
+        ]
+        outcomes = feed_updates.queue_item_version(
+            self.store, feed, entry.item_id, entry.content_hash, requests, limits=self.limits
+        )
+        report.rejected += sum(1 for o in outcomes if o.edit_id is None)
+        report.edits.extend(o.edit_id for o in outcomes if o.edit_id is not None)
 
-    def _submit(
+    def _slot_request(
         self,
-        feed: str,
         url: str,
         entry: FeedEntry,
         slot: str,
         extraction: Extraction,
         previous: feed_store.ItemEdit | None,
-    ) -> tuple[str | None, str | None]:
-        """Queue one slot's request (inside the item's transaction): its edit id, or
-        ``None`` and why it was rejected."""
+    ) -> feed_updates.SlotRequest:
+        """One slot's edit request: the extraction with the item as its source; a new
+        version of a slot supersedes the slot's earlier edit, under an id of its own."""
         request = dict(extraction.request)
         request["source"] = {"kind": "feed", "url": url, "item_id": entry.item_id}
         if previous is not None:
             request.setdefault("supersedes", previous.edit_id)
             if isinstance(request.get("id"), str):
                 request["id"] = f"{request['id']}@{entry.content_hash[:12]}"
-        result = self._refused_supersede(feed, request)
-        if result is None:
-            result = self.queue.submit(request, limits=self.limits, source_kind=SourceKind.FEED)
-        provenance = {
-            "feed": feed,
-            "item_id": entry.item_id,
-            "slot": slot,
-            "extractor": extraction.extractor,
-            "evidence": extraction.evidence,
-            "created": result.created,
-            "status": result.status.value,
-        }
-        editlog.append(self.store, feed_store.ITEM_EDIT_EVENT, edit_id=result.id, data=provenance)
-        if result.status is EditStatus.REJECTED:
-            return None, result.reason
-        feed_store.set_item_edit(
-            self.store,
-            feed,
-            entry.item_id,
-            slot,
-            result.id,
-            extractor=extraction.extractor,
-            evidence=extraction.evidence,
+        return feed_updates.SlotRequest(
+            slot, request, extractor=extraction.extractor, evidence=extraction.evidence
         )
-        return result.id, None
-
-    def _refused_supersede(self, feed: str, request: dict[str, Any]) -> intake.EnqueueResult | None:
-        """Store ``request`` as rejected when its ``supersedes`` names an edit this feed
-        did not make (the result), else ``None``."""
-        target = request.get("supersedes")
-        if not isinstance(target, str):
-            return None  # absent, or invalid: intake rejects it with the field's reason
-        try:
-            check_may_replace(self.store, Origin(SourceKind.FEED, feed), target)
-        except SupersedeNotAllowedError as exc:
-            client_id = request.get("id") if isinstance(request.get("id"), str) else None
-            log.warning("feed_supersede_refused", feed=feed, supersedes=target)
-            return intake.reject(
-                self.store, request, exc, client_id=client_id, source_kind=SourceKind.FEED
-            )
-        return None
 
     def _extractions(
         self, entry: FeedEntry, fact_edit: dict[str, Any] | None
@@ -362,13 +309,8 @@ class FeedPoller:
         for edit_id in targets:
             if self._retract(edit_id, feed, entry.item_id, "retracted by its feed"):
                 report.retracted.append(edit_id)
-        with self.store.write():
-            for slot, old in slots.items():
-                if old.edit_id in targets:
-                    feed_store.remove_item_edit(self.store, feed, entry.item_id, slot)
-            feed_store.record_feed_item(
-                self.store, feed, entry.item_id, content_hash=entry.content_hash
-            )
+        gone = [slot for slot, old in slots.items() if old.edit_id in targets]
+        feed_updates.forget_item_edits(self.store, feed, entry.item_id, entry.content_hash, gone)
 
     def _retract(self, edit_id: str, feed: str, item_id: str, why: str) -> bool:
         """Retract ``edit_id``; ``False`` if it was already gone (retracted, superseded ...)
