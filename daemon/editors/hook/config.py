@@ -1,4 +1,6 @@
-"""``[editors.hook]``: the hook (COMEBA-HK) back-end's whole configuration section."""
+"""The hook (COMEBA-HK) back-end's configuration: the ``[editors.hook]`` section
+(:class:`HookConfig`, validated once, here) and what building an editor resolves from it
+and the model (:class:`HookLayout`)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from typing import Literal
 import torch
 
 from daemon.config_fields import non_negative, positive, require
+from daemon.editors.hook.keys import KeyKind
 
 KeyPosition = Literal["auto", "subject_last", "prompt_last"]
 GateScope = Literal["subject", "key"]
@@ -94,3 +97,20 @@ def _is_stats_device(value: str) -> bool:
     except (RuntimeError, ValueError):
         return False
     return True
+
+
+@dataclass(frozen=True)
+class HookLayout:
+    """What building an editor resolves from :class:`HookConfig` and the model: the hook
+    layers (bottom-up) and key position (configured, else located, else the defaults;
+    see :mod:`daemon.editors.hook.setup`) and the subject gate's cosine floor (the
+    configured number; for ``"auto"`` the default until the floor is calibrated or loaded
+    with a state)."""
+
+    layers: tuple[int, ...]
+    key_position: KeyKind
+    subject_cos_floor: float
+
+    def __post_init__(self) -> None:
+        if not self.layers or list(self.layers) != sorted(set(self.layers)):
+            raise ValueError(f"hook layers must be a non-empty increasing list: {self.layers}")
