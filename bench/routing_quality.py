@@ -243,9 +243,9 @@ def editor_facts(name: str, editor: Any) -> dict[str, Any]:
     if name == "hook":
         health = editor.health()
         return {
-            "layers": list(editor.settings.layers),
-            "key_position": editor.settings.key_position,
-            "gate_cos_floor": editor.settings.gate_cos_floor,
+            "layers": list(editor.layout.layers),
+            "key_position": editor.layout.key_position,
+            "gate_cos_floor": editor.config.gate_cos_floor,
             "shards": health["shards"],
             "gate_keys": health["gate_keys"],
         }

@@ -1,4 +1,6 @@
-"""``[editors.hook]``: the hook (COMEBA-HK) back-end's whole configuration section."""
+"""The hook (COMEBA-HK) back-end's configuration: the ``[editors.hook]`` section
+(:class:`HookConfig`, validated once, here) and what building an editor resolves from it
+and the model (:class:`HookLayout`)."""
 
 from __future__ import annotations
 
@@ -6,9 +8,14 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
+
 from daemon.config_fields import non_negative, positive, require
+from daemon.editors.hook.keys import KeyKind
 
 KeyPosition = Literal["auto", "subject_last", "prompt_last"]
+GateScope = Literal["subject", "key"]
+GATE_SCOPES: tuple[GateScope, ...] = ("subject", "key")
 
 
 @dataclass(frozen=True)
@@ -19,7 +26,7 @@ class HookConfig:
     occur in the input, and a token is scored against those edits' keys alone
     (cosine floor ``gate_subject_cos_floor``: a number in [-1, 1], or ``"auto"`` to
     calibrate it from the model's own keys when the editor is built, see
-    ``daemon.editors.hook.floor``); ``"key"``: every token against every key (floor
+    :mod:`daemon.editors.hook.setup`); ``"key"``: every token against every key (floor
     ``gate_cos_floor``). ``gate_snap_keys``: a routed token gets the
     output stored for the key it matched; ``gate_shared_route``: the lowest hook
     layer's routing serves the layers above it.
@@ -43,11 +50,11 @@ class HookConfig:
     gate_threshold: float = 3.0
     gate_floor: float = 1.0
     gate_cos_floor: float = 0.7
-    gate_scope: Literal["subject", "key"] = "subject"
+    gate_scope: GateScope = "subject"
     gate_subject_cos_floor: float | Literal["auto"] = "auto"
     gate_snap_keys: bool = True
     gate_shared_route: bool = True
-    shard_keys: int = 0
+    shard_keys: int = 0  # live keys per shard; 0: half the smallest hook d_in
     max_update_norm_zscore: float = 6.0
     max_target_tokens: int = 8
     stats_device: str = "model"
@@ -55,7 +62,12 @@ class HookConfig:
     def __post_init__(self) -> None:
         require(-1.0 <= self.gate_cos_floor <= 1.0, "gate_cos_floor", "must be in [-1, 1]")
         require(
-            re.fullmatch(r"model|cpu|cuda(:\d+)?", self.stats_device) is not None,
+            self.gate_scope in GATE_SCOPES,
+            "gate_scope",
+            f"must be one of {GATE_SCOPES}; got {self.gate_scope!r}",
+        )
+        require(
+            _is_stats_device(self.stats_device),
             "stats_device",
             f"must be 'model', 'cpu', 'cuda' or 'cuda:N'; got {self.stats_device!r}",
         )
@@ -70,3 +82,35 @@ class HookConfig:
         positive(self, "max_update_norm_zscore")
         non_negative(self, "target_kl_weight", "gate_threshold", "gate_floor")
         require(all(i >= 0 for i in self.layers), "layers", "layer indices must be >= 0")
+        require(len(set(self.layers)) == len(self.layers), "layers", "must not repeat a layer")
+
+
+def _is_stats_device(value: str) -> bool:
+    """``"model"``, or ``cpu`` / ``cuda`` / ``cuda:N`` as torch parses it (which refuses
+    ``cuda:01`` and indices past its range)."""
+    if value == "model":
+        return True
+    if re.fullmatch(r"cpu|cuda(:\d+)?", value) is None:
+        return False
+    try:
+        torch.device(value)
+    except (RuntimeError, ValueError):
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class HookLayout:
+    """What building an editor resolves from :class:`HookConfig` and the model: the hook
+    layers (bottom-up) and key position (configured, else located, else the defaults;
+    see :mod:`daemon.editors.hook.setup`) and the subject gate's cosine floor (the
+    configured number; for ``"auto"`` the default until the floor is calibrated or loaded
+    with a state)."""
+
+    layers: tuple[int, ...]
+    key_position: KeyKind
+    subject_cos_floor: float
+
+    def __post_init__(self) -> None:
+        if not self.layers or list(self.layers) != sorted(set(self.layers)):
+            raise ValueError(f"hook layers must be a non-empty increasing list: {self.layers}")

@@ -66,11 +66,11 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from daemon.editors.base import EditOutcome, EditSpec
+from daemon.editors.hook.config import HookConfig, HookLayout
 from daemon.editors.hook.deltas import frobenius
 from daemon.editors.hook.gate import SubjectScope
 from daemon.editors.hook.keys import encode_sites
 from daemon.editors.hook.layer import HookedProjection, calibrate_gates, install_hooks
-from daemon.editors.hook.settings import HookSettings
 from daemon.editors.hook.solve import (
     SolvePlan,
     check_recall,
@@ -94,7 +94,7 @@ from daemon.editors.hook.state import (
     unpack_records,
     write_state,
 )
-from daemon.editors.hook.targets import EditText, TargetResult, optimise_targets
+from daemon.editors.hook.targets import EditText, TargetResult, TargetSettings, optimise_targets
 from daemon.errors import EditorStateError, SolveError
 from daemon.model import arch
 from daemon.model.batches import target_token_ids
@@ -182,57 +182,69 @@ class HookEditor:
     @property
     def reads_subjects(self) -> bool:
         """Keys at the subject's last token: the gate opens wherever the subject is named."""
-        return self.settings.key_position == "subject_last"
+        return self.layout.key_position == "subject_last"
 
     def __init__(
         self,
         model: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
-        settings: HookSettings,
+        config: HookConfig,
+        layout: HookLayout,
         covariance: Mapping[int, torch.Tensor],
         calibration_texts: Sequence[str],
+        *,
+        solve_rounds: int = 4,
+        recall_check: bool = True,
     ) -> None:
+        """An editor as ``config`` (``[editors.hook]``) describes it, on the hook layers,
+        key position and subject floor of ``layout``. ``solve_rounds``: passes of the
+        layer loop per batch; ``recall_check``: refuse a batch whose key sites the gate
+        does not route to it (both fixed for the daemon, knobs for tests)."""
         n_layers = arch.num_layers(model)
-        bad = [i for i in settings.layers if not 0 <= i < n_layers]
+        bad = [i for i in layout.layers if not 0 <= i < n_layers]
         if bad:
             raise ValueError(f"hook layers {bad} outside 0..{n_layers - 1}")
-        missing = [i for i in settings.layers if i not in covariance]
+        missing = [i for i in layout.layers if i not in covariance]
         if missing:
             raise ValueError(f"no covariance statistics for hook layers {missing}")
         if not calibration_texts:
             raise ValueError("the scope gate needs calibration texts")
+        if solve_rounds < 1:
+            raise ValueError(f"solve_rounds must be >= 1; got {solve_rounds}")
         self.model = model
         self.tokenizer = tokenizer
-        self.settings = settings
+        self.config = config
+        self.layout = layout
+        self._solve_rounds = solve_rounds
+        self._recall_check = recall_check
+        self._target_settings = TargetSettings.from_config(config)
         self.device = next(model.parameters()).device
         self.hooks: dict[int, HookedProjection] = install_hooks(
             model,
-            settings.layers,
-            threshold=settings.gate_threshold,
-            threshold_floor=settings.gate_floor,
-            cos_floor=settings.gate_cos_floor,
-            subject_cos_floor=settings.gate_subject_cos_floor,
+            layout.layers,
+            threshold=config.gate_threshold,
+            threshold_floor=config.gate_floor,
+            cos_floor=config.gate_cos_floor,
+            subject_cos_floor=layout.subject_cos_floor,
         )
         self.scope: SubjectScope | None = None
-        if settings.gate_scope == "subject":
+        if config.gate_scope == "subject":
             self.scope = SubjectScope(tokenizer)
             self.scope.attach(model)
             for h in self.hooks.values():
                 h.scope = self.scope
-                h.snap_keys = settings.gate_snap_keys
-                h.share_route = settings.gate_shared_route
+                h.snap_keys = config.gate_snap_keys
+                h.share_route = config.gate_shared_route
         self._stats_device = (
-            self.device if settings.stats_device == "model" else torch.device(settings.stats_device)
+            self.device if config.stats_device == "model" else torch.device(config.stats_device)
         )
-        self._cov = {
-            i: covariance[i].to(self._stats_device, torch.float64) for i in settings.layers
-        }
+        self._cov = {i: covariance[i].to(self._stats_device, torch.float64) for i in layout.layers}
         self._w0_norm = {
             i: float(torch.linalg.matrix_norm(arch.projection_weight_out_in(h.base).double()))
             for i, h in self.hooks.items()
         }
         self._sums = {i: [zero_sums(h, self._stats_device)] for i, h in self.hooks.items()}
-        self._shard_keys = settings.shard_keys or max(
+        self._shard_keys = config.shard_keys or max(
             1, min(h.d_in for h in self.hooks.values()) // 2
         )
         self._records: dict[str, Record] = {}  # edit id -> record, in apply order
@@ -240,7 +252,7 @@ class HookEditor:
         self._alias_of: dict[str, str] = {}  # merged duplicate id -> edit id holding it
         self._key_owner: list[str] = []  # edit id of each gate key row (same in every hook)
         self._batches = 0
-        self.norm_history: dict[int, list[float]] = {i: [] for i in settings.layers}
+        self.norm_history: dict[int, list[float]] = {i: [] for i in layout.layers}
         enc = tokenizer(list(calibration_texts), return_tensors="pt", padding=True)
         self._calib_ids = enc["input_ids"].to(self.device)
         self._calib_mask = enc["attention_mask"].to(self.device)
@@ -284,17 +296,17 @@ class HookEditor:
             "shards": self._hook0().n_shards,
             "last_update_norm": {i: (v[-1] if v else None) for i, v in self.norm_history.items()},
             "gate_keys": int(self._hook0().keys.shape[0]),
-            "gate_subject_cos_floor": self.settings.gate_subject_cos_floor,
+            "gate_subject_cos_floor": self.layout.subject_cos_floor,
         }
 
     def _hook0(self) -> HookedProjection:
-        return self.hooks[self.settings.layers[0]]
+        return self.hooks[self.layout.layers[0]]
 
     # --- apply -------------------------------------------------------------------
 
     def validate(self, spec: EditSpec) -> str | None:
         """Why the hook back-end cannot take ``spec`` (None when it can)."""
-        return refusal_reason(self.tokenizer, spec, self.settings.max_target_tokens)
+        return refusal_reason(self.tokenizer, spec, self.config.max_target_tokens)
 
     def apply(self, edits: Sequence[EditSpec]) -> list[EditOutcome]:
         outcomes: dict[str, EditOutcome] = {}
@@ -358,7 +370,7 @@ class HookEditor:
                 [s.target for s in batch],
                 [s.subject for s in batch],
                 list(range(len(batch))),
-                self.settings.key_position,
+                self.layout.key_position,
                 self.device,
             )
             shard = self._shard_for(int(enc.rows.shape[0]))
@@ -395,7 +407,7 @@ class HookEditor:
                 h.add_keys(keys[i].T.float(), shard)
             self._key_owner.extend(batch[e].edit_id for e in site_edit)
             self._sync_scope(batch)
-            if self.settings.check_recall:
+            if self._recall_check:
                 check_recall(self.model, self.hooks, batch, enc, shard)
         except SolveError as exc:
             self._restore(snap)
@@ -440,8 +452,12 @@ class HookEditor:
         return outcomes
 
     def _plan(self) -> SolvePlan:
-        s = self.settings
-        return SolvePlan(s.layers, s.cov_weight, s.solve_rounds, s.max_update_norm_zscore)
+        return SolvePlan(
+            self.layout.layers,
+            self.config.covariance_weight,
+            self._solve_rounds,
+            self.config.max_update_norm_zscore,
+        )
 
     def _targets(self, texts: Sequence[EditText]) -> TargetResult:
         """v* for a batch, optimised with the open shard applied at its key sites."""
@@ -450,9 +466,9 @@ class HookEditor:
             self.tokenizer,
             self.hooks,
             texts,
-            self.settings.layers[-1],
-            self.settings.key_position,
-            self.settings.targets,
+            self.layout.layers[-1],
+            self.layout.key_position,
+            self._target_settings,
         )
 
     def _live_keys(self, shard: int) -> int:
@@ -516,7 +532,7 @@ class HookEditor:
             self.hooks,
             self._sums,
             self._cov,
-            self.settings.cov_weight,
+            self.config.covariance_weight,
             shards,
             live,
             self._shard_rows,
@@ -533,10 +549,11 @@ class HookEditor:
         return {
             "version": STATE_VERSION,
             "editor": self.name,
+            # "settings" and its "cov_weight" name are the state format (version 4)
             "settings": {
-                "layers": list(self.settings.layers),
-                "key_position": self.settings.key_position,
-                "cov_weight": self.settings.cov_weight,
+                "layers": list(self.layout.layers),
+                "key_position": self.layout.key_position,
+                "cov_weight": self.config.covariance_weight,
             },
             "covariance_sha": {str(i): tensor_sha(c) for i, c in self._cov.items()},
             "batches": self._batches,
@@ -564,7 +581,7 @@ class HookEditor:
 
     def _load(self, manifest: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> None:
         expected = {str(i): tensor_sha(c) for i, c in self._cov.items()}
-        check_compatible(manifest, self.settings.layers, self.settings.key_position, expected)
+        check_compatible(manifest, self.layout.layers, self.layout.key_position, expected)
         try:
             stats = self._stats_device
             records = unpack_records(manifest["records"], tensors, list(self.hooks), stats)
@@ -580,7 +597,7 @@ class HookEditor:
                     raise ValueError(f"layer {layer}: shard counts of sums and deltas differ")
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise EditorStateError(f"hook editor state is malformed: {exc}") from exc
-        self.settings = replace(self.settings, gate_subject_cos_floor=self._hook0().subject_floor)
+        self.layout = replace(self.layout, subject_cos_floor=self._hook0().subject_floor)
         self._sums = sums
         self._records = records
         self._by_fact = {r.fact: e for e, r in records.items()}

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from daemon.drift.commonfacts import known_facts
-from daemon.editors.hook.config import HookConfig
+from daemon.editors.hook.config import HookConfig, HookLayout
 from daemon.editors.hook.editor import HookEditor
 from daemon.editors.hook.gate import (
     DEFAULT_SUBJECT_COS_FLOOR,
@@ -51,9 +51,7 @@ from daemon.editors.hook.gate import (
     pair_cosines,
 )
 from daemon.editors.hook.keys import KeyKind, capture, encode_sites
-from daemon.editors.hook.settings import HookSettings
 from daemon.editors.hook.stats import cached_covariance
-from daemon.editors.hook.targets import TargetSettings
 from daemon.errors import ConfigError
 from daemon.facts import FactSet, fill
 from daemon.model import arch
@@ -120,47 +118,13 @@ def spread_sample(texts: Sequence[str], k: int) -> list[str]:
     return [texts[int(i * step)] for i in range(k)]
 
 
-def settings_from_config(
-    cfg: HookConfig, layers: Sequence[int], key_position: KeyKind
-) -> HookSettings:
-    return HookSettings(
-        layers=tuple(sorted(layers)),
-        key_position=key_position,
-        cov_weight=cfg.covariance_weight,
-        targets=TargetSettings(
-            steps=cfg.target_steps,
-            learning_rate=cfg.target_learning_rate,
-            kl_weight=cfg.target_kl_weight,
-            norm_clamp=cfg.target_norm_clamp,
-        ),
-        gate_threshold=cfg.gate_threshold,
-        gate_floor=cfg.gate_floor,
-        gate_cos_floor=cfg.gate_cos_floor,
-        shard_keys=cfg.shard_keys,
-        max_update_norm_zscore=cfg.max_update_norm_zscore,
-        max_target_tokens=cfg.max_target_tokens,
-        stats_device=cfg.stats_device,
-        **_subject_gate_keys(cfg),
-    )
-
-
-SUBJECT_GATE_KEYS = ("gate_scope", "gate_subject_cos_floor", "gate_snap_keys", "gate_shared_route")
-"""``[editors.hook]`` keys of the subject gate, passed on to ``HookSettings``."""
-
-
-def _subject_gate_keys(cfg: HookConfig) -> dict[str, Any]:
-    keys = {key: getattr(cfg, key) for key in SUBJECT_GATE_KEYS}
-    if cfg.gate_subject_cos_floor == "auto":  # resolved once the editor is built
-        keys["gate_subject_cos_floor"] = DEFAULT_SUBJECT_COS_FLOOR
-    return keys
-
-
 def choose_layout(
     loaded: LoadedModel,
     cfg: HookConfig,
     located: tuple[Sequence[int], KeyKind] | None,
-) -> tuple[tuple[int, ...], KeyKind]:
-    """Layers and key position: configured values, else ``located``, else the defaults."""
+) -> HookLayout:
+    """Layers and key position: configured values, else ``located``, else the defaults;
+    the subject floor as configured (``"auto"``: the default until calibrated)."""
     layers = tuple(cfg.layers) or (tuple(located[0]) if located else ())
     if not layers:
         layers = arch.default_hook_layers(loaded.model)
@@ -170,7 +134,12 @@ def choose_layout(
         kind = located[1]
     else:
         kind = "subject_last"
-    return layers, kind
+    floor = cfg.gate_subject_cos_floor
+    return HookLayout(
+        layers=tuple(sorted(layers)),
+        key_position=kind,
+        subject_cos_floor=DEFAULT_SUBJECT_COS_FLOOR if floor == "auto" else float(floor),
+    )
 
 
 LOCATE_PAIRS = 64
@@ -230,7 +199,7 @@ def build_hook_editor(
     if located is None and (not cfg.layers or cfg.key_position == "auto"):
         facts = labelled_facts(loaded)
         located = _located_layout(loaded, cache_dir, facts)
-    layers, kind = choose_layout(loaded, cfg, located)
+    layout = choose_layout(loaded, cfg, located)
     texts = read_text_source(cfg.covariance_source, loaded.name_or_path)
     cache = stats_dir or cache_dir / "stats"
     covariance = cached_covariance(
@@ -238,16 +207,17 @@ def build_hook_editor(
         loaded.model,
         loaded.tokenizer,
         texts,
-        layers,
+        layout.layers,
         cfg.covariance_tokens,
         loaded.cache_id,
         progress=progress,
     )
-    log.info("hook_editor_layout", layers=list(layers), key_position=kind)
+    log.info("hook_editor_layout", layers=list(layout.layers), key_position=layout.key_position)
     editor = HookEditor(
         loaded.model,
         loaded.tokenizer,
-        settings_from_config(cfg, layers, kind),
+        cfg,
+        layout,
         covariance,
         spread_sample(texts, CALIBRATION_TEXTS),
     )
@@ -299,7 +269,7 @@ def floor_keys(
 ) -> torch.Tensor:
     """Centred unit keys ``(n, d_in)`` of the base model at the lowest hook layer, one per
     prompt, at the editor's key position (a prompt-last key: the prompt's last token)."""
-    layer = editor.settings.layers[0]
+    layer = editor.layout.layers[0]
     parts = []
     for start in range(0, len(prompts), FLOOR_BATCH):
         rows = slice(start, start + FLOOR_BATCH)
@@ -309,7 +279,7 @@ def floor_keys(
             targets[rows],
             subjects[rows],
             list(range(len(prompts[rows]))),
-            editor.settings.key_position,
+            editor.layout.key_position,
             editor.device,
         )
         keys = capture(editor.model, editor.hooks, sites, [layer], layer, apply_deltas=False)
@@ -321,10 +291,10 @@ def floor_keys(
 
 
 def set_subject_floor(editor: HookEditor, floor: float) -> None:
-    """Every hook layer's subject-gate floor (and the editor's settings) to ``floor``."""
+    """Every hook layer's subject-gate floor (and the editor's layout) to ``floor``."""
     for hook in editor.hooks.values():
         hook.subject_cos_floor.fill_(floor)
-    editor.settings = dataclasses.replace(editor.settings, gate_subject_cos_floor=floor)
+    editor.layout = dataclasses.replace(editor.layout, subject_cos_floor=floor)
 
 
 def auto_subject_floor(editor: HookEditor, labelled: FactSet, *, seed: int = 0) -> float:
@@ -332,8 +302,8 @@ def auto_subject_floor(editor: HookEditor, labelled: FactSet, *, seed: int = 0) 
     ``labelled`` facts and set it; a model it cannot be calibrated on keeps the default.
     Returns the floor."""
     reason = None
-    if editor.settings.gate_scope != "subject":
-        reason = f"gate_scope is {editor.settings.gate_scope!r}: no subject gate"
+    if editor.config.gate_scope != "subject":
+        reason = f"gate_scope is {editor.config.gate_scope!r}: no subject gate"
     else:
         evidence, reason = _calibrated_floor(editor, labelled, seed)
         if evidence is not None:
@@ -360,8 +330,8 @@ def _calibrated_floor(
         return None, f"{negatives.numel()} same-subject, other-relation pairs (< {MIN_PAIRS})"
     log.info(
         "hook_floor_calibrated",
-        layer=editor.settings.layers[0],
-        key_position=editor.settings.key_position,
+        layer=editor.layout.layers[0],
+        key_position=editor.layout.key_position,
         prompts=len(prompts),
         subjects=len({label.subject for label in labels}),
         seconds=round(time.perf_counter() - t0, 2),

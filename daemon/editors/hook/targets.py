@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from daemon.editors.hook.config import HookConfig
 from daemon.editors.hook.keys import KeyKind, encode_sites
 from daemon.editors.hook.layer import HookedProjection, gate_positions
 from daemon.model import arch
@@ -55,7 +56,8 @@ ESSENCE_TEMPLATE = "{subject} is a"
 
 @dataclass(frozen=True)
 class TargetSettings:
-    """How v* is optimised (see the module docstring)."""
+    """How v* is optimised (see the module docstring): ``[editors.hook]``'s ``target_*``
+    keys (:meth:`from_config`, validated there) and two constants of the method."""
 
     steps: int = 25
     learning_rate: float = 0.5
@@ -64,11 +66,14 @@ class TargetSettings:
     decay: float = 1e-3
     prefixes: tuple[str, ...] = ()
 
-    def __post_init__(self) -> None:
-        if self.steps < 1 or self.learning_rate <= 0 or self.norm_clamp <= 0:
-            raise ValueError("steps >= 1, learning_rate > 0 and norm_clamp > 0 are required")
-        if self.kl_weight < 0 or self.decay < 0:
-            raise ValueError("kl_weight and decay must be >= 0")
+    @classmethod
+    def from_config(cls, cfg: HookConfig) -> TargetSettings:
+        return cls(
+            steps=cfg.target_steps,
+            learning_rate=cfg.target_learning_rate,
+            kl_weight=cfg.target_kl_weight,
+            norm_clamp=cfg.target_norm_clamp,
+        )
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ import torch
 from structlog.testing import capture_logs
 from torch import nn
 
-from daemon.editors.hook import gate, setup
-from daemon.editors.hook.config import HookConfig
+from daemon.editors.hook import gate
+from daemon.editors.hook.config import GateScope, HookConfig
 from daemon.editors.hook.deltas import ShardDelta, key_values
 from daemon.editors.hook.editor import HookEditor
 from daemon.editors.hook.gate import (
@@ -29,12 +29,7 @@ from daemon.editors.hook.gate import (
     pair_cosines,
     round_up,
 )
-from daemon.editors.hook.settings import GateScope, HookSettings
-from daemon.editors.hook.setup import (
-    set_subject_floor,
-    settings_from_config,
-    world_floor_facts,
-)
+from daemon.editors.hook.setup import choose_layout, set_subject_floor, world_floor_facts
 from daemon.model.loading import LoadedModel, load_model
 from daemon.model.tokens import subject_grams
 from daemon.world.build import load_world
@@ -47,15 +42,8 @@ from tests.daemon.editors.hook.conftest import (
 
 
 def _build(loaded: LoadedModel, stats: Path, gate_scope: GateScope = "subject") -> HookEditor:
-    """A hook editor on ``loaded`` with the given gate (the settings' default: subject)."""
-    made = setup.settings_from_config
-
-    def settings(*args: Any) -> HookSettings:
-        return dataclasses.replace(made(*args), gate_scope=gate_scope)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(setup, "settings_from_config", settings)
-        return build_from_config(loaded, hook_config(), stats_dir=stats)
+    """A hook editor on ``loaded`` with the given gate (the config's default: subject)."""
+    return build_from_config(loaded, hook_config(gate_scope=gate_scope), stats_dir=stats)
 
 
 @pytest.fixture
@@ -298,7 +286,7 @@ def test_a_shared_route_lets_the_first_hook_layer_decide_for_all(
     hook_cfg = dataclasses.replace(cfg.editors.hook, layers=(0, 1))
     cfg = dataclasses.replace(cfg, editors=cfg.editors.with_sections(hook=hook_cfg))
     editor = build_from_config(loaded, cfg, stats_dir=stats)
-    assert editor.settings.gate_shared_route
+    assert editor.config.gate_shared_route
     assert all(o.accepted for o in editor.apply(edit_specs(edits)))
     prompts = [e["prompt"] for e in edits] + [p["prompt"] for e in edits for p in e["locality"]]
     enc = loaded.tokenizer(prompts, return_tensors="pt", padding=True)
@@ -309,20 +297,19 @@ def test_a_shared_route_lets_the_first_hook_layer_decide_for_all(
     assert bool((low[: len(edits), -1] >= 0).all())
 
 
-def test_settings_name_the_gate_scope() -> None:
-    with pytest.raises(ValueError, match="gate_scope"):
-        HookSettings(layers=(1,), key_position="prompt_last", gate_scope="tokens")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="gate_subject_cos_floor"):
-        HookSettings(layers=(1,), key_position="prompt_last", gate_subject_cos_floor=2.0)
+def test_the_config_names_a_bad_gate_scope_or_floor() -> None:
+    with pytest.raises(ValueError, match="must be one of") as scope:
+        HookConfig(gate_scope="tokens")  # type: ignore[arg-type]
+    assert getattr(scope.value, "key", None) == "gate_scope"
+    with pytest.raises(ValueError, match="in \\[-1, 1\\]") as floor:
+        HookConfig(gate_subject_cos_floor=2.0)
+    assert getattr(floor.value, "key", None) == "gate_subject_cos_floor"
 
 
-def test_the_subject_gate_keys_are_read_from_thehook_config() -> None:
-    plain = setup.settings_from_config(HookConfig(), (1,), "prompt_last")
-    assert plain.gate_scope == "subject" and plain.gate_shared_route
-    keyed = HookConfig(gate_scope="key", gate_shared_route=False, gate_subject_cos_floor=0.4)
-    named = setup.settings_from_config(keyed, (1,), "prompt_last")
-    assert named.gate_scope == "key" and not named.gate_shared_route
-    assert named.gate_subject_cos_floor == 0.4
+def test_a_configured_subject_floor_is_the_layouts(loaded: LoadedModel) -> None:
+    """A number is taken as it is; the gate's other keys stay in the config."""
+    layout = choose_layout(loaded, HookConfig(layers=(1,), gate_subject_cos_floor=0.4), None)
+    assert layout.subject_cos_floor == 0.4
 
 
 # --- the subject gate's floor: the pure rule -----------------------------------------------
@@ -409,10 +396,10 @@ def _events(logs: Sequence[MutableMapping[str, Any]], name: str) -> list[dict[st
     return [dict(e) for e in logs if e["event"] == name]
 
 
-def test_auto_settings_start_at_the_default() -> None:
-    """``"auto"`` is resolved after the editor is built; the settings start at 0.55."""
-    settings = settings_from_config(HookConfig(gate_subject_cos_floor="auto"), (1,), "prompt_last")
-    assert settings.gate_subject_cos_floor == DEFAULT_SUBJECT_COS_FLOOR
+def test_an_auto_floor_starts_at_the_default(loaded: LoadedModel) -> None:
+    """``"auto"`` is resolved after the editor is built; the layout starts at 0.55."""
+    cfg = HookConfig(layers=(1,), gate_subject_cos_floor="auto")
+    assert choose_layout(loaded, cfg, None).subject_cos_floor == DEFAULT_SUBJECT_COS_FLOOR
 
 
 def test_world_floor_facts_are_a_bounded_seeded_sample(micro_world: Path) -> None:
@@ -445,7 +432,7 @@ def test_auto_calibrates_logs_and_exposes_the_floor(
     assert gate.FLOOR_MIN <= floor <= gate.FLOOR_MAX
     assert event["negatives"] >= gate.MIN_PAIRS and event["positives"] > 0
     assert 0.0 <= event["positive_pass_rate"] <= 1.0
-    assert editor.settings.gate_subject_cos_floor == floor
+    assert editor.layout.subject_cos_floor == floor
     assert editor.health()["gate_subject_cos_floor"] == floor
     for hook in editor.hooks.values():
         assert hook.subject_floor == floor
@@ -487,7 +474,7 @@ def test_a_model_that_states_no_common_fact_keeps_the_default(
     assert "no subject with facts under two relations" in event["reason"]
     assert event["floor"] == DEFAULT_SUBJECT_COS_FLOOR
     assert not _events(logs, "hook_floor_calibrated")
-    assert editor.settings.gate_subject_cos_floor == DEFAULT_SUBJECT_COS_FLOOR
+    assert editor.layout.subject_cos_floor == DEFAULT_SUBJECT_COS_FLOOR
     assert all(h.subject_floor == DEFAULT_SUBJECT_COS_FLOOR for h in editor.hooks.values())
 
 
@@ -497,7 +484,7 @@ def test_the_key_gate_keeps_the_default(loaded: LoadedModel, stats: Path) -> Non
         editor = build_from_config(loaded, config, stats_dir=stats)
     (event,) = _events(logs, "hook_floor_default")
     assert "gate_scope" in event["reason"]
-    assert editor.settings.gate_subject_cos_floor == DEFAULT_SUBJECT_COS_FLOOR
+    assert editor.layout.subject_cos_floor == DEFAULT_SUBJECT_COS_FLOOR
 
 
 # --- persistence -------------------------------------------------------------------------
@@ -522,9 +509,9 @@ def test_a_loaded_state_keeps_the_floor_it_was_saved_with(
     other = build_from_config(
         fresh, hook_config(gate_subject_cos_floor=other_floor), stats_dir=stats
     )
-    assert other.settings.gate_subject_cos_floor == other_floor
+    assert other.layout.subject_cos_floor == other_floor
     other.load(tmp_path / "hook")
-    assert other.settings.gate_subject_cos_floor == event["floor"]
+    assert other.layout.subject_cos_floor == event["floor"]
     assert other.health()["gate_subject_cos_floor"] == event["floor"]
     assert all(h.subject_floor == event["floor"] for h in other.hooks.values())
     assert torch.equal(prompt_logits(other, prompts), expected)
@@ -545,5 +532,5 @@ def test_a_state_without_a_floor_keeps_the_editors_own(
     fresh = load_model(str(micro_world), device="cpu")
     other = build_from_config(fresh, hook_config(gate_subject_cos_floor=0.45), stats_dir=stats)
     other.load_state_dict({**state, "tensors": tensors})
-    assert other.settings.gate_subject_cos_floor == 0.45
+    assert other.layout.subject_cos_floor == 0.45
     assert all(h.subject_floor == 0.45 for h in other.hooks.values())

@@ -17,8 +17,6 @@ from daemon.editors.hook import solve as solve_module
 from daemon.editors.hook import targets as targets_module
 from daemon.editors.hook.config import HookConfig
 from daemon.editors.hook.editor import HookEditor
-from daemon.editors.hook.settings import HookSettings
-from daemon.editors.hook.setup import settings_from_config
 from daemon.model.loading import LoadedModel, load_model
 from tests.daemon.editors.hook.conftest import (
     build_from_config,
@@ -117,12 +115,13 @@ def test_the_solve_state_lives_on_stats_device(
     assert all(r.keys[1].device == cpu for r in editor._records.values())
 
 
-def test_stats_device_is_validated_and_passed_on() -> None:
+def test_stats_device_is_validated() -> None:
+    """The pattern, then torch: ``cuda:01`` fits the first but is no torch device."""
     with pytest.raises(ValueError, match="'cpu', 'cuda' or 'cuda:N'") as bad:
         HookConfig(stats_device="gpu")
     assert getattr(bad.value, "key", None) == "stats_device"
-    with pytest.raises(ValueError, match="stats_device"):
-        HookSettings(layers=(1,), key_position="prompt_last", stats_device="nowhere")
-    settings = settings_from_config(HookConfig(stats_device="cuda:1"), [1], "prompt_last")
-    assert settings.stats_device == "cuda:1"
+    with pytest.raises(ValueError, match="got 'cuda:01'") as unparsed:
+        HookConfig(stats_device="cuda:01")
+    assert getattr(unparsed.value, "key", None) == "stats_device"
+    assert HookConfig(stats_device="cuda:1").stats_device == "cuda:1"
     assert HookConfig().stats_device == "model"
