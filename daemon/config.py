@@ -557,7 +557,14 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
 
     return dataclasses.replace(
         cfg,
-        model=dataclasses.replace(cfg.model, world_cache=rel(cfg.model.world_cache)),
+        model=dataclasses.replace(
+            cfg.model,
+            world_cache=rel(cfg.model.world_cache),
+            import_cache=rel(cfg.model.import_cache),
+        ),
+        drift=dataclasses.replace(
+            cfg.drift, probes=str(rel(Path(cfg.drift.probes))) if cfg.drift.probes else ""
+        ),
         store=dataclasses.replace(cfg.store, path=rel(cfg.store.path)),
         checkpoints=dataclasses.replace(cfg.checkpoints, dir=rel(cfg.checkpoints.dir)),
         feeds=dataclasses.replace(cfg.feeds, spool_dir=rel(cfg.feeds.spool_dir)),

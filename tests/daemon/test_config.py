@@ -89,9 +89,15 @@ def test_the_subject_floor_is_a_number_or_auto(
 def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path) -> None:
     sub = tmp_path / "etc"
     sub.mkdir()
-    path = write(sub, '[store]\npath = "data/x.sqlite3"\n[checkpoints]\ndir = "/abs/ck"\n')
+    path = write(
+        sub,
+        '[store]\npath = "data/x.sqlite3"\n[checkpoints]\ndir = "/abs/ck"\n'
+        '[model]\nimport_cache = "models"\n[drift]\nprobes = "probes.jsonl"\n',
+    )
     cfg = load_config(path, env=NO_ENV)
     assert cfg.store.path == sub.resolve() / "data" / "x.sqlite3"
+    assert cfg.model.import_cache == sub.resolve() / "models"
+    assert cfg.drift.probes == str(sub.resolve() / "probes.jsonl")
     assert cfg.checkpoints.dir == Path("/abs/ck")
     assert cfg.source == path.resolve()
 
