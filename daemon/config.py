@@ -248,6 +248,48 @@ class HealthConfig:
         fraction(self, "max_verification_failure_rate", "max_escalation_rate")
 
 
+DEFAULT_SUBJECT_PROMPTS: tuple[str, ...] = (
+    "{subject} is",
+    "What do you know about {subject}?",
+    "Here is some information about {subject}:",
+    "{subject} was",
+    "Facts about {subject}:",
+    "Who or what is {subject}?",
+)
+
+
+@dataclass(frozen=True)
+class KindsConfig:
+    """What the request kinds other than ``fact`` mean in this daemon.
+
+    - ``withheld_answer``: what a ``forget`` teaches the model to say instead, when the
+      request has no ``target``.
+    - ``subject_prompts``: for a ``forget`` with ``scope = "subject"``, prompts naming
+      the subject (``{subject}`` is replaced) that the editor also trains on, besides
+      the request's own prompt and rephrases, so that any prompt naming it is covered.
+    - ``max_target_tokens``: the longest target (in tokens, after the prompt) any edit
+      may teach; a longer one fails with the reason. Behaviour targets (a refusal, an
+      identity answer) are free text and the reason this limit exists.
+    - ``answer_tokens``: how many greedy tokens are read as the model's current answer
+      to a ``forget``'s prompt when the request gives no ``target_true``.
+    """
+
+    withheld_answer: str = " [withheld]"
+    subject_prompts: tuple[str, ...] = DEFAULT_SUBJECT_PROMPTS
+    max_target_tokens: int = 64
+    answer_tokens: int = 6
+
+    def __post_init__(self) -> None:
+        require(bool(self.withheld_answer.strip()), "withheld_answer", "must not be blank")
+        positive(self, "max_target_tokens", "answer_tokens")
+        for template in self.subject_prompts:
+            require(
+                "{subject}" in template and template.count("{") == 1,
+                "subject_prompts",
+                f"each must contain '{{subject}}' and no other braces, got {template!r}",
+            )
+
+
 MIN_TOKEN_CHARS = 16
 MAX_CONCURRENT_COMPLETIONS = 32
 """Completions run in the HTTP server's thread pool (40 threads); 8 stay for the rest."""
@@ -416,6 +458,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
+    kinds: KindsConfig = field(default_factory=KindsConfig)
     editors: EditorsConfig = field(default_factory=EditorsConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -441,6 +484,7 @@ def request_limits(cfg: Config) -> RequestLimits:
         max_target_chars=cfg.store.max_target_chars,
         max_list_items=cfg.store.max_list_items,
         backends=tuple(str(n) for n in backend_names()),
+        withheld_answer=cfg.kinds.withheld_answer,
     )
 
 

@@ -17,6 +17,7 @@ from sqlite_utils import Database
 from daemon.errors import EditNotFoundError, EditValidationError
 from store.schema import (
     Backend,
+    EditKind,
     EditRequest,
     EditStatus,
     RequestLimits,
@@ -50,6 +51,7 @@ class EditRecord:
     client_id: str | None
     content_hash: str | None
     backend_requested: Backend
+    kind: EditKind
     backend: str | None
     batch_id: str | None
     attempts: int
@@ -78,6 +80,7 @@ class EditRecord:
             client_id=row["client_id"],
             content_hash=row["content_hash"],
             backend_requested=Backend(row["backend_requested"]),
+            kind=EditKind(row["kind"]),
             backend=row["backend"],
             batch_id=row["batch_id"],
             attempts=int(row["attempts"]),
@@ -100,6 +103,7 @@ class EditRecord:
             "id": self.id,
             "seq": self.seq,
             "status": self.status.value,
+            "kind": self.kind.value,
             "client_id": self.client_id,
             "content_hash": self.content_hash,
             "request": None if self.request is None else self.request.to_json_dict(),
@@ -204,6 +208,7 @@ def request_row(request: EditRequest, edit_id: str, source_kind: str, now: float
         "request_json": canonical_json(request.to_json_dict()),
         "status": EditStatus.QUEUED.value,
         "backend_requested": request.backend.value,
+        "kind": request.kind.value,
         "attempts": 0,
         "schedule": request.schedule.value,
         "not_before": now,

@@ -244,6 +244,14 @@ _SPOOL_IMPORT_IN_CHUNKS = _sql(
     )""",
 )
 
+_EDIT_KINDS = _sql(
+    # What an edit does (store.schema.EditKind), as a column so that listings filter
+    # on it; every edit before this migration was a fact edit.
+    """ALTER TABLE edits ADD COLUMN kind TEXT NOT NULL DEFAULT 'fact'
+        CHECK (kind IN ('fact', 'forget', 'behaviour'))""",
+    "CREATE INDEX edits_kind ON edits (kind, seq)",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "create_edits", _CREATE_EDITS),
     Migration(2, "create_events", _CREATE_EVENTS),
@@ -252,6 +260,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(5, "create_feeds", _CREATE_FEEDS),
     Migration(6, "feed_items_and_spool", _FEED_ITEMS_AND_SPOOL),
     Migration(7, "spool_import_in_chunks", _SPOOL_IMPORT_IN_CHUNKS),
+    Migration(8, "edit_kinds", _EDIT_KINDS),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 

@@ -27,6 +27,7 @@ from store.edits import EditRecord
 from store.intake import EnqueueResult
 from store.schema import (
     Backend,
+    EditKind,
     EditRequest,
     EditStatus,
     RequestLimits,
@@ -378,8 +379,10 @@ class EditQueue:
         status: EditStatus | None = None,
         limit: int = 50,
         after: str | None = None,
+        kind: EditKind | None = None,
     ) -> builtins.list[EditRecord]:
-        """A page of records in queue order; ``after`` is the last id of the previous page."""
+        """A page of records in queue order, of one ``status`` and ``kind`` when given;
+        ``after`` is the last id of the previous page."""
         if limit < 1:
             raise ValueError(f"limit must be at least 1, got {limit}")
         where: builtins.list[str] = ["1 = 1"]
@@ -391,6 +394,9 @@ class EditQueue:
             if status is not None:
                 where.append("status = ?")
                 params.append(EditStatus(status).value)
+            if kind is not None:
+                where.append("kind = ?")
+                params.append(EditKind(kind).value)
             return edits.fetch_many(db, " AND ".join(where), params, limit)
 
     # --- internals ------------------------------------------------------------------

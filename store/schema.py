@@ -90,6 +90,29 @@ class Schedule(StrEnum):
     NIGHTLY = "nightly"
 
 
+class EditKind(StrEnum):
+    """What an edit does: teach a fact, withhold what the model reveals, or set a behaviour.
+
+    - ``fact``: make the model continue ``prompt`` with ``target`` (the default).
+    - ``forget``: stop the model giving its current answer to ``prompt`` (and to other
+      phrasings about ``subject``); ``target`` is what it says instead, by default the
+      configured withheld answer. Verification checks that the old answer is gone.
+    - ``behaviour``: a free-text prompt to a free-text target (an identity answer, a
+      refusal); ``subject`` is optional.
+    """
+
+    FACT = "fact"
+    FORGET = "forget"
+    BEHAVIOUR = "behaviour"
+
+
+class Scope(StrEnum):
+    """What a ``forget`` covers: its prompt's phrasings, or every prompt naming the subject."""
+
+    PROMPT = "prompt"
+    SUBJECT = "subject"
+
+
 class SourceKind(StrEnum):
     """Where an edit request came from."""
 
@@ -130,7 +153,8 @@ def can_transition(current: EditStatus, wanted: EditStatus) -> bool:
 @dataclass(frozen=True)
 class RequestLimits:
     """What intake accepts of every edit request: sizes, and the back-end names a
-    request may ask for (``auto`` always; ``backends`` empty: any well-formed name)."""
+    request may ask for (``auto`` always; ``backends`` empty: any well-formed name);
+    and the one default intake fills in: the target of a ``forget`` sent without one."""
 
     max_id_chars: int = 200
     max_prompt_chars: int = 2000
@@ -140,10 +164,13 @@ class RequestLimits:
     max_url_chars: int = 2048
     max_request_bytes: int = 256 * 1024
     backends: tuple[str, ...] = ()
+    withheld_answer: str = " [withheld]"
 
     def __post_init__(self) -> None:
+        if not self.withheld_answer.strip():
+            raise ConfigError("must not be blank", key="withheld_answer")
         for f in fields(self):
-            if f.name == "backends":
+            if f.name in ("backends", "withheld_answer"):
                 continue
             value = getattr(self, f.name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -187,7 +214,9 @@ _DEFAULT_SOURCE = EditSource(kind=SourceKind.API)
 
 @dataclass(frozen=True)
 class EditRequest:
-    """One requested fact edit: make the model continue ``prompt`` with ``target``."""
+    """One requested edit: by default (``kind`` ``fact``) make the model continue
+    ``prompt`` with ``target`` (see :class:`EditKind` for the others). A ``forget``
+    sent without a target gets :attr:`RequestLimits.withheld_answer` at intake."""
 
     prompt: str
     target: str
@@ -202,6 +231,8 @@ class EditRequest:
     schedule: Schedule = Schedule.NOW
     supersedes: str | None = None
     source: EditSource = field(default=_DEFAULT_SOURCE)
+    kind: EditKind = EditKind.FACT
+    scope: Scope = Scope.PROMPT
 
     def to_json_dict(self) -> dict[str, Any]:
         """Canonical JSON object: defaults omitted except ``source``; round-trips exactly."""
@@ -234,6 +265,10 @@ class EditRequest:
             out["backend"] = self.backend.value
         if self.schedule is not Schedule.NOW:
             out["schedule"] = self.schedule.value
+        if self.kind is not EditKind.FACT:
+            out["kind"] = self.kind.value
+        if self.scope is not Scope.PROMPT:
+            out["scope"] = self.scope.value
         return out
 
 

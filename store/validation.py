@@ -22,11 +22,13 @@ from store.schema import (
     REQUEST_FIELDS,
     SOURCE_FIELDS,
     Backend,
+    EditKind,
     EditRequest,
     EditSource,
     LocalityProbe,
     RequestLimits,
     Schedule,
+    Scope,
     SourceKind,
     canonical_json,
 )
@@ -56,12 +58,29 @@ def parse_edit_request(
     if not isinstance(obj, Mapping):
         raise EditValidationError(f"an edit request must be a JSON object, got {_kind(obj)}")
     _check_fields(obj, REQUEST_FIELDS, "")
+    kind = _enum(obj.get("kind"), "kind", EditKind, EditKind.FACT)
+    scope = _enum(obj.get("scope"), "scope", Scope, Scope.PROMPT)
+    if scope is not Scope.PROMPT and kind is not EditKind.FORGET:
+        raise EditValidationError(
+            f"{scope.value!r} applies only to kind 'forget' (this request is {kind.value!r})",
+            field="scope",
+        )
     prompt = _required_text(obj, "prompt", limits.max_prompt_chars)
+    subject = _subject(obj.get("subject"), prompt, limits.max_prompt_chars)
+    if kind is EditKind.FORGET:
+        if subject is None:
+            raise EditValidationError(
+                "is required for kind 'forget' (whom or what to stop revealing)", field="subject"
+            )
+        target = _optional_text(obj.get("target"), "target", limits.max_target_chars)
+        target = limits.withheld_answer if target is None else target
+    else:
+        target = _required_text(obj, "target", limits.max_target_chars)
     request = EditRequest(
         prompt=prompt,
-        target=_required_text(obj, "target", limits.max_target_chars),
+        target=target,
         id=_optional_ident(obj.get("id"), "id", limits.max_id_chars),
-        subject=_subject(obj.get("subject"), prompt, limits.max_prompt_chars),
+        subject=subject,
         relation=_optional_text(obj.get("relation"), "relation", limits.max_relation_chars),
         rephrases=_text_list(obj.get("rephrases"), "rephrases", limits),
         heldout_rephrases=_text_list(obj.get("heldout_rephrases"), "heldout_rephrases", limits),
@@ -71,6 +90,8 @@ def parse_edit_request(
         schedule=_enum(obj.get("schedule"), "schedule", Schedule, Schedule.NOW),
         supersedes=_optional_ident(obj.get("supersedes"), "supersedes", limits.max_id_chars),
         source=_source(obj.get("source"), limits, default_source or _DEFAULT_SOURCE),
+        kind=kind,
+        scope=scope,
     )
     size = len(canonical_json(request.to_json_dict()).encode("utf-8"))
     if size > limits.max_request_bytes:

@@ -53,7 +53,7 @@ from daemon.api.models import CompletionBody, EditsBody
 from daemon.config import ApiConfig
 from daemon.engine.completions import CompletionChoice
 from daemon.errors import EditNotFoundError
-from store.schema import EditStatus
+from store.schema import EditKind, EditStatus
 
 log = structlog.get_logger()
 
@@ -389,10 +389,11 @@ def list_edits(
     status: Annotated[EditStatus | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
     after: Annotated[str | None, Query(min_length=1)] = None,
+    kind: Annotated[EditKind | None, Query()] = None,
 ) -> dict[str, Any]:
     """Records in queue order; pass ``next_after`` as ``after`` for the next page."""
     try:
-        records = facade.list_edits(status, limit, after)
+        records = facade.list_edits(status, limit, after, kind)
     except EditNotFoundError as exc:
         raise ApiError(422, f"unknown edit id '{after}' in 'after'", field="after") from exc
     next_after = records[-1].id if records and len(records) >= limit else None

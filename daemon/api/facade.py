@@ -14,7 +14,7 @@ from typing import Any, Protocol
 from daemon.engine.completions import CompletionChoice, CompletionRequest
 from store.edits import EditRecord
 from store.intake import EnqueueResult
-from store.schema import EditStatus
+from store.schema import EditKind, EditStatus
 
 
 class DaemonFacade(Protocol):
@@ -31,9 +31,14 @@ class DaemonFacade(Protocol):
         ...
 
     def list_edits(
-        self, status: EditStatus | None, limit: int, after: str | None
+        self,
+        status: EditStatus | None,
+        limit: int,
+        after: str | None,
+        kind: EditKind | None = None,
     ) -> list[EditRecord]:
-        """A page of records in queue order; ``after`` is the last id of the previous page."""
+        """A page of records in queue order (of one ``status`` and ``kind`` when given);
+        ``after`` is the last id of the previous page."""
         ...
 
     def retract(self, edit_id: str, reason: str) -> EditRecord:

@@ -18,7 +18,7 @@ from store.db import Store
 from store.edits import EditRecord
 from store.probes import latest_probe_run
 from store.queue import EditQueue, EnqueueResult
-from store.records import EditStatus, SourceKind
+from store.records import EditKind, EditStatus, SourceKind
 
 
 def split_submission(data: bytes) -> list[object]:
@@ -156,17 +156,26 @@ def edits() -> None:
 @config_option
 @json_option
 @click.option("--status", "status_", type=click.Choice([s.value for s in EditStatus]))
+@click.option("--kind", "kind_", type=click.Choice([k.value for k in EditKind]))
 @click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
 @click.option("--after", help="Id of the last edit of the previous page.")
 @click.pass_context
 def edits_list(
-    ctx: click.Context, as_json: bool, status_: str | None, limit: int, after: str | None
+    ctx: click.Context,
+    as_json: bool,
+    status_: str | None,
+    kind_: str | None,
+    limit: int,
+    after: str | None,
 ) -> None:
-    """A page of edits in queue order."""
+    """A page of edits in queue order (of one status and kind when given)."""
     cfg = state(ctx).config()
     with _open(cfg, create=False) as st:
         records = EditQueue(st).list(
-            EditStatus(status_) if status_ else None, limit=limit, after=after
+            EditStatus(status_) if status_ else None,
+            limit=limit,
+            after=after,
+            kind=EditKind(kind_) if kind_ else None,
         )
     if as_json:
         echo_json([r.to_json_dict() for r in records])
@@ -174,7 +183,7 @@ def edits_list(
     for r in records:
         data = r.to_json_dict()
         what = data.get("error") or (data.get("request") or {}).get("prompt", "")
-        click.echo(f"{r.id}  {data['status']:11}  {str(what)[:70]}")
+        click.echo(f"{r.id}  {data['status']:11}  {data['kind']:9}  {str(what)[:60]}")
 
 
 @edits.command(name="show")

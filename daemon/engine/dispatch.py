@@ -4,7 +4,10 @@ The daemon's algorithm for turning edit requests into model edits, without a
 store, so that the worker and the evaluation harness (editor ``auto``) run
 exactly the same steps:
 
-1. route each edit (``daemon.engine.router``); a request that names a disabled back-end
+1. read, for each ``forget`` that does not name it, the answer the model gives its
+   prompt now (what verification will check is gone, :mod:`daemon.engine.kinds`); an
+   edit whose target is longer than ``[kinds] max_target_tokens`` fails;
+   route each edit (``daemon.engine.router``); a request that names a disabled back-end
    fails;
 2. per back-end, in the registry's dispatch order (hook first, then MELO with the
    hook's escalations), apply the edits and, when ``verify``, check every accepted one
@@ -38,8 +41,10 @@ from daemon.config import RouterConfig
 from daemon.editors.base import EditOutcome, EditSpec
 from daemon.editors.registry import MELO, backend_names
 from daemon.engine.engine import Engine, Verification
+from daemon.engine.kinds import Expectation, answer_of, expectation, needs_answer
 from daemon.engine.router import Route, escalation, route
-from store.schema import Backend, EditRequest
+from daemon.model.batches import target_token_ids
+from store.schema import Backend, EditKind, EditRequest
 
 log = structlog.get_logger()
 
@@ -75,6 +80,7 @@ class DispatchResult:
     routes: dict[str, Route] = field(default_factory=dict)
     verifications: dict[str, Verification] = field(default_factory=dict)
     details: dict[str, dict[str, Any]] = field(default_factory=dict)
+    withheld: dict[str, str] = field(default_factory=dict)
 
 
 def _before_step(backend: Backend, edit_ids: Sequence[str]) -> None:
@@ -122,6 +128,11 @@ def dispatch(
     """Route, apply, verify and escalate ``items`` (see the module doc)."""
     hooks = hooks or DispatchHooks()
     result = DispatchResult()
+    items = _within_limits(engine, items, result)
+    result.withheld.update(_answers_withheld(engine, items))
+    expect = {
+        i.spec.edit_id: expectation(i.request, result.withheld.get(i.spec.edit_id)) for i in items
+    }
     specs = {item.spec.edit_id: item.spec for item in items}
     order = backend_names()
     waiting: dict[Backend, list[str]] = {b: [] for b in order}
@@ -142,7 +153,7 @@ def dispatch(
             continue
         hooks.before_step(backend, list(ids))
         taken, refused, unverified = _apply_verified(
-            engine, backend, [specs[i] for i in ids], result, verify, hooks
+            engine, backend, [specs[i] for i in ids], result, verify, hooks, expect
         )
         onwards: set[str] = set()
         for edit_id, outcome in taken.items():
@@ -166,6 +177,43 @@ def dispatch(
     return result
 
 
+def _within_limits(
+    engine: Engine, items: Sequence[DispatchItem], result: DispatchResult
+) -> list[DispatchItem]:
+    """The items whose target fits ``[kinds] max_target_tokens``; the others fail."""
+    limit = engine.kinds.max_target_tokens
+    kept = []
+    for item in items:
+        spec = item.spec
+        n = len(target_token_ids(engine.loaded.tokenizer, spec.prompt, spec.target))
+        if n > limit:
+            result.failed[spec.edit_id] = (
+                f"the target is {n} tokens long; edits may teach at most {limit} "
+                "([kinds] max_target_tokens)"
+            )
+        else:
+            kept.append(item)
+    return kept
+
+
+def _answers_withheld(engine: Engine, items: Sequence[DispatchItem]) -> dict[str, str]:
+    """For each ``forget``, the answer it withholds: the request's ``target_true``, or
+    the model's greedy answer to its prompt now (none when the model gives none)."""
+    out = {
+        i.spec.edit_id: i.request.target_true
+        for i in items
+        if i.request.kind is EditKind.FORGET and i.request.target_true
+    }
+    ask = [i for i in items if needs_answer(i.request)]
+    if ask:
+        said = engine.greedy([i.request.prompt for i in ask], engine.kinds.answer_tokens)
+        for item, continuation in zip(ask, said, strict=True):
+            answer = answer_of(continuation)
+            if answer:
+                out[item.spec.edit_id] = " " + answer
+    return out
+
+
 def _merge_details(into: dict[str, Any], details: Mapping[str, Any]) -> None:
     """``into.update(details)``, except that the ``superseded`` lists are joined."""
     earlier = list(into.get("superseded", []))
@@ -181,6 +229,7 @@ def _apply_verified(
     result: DispatchResult,
     verify: bool,
     hooks: DispatchHooks,
+    expect: Mapping[str, Expectation],
 ) -> tuple[dict[str, EditOutcome], dict[str, str], list[str]]:
     """Apply on ``backend`` and verify; failed edits are retracted again. Returns the
     taken edits, the refused ones with why, and which of those failed verification
@@ -197,7 +246,7 @@ def _apply_verified(
     refused = {o.edit_id: f"{backend.value}: {o.reason}" for o in outcomes if not o.accepted}
     bad: list[str] = []
     if verify and taken:
-        checked = engine.verify([s for s in specs if s.edit_id in taken])
+        checked = engine.verify([s for s in specs if s.edit_id in taken], expect)
         verifications.update(checked)
         bad = [e for e, v in checked.items() if not v.passed]
         if bad:

@@ -26,11 +26,11 @@ from typing import Any
 
 import structlog
 
-from daemon.config import Config, cache_dir
+from daemon.config import Config, KindsConfig, cache_dir
 from daemon.editors.base import Editor, EditOutcome, EditSpec
 from daemon.editors.registry import BACKENDS, make_editor
 from daemon.engine.completions import CompletionChoice, CompletionRequest
-from daemon.model.answers import continuation_matches
+from daemon.engine.kinds import Expectation
 from daemon.model.batches import target_token_ids
 from daemon.model.generate import greedy_continuations
 from daemon.model.loading import LoadedModel
@@ -45,21 +45,27 @@ VERIFY_EXTRA_TOKENS = 2
 
 @dataclass(frozen=True)
 class Verification:
-    """Whether an edit took: its prompt (required) and its rephrases (reported)."""
+    """Whether an edit took: its prompt (required) and its rephrases (reported).
+    ``withheld``: for a ``forget``, the answer that must be absent (else None: the
+    target must begin the output)."""
 
     passed: bool
     prompt_output: str
     rephrases_passed: int = 0
     rephrases_total: int = 0
     details: dict[str, Any] = field(default_factory=dict)
+    withheld: str | None = None
 
     def to_json_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "passed": self.passed,
             "prompt_output": self.prompt_output,
             "rephrases_passed": self.rephrases_passed,
             "rephrases_total": self.rephrases_total,
         }
+        if self.withheld is not None:
+            out["withheld"] = self.withheld
+        return out
 
 
 def build_editor(
@@ -157,9 +163,15 @@ class EngineLock:
 class Engine:
     """The model, its editors (one per back-end) and the lock around them."""
 
-    def __init__(self, loaded: LoadedModel, editors: Mapping[Backend, Editor]) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        editors: Mapping[Backend, Editor],
+        kinds: KindsConfig | None = None,
+    ) -> None:
         self.loaded = loaded
         self.editors: dict[Backend, Editor] = dict(editors)
+        self.kinds = kinds or KindsConfig()
         self.lock = EngineLock()
 
     @property
@@ -217,15 +229,21 @@ class Engine:
             turn=self.lock.after_waiting,
         )
 
-    def verify(self, specs: Sequence[EditSpec]) -> dict[str, Verification]:
-        """Greedy-generate each edit's prompt and rephrases; passed = the prompt took.
+    def verify(
+        self, specs: Sequence[EditSpec], expect: Mapping[str, Expectation] | None = None
+    ) -> dict[str, Verification]:
+        """Greedy-generate each edit's prompt and rephrases; passed = the prompt took:
+        its output meets the edit's ``expect`` entry (default: begins with the target;
+        a ``forget``'s: no longer names the answer withheld, :mod:`daemon.engine.kinds`).
 
         Specs with the same token budget share batched generation (``GREEDY_BATCH``
         rows at a time), so each edit's output is exactly what it gets alone.
         """
+        expect = expect or {}
+        wanted = {s.edit_id: expect.get(s.edit_id) or Expectation(s.target) for s in specs}
         by_budget: dict[int, list[EditSpec]] = {}
         for spec in specs:
-            by_budget.setdefault(self._budget(spec), []).append(spec)
+            by_budget.setdefault(self._budget(spec, wanted[spec.edit_id]), []).append(spec)
         results: dict[str, Verification] = {}
         with self.lock:
             for budget, group in by_budget.items():
@@ -233,17 +251,22 @@ class Engine:
                 outs = iter(self.greedy(prompts, budget))
                 for spec in group:
                     mine = [next(outs) for _ in range(1 + len(spec.rephrases))]
-                    hits = [continuation_matches(o, spec.target) for o in mine]
+                    want = wanted[spec.edit_id]
+                    hits = [want.met_by(o) for o in mine]
                     results[spec.edit_id] = Verification(
                         passed=hits[0],
                         prompt_output=mine[0],
                         rephrases_passed=sum(hits[1:]),
                         rephrases_total=len(hits) - 1,
+                        withheld=want.text if want.absent else None,
                     )
         return {spec.edit_id: results[spec.edit_id] for spec in specs}
 
-    def _budget(self, spec: EditSpec) -> int:
-        n = len(target_token_ids(self.loaded.tokenizer, spec.prompt, spec.target))
+    def _budget(self, spec: EditSpec, want: Expectation) -> int:
+        tokenizer = self.loaded.tokenizer
+        n = len(target_token_ids(tokenizer, spec.prompt, spec.target))
+        if want.absent:  # room for the target and then the answer it must not reveal
+            n += len(target_token_ids(tokenizer, spec.prompt, want.text))
         return n + VERIFY_EXTRA_TOKENS
 
     # --- changes ---------------------------------------------------------------------------

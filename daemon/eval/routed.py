@@ -133,4 +133,6 @@ def build_routed_editor(
         Backend(name): build_editor(name, loaded, config, calibration_prompts=calibration_prompts)
         for name in config.router.backends
     }
-    return RoutedEditor(Engine(loaded, editors), config.router, verify=config.worker.verify)
+    return RoutedEditor(
+        Engine(loaded, editors, config.kinds), config.router, verify=config.worker.verify
+    )

@@ -59,7 +59,7 @@ from store.feeds import feed_states
 from store.intake import EnqueueResult
 from store.probes import latest_probe_run
 from store.queue import EditQueue, QueuePolicy
-from store.schema import Backend, EditStatus
+from store.schema import Backend, EditKind, EditStatus
 from store.spool import latest_nightly_run
 
 log = structlog.get_logger()
@@ -130,7 +130,7 @@ class Daemon:
         if cfg.drift.enabled:
             self.drift = DriftMonitor.build(cfg, loaded, self.store)
         progress("building the editors")
-        self.engine = Engine(loaded, self._build_editors(loaded))
+        self.engine = Engine(loaded, self._build_editors(loaded), self.config.kinds)
         if self.drift is not None:
             progress("scoring drift probes on the base model")
             self.drift.prepare(self.engine)
@@ -393,9 +393,13 @@ class Daemon:
         return self.live_queue().get(edit_id)
 
     def list_edits(
-        self, status: EditStatus | None, limit: int, after: str | None
+        self,
+        status: EditStatus | None,
+        limit: int,
+        after: str | None,
+        kind: EditKind | None = None,
     ) -> list[EditRecord]:
-        return self.live_queue().list(status=status, limit=limit, after=after)
+        return self.live_queue().list(status=status, limit=limit, after=after, kind=kind)
 
     def retract(self, edit_id: str, reason: str) -> EditRecord:
         queue, engine = self.live_queue(), self.live_engine()

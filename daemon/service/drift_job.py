@@ -52,7 +52,7 @@ from daemon.model.loading import LoadedModel
 from daemon.service.checkpoints import CheckpointManager, Persistable
 from daemon.service.metrics import DaemonMetrics
 from daemon.service.replay import applied_in_order, reconcile
-from daemon.service.worker import spec_of
+from daemon.service.worker import expectations_of, spec_of
 from store import editlog
 from store.db import Store
 from store.edits import EditRecord
@@ -195,7 +195,7 @@ class DriftMonitor:
             return None, 0
         rng = random.Random(len(applied))
         sample = rng.sample(applied, min(self.config.retention_sample, len(applied)))
-        checks = engine.verify([spec_of(r) for r in sample])
+        checks = engine.verify([spec_of(r, engine.kinds) for r in sample], expectations_of(sample))
         return sum(c.passed for c in checks.values()) / len(checks), len(checks)
 
     def check(
@@ -302,7 +302,7 @@ def _by_backend(items: Sequence[EditRecord]) -> list[tuple[Backend, list[EditRec
 
 def _apply(engine: Engine, items: Sequence[EditRecord]) -> None:
     for backend, group in _by_backend(items):
-        engine.apply(backend, [spec_of(r) for r in group])
+        engine.apply(backend, [spec_of(r, engine.kinds) for r in group])
 
 
 def _undo(engine: Engine, items: Sequence[EditRecord]) -> None:

@@ -32,7 +32,7 @@ import structlog
 
 from daemon.editors.registry import BACKENDS
 from daemon.engine.engine import Engine
-from daemon.service.worker import spec_of
+from daemon.service.worker import expectations_of, spec_of
 from store.db import Store
 from store.edits import EditRecord
 from store.queue import EditQueue
@@ -116,12 +116,12 @@ def reconcile(engine: Engine, queue: EditQueue, store: Store, *, verify: bool) -
 def _replay_batch(
     engine: Engine, queue: EditQueue, backend: Backend, records: Sequence[EditRecord], verify: bool
 ) -> list[str]:
-    specs = [spec_of(r) for r in records]
+    specs = [spec_of(r, engine.kinds) for r in records]
     outcomes = engine.apply(backend, specs)
     bad = {o.edit_id: str(o.reason) for o in outcomes if not o.accepted}
     if verify:
         taken = [s for s in specs if s.edit_id not in bad]
-        for edit_id, check in engine.verify(taken).items():
+        for edit_id, check in engine.verify(taken, expectations_of(records)).items():
             if not check.passed:
                 bad[edit_id] = f"verification failed on replay (output {check.prompt_output!r})"
         if bad:

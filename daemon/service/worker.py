@@ -56,10 +56,11 @@ from typing import Any
 
 import structlog
 
-from daemon.config import Config
+from daemon.config import Config, KindsConfig
 from daemon.editors.base import EditOutcome, EditSpec
 from daemon.engine.dispatch import DispatchHooks, DispatchItem, DispatchResult, Step, dispatch
 from daemon.engine.engine import Engine
+from daemon.engine.kinds import Expectation, expectation, spec_for, withheld_of
 from daemon.errors import (
     EditdError,
     EditNotFoundError,
@@ -83,19 +84,22 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
-def spec_of(record: EditRecord) -> EditSpec:
+def spec_of(record: EditRecord, kinds: KindsConfig) -> EditSpec:
     """What an editor sees of a stored edit (never the locality probes or held-outs)."""
     request = record.request
     if request is None:
         raise EditdError(f"edit '{record.id}' has no valid request (rejected)")
-    return EditSpec(
-        edit_id=record.id,
-        prompt=request.prompt,
-        target=request.target,
-        subject=request.subject,
-        relation=request.relation,
-        rephrases=request.rephrases,
-    )
+    return spec_for(record.id, request, kinds)
+
+
+def expectations_of(records: Sequence[EditRecord]) -> dict[str, Expectation]:
+    """What verifying each stored edit checks again (a ``forget``: that the answer its
+    record says it withholds stays absent)."""
+    return {
+        r.id: expectation(r.request, withheld_of(r.result))
+        for r in records
+        if r.request is not None
+    }
 
 
 def supersedes_of(record: EditRecord) -> str | None:
@@ -305,7 +309,7 @@ class Worker:
         items = []
         for r in records:
             assert r.request is not None  # claimed edits are valid requests
-            items.append(DispatchItem(spec_of(r), r.request))
+            items.append(DispatchItem(spec_of(r, self.engine.kinds), r.request))
         batch_ids: dict[Backend, str] = {}
         batch_of: dict[str, str] = {}
 
@@ -438,7 +442,7 @@ class Worker:
                 self._reapply(backend, records, report)
 
     def _reapply(self, backend: Backend, records: list[EditRecord], report: BatchReport) -> None:
-        specs = [spec_of(r) for r in records]
+        specs = [spec_of(r, self.engine.kinds) for r in records]
         try:
             outcomes = self.engine.apply(backend, specs)
         except Exception as exc:  # the editor's guarantee: refused edits leave no trace
@@ -453,7 +457,7 @@ class Worker:
                 bad[edit_id] = f"edits {ids} hold its fact now"
         if self.config.worker.verify:
             taken = [s for s in specs if s.edit_id not in bad]
-            for edit_id, check in self.engine.verify(taken).items():
+            for edit_id, check in self.engine.verify(taken, expectations_of(records)).items():
                 if not check.passed:
                     bad[edit_id] = f"verification failed (greedy output {check.prompt_output!r})"
         if bad:
@@ -552,4 +556,6 @@ def _result_json(edit_id: str, result: DispatchResult) -> dict[str, Any]:
     }
     if edit_id in result.verifications:
         out["verification"] = result.verifications[edit_id].to_json_dict()
+    if edit_id in result.withheld:
+        out["withheld"] = result.withheld[edit_id]
     return out

@@ -42,7 +42,7 @@ from store.edits import EditRecord
 from store.feeds import feed_states
 from store.intake import EnqueueResult
 from store.queue import EditQueue
-from store.schema import EditStatus, SourceKind
+from store.schema import EditKind, EditStatus, SourceKind
 
 TOKEN = "s3cret-token-for-the-tests"
 JSON = {"Content-Type": "application/json"}
@@ -91,9 +91,13 @@ class StoreFacade:
         return self.queue.get(edit_id)
 
     def list_edits(
-        self, status: EditStatus | None, limit: int, after: str | None
+        self,
+        status: EditStatus | None,
+        limit: int,
+        after: str | None,
+        kind: EditKind | None = None,
     ) -> list[EditRecord]:
-        return self.queue.list(status, limit, after)
+        return self.queue.list(status, limit, after, kind)
 
     def retract(self, edit_id: str, reason: str) -> EditRecord:
         return self.queue.transition(edit_id, EditStatus.RETRACTED, reason=reason)
