@@ -16,6 +16,8 @@ import httpx
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from daemon.config import load_config
+from daemon.service.daemon import Daemon
 from daemon.world.editsets import counterfactual_edits
 
 STARTUP_TIMEOUT_S = 180.0
@@ -170,3 +172,37 @@ def daemon_factory(tmp_path: Path) -> Iterator[list[DaemonProcess]]:
     yield started
     for d in started:
         d.close()
+
+
+def settle(daemon: Daemon, timeout: float = 120) -> None:
+    """Wait for a batch to finish and no edit due now to be waiting or in progress."""
+    assert daemon.store is not None
+    done = daemon.batches_done
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with daemon.store.read() as db:
+            (busy,) = db.execute(
+                "SELECT COUNT(*) FROM edits WHERE status = 'applying' "
+                "OR (status = 'queued' AND schedule = 'now')"
+            ).fetchone()
+        if busy == 0 and daemon.batches_done > done:
+            return
+        time.sleep(0.05)
+    raise AssertionError("queue did not drain")
+
+
+@pytest.fixture
+def make_daemon(micro_world: Path, tmp_path: Path) -> Iterator[Any]:
+    started: list[Daemon] = []
+
+    def make(**sections: dict[str, Any]) -> Daemon:
+        folder = tmp_path / f"d{len(started)}"
+        sections.setdefault("scheduler", {"enabled": False})
+        daemon = Daemon(load_config(write_config(folder, micro_world, **sections)))
+        daemon.start()
+        started.append(daemon)
+        return daemon
+
+    yield make
+    for d in started:
+        d.stop(checkpoint=False)

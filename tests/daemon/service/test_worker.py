@@ -22,41 +22,7 @@ from store import editlog
 from store.db import Store
 from store.queue import EditQueue
 from store.schema import SourceKind
-from tests.daemon.service.conftest import write_config
-
-
-def _settle(daemon: Daemon, timeout: float = 120) -> None:
-    """Wait for a batch to finish and no edit due now to be waiting or in progress."""
-    assert daemon.store is not None
-    done = daemon.batches_done
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with daemon.store.read() as db:
-            (busy,) = db.execute(
-                "SELECT COUNT(*) FROM edits WHERE status = 'applying' "
-                "OR (status = 'queued' AND schedule = 'now')"
-            ).fetchone()
-        if busy == 0 and daemon.batches_done > done:
-            return
-        time.sleep(0.05)
-    raise AssertionError("queue did not drain")
-
-
-@pytest.fixture
-def make_daemon(micro_world: Path, tmp_path: Path) -> Iterator[Any]:
-    started: list[Daemon] = []
-
-    def make(**sections: dict[str, Any]) -> Daemon:
-        folder = tmp_path / f"d{len(started)}"
-        sections.setdefault("scheduler", {"enabled": False})
-        daemon = Daemon(load_config(write_config(folder, micro_world, **sections)))
-        daemon.start()
-        started.append(daemon)
-        return daemon
-
-    yield make
-    for d in started:
-        d.stop(checkpoint=False)
+from tests.daemon.service.conftest import settle, write_config
 
 
 def test_hook_edit_that_fails_verification_escalates_to_melo(
@@ -66,7 +32,7 @@ def test_hook_edit_that_fails_verification_escalates_to_melo(
     daemon = make_daemon(editors__hook={"target_steps": 1, "target_learning_rate": 1e-4})
     edits = [dict(e) for e in world_edits[:2]]
     daemon.submit(edits)
-    _settle(daemon)
+    settle(daemon)
     for e in edits:
         record = daemon.get_edit(e["id"])
         assert record.status.value == "applied"
@@ -89,7 +55,7 @@ def test_without_escalation_the_edit_fails_with_the_reason(
     )
     edit = dict(world_edits[0])
     daemon.submit([edit])
-    _settle(daemon)
+    settle(daemon)
     record = daemon.get_edit(edit["id"])
     assert record.status.value == "failed"
     assert "hook: verification failed" in (record.error or "")
@@ -102,10 +68,10 @@ def test_supersedes_retracts_the_earlier_edit(
     daemon = make_daemon(router={"default_backend": "melo"})
     first = dict(world_edits[0])
     daemon.submit([first])
-    _settle(daemon)
+    settle(daemon)
     second = {**world_edits[1], "supersedes": first["id"]}
     daemon.submit([second])
-    _settle(daemon)
+    settle(daemon)
     assert daemon.get_edit(first["id"]).status.value == "superseded"
     assert daemon.get_edit(second["id"]).status.value == "applied"
     assert daemon.engine is not None
@@ -121,7 +87,7 @@ def test_a_disabled_backend_fails_the_edit_and_nightly_edits_wait(
     nightly = {**world_edits[1], "schedule": "nightly"}
     auto = dict(world_edits[2])
     daemon.submit([forced, nightly, auto])
-    _settle(daemon)
+    settle(daemon)
     assert daemon.get_edit(forced["id"]).status.value == "failed"
     assert "not enabled" in (daemon.get_edit(forced["id"]).error or "")
     assert daemon.get_edit(auto["id"]).backend == "melo"  # auto never picks a missing one
@@ -129,7 +95,7 @@ def test_a_disabled_backend_fails_the_edit_and_nightly_edits_wait(
     from daemon.service.scheduler import nightly_release
 
     assert nightly_release(daemon) == 1
-    _settle(daemon)
+    settle(daemon)
     assert daemon.get_edit(nightly["id"]).status.value == "applied"
 
 
@@ -177,20 +143,20 @@ def test_supersede_order_in_one_batch_and_who_may_supersede(
     daemon = make_daemon()
     a, b = dict(world_edits[0]), {**world_edits[1], "supersedes": world_edits[0]["id"]}
     daemon.submit([b, a])
-    _settle(daemon)
+    settle(daemon)
     assert daemon.get_edit(a["id"]).status.value == "superseded"
     assert daemon.get_edit(b["id"]).status.value == "applied"
     assert a["id"] not in _held(daemon) and b["id"] in _held(daemon)
 
     api = dict(world_edits[2])
     daemon.submit([api])
-    _settle(daemon)
+    settle(daemon)
     assert daemon.get_edit(api["id"]).backend == "hook"
     named = {**world_edits[3], "id": "spool-named", "supersedes": api["id"]}
     merged = _same_fact(world_edits, api, 2)  # no supersedes: the hook merges the fact
     queue = EditQueue(daemon.live_store())
     queue.submit_many([named, merged], source_kind=SourceKind.SPOOL)
-    _settle(daemon)
+    settle(daemon)
     for edit, why in ((named, "supersede"), (merged, "replaced an earlier edit (same fact)")):
         record = daemon.get_edit(edit["id"])
         assert record.status.value == "failed", record
@@ -215,7 +181,7 @@ def test_a_database_error_at_the_ack_is_undone_in_the_model(
     )
     old = dict(world_edits[5])
     daemon.submit([old])
-    _settle(daemon)
+    settle(daemon)
     new = {**_same_fact(world_edits, old, 2), "supersedes": old["id"]}
     reports: list[BatchReport] = []
     worker = daemon.worker
