@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from daemon.config import KindsConfig
-from daemon.engine.kinds import Expectation, answer_of, expectation, spec_for, withheld_of
 from daemon.config_fields import FieldError
+from daemon.engine.kinds import Expectation, answer_of, expectation, spec_for, withheld_of
 from store.records import parse_edit_request
 
 KINDS = KindsConfig(subject_prompts=("Tell me of {subject}:", "{subject} is"))
