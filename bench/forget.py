@@ -19,8 +19,6 @@ import argparse
 import dataclasses
 import sys
 import tempfile
-import time
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,15 +27,7 @@ import torch
 
 from bench.stats import RESULTS, fmt, machine_info, markdown_table, write_result
 from daemon.config import Config, load_config
-from daemon.eval.forgetting import (
-    ForgetCase,
-    forget_in_sequence,
-    forget_request,
-    known_facts,
-    score,
-    unchanged,
-    with_locality,
-)
+from daemon.eval.forgetting import forget_known
 from daemon.eval.loaders import convert
 from daemon.eval.routed import build_routed_editor
 from daemon.log import configure_logging
@@ -72,56 +62,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     engine = build_routed_editor(loaded, cfg).engine
     converted = convert(DATA[args.data], limit=args.pool)
     facts = [parse_edit_request(r) for r in converted.requests]
-    t0 = time.perf_counter()
-    known = known_facts(engine, facts, args.n)
-    screened = time.perf_counter() - t0
-    cases = [ForgetCase(f) for f in known]
-    base = score(engine, cases)
-    withheld = cfg.kinds.withheld_answer
-    scope = Scope(args.scope)
-    requests = [
-        forget_request(c.fact, f"forget-{i}", withheld, scope=scope) for i, c in enumerate(cases)
-    ]
-    t0 = time.perf_counter()
-    results = forget_in_sequence(engine, requests, cfg.router, batch_size=args.batch_size)
-    applying = time.perf_counter() - t0
-    applied: Counter[str] = Counter()
-    failed: dict[str, str] = {}
-    for result in results:
-        applied.update(b.value for b in result.applied.values())
-        failed.update(result.failed)
-    edited = with_locality(score(engine, cases), base)
-    for backend in engine.backends:
-        engine.retract(backend, [r.id for r in requests if r.id is not None])
-    after = score(engine, cases)
-    return {
-        "data": args.data,
-        "pool": converted.records,
-        "known": len(known),
-        "screen_s": round(screened, 1),
-        "scope": scope.value,
-        "backend": args.backend,
-        "batch_size": args.batch_size,
-        "withheld_answer": withheld,
-        "applied_by": dict(applied),
-        "failed": failed,
-        "s_per_forget": round(applying / max(1, len(requests)), 2),
-        "base": base.to_json_dict(),
-        "edited": edited.to_json_dict(),
-        "retracted": after.to_json_dict(),
-        "restored_exactly": unchanged(after, base),
-        "examples": [
-            {
-                "prompt": c.fact.prompt,
-                "answer": c.answer,
-                "edited": edited.outputs["prompt"][i],
-                "tell_me_about": edited.outputs["adversarial"][i * 4]
-                if len(edited.outputs["adversarial"]) == 4 * len(cases)
-                else None,
-            }
-            for i, c in enumerate(cases[:5])
-        ],
-    }
+    report = forget_known(
+        engine,
+        facts,
+        args.n,
+        cfg.router,
+        scope=Scope(args.scope),
+        batch_size=args.batch_size,
+    )
+    return {"data": args.data, "pool": converted.records, "backend": args.backend, **report}
 
 
 def table(result: dict[str, Any]) -> str:

@@ -66,6 +66,70 @@ def _auto_settings(editor_name: str, cfg: Config) -> dict[str, Any]:
     }
 
 
+def _eval_kind(
+    cfg: Config,
+    task: str,
+    model_dir: Path,
+    editor_name: str,
+    edits_path: Path | None,
+    fmt: str,
+    n: int | None,
+    scope: str,
+    batch_size: int,
+    out_dir: Path,
+) -> None:
+    """``--task forget`` or ``behaviour``: the protocols of :mod:`daemon.eval.forgetting`
+    and :mod:`daemon.eval.behaviour`, written to ``<out>/<task>.json``."""
+    import dataclasses
+    import json
+
+    from daemon.editors.registry import backend_names
+    from daemon.eval.behaviour import BehaviourSuite, load_sets, run_suite
+    from daemon.eval.forgetting import forget_known
+    from daemon.eval.loaders import convert
+    from daemon.eval.routed import build_routed_editor
+    from daemon.model.loading import load_model
+    from store.records import Scope, parse_edit_request
+
+    if editor_name != "auto" and editor_name not in map(str, backend_names()):
+        raise click.UsageError(f"--task {task} needs --editor auto or a back-end")
+    if task == "forget" and (edits_path is None or n is None):
+        raise click.UsageError("--task forget needs --edits (CounterFact or zsRE) and --n")
+    if editor_name != "auto":
+        router = dataclasses.replace(cfg.router, default_backend=editor_name)
+        cfg = dataclasses.replace(cfg, router=router)
+    loaded = load_model(str(model_dir), device=cfg.model.device, dtype=cfg.model.dtype)
+    engine = build_routed_editor(loaded, cfg).engine
+    if task == "forget":
+        assert edits_path is not None and n is not None
+        conversion = convert(edits_path, fmt)
+        facts = [parse_edit_request(r) for r in conversion.requests]
+        report = forget_known(
+            engine, facts, n, cfg.router, scope=Scope(scope), batch_size=batch_size
+        )
+        edited = report["edited"]
+        click.echo(
+            f"forgot {report['known']} known facts: leak prompt {edited['leak']['prompt']:.3f}, "
+            f"rephrase {edited['leak']['rephrase']:.3f}, adversarial "
+            f"{edited['leak']['adversarial']:.3f}; locality {edited['locality']:.3f}; "
+            f"perplexity {report['base']['perplexity']:.3f} -> {edited['perplexity']:.3f}"
+        )
+    else:
+        report = run_suite(BehaviourSuite(load_sets(), engine), cfg.router)
+        edited = report["edited"]
+        click.echo(
+            f"identity held-out {edited['identity']['heldout']:.3f}; harmful refused "
+            f"{edited['refusal']['edited']:.3f} (held-out {edited['refusal']['heldout']:.3f}), "
+            f"benign refused {edited['refusal']['benign_refused']:.3f}; pronoun gap "
+            f"{report['base']['bias']['pronoun_gap']:.3f} -> {edited['bias']['pronoun_gap']:.3f}"
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{task}.json"
+    report = {"task": task, "model": str(model_dir), "editor": editor_name, **report}
+    path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    click.echo(f"wrote {path}")
+
+
 class EditorName(click.ParamType[str]):
     """An editor ``editd eval`` can build: the registry's names (read when the option is
     used, so ``editd --help`` does not load the back-ends) or ``auto``."""
@@ -98,9 +162,25 @@ class EditorName(click.ParamType[str]):
     "verification and escalation over [router] backends.",
 )
 @click.option(
+    "--task",
+    type=click.Choice(["edits", "forget", "behaviour"]),
+    default="edits",
+    show_default=True,
+    help="edits: the lifelong-editing report; forget: forget N facts the model knows "
+    "(from --edits, CounterFact or zsRE) and score leaks; behaviour: the identity, refusal "
+    "and bias suite. forget and behaviour run the daemon's dispatch (--editor auto, or a "
+    "back-end for every edit).",
+)
+@click.option(
+    "--scope",
+    type=click.Choice(["prompt", "subject"]),
+    default="prompt",
+    show_default=True,
+    help="--task forget: the forget requests' scope.",
+)
+@click.option(
     "--edits",
     "edits_path",
-    required=True,
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
 )
 @click.option(
@@ -110,7 +190,7 @@ class EditorName(click.ParamType[str]):
     show_default=True,
     type=click.Choice(["auto", "editd", "counterfact", "zsre", "knowedit", "mquake"]),
 )
-@click.option("--n", type=click.IntRange(min=1), required=True)
+@click.option("--n", type=click.IntRange(min=1))
 @click.option("--checkpoints", callback=_checkpoints, default="10,100,1000", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option(
@@ -129,9 +209,11 @@ def eval_(
     ctx: click.Context,
     model_dir: Path,
     editor_name: str,
-    edits_path: Path,
+    task: str,
+    scope: str,
+    edits_path: Path | None,
     fmt: str,
-    n: int,
+    n: int | None,
     checkpoints: tuple[int, ...],
     batch_size: int,
     send_rephrases: bool,
@@ -158,6 +240,13 @@ def eval_(
 
     cfg = state(ctx).config()
     apply_threads(cfg.model.threads)
+    if task != "edits":
+        _eval_kind(
+            cfg, task, model_dir, editor_name, edits_path, fmt, n, scope, batch_size, out_dir
+        )
+        return
+    if edits_path is None or n is None:
+        raise click.UsageError("--task edits needs --edits and --n")
     cases, errors = read_cases(edits_path, fmt)
     for line in errors[:20]:
         click.echo(f"skipped: {line}", err=True)

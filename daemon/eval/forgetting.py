@@ -30,16 +30,17 @@ Protocol (issue 20):
 from __future__ import annotations
 
 import math
+import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from daemon.config import RouterConfig
 from daemon.editors.base import Editor
-from daemon.engine.dispatch import DispatchItem, DispatchResult, dispatch
 from daemon.engine.engine import Engine
-from daemon.engine.kinds import spec_for
 from daemon.eval.perplexity import heldout_texts, perplexity
+from daemon.eval.routed import apply_in_sequence
 from daemon.eval.scoring import teacher_forced_accuracies
 from daemon.model.answers import continuation_matches, reply_mentions
 from daemon.model.batches import target_nll
@@ -209,21 +210,70 @@ def unchanged(now: ForgetScores, base: ForgetScores) -> float:
     return sum(a == b for a, b in pairs) / len(pairs) if pairs else math.nan
 
 
-def forget_in_sequence(
+def forget_known(
     engine: Engine,
-    requests: Sequence[EditRequest],
+    facts: Sequence[EditRequest],
+    n: int,
     router: RouterConfig,
     *,
+    scope: Scope = Scope.PROMPT,
     batch_size: int = 1,
-    verify: bool = True,
-) -> list[DispatchResult]:
-    """Apply ``requests`` through the daemon's dispatch, ``batch_size`` at a time."""
-    results = []
-    for start in range(0, len(requests), batch_size):
-        chunk = requests[start : start + batch_size]
-        items = []
-        for request in chunk:
-            assert request.id is not None
-            items.append(DispatchItem(spec_for(request.id, request, engine.kinds), request))
-        results.append(dispatch(engine, items, router, verify=verify))
-    return results
+) -> dict[str, Any]:
+    """The whole protocol of the module doc on ``engine``: pick ``n`` known facts,
+    score, forget them in sequence through dispatch, score, retract all, score; the
+    report as a JSON object."""
+    t0 = time.perf_counter()
+    known = known_facts(engine, facts, n)
+    screened = time.perf_counter() - t0
+    cases = [ForgetCase(f) for f in known]
+    base = score(engine, cases)
+    withheld = engine.kinds.withheld_answer
+    requests = [
+        forget_request(c.fact, f"forget-{i}", withheld, scope=scope) for i, c in enumerate(cases)
+    ]
+    t0 = time.perf_counter()
+    results = apply_in_sequence(engine, requests, router, batch_size=batch_size)
+    applying = time.perf_counter() - t0
+    applied: Counter[str] = Counter()
+    failed: dict[str, str] = {}
+    for result in results:
+        applied.update(b.value for b in result.applied.values())
+        failed.update(result.failed)
+    edited = with_locality(score(engine, cases), base)
+    for backend in engine.backends:
+        engine.retract(backend, [r.id for r in requests if r.id is not None])
+    after = score(engine, cases)
+    return {
+        "known": len(known),
+        "screen_s": round(screened, 1),
+        "scope": scope.value,
+        "batch_size": batch_size,
+        "withheld_answer": withheld,
+        "applied_by": dict(applied),
+        "failed": failed,
+        "s_per_forget": round(applying / max(1, len(requests)), 2),
+        "base": base.to_json_dict(),
+        "edited": edited.to_json_dict(),
+        "retracted": after.to_json_dict(),
+        "restored_exactly": unchanged(after, base),
+        "examples": [
+            {
+                "prompt": c.fact.prompt,
+                "answer": c.answer,
+                "edited": edited.outputs["prompt"][i],
+                "adversarial": [
+                    out
+                    for out, owner in zip(
+                        edited.outputs["adversarial"], _owners(cases, engine), strict=True
+                    )
+                    if owner == i
+                ],
+            }
+            for i, c in enumerate(cases[:5])
+        ],
+    }
+
+
+def _owners(cases: Sequence[ForgetCase], engine: Engine) -> list[int]:
+    """For each adversarial probe in scoring order, the index of its case."""
+    return [i for i, c in enumerate(cases) for _ in c.probes(engine)["adversarial"]]

@@ -20,8 +20,9 @@ from daemon.editors.base import Editor, EditOutcome, EditSpec
 from daemon.editors.registry import HOOK, MELO
 from daemon.engine.dispatch import DispatchItem, DispatchResult, dispatch, request_for
 from daemon.engine.engine import Engine, build_editor
+from daemon.engine.kinds import spec_for
 from daemon.model.loading import LoadedModel
-from store.schema import Backend
+from store.schema import Backend, EditRequest
 
 STATE_VERSION = 1
 
@@ -136,3 +137,24 @@ def build_routed_editor(
     return RoutedEditor(
         Engine(loaded, editors, config.kinds), config.router, verify=config.worker.verify
     )
+
+
+def apply_in_sequence(
+    engine: Engine,
+    requests: Sequence[EditRequest],
+    router: RouterConfig,
+    *,
+    batch_size: int = 1,
+    verify: bool = True,
+) -> list[DispatchResult]:
+    """Apply ``requests`` (any kind) through the daemon's dispatch, ``batch_size`` at a
+    time, as the worker does with requests from the queue."""
+    results = []
+    for start in range(0, len(requests), batch_size):
+        chunk = requests[start : start + batch_size]
+        items = []
+        for request in chunk:
+            assert request.id is not None
+            items.append(DispatchItem(spec_for(request.id, request, engine.kinds), request))
+        results.append(dispatch(engine, items, router, verify=verify))
+    return results
