@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, closing, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -155,7 +155,7 @@ def stream(
     routing: Routing,
     *,
     turn: Turn = nullcontext,
-) -> Iterator[CompletionDelta]:
+) -> Generator[CompletionDelta, None, None]:
     """The choices of ``request`` as deltas: one per generated token (eos excepted) and a
     last one per prompt, prompt after prompt. Each prompt is tokenised, generated and
     decoded inside its own ``turn()``, held until its last delta has been taken."""
@@ -335,7 +335,7 @@ def _steps(
     prompt_ids: list[int],
     max_new: int,
     generator: torch.Generator,
-) -> Iterator[_Step]:
+) -> Generator[_Step, None, None]:
     """Token loop over a key/value cache: at most ``max_new`` tokens; the caller stops it."""
     device = next(model.parameters()).device
     inputs = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -217,7 +217,7 @@ class Engine:
             turn=self.lock.after_waiting,
         )
 
-    def stream(self, request: CompletionRequest) -> Iterator[CompletionDelta]:
+    def stream(self, request: CompletionRequest) -> Generator[CompletionDelta, None, None]:
         """:meth:`complete` token by token (``daemon.engine.completions.stream``). Iterate it
         in one thread: that thread holds the lock while a prompt generates, and closing the
         iterator ends the generation at the next token and lets the lock go."""
