@@ -463,6 +463,9 @@ class Daemon:
         template); raises ``ChatTemplateError``."""
         return render_chat(self.live_engine().loaded.tokenizer, messages, self.chat_template)
 
+    def model_name(self) -> str:
+        return self.config.model.name_or_path
+
     def model_info(self) -> dict[str, Any]:
         """The served model and how far the edits have come: ``name_or_path``,
         ``loaded_at``, ``applied_edits``, ``applied_by_backend`` and ``watermark`` (the

@@ -14,7 +14,13 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from store.schema import EditStatus
-from tests.daemon.api.conftest import TOKEN, ClientFactory, StoreFacade, assert_error
+from tests.daemon.api.conftest import (
+    MODEL_NAME,
+    TOKEN,
+    ClientFactory,
+    StoreFacade,
+    assert_error,
+)
 
 FUZZ = settings(
     max_examples=35,
@@ -74,7 +80,8 @@ def check(response: Any) -> None:
     assert response.status_code < 500, response.text
     if response.status_code >= 400:
         error = assert_error(response, response.status_code)
-        event(f"status {response.status_code} ({error['field']}) {error['message'][:60]}")
+        field = error.get("field", error.get("param"))
+        event(f"status {response.status_code} ({field}) {error['message'][:60]}")
     else:
         event(f"status {response.status_code}")
         if response.headers["content-type"].startswith("application/json"):
@@ -182,7 +189,7 @@ completion_fields = {
     "logprobs": mostly(st.one_of(st.integers(0, 5), st.none()), st.integers(-1, 7)),
     "stop": mostly(st.one_of(plain, st.lists(plain, max_size=4), st.none()), st.lists(texts)),
     "seed": mostly(st.one_of(st.integers(0, 2**63 - 1), st.none()), st.integers(-5, 2**64)),
-    "model": mostly(st.text(max_size=10), st.integers()),
+    "model": mostly(st.sampled_from([MODEL_NAME, None]), st.text(max_size=10)),
     "n": st.sampled_from([1] * 8 + [2, "1"]),
     "echo": st.sampled_from([False] * 8 + [True]),
 }
