@@ -124,12 +124,10 @@ class EventStreamResponse(Response):
     media_type = "text/event-stream"
 
     def __init__(self, events: AsyncIterator[bytes], stream: ThreadedStream[T]) -> None:
-        super().__init__(
-            content=None,
-            status_code=200,
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            media_type=self.media_type,
-        )
+        # no Response.__init__: it would set a body and a Content-Length of 0
+        self.status_code = 200
+        self.background = None
+        self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self._events = events
         self._cancel = stream.cancel
 
