@@ -27,10 +27,11 @@ Every error is JSON (:mod:`daemon.api.errors`), in OpenAI's shape on its routes.
 
 Endpoints that call the facade are plain functions, so FastAPI runs them in its
 thread pool. ``/healthz`` and the dependencies are ``async``: they never wait for
-the thread pool (or the engine lock). Completions run in the pool too, at most
-``[api] max_concurrent_completions`` requests at once; more are refused with 429
-and ``Retry-After`` instead of queueing. The settings live in ``app.state`` and
-:func:`reload_settings` swaps in the reloadable ones (SIGHUP: token rotation).
+the thread pool (or the engine lock). Completions run in the pool too (streamed
+ones in a thread of their own), at most ``[api] max_concurrent_completions``
+requests at once; more are refused with 429 and ``Retry-After`` instead of queueing.
+The settings live in ``app.state`` and :func:`reload_settings` swaps in the
+reloadable ones (SIGHUP: token rotation).
 """
 
 from __future__ import annotations
