@@ -320,6 +320,14 @@ class ApiConfig:
     503), request headers within ``request_header_timeout_s`` of the connection (or
     of the previous response), idle keep-alive connections closed after
     ``keep_alive_timeout_s``, request line plus headers at most ``max_header_bytes``.
+
+    ``served_model_name`` is the model id of the OpenAI-compatible routes (``GET
+    /v1/models``; a completion or chat request naming another model gets 404); empty:
+    the name of ``[model] name_or_path`` (a folder's or file's own name, else the value
+    itself). ``chat_template`` renders ``POST /v1/chat/completions`` messages for a
+    model without a chat template of its own (or instead of it): a Jinja template
+    (text holding ``{{`` or ``{%``), or the path of a file holding one (relative to the
+    config file's folder); empty: the model's own.
     """
 
     host: str = "127.0.0.1"
@@ -337,6 +345,8 @@ class ApiConfig:
     request_header_timeout_s: float = 10.0
     keep_alive_timeout_s: int = 5
     max_header_bytes: int = 16384
+    served_model_name: str = ""
+    chat_template: str = ""
 
     def __post_init__(self) -> None:
         require(0 <= self.port <= 65535, "port", "must be between 0 and 65535")
@@ -356,6 +366,12 @@ class ApiConfig:
         positive(self, "max_prompts_per_completion", "max_tokens_limit")
         positive(self, "max_connections", "request_header_timeout_s", "keep_alive_timeout_s")
         positive(self, "max_header_bytes")
+        require(
+            len(self.served_model_name) <= 200
+            and not any(c.isspace() or not c.isprintable() for c in self.served_model_name),
+            "served_model_name",
+            "must be at most 200 printable characters without whitespace",
+        )
         require(
             0 < self.max_concurrent_completions <= MAX_CONCURRENT_COMPLETIONS,
             "max_concurrent_completions",
@@ -612,7 +628,35 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
         store=dataclasses.replace(cfg.store, path=rel(cfg.store.path)),
         checkpoints=dataclasses.replace(cfg.checkpoints, dir=rel(cfg.checkpoints.dir)),
         feeds=dataclasses.replace(cfg.feeds, spool_dir=rel(cfg.feeds.spool_dir)),
+        api=dataclasses.replace(
+            cfg.api,
+            chat_template=str(rel(Path(cfg.api.chat_template)))
+            if chat_template_is_path(cfg.api.chat_template)
+            else cfg.api.chat_template,
+        ),
     )
+
+
+def chat_template_is_path(value: str) -> bool:
+    """Whether an ``[api] chat_template`` value names a file (not empty, no Jinja markup)."""
+    return bool(value.strip()) and "{{" not in value and "{%" not in value
+
+
+def chat_template_text(api: ApiConfig) -> str | None:
+    """The chat template ``[api] chat_template`` gives (read from its file when it names
+    one); None when it is empty. Raises ``ConfigError`` for a file that cannot be read."""
+    value = api.chat_template
+    if not chat_template_is_path(value):
+        return value or None
+    try:
+        text = Path(value).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(
+            f"cannot read the chat template file: {exc}", key="api.chat_template"
+        ) from exc
+    if not text.strip():
+        raise ConfigError(f"the chat template file {value} is empty", key="api.chat_template")
+    return text
 
 
 def _apply_env(data: dict[str, Any], env: typing.Mapping[str, str]) -> dict[str, Any]:

@@ -236,6 +236,11 @@ class UnsupportedArchitectureError(EditdError):
     """The model's architecture is not in the architecture table."""
 
 
+class ChatTemplateError(EditdError):
+    """Messages cannot be rendered as a prompt: the model has no chat template (and
+    ``[api] chat_template`` names none), or the template refuses the conversation."""
+
+
 class SubjectNotFoundError(EditValidationError):
     """The subject does not occur in the prompt (or maps to no token)."""
 

@@ -7,51 +7,57 @@ Routes (``docs/contracts.md``, "The HTTP API"; ``POST /v1/checkpoints`` serves
     GET    /v1/edits/{id}       200 the record
     GET    /v1/edits            200 {"edits": [...], "next_after": id | null}
     DELETE /v1/edits/{id}       200 the record after retraction
-    POST   /v1/completions      200 an OpenAI text_completion
     POST   /v1/checkpoints      201 the checkpoint's registry record
     GET    /v1/status           200 queue depth, applied counts, last checkpoint, drift
     GET    /healthz             200 {"status": "ok"} | 503 {"status": "starting"|"unhealthy"}
     GET    /metrics             200 Prometheus text
 
+The OpenAI-compatible routes (``POST /v1/completions``, ``POST /v1/chat/completions``,
+``GET /v1/models``) live in :mod:`daemon.api.openai_compat`; their errors have
+OpenAI's shape.
+
 Before any route runs, :class:`RequestGuard` checks, in this order: the ``Host``
 header (a name this daemon serves, against DNS rebinding: 421), the ``Origin``
 header (a browser's cross-origin request: 403), the bearer token when one is
-configured (every route but ``/healthz``; reads and completions as ``[api]
+configured (every route but ``/healthz``; reads, completions and chat as ``[api]
 public_reads`` and ``completions_require_token`` say: 401), a JSON content type on
 every POST (so that no web page can send one without a CORS preflight: 415), and
 the body size (the ``Content-Length`` header and the bytes actually received: 413).
-Every error is JSON (:mod:`daemon.api.errors`).
+Every error is JSON (:mod:`daemon.api.errors`), in OpenAI's shape on its routes.
 
 Endpoints that call the facade are plain functions, so FastAPI runs them in its
 thread pool. ``/healthz`` and the dependencies are ``async``: they never wait for
-the thread pool (or the engine lock). Completions run in the pool too, at most
-``[api] max_concurrent_completions`` requests at once; more are refused with 429
-and ``Retry-After`` instead of queueing. The settings live in ``app.state`` and
-:func:`reload_settings` swaps in the reloadable ones (SIGHUP: token rotation).
+the thread pool (or the engine lock). Completions run in the pool too (streamed
+ones in a thread of their own), at most ``[api] max_concurrent_completions``
+requests at once; more are refused with 429 and ``Retry-After`` instead of queueing.
+The settings live in ``app.state`` and :func:`reload_settings` swaps in the
+reloadable ones (SIGHUP: token rotation).
 """
 
 from __future__ import annotations
 
 import secrets
-import threading
-import time
-import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 import structlog
-from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Response
-from fastapi.security import HTTPBearer
-from starlette.concurrency import run_in_threadpool
+from fastapi import APIRouter, Depends, FastAPI, Path, Query, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from daemon.api.deps import (
+    CompletionSlots,
+    Facade,
+    Settings,
+    documented_auth,
+    require_ready,
+)
 from daemon.api.errors import ApiError, SafeJSONResponse, error_response, install_error_handlers
 from daemon.api.facade import DaemonFacade
-from daemon.api.models import CompletionBody, EditsBody
+from daemon.api.models import EditsBody
+from daemon.api.openai_compat import router as openai_router
 from daemon.config import ApiConfig
-from daemon.engine.completions import CompletionChoice
 from daemon.errors import EditNotFoundError
 from store.schema import EditKind, EditStatus
 
@@ -59,11 +65,11 @@ log = structlog.get_logger()
 
 READ_METHODS = frozenset({"GET", "HEAD"})
 OPEN_PATHS = frozenset({"/healthz"})
-COMPLETIONS_PATH = "/v1/completions"
+COMPLETIONS_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+"""Routes that generate text: open without a token when ``completions_require_token`` is false."""
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 WILDCARD_BINDS = frozenset({"0.0.0.0", "::", ""})
 DEFAULT_PORTS: Mapping[str, int] = {"http": 80, "https": 443, "ws": 80, "wss": 443}
-RETRY_AFTER_S = "1"
 MAX_PAGE = 1000
 DEFAULT_RETRACT_REASON = "retracted through the API"
 RELOADABLE = (
@@ -78,13 +84,6 @@ RELOADABLE = (
 )
 """The ``[api]`` keys SIGHUP takes; the bind address, the connection limits and
 ``max_concurrent_completions`` need a restart."""
-
-_bearer = HTTPBearer(
-    auto_error=False,
-    description="Required on every route but /healthz when a token is set "
-    "(reads: unless [api] public_reads; completions: unless completions_require_token "
-    "is false).",
-)
 
 
 def create_app(facade: DaemonFacade, settings: ApiConfig) -> FastAPI:
@@ -103,6 +102,7 @@ def create_app(facade: DaemonFacade, settings: ApiConfig) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(RequestGuard, settings=lambda: _settings_of(app))
     app.include_router(router)
+    app.include_router(openai_router)
     return app
 
 
@@ -120,28 +120,6 @@ def reload_settings(app: FastAPI, fresh: ApiConfig) -> ApiConfig:
 def _settings_of(app: FastAPI) -> ApiConfig:
     settings: ApiConfig = app.state.settings
     return settings
-
-
-class CompletionSlots:
-    """How many completion requests run now, at most ``limit`` (a request past it is
-    refused, not queued: a queue of 32-prompt requests would hold the daemon for minutes)."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.busy = 0
-        self._lock = threading.Lock()
-
-    def take(self) -> bool:
-        """Take a slot if one is free."""
-        with self._lock:
-            if self.busy >= self.limit:
-                return False
-            self.busy += 1
-            return True
-
-    def give_back(self) -> None:
-        with self._lock:
-            self.busy -= 1
 
 
 class RequestGuard:
@@ -175,7 +153,7 @@ class RequestGuard:
             body.extend(message.get("body", b""))
             more = bool(message.get("more_body", False))
             if len(body) > settings.max_request_bytes:
-                await _too_large(settings)(scope, receive, send)
+                await _too_large(settings, str(scope.get("path")))(scope, receive, send)
                 return
         await self.app(scope, _replay(bytes(body), receive), send)
 
@@ -187,36 +165,43 @@ def check_request(scope: Scope, settings: ApiConfig) -> SafeJSONResponse | None:
     host = headers.get("host", "")
     hostname = _split_host(host)
     if hostname is None:
-        return error_response(400, "a valid Host header is required")
+        return error_response(400, "a valid Host header is required", path=path)
     if not host_allowed(hostname[0], scope, settings):
         log.info("api_host_refused", host=host[:200], method=method, path=path)
         return error_response(
-            421, f"host '{hostname[0][:200]}' is not served here (see [api] allowed_hosts)"
+            421,
+            f"host '{hostname[0][:200]}' is not served here (see [api] allowed_hosts)",
+            path=path,
         )
     origin = headers.get("origin")
     if origin is not None and not _same_origin(origin, hostname, str(scope.get("scheme"))):
         log.info("api_cross_origin_refused", origin=origin[:200], method=method, path=path)
-        return error_response(403, "cross-origin requests are refused")
+        return error_response(403, "cross-origin requests are refused", path=path)
     if needs_token(method, path, settings) and not _token_matches(
         headers.get("authorization", ""), settings.token
     ):
         log.info("api_unauthorized", method=method, path=path)
         return error_response(
-            401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"}
+            401,
+            "missing or wrong bearer token",
+            headers={"WWW-Authenticate": "Bearer"},
+            path=path,
         )
     if method == "POST":
         declared = headers.get("content-type")
         if not _is_json(declared):
             media = "none" if declared is None else f"'{_media_type(declared)[:100]}'"
-            return error_response(415, f"content type must be application/json, got {media}")
+            return error_response(
+                415, f"content type must be application/json, got {media}", path=path
+            )
     length = headers.get("content-length")
     if length is not None:
         try:
             size = int(length.strip())
         except ValueError:
-            return error_response(400, "Content-Length is not an integer")
+            return error_response(400, "Content-Length is not an integer", path=path)
         if size > settings.max_request_bytes:
-            return _too_large(settings)
+            return _too_large(settings, path)
     return None
 
 
@@ -226,7 +211,7 @@ def needs_token(method: str, path: str, settings: ApiConfig) -> bool:
         return False
     if method in READ_METHODS:
         return not settings.public_reads
-    if method == "POST" and path == COMPLETIONS_PATH:
+    if method == "POST" and path in COMPLETIONS_PATHS:
         return settings.completions_require_token
     return True
 
@@ -294,8 +279,10 @@ def _is_json(declared: str | None) -> bool:
     )
 
 
-def _too_large(settings: ApiConfig) -> SafeJSONResponse:
-    return error_response(413, f"request body is larger than {settings.max_request_bytes} bytes")
+def _too_large(settings: ApiConfig, path: str) -> SafeJSONResponse:
+    return error_response(
+        413, f"request body is larger than {settings.max_request_bytes} bytes", path=path
+    )
 
 
 def _token_matches(header: str, token: str) -> bool:
@@ -319,40 +306,6 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replayed
 
 
-# --- dependencies ----------------------------------------------------------------------
-
-
-# Dependencies are async (they never touch a thread pool).
-
-
-async def get_facade(request: Request) -> DaemonFacade:
-    """The facade the app was created with."""
-    facade: DaemonFacade = request.app.state.facade
-    return facade
-
-
-async def get_settings(request: Request) -> ApiConfig:
-    """The API settings in force (the app's, as last reloaded)."""
-    return _settings_of(request.app)
-
-
-async def get_completion_slots(request: Request) -> CompletionSlots:
-    """The app's completion slots."""
-    slots: CompletionSlots = request.app.state.completion_slots
-    return slots
-
-
-async def require_ready(facade: Annotated[DaemonFacade, Depends(get_facade)]) -> None:
-    """503 until the model is loaded and the worker runs."""
-    if not facade.is_ready():
-        raise ApiError(503, "the daemon is starting", headers={"Retry-After": RETRY_AFTER_S})
-
-
-Facade = Annotated[DaemonFacade, Depends(get_facade)]
-Settings = Annotated[ApiConfig, Depends(get_settings)]
-Slots = Annotated[CompletionSlots, Depends(get_completion_slots)]
-_documented_auth = [Depends(_bearer)]
-
 router = APIRouter()
 
 
@@ -362,7 +315,7 @@ router = APIRouter()
 @router.post(
     "/v1/edits",
     status_code=202,
-    dependencies=_documented_auth,
+    dependencies=documented_auth,
     summary="Submit edit requests",
 )
 def submit_edits(body: EditsBody, facade: Facade, settings: Settings) -> dict[str, Any]:
@@ -377,13 +330,13 @@ def submit_edits(body: EditsBody, facade: Facade, settings: Settings) -> dict[st
     return {"ids": [r.id for r in results], "results": [r.to_json_dict() for r in results]}
 
 
-@router.get("/v1/edits/{edit_id}", dependencies=_documented_auth, summary="One edit's record")
+@router.get("/v1/edits/{edit_id}", dependencies=documented_auth, summary="One edit's record")
 def get_edit(edit_id: Annotated[str, Path()], facade: Facade) -> dict[str, Any]:
     """Status, backend, batch, timings, verification result and error of one edit."""
     return facade.get_edit(edit_id).to_json_dict()
 
 
-@router.get("/v1/edits", dependencies=_documented_auth, summary="A page of edit records")
+@router.get("/v1/edits", dependencies=documented_auth, summary="A page of edit records")
 def list_edits(
     facade: Facade,
     status: Annotated[EditStatus | None, Query()] = None,
@@ -402,7 +355,7 @@ def list_edits(
 
 @router.delete(
     "/v1/edits/{edit_id}",
-    dependencies=[*_documented_auth, Depends(require_ready)],
+    dependencies=[*documented_auth, Depends(require_ready)],
     summary="Retract (forget) an edit",
 )
 def retract_edit(
@@ -420,45 +373,9 @@ def retract_edit(
 
 
 @router.post(
-    "/v1/completions",
-    dependencies=[*_documented_auth, Depends(require_ready)],
-    summary="OpenAI-style completions from the edited model",
-)
-async def completions(
-    body: CompletionBody, facade: Facade, settings: Settings, slots: Slots
-) -> dict[str, Any]:
-    """One choice per prompt; ``temperature`` 0 is greedy (the default is 1, as OpenAI's).
-    At most ``[api] max_concurrent_completions`` requests run at once; another one is
-    refused with 429 and ``Retry-After``. Each prompt sees one state of the model; an
-    edit batch that is waiting goes between two prompts of a request."""
-    prompts = body.prompts()
-    if len(prompts) > settings.max_prompts_per_completion:
-        raise ApiError(
-            422,
-            f"at most {settings.max_prompts_per_completion} prompts, got {len(prompts)}",
-            field="prompt",
-        )
-    limit = settings.max_tokens_limit
-    if body.max_tokens is not None and body.max_tokens > limit:
-        raise ApiError(422, f"must be at most {limit}, got {body.max_tokens}", field="max_tokens")
-    if not slots.take():
-        log.debug("completion_refused_busy", running=slots.busy, limit=slots.limit)
-        raise ApiError(
-            429,
-            f"{slots.limit} completion requests are running already; retry later",
-            headers={"Retry-After": RETRY_AFTER_S},
-        )
-    try:
-        choices = await run_in_threadpool(facade.complete, body.to_request(limit))
-    finally:
-        slots.give_back()
-    return _completion_json(body.model or "editd", choices, with_logprobs=body.logprobs is not None)
-
-
-@router.post(
     "/v1/checkpoints",
     status_code=201,
-    dependencies=[*_documented_auth, Depends(require_ready)],
+    dependencies=[*documented_auth, Depends(require_ready)],
     summary="Write a checkpoint now",
 )
 def create_checkpoint(facade: Facade) -> dict[str, Any]:
@@ -468,7 +385,7 @@ def create_checkpoint(facade: Facade) -> dict[str, Any]:
 
 @router.post(
     "/v1/checkpoints/{checkpoint_id}/restore",
-    dependencies=[*_documented_auth, Depends(require_ready)],
+    dependencies=[*documented_auth, Depends(require_ready)],
     summary="Restore a checkpoint and replay later edits",
 )
 def restore_checkpoint(checkpoint_id: Annotated[str, Path()], facade: Facade) -> dict[str, Any]:
@@ -478,7 +395,7 @@ def restore_checkpoint(checkpoint_id: Annotated[str, Path()], facade: Facade) ->
 
 @router.post(
     "/v1/drift",
-    dependencies=[*_documented_auth, Depends(require_ready)],
+    dependencies=[*documented_auth, Depends(require_ready)],
     summary="Run a drift check now",
 )
 def drift_check(facade: Facade) -> dict[str, Any]:
@@ -486,7 +403,7 @@ def drift_check(facade: Facade) -> dict[str, Any]:
     return facade.run_drift_check()
 
 
-@router.get("/v1/feeds", dependencies=_documented_auth, summary="The feeds and their state")
+@router.get("/v1/feeds", dependencies=documented_auth, summary="The feeds and their state")
 def list_feeds(facade: Facade) -> dict[str, Any]:
     """Each feed: URL, status, last error, cache validators, next poll, item counts."""
     return {"feeds": facade.list_feeds()}
@@ -494,7 +411,7 @@ def list_feeds(facade: Facade) -> dict[str, Any]:
 
 @router.post(
     "/v1/feeds/poll",
-    dependencies=[*_documented_auth, Depends(require_ready)],
+    dependencies=[*documented_auth, Depends(require_ready)],
     summary="Poll feeds now",
 )
 def poll_feeds(
@@ -507,7 +424,7 @@ def poll_feeds(
 @router.post(
     "/v1/nightly",
     status_code=202,
-    dependencies=[*_documented_auth, Depends(require_ready)],
+    dependencies=[*documented_auth, Depends(require_ready)],
     summary="Start the nightly run now",
 )
 def start_nightly(facade: Facade) -> dict[str, Any]:
@@ -517,7 +434,7 @@ def start_nightly(facade: Facade) -> dict[str, Any]:
 
 @router.get(
     "/v1/status",
-    dependencies=_documented_auth,
+    dependencies=documented_auth,
     summary="Queue depth, applied counts, last checkpoint and drift",
 )
 def status(facade: Facade) -> dict[str, Any]:
@@ -540,7 +457,7 @@ async def healthz(facade: Facade) -> SafeJSONResponse:
 
 @router.get(
     "/metrics",
-    dependencies=_documented_auth,
+    dependencies=documented_auth,
     summary="Prometheus metrics",
     response_class=Response,
 )
@@ -548,39 +465,3 @@ def metrics(facade: Facade) -> Response:
     """The Prometheus text exposition."""
     body, content_type = facade.metrics_text()
     return Response(content=body, media_type=content_type)
-
-
-def _completion_json(
-    model: str, choices: Sequence[CompletionChoice], *, with_logprobs: bool
-) -> dict[str, Any]:
-    prompt_tokens = sum(c.usage.get("prompt_tokens", 0) for c in choices)
-    completion_tokens = sum(c.usage.get("completion_tokens", 0) for c in choices)
-    return {
-        "id": f"cmpl-{uuid.uuid4().hex}",
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [_choice_json(c, with_logprobs) for c in choices],
-        "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        },
-    }
-
-
-def _choice_json(choice: CompletionChoice, with_logprobs: bool) -> dict[str, Any]:
-    logprobs = None
-    if with_logprobs:
-        logprobs = {
-            "tokens": list(choice.tokens),
-            "token_logprobs": list(choice.token_logprobs),
-            "top_logprobs": None if choice.top_logprobs is None else list(choice.top_logprobs),
-            "text_offset": list(choice.text_offset),
-        }
-    return {
-        "index": choice.index,
-        "text": choice.text,
-        "finish_reason": choice.finish_reason,
-        "logprobs": logprobs,
-    }

@@ -1,10 +1,16 @@
-"""Every HTTP error as one JSON shape, and the handlers that produce it.
+"""Every HTTP error as JSON, and the handlers that produce it.
 
-The body is always ``{"error": {"message": str, "field": str | null, "type": str}}``
+editd's routes answer ``{"error": {"message": str, "field": str | null, "type": str}}``
 where ``type`` is a short code for the status (``"not_found"``, ``"conflict"``,
-``"validation_error"`` ...). editd's own errors are mapped by class (the most
-specific class in :data:`STATUS_BY_ERROR` wins); anything else is a server fault:
-logged with its traceback and answered with a JSON 500 that hides the details.
+``"validation_error"`` ...). The OpenAI-compatible routes (:func:`is_openai_path`)
+answer in OpenAI's shape instead, ``{"error": {"message", "type", "param", "code"}}``,
+so that OpenAI's client libraries raise their usual exceptions: ``type`` is
+``invalid_request_error`` for a client's mistake (``rate_limit_error`` for 429,
+``server_error`` for 5xx), ``param`` the field at fault, ``code`` a specific reason
+(``model_not_found``, ``invalid_api_key``, ``unknown_parameter`` ...), and a
+validation error is 400 there, not 422. editd's own errors are mapped by class (the
+most specific class in :data:`STATUS_BY_ERROR` wins); anything else is a server
+fault: logged with its traceback and answered with a JSON 500 that hides the details.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from starlette.responses import JSONResponse, Response
 
 from daemon.errors import (
     BlockCapacityError,
+    ChatTemplateError,
     CheckpointError,
     DaemonNotReadyError,
     DriftDisabledError,
@@ -69,12 +76,43 @@ STATUS_BY_ERROR: Mapping[type[EditdError], int] = {
     DaemonNotReadyError: 503,
     DriftDisabledError: 409,
     CheckpointError: 409,
+    ChatTemplateError: 400,
 }
 """editd errors that a client caused or can wait out; other ``EditdError``s are 500s."""
 
 
+OPENAI_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models"})
+OPENAI_TYPE_BY_STATUS: Mapping[int, str] = {429: "rate_limit_error"}
+"""OpenAI's error ``type`` where it is not ``invalid_request_error`` (below 500) or
+``server_error`` (500 and above)."""
+OPENAI_CODE_BY_STATUS: Mapping[int, str] = {
+    401: "invalid_api_key",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "request_too_large",
+    415: "unsupported_media_type",
+    421: "misdirected_request",
+    429: "rate_limit_exceeded",
+    501: "not_implemented",
+    503: "unavailable",
+}
+OPENAI_CODE_BY_VALIDATION: Mapping[str, str] = {
+    "extra_forbidden": "unknown_parameter",
+    "missing": "missing_required_parameter",
+}
+"""OpenAI's ``code`` for a pydantic error type; any other validation error is ``invalid_value``."""
+
+
+def is_openai_path(path: str) -> bool:
+    """Whether ``path`` is an OpenAI-compatible route (its errors have OpenAI's shape)."""
+    return path in OPENAI_PATHS or path.startswith("/v1/models/")
+
+
 class ApiError(Exception):
-    """An error the API layer raises itself (a limit, a missing token, not ready)."""
+    """An error the API layer raises itself (a limit, a missing token, not ready);
+    ``code`` is the OpenAI error code on the OpenAI-compatible routes."""
 
     def __init__(
         self,
@@ -83,12 +121,14 @@ class ApiError(Exception):
         *,
         field: str | None = None,
         headers: Mapping[str, str] | None = None,
+        code: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.field = field
         self.headers = dict(headers or {})
+        self.code = code
 
 
 class SafeJSONResponse(JSONResponse):
@@ -105,8 +145,13 @@ def error_response(
     *,
     field: str | None = None,
     headers: Mapping[str, str] | None = None,
+    path: str = "",
+    code: str | None = None,
 ) -> SafeJSONResponse:
-    """The JSON error response for ``status``."""
+    """The JSON error response for ``status`` on the route ``path``: OpenAI's shape on
+    the OpenAI-compatible routes (where 422 becomes 400), editd's elsewhere."""
+    if is_openai_path(path):
+        return openai_error_response(status, message, param=field, code=code, headers=headers)
     body = {
         "error": {
             "message": message,
@@ -114,6 +159,38 @@ def error_response(
             "type": TYPE_BY_STATUS.get(status, "error"),
         }
     }
+    return SafeJSONResponse(body, status_code=status, headers=dict(headers or {}))
+
+
+def openai_error(
+    status: int, message: str, *, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    """OpenAI's error body (a validation error's status is 400 there)."""
+    if status >= 500:
+        kind = "server_error"
+    else:
+        kind = OPENAI_TYPE_BY_STATUS.get(status, "invalid_request_error")
+    return {
+        "error": {
+            "message": message,
+            "type": kind,
+            "param": param,
+            "code": code if code is not None else OPENAI_CODE_BY_STATUS.get(status),
+        }
+    }
+
+
+def openai_error_response(
+    status: int,
+    message: str,
+    *,
+    param: str | None = None,
+    code: str | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> SafeJSONResponse:
+    """An error response in OpenAI's shape; 422 is sent as 400, as OpenAI does."""
+    status = 400 if status == 422 else status
+    body = openai_error(status, message, param=param, code=code)
     return SafeJSONResponse(body, status_code=status, headers=dict(headers or {}))
 
 
@@ -136,21 +213,30 @@ def install_error_handlers(app: FastAPI) -> None:
 
 async def _api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
-    return error_response(exc.status, exc.message, field=exc.field, headers=exc.headers)
+    return error_response(
+        exc.status,
+        exc.message,
+        field=exc.field,
+        headers=exc.headers,
+        path=request.url.path,
+        code=exc.code,
+    )
 
 
 async def _validation_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
     errors: list[Mapping[str, Any]] = list(exc.errors())
+    path = request.url.path
     if any(e.get("type") == "json_invalid" for e in errors):
-        return error_response(400, "request body is not valid JSON")
+        return error_response(400, "request body is not valid JSON", path=path, code="invalid_json")
     first = _most_telling(errors)
     field = _field_name(first.get("loc", ()))
     message = str(first.get("msg", "invalid request"))
     others = {_field_name(e.get("loc", ())) for e in errors} - {field}
     if others:
         message = f"{message} (and problems in {len(others)} other field(s))"
-    return error_response(422, message, field=field)
+    code = OPENAI_CODE_BY_VALIDATION.get(str(first.get("type", "")), "invalid_value")
+    return error_response(422, message, field=field, path=path, code=code)
 
 
 def _most_telling(errors: list[Mapping[str, Any]]) -> Mapping[str, Any]:
@@ -165,7 +251,7 @@ def _most_telling(errors: list[Mapping[str, Any]]) -> Mapping[str, Any]:
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
-    return error_response(exc.status_code, message, headers=exc.headers)
+    return error_response(exc.status_code, message, headers=exc.headers, path=request.url.path)
 
 
 async def _editd_error(request: Request, exc: Exception) -> Response:
@@ -181,9 +267,14 @@ async def _editd_error(request: Request, exc: Exception) -> Response:
             exc_info=exc,
         )
         message = exc.message if status != 500 else "internal error"
-        return error_response(status, message, headers=_retry_after(status))
+        return error_response(status, message, headers=_retry_after(status), path=request.url.path)
     field = exc.context.get("field")
-    return error_response(status, exc.message, field=field if isinstance(field, str) else None)
+    return error_response(
+        status,
+        exc.message,
+        field=field if isinstance(field, str) else None,
+        path=request.url.path,
+    )
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> Response:
@@ -194,7 +285,7 @@ async def _unexpected_error(request: Request, exc: Exception) -> Response:
         error=type(exc).__name__,
         exc_info=exc,
     )
-    return error_response(500, "internal error")
+    return error_response(500, "internal error", path=request.url.path)
 
 
 def _retry_after(status: int) -> dict[str, str]:

@@ -8,10 +8,10 @@ against any implementation and keeps FastAPI out of the service.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Generator, Mapping, Sequence
 from typing import Any, Protocol
 
-from daemon.engine.completions import CompletionChoice, CompletionRequest
+from daemon.engine.completions import CompletionChoice, CompletionDelta, CompletionRequest
 from store.edits import EditRecord
 from store.intake import EnqueueResult
 from store.schema import EditKind, EditStatus
@@ -49,6 +49,27 @@ class DaemonFacade(Protocol):
 
     def complete(self, request: CompletionRequest) -> list[CompletionChoice]:
         """Continuations from the edited model, one choice per prompt, in order."""
+        ...
+
+    def stream(self, request: CompletionRequest) -> Generator[CompletionDelta, None, None]:
+        """The same continuations token by token (their deltas join to :meth:`complete`'s
+        choices). Iterate it in one thread; closing it stops generation at the next token
+        and frees the model."""
+        ...
+
+    def render_chat(self, messages: Sequence[Mapping[str, str]]) -> str:
+        """Chat messages (``{"role", "content"}``) as the model's prompt, through its chat
+        template (or ``[api] chat_template``); raises ``ChatTemplateError``."""
+        ...
+
+    def model_name(self) -> str:
+        """The served model's ``[model] name_or_path``."""
+        ...
+
+    def model_info(self) -> dict[str, Any]:
+        """The served model and how far edits have come: ``name_or_path``, ``loaded_at``
+        (Unix time or None), ``applied_edits``, ``applied_by_backend``, ``watermark`` (the
+        edit log's newest event id)."""
         ...
 
     def status(self) -> dict[str, Any]:

@@ -1,4 +1,12 @@
-"""OpenAI-style text completions from a Hugging Face causal LM, one prompt at a time.
+"""OpenAI-style text completions from a Hugging Face causal LM, one prompt at a time,
+token by token.
+
+:func:`stream` yields a :class:`CompletionDelta` after every generated token (its
+text may be empty while text is held back, see below) and a last one per prompt
+with the finish reason and the usage; :func:`complete` joins those deltas into
+:class:`CompletionChoice` objects, so a streamed answer and a whole one are the
+same text. A consumer that stops iterating (``close()`` on the generator) stops
+generation at the next token.
 
 Each prompt is generated alone, with its own key/value cache, inside
 ``routing([prompt])``: editors that route per batch row (MELO) see exactly the
@@ -7,7 +15,8 @@ mask or position ids (the greedy result equals
 :func:`daemon.model.generate.greedy_continuations`). All the work on one prompt
 (tokenising, eval mode, generation, decoding) lies inside one ``turn()``: the
 daemon's engine takes its lock per prompt there, so a waiting edit batch can go
-between two prompts of a request.
+between two prompts of a request. The turn is a context held across ``yield``:
+iterate :func:`stream` in one thread (the engine lock belongs to a thread).
 
 - ``temperature == 0``: greedy (argmax). Otherwise the logits are divided by the
   temperature, cut to the nucleus of mass ``top_p`` and sampled with a
@@ -15,11 +24,17 @@ between two prompts of a request.
   a seeded request is reproducible).
 - Finish reasons: ``"stop"`` for eos (not part of the text) or a stop string (the
   text is cut before the first one), else ``"length"``.
+- Text is handed out as soon as it cannot change any more: the decoded text of
+  all tokens so far, less a trailing incomplete character (U+FFFD), trailing
+  whitespace (a tokenizer's clean-up may drop a space before punctuation) and a
+  tail that could be the start of a stop string. The rest follows with the next
+  token or the last delta.
 - ``logprobs=k``: for every kept token its string, its log-probability under the
   model's own distribution (``log_softmax`` of the logits, temperature 1), the
   ``k`` most likely alternatives and its ``text_offset``: the character offset in
   ``prompt + text``, so the first token's offset is ``len(prompt)`` (OpenAI's
-  legacy format). A token is kept when it starts before the cut of a stop string.
+  legacy format). A token is kept when it starts before the cut of a stop string;
+  a delta carries the tokens that start inside the text handed out so far.
 - A prompt that does not fit the model's context together with ``max_tokens`` is
   cut on the left (its newest tokens kept) and ``max_tokens`` is capped so the
   sequence fits; ``completion_prompt_truncated`` is logged.
@@ -29,8 +44,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, closing, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -81,6 +96,29 @@ log = structlog.get_logger()
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One kept token's log-probability entry."""
+
+    token: str  # the token's own text (special tokens spelt out)
+    logprob: float
+    top: tuple[tuple[str, float], ...]  # the most likely alternatives, best first, distinct texts
+    offset: int  # where the token starts in the choice's text
+
+
+@dataclass(frozen=True)
+class CompletionDelta:
+    """What one step of :func:`stream` adds to choice ``index``: new text (maybe empty),
+    the log-probability entries of the tokens that start in it (when asked for), and,
+    on the choice's last delta, its finish reason and usage."""
+
+    index: int
+    text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
+    finish_reason: str | None = None  # "stop" | "length" on the last delta, else None
+    usage: dict[str, int] | None = None  # prompt_tokens, completion_tokens (last delta)
+
+
+@dataclass(frozen=True)
 class _Step:
     """One generated token: its id, its log-probability and the top alternatives."""
 
@@ -97,16 +135,10 @@ def complete(
     *,
     turn: Turn = nullcontext,
 ) -> list[CompletionChoice]:
-    """One :class:`CompletionChoice` per prompt of ``request``, in order; each prompt is
-    tokenised, generated and decoded inside its own ``turn()``."""
+    """One :class:`CompletionChoice` per prompt of ``request``, in order: the deltas of
+    :func:`stream` joined."""
     started = time.perf_counter()
-    generator = _generator(request.seed)
-    choices: list[CompletionChoice] = []
-    for index, prompt in enumerate(request.prompts):
-        with turn(), _inference(model):
-            choices.append(
-                _complete_one(model, tokenizer, request, routing, index, prompt, generator)
-            )
+    choices = collect(request, stream(model, tokenizer, request, routing, turn=turn))
     log.debug(
         "completions_generated",
         prompts=len(request.prompts),
@@ -116,7 +148,59 @@ def complete(
     return choices
 
 
-def _complete_one(
+def stream(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    request: CompletionRequest,
+    routing: Routing,
+    *,
+    turn: Turn = nullcontext,
+) -> Generator[CompletionDelta, None, None]:
+    """The choices of ``request`` as deltas: one per generated token (eos excepted) and a
+    last one per prompt, prompt after prompt. Each prompt is tokenised, generated and
+    decoded inside its own ``turn()``, held until its last delta has been taken."""
+    generator = _generator(request.seed)
+    for index, prompt in enumerate(request.prompts):
+        with turn(), _inference(model):
+            yield from _stream_one(model, tokenizer, request, routing, index, prompt, generator)
+
+
+def collect(
+    request: CompletionRequest, deltas: Iterable[CompletionDelta]
+) -> list[CompletionChoice]:
+    """The choices that ``deltas`` (of ``request``) spell, in index order."""
+    texts: dict[int, list[str]] = {}
+    entries: dict[int, list[TokenLogprob]] = {}
+    ends: dict[int, CompletionDelta] = {}
+    for delta in deltas:
+        texts.setdefault(delta.index, []).append(delta.text)
+        entries.setdefault(delta.index, []).extend(delta.logprobs)
+        if delta.finish_reason is not None:
+            ends[delta.index] = delta
+    choices: list[CompletionChoice] = []
+    for index in sorted(ends):
+        end, text, kept = ends[index], "".join(texts[index]), entries[index]
+        finish, usage = end.finish_reason or "length", dict(end.usage or {})
+        if request.logprobs is None:
+            choices.append(CompletionChoice(index, text, finish, usage=usage))
+            continue
+        shift = len(request.prompts[index])
+        choices.append(
+            CompletionChoice(
+                index=index,
+                text=text,
+                finish_reason=finish,
+                tokens=tuple(e.token for e in kept),
+                token_logprobs=tuple(e.logprob for e in kept),
+                top_logprobs=tuple(dict(e.top) for e in kept),
+                text_offset=tuple(shift + e.offset for e in kept),
+                usage=usage,
+            )
+        )
+    return choices
+
+
+def _stream_one(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     request: CompletionRequest,
@@ -124,36 +208,112 @@ def _complete_one(
     index: int,
     prompt: str,
     generator: torch.Generator,
-) -> CompletionChoice:
+) -> Iterator[CompletionDelta]:
     prompt_ids, max_new = _fit_context(model, tokenizer, prompt, request.max_tokens)
-    steps: list[_Step] = []
-    if max_new > 0:
-        with routing([prompt]):
-            steps = _generate(model, tokenizer, request, prompt_ids, max_new, generator)
-    usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": len(steps)}
+    text = _TextStream(tokenizer, request.stop, with_logprobs=request.logprobs is not None)
     eos = tokenizer.eos_token_id
-    hit_eos = bool(steps) and eos is not None and steps[-1].token_id == eos
-    kept = steps[:-1] if hit_eos else steps
-    ids = [s.token_id for s in kept]
-    text = _decode(tokenizer, ids)
-    cut = _first_stop(text, request.stop)
-    finish = "stop" if hit_eos or cut is not None else "length"
-    if cut is not None:
-        text = text[:cut]
-    if request.logprobs is None:
-        return CompletionChoice(index=index, text=text, finish_reason=finish, usage=usage)
-    offsets = [len(_decode(tokenizer, ids[:i])) for i in range(len(ids))]
-    keep = sum(1 for offset in offsets if cut is None or offset < cut)
-    return CompletionChoice(
-        index=index,
-        text=text,
-        finish_reason=finish,
-        tokens=tuple(_token_text(tokenizer, s.token_id) for s in kept[:keep]),
-        token_logprobs=tuple(s.logprob for s in kept[:keep]),
-        top_logprobs=tuple(_top_dict(tokenizer, s.top) for s in kept[:keep]),
-        text_offset=tuple(len(prompt) + offset for offset in offsets[:keep]),
-        usage=usage,
+    generated, hit_eos = 0, False
+    if max_new > 0:
+        with (
+            routing([prompt]),
+            closing(_steps(model, request, prompt_ids, max_new, generator)) as steps,
+        ):
+            for step in steps:
+                generated += 1
+                if eos is not None and step.token_id == eos:
+                    hit_eos = True
+                    break
+                piece, entries = text.push(step)
+                yield CompletionDelta(index, piece, entries)
+                if text.stopped:
+                    break
+    rest, entries = text.finish()
+    yield CompletionDelta(
+        index,
+        rest,
+        entries,
+        finish_reason="stop" if hit_eos or text.stopped else "length",
+        usage={"prompt_tokens": len(prompt_ids), "completion_tokens": generated},
     )
+
+
+class _TextStream:
+    """One choice's text as its tokens arrive, and how much of it may be handed out."""
+
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, stops: Sequence[str], *, with_logprobs: bool
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.stops = tuple(s for s in stops if s)
+        self.with_logprobs = with_logprobs
+        self.ids: list[int] = []
+        self.text = ""  # the decoded text of every token so far
+        self.sent = ""  # handed out so far: a prefix of ``text``
+        self.entries: list[TokenLogprob] = []
+        self.released = 0  # entries handed out
+        self.cut: int | None = None  # where the first stop string starts
+
+    @property
+    def stopped(self) -> bool:
+        return self.cut is not None
+
+    def push(self, step: _Step) -> tuple[str, tuple[TokenLogprob, ...]]:
+        """Add a generated token; the text (and entries) that may go out now."""
+        offset = len(self.text)
+        self.ids.append(step.token_id)
+        self.text = _decode(self.tokenizer, self.ids)
+        if self.with_logprobs:
+            self.entries.append(
+                TokenLogprob(
+                    token=_token_text(self.tokenizer, step.token_id),
+                    logprob=step.logprob,
+                    top=_top_pairs(self.tokenizer, step.top),
+                    offset=offset,
+                )
+            )
+        self.cut = _first_stop(self.text, self.stops)
+        if self.cut is not None:
+            return "", ()
+        return self._release(_settled_end(self.text, self.stops))
+
+    def finish(self) -> tuple[str, tuple[TokenLogprob, ...]]:
+        """The rest of the text (cut before a stop string) and of the kept entries."""
+        final = self.text if self.cut is None else self.text[: self.cut]
+        kept = [e for e in self.entries if self.cut is None or e.offset < self.cut]
+        rest = kept[self.released :]
+        self.released = len(kept)
+        if not final.startswith(self.sent):
+            # a tokenizer whose decoding changed text already handed out: keep what was sent
+            log.warning("completion_text_diverged", sent=len(self.sent), final=len(final))
+            return "", tuple(rest)
+        piece, self.sent = final[len(self.sent) :], final
+        return piece, tuple(rest)
+
+    def _release(self, end: int) -> tuple[str, tuple[TokenLogprob, ...]]:
+        if end <= len(self.sent) or not self.text.startswith(self.sent):
+            return "", ()
+        piece, self.sent = self.text[len(self.sent) : end], self.text[:end]
+        upto = self.released
+        while upto < len(self.entries) and self.entries[upto].offset < end:
+            upto += 1
+        out = tuple(self.entries[self.released : upto])
+        self.released = upto
+        return piece, out
+
+
+def _settled_end(text: str, stops: Sequence[str]) -> int:
+    """How much of ``text`` can no longer change as tokens follow (see the module doc)."""
+    end = len(text)
+    while end and text[end - 1] == "\ufffd":
+        end -= 1
+    head = text[:end].rstrip()
+    held = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(head)), held, -1):
+            if head.endswith(stop[:k]):
+                held = k
+                break
+    return len(head) - held
 
 
 @contextmanager
@@ -169,41 +329,25 @@ def _inference(model: PreTrainedModel) -> Iterator[None]:
         model.train(was_training)
 
 
-def _generate(
+def _steps(
     model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
     request: CompletionRequest,
     prompt_ids: list[int],
     max_new: int,
     generator: torch.Generator,
-) -> list[_Step]:
-    """Token loop over a key/value cache; stops at eos, a stop string or ``max_new``."""
+) -> Generator[_Step, None, None]:
+    """Token loop over a key/value cache: at most ``max_new`` tokens; the caller stops it."""
     device = next(model.parameters()).device
-    eos = tokenizer.eos_token_id
-    stops = tuple(s for s in request.stop if s)
-    longest_stop = max((len(s) for s in stops), default=0)
     inputs = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
     cache: Any = None
     seen = 0  # tokens in the cache
-    steps: list[_Step] = []
-    text = ""
     for _ in range(max_new):
         out = cast(Any, model)(**continuation_inputs(model, inputs, cache, seen))
         cache = returned_cache(out)
         seen += int(inputs.shape[1])
-        logits = out.logits[0, -1].float()  # (V,)
-        step = _pick(logits, request, generator)
-        steps.append(step)
-        if eos is not None and step.token_id == eos:
-            break
-        if stops:
-            new_text = _decode(tokenizer, [s.token_id for s in steps])
-            window = new_text[max(0, len(text) - longest_stop) :]
-            text = new_text
-            if any(stop in window for stop in stops):
-                break
+        step = _pick(out.logits[0, -1].float(), request, generator)  # logits (V,)
+        yield step
         inputs = torch.tensor([[step.token_id]], dtype=torch.long, device=device)
-    return steps
 
 
 def _pick(logits: torch.Tensor, request: CompletionRequest, generator: torch.Generator) -> _Step:
@@ -290,13 +434,14 @@ def _token_text(tokenizer: PreTrainedTokenizerBase, token_id: int) -> str:
     return cast(str, tokenizer.decode([token_id], skip_special_tokens=False))
 
 
-def _top_dict(
+def _top_pairs(
     tokenizer: PreTrainedTokenizerBase, top: tuple[tuple[int, float], ...]
-) -> dict[str, float]:
+) -> tuple[tuple[str, float], ...]:
+    """The alternatives as (text, logprob), best first; a text met twice keeps its first."""
     out: dict[str, float] = {}
     for token_id, logprob in top:
         out.setdefault(_token_text(tokenizer, token_id), logprob)
-    return out
+    return tuple(out.items())
 
 
 def _finite(value: float) -> float:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +29,7 @@ import structlog
 from daemon.config import Config, KindsConfig, cache_dir
 from daemon.editors.base import Editor, EditOutcome, EditSpec
 from daemon.editors.registry import BACKENDS, make_editor
-from daemon.engine.completions import CompletionChoice, CompletionRequest
+from daemon.engine.completions import CompletionChoice, CompletionDelta, CompletionRequest
 from daemon.engine.kinds import Expectation
 from daemon.model.batches import target_token_ids
 from daemon.model.generate import greedy_continuations
@@ -222,6 +222,20 @@ class Engine:
         from daemon.engine.completions import complete
 
         return complete(
+            self.loaded.model,
+            self.loaded.tokenizer,
+            request,
+            self.routing,
+            turn=self.lock.after_waiting,
+        )
+
+    def stream(self, request: CompletionRequest) -> Generator[CompletionDelta, None, None]:
+        """:meth:`complete` token by token (``daemon.engine.completions.stream``). Iterate it
+        in one thread: that thread holds the lock while a prompt generates, and closing the
+        iterator ends the generation at the next token and lets the lock go."""
+        from daemon.engine.completions import stream
+
+        return stream(
             self.loaded.model,
             self.loaded.tokenizer,
             request,

@@ -21,17 +21,23 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
+from contextlib import closing
 from dataclasses import replace
 from typing import Any, TypeVar
 
 import structlog
 
 from daemon import __version__
-from daemon.config import Config, request_limits
+from daemon.config import Config, chat_template_text, request_limits
 from daemon.editors.base import Editor
 from daemon.engine.backend_health import BackendHealth
-from daemon.engine.completions import CompletionChoice, CompletionRequest
+from daemon.engine.completions import (
+    CompletionChoice,
+    CompletionDelta,
+    CompletionRequest,
+    collect,
+)
 from daemon.engine.dispatch import Step
 from daemon.engine.engine import Engine, build_editor
 from daemon.errors import (
@@ -41,6 +47,7 @@ from daemon.errors import (
     EditdError,
     InvalidTransitionError,
 )
+from daemon.model.chat import render_chat
 from daemon.model.loading import LoadedModel
 from daemon.model.source import load_configured_model
 from daemon.service.checkpoints import CheckpointManager, Persistable, persistable
@@ -96,6 +103,8 @@ class Daemon:
         self._batches_since_drift = 0
         self._last_checkpoint_at = time.time()
         self.batches_done = 0  # batches whose follow-up (drift check, checkpoint) finished
+        self.chat_template: str | None = None  # [api] chat_template's text
+        self.loaded_at: float | None = None  # when the model finished loading (Unix time)
         self._stopped = False
         self.ingestion = Ingestion(self)
 
@@ -124,8 +133,10 @@ class Daemon:
         self.checkpoints = CheckpointManager(cfg.checkpoints.dir, self.store, cfg.checkpoints.keep)
         self.checkpoints.recover()
         self.ingestion.recover()
+        self.chat_template = chat_template_text(cfg.api)
         progress("loading the model")
         loaded = load_configured_model(cfg.model, progress=False)
+        self.loaded_at = time.time()
         self.metrics.model_loaded(loaded.load_seconds)
         if cfg.drift.enabled:
             self.drift = DriftMonitor.build(cfg, loaded, self.store)
@@ -414,9 +425,64 @@ class Daemon:
         return updated
 
     def complete(self, request: CompletionRequest) -> list[CompletionChoice]:
-        choices = self.live_engine().complete(request)
-        self.metrics.completions_served(len(choices))
-        return choices
+        return collect(request, self.stream(request))
+
+    def stream(self, request: CompletionRequest) -> Generator[CompletionDelta, None, None]:
+        """The engine's deltas, measured (``editd_completion_*``); iterate in one thread."""
+        return self._measured(self.live_engine().stream(request))
+
+    def _measured(
+        self, deltas: Generator[CompletionDelta, None, None]
+    ) -> Generator[CompletionDelta, None, None]:
+        started = time.perf_counter()
+        first_token: float | None = None
+        prompt_tokens = completion_tokens = choices = 0
+        cancelled = False
+        try:
+            with closing(deltas):  # closing this generator ends the engine's at once
+                for delta in deltas:
+                    generated = (delta.usage or {}).get("completion_tokens", 0)
+                    if first_token is None and (delta.finish_reason is None or generated):
+                        first_token = time.perf_counter() - started
+                    if delta.usage is not None:
+                        prompt_tokens += delta.usage.get("prompt_tokens", 0)
+                        completion_tokens += generated
+                        choices += 1
+                    yield delta
+        except GeneratorExit:  # the consumer stopped early (a client went away)
+            cancelled = True
+            raise
+        finally:
+            self.metrics.completions_served(choices)
+            self.metrics.completion_finished(
+                seconds=time.perf_counter() - started,
+                first_token_seconds=first_token,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                cancelled=cancelled,
+            )
+
+    def render_chat(self, messages: Sequence[Mapping[str, str]]) -> str:
+        """``messages`` as the model's prompt (``[api] chat_template`` or the model's own
+        template); raises ``ChatTemplateError``."""
+        return render_chat(self.live_engine().loaded.tokenizer, messages, self.chat_template)
+
+    def model_name(self) -> str:
+        return self.config.model.name_or_path
+
+    def model_info(self) -> dict[str, Any]:
+        """The served model and how far the edits have come: ``name_or_path``,
+        ``loaded_at``, ``applied_edits``, ``applied_by_backend`` and ``watermark`` (the
+        edit log's newest event id, as checkpoints record it)."""
+        engine, queue, store = self.live_engine(), self.live_queue(), self.live_store()
+        by_backend = queue.applied_by_backend()
+        return {
+            "name_or_path": engine.loaded.name_or_path,
+            "loaded_at": self.loaded_at,
+            "applied_edits": sum(by_backend.values()),
+            "applied_by_backend": by_backend,
+            "watermark": editlog.last_event_id(store),
+        }
 
     def status(self) -> dict[str, Any]:
         store, queue, engine = self.live_store(), self.live_queue(), self.live_engine()

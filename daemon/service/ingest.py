@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import structlog
 
 from daemon.feeds.poller import FeedPoller, PollReport
+from daemon.service.metrics import DaemonMetrics
 from daemon.service.nightly import NightlyHost, run_nightly
 from store.edits import EditRecord
 from store.spool import fail_interrupted_runs, latest_nightly_run
@@ -31,7 +32,10 @@ log = structlog.get_logger()
 class IngestionHost(NightlyHost, Protocol):
     """What feed polls and nightly runs need from the daemon
     (:class:`daemon.service.daemon.Daemon` is one): a nightly run's needs, and retraction
-    for feed items that are withdrawn."""
+    for feed items that are withdrawn, and the metrics each poll is counted in."""
+
+    @property
+    def metrics(self) -> DaemonMetrics: ...
 
     def retract(self, edit_id: str, reason: str) -> EditRecord: ...
 
@@ -62,15 +66,20 @@ class Ingestion:
         if not self.daemon.config.feeds.enabled:
             return []
         with self._poll_lock:
-            return self.poller().poll_due(should_stop=lambda: self.daemon.stopping)
+            return self._counted(self.poller().poll_due(should_stop=lambda: self.daemon.stopping))
 
     def poll(self, name: str | None) -> list[PollReport]:
         """Poll ``name`` now (due or not), or every due feed."""
         with self._poll_lock:
             poller = self.poller()
             if name is None:
-                return poller.poll_due(should_stop=lambda: self.daemon.stopping)
-            return [poller.poll(name)]
+                return self._counted(poller.poll_due(should_stop=lambda: self.daemon.stopping))
+            return self._counted([poller.poll(name)])
+
+    def _counted(self, reports: list[PollReport]) -> list[PollReport]:
+        for report in reports:
+            self.daemon.metrics.feed_polled(report.feed, report.outcome, malformed=report.malformed)
+        return reports
 
     def nightly(self, trigger: str) -> dict[str, Any] | None:
         """Run the nightly run here and now; None if one is already running."""

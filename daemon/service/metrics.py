@@ -19,6 +19,15 @@ Metrics (counters are exposed with the ``_total`` suffix):
   and ``editd_drift_runs_total{outcome="passed"|"failed"}``
 - ``editd_checkpoint_age_seconds`` gauge, computed at scrape time (absent before the first)
 - ``editd_model_load_seconds`` gauge, ``editd_rollbacks_total``, ``editd_completions_total``
+  (choices served)
+- completion requests (``/v1/completions`` and ``/v1/chat/completions``, streamed or not):
+  ``editd_completion_seconds`` (request latency), ``editd_completion_first_token_seconds``
+  (time to the first generated token), ``editd_completion_tokens_per_second`` (a request's
+  generated tokens over its seconds) histograms; ``editd_completion_tokens_total`` and
+  ``editd_completion_prompt_tokens_total``; ``editd_completions_cancelled_total`` (streams
+  whose client went away)
+- ``editd_feed_polls_total{feed, outcome}`` (``ok``, ``not_modified``, ``gone``, ``error``)
+  and ``editd_feed_items_malformed_total{feed}``
 - ``editd_build_info{version}``
 """
 
@@ -59,6 +68,21 @@ SUBMIT_TO_APPLIED_BUCKETS: tuple[float, ...] = (
     1800.0,
     3600.0,
 )
+COMPLETION_SECONDS_BUCKETS: tuple[float, ...] = (
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+)
+TOKENS_PER_SECOND_BUCKETS: tuple[float, ...] = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 DRIFT_OUTCOMES = ("passed", "failed")
 
 
@@ -176,6 +200,46 @@ class DaemonMetrics:
         self._completions = Counter(
             "editd_completions", "Completion requests served.", registry=reg
         )
+        self._completion_seconds = Histogram(
+            "editd_completion_seconds",
+            "Seconds a completion request took, to its last token.",
+            buckets=COMPLETION_SECONDS_BUCKETS,
+            registry=reg,
+        )
+        self._first_token_seconds = Histogram(
+            "editd_completion_first_token_seconds",
+            "Seconds from a completion request to its first generated token.",
+            buckets=COMPLETION_SECONDS_BUCKETS,
+            registry=reg,
+        )
+        self._tokens_per_second = Histogram(
+            "editd_completion_tokens_per_second",
+            "Generated tokens per second of one completion request.",
+            buckets=TOKENS_PER_SECOND_BUCKETS,
+            registry=reg,
+        )
+        self._completion_tokens = Counter(
+            "editd_completion_tokens", "Tokens generated for completion requests.", registry=reg
+        )
+        self._prompt_tokens = Counter(
+            "editd_completion_prompt_tokens",
+            "Prompt tokens read for completion requests.",
+            registry=reg,
+        )
+        self._cancelled = Counter(
+            "editd_completions_cancelled",
+            "Streamed completion requests stopped because the client went away.",
+            registry=reg,
+        )
+        self._feed_polls = Counter(
+            "editd_feed_polls", "Feed polls by feed and outcome.", ["feed", "outcome"], registry=reg
+        )
+        self._feed_malformed = Counter(
+            "editd_feed_items_malformed",
+            "Feed items that could not be read.",
+            ["feed"],
+            registry=reg,
+        )
         self._build = Info("editd_build", "The running editd build.", registry=reg)
         self._build.info({"version": version})
         self._checkpoint_age = _CheckpointAgeCollector(clock)
@@ -257,6 +321,32 @@ class DaemonMetrics:
 
     def completions_served(self, n: int = 1) -> None:
         self._completions.inc(n)
+
+    def completion_finished(
+        self,
+        *,
+        seconds: float,
+        first_token_seconds: float | None,
+        prompt_tokens: int,
+        completion_tokens: int,
+        cancelled: bool = False,
+    ) -> None:
+        """One completion request's timings and token counts (first_token_seconds None:
+        it generated no token)."""
+        self._completion_seconds.observe(max(0.0, seconds))
+        if first_token_seconds is not None:
+            self._first_token_seconds.observe(max(0.0, first_token_seconds))
+        if completion_tokens > 0 and seconds > 0:
+            self._tokens_per_second.observe(completion_tokens / seconds)
+        self._completion_tokens.inc(completion_tokens)
+        self._prompt_tokens.inc(prompt_tokens)
+        if cancelled:
+            self._cancelled.inc()
+
+    def feed_polled(self, feed: str, outcome: str, *, malformed: int = 0) -> None:
+        """One poll of one feed: its outcome and the items that could not be read."""
+        self._feed_polls.labels(feed=feed, outcome=outcome).inc()
+        self._feed_malformed.labels(feed=feed).inc(malformed)
 
     # --- scraping ------------------------------------------------------------------
 

@@ -1,8 +1,11 @@
 """A real facade for the API tests: a SQLite store, the edit queue and the micro world model.
 
 Nothing is mocked: edits go through :class:`store.queue.EditQueue` into a fresh
-SQLite file, completions through :func:`daemon.engine.completions.complete` on the
-micro fact-world model (with a routing that records the prompts it was given).
+SQLite file, completions through :func:`daemon.engine.completions.stream` on the
+micro fact-world model (with a routing that records the prompts it was given, under
+a real :class:`~daemon.engine.engine.EngineLock`), chat through
+:func:`daemon.model.chat.render_chat` with :data:`CHAT_TEMPLATE` (the micro world's
+tokenizer has no template of its own).
 ``make_server`` serves an app as ``editd serve`` does (uvicorn with the connection
 limits of :mod:`daemon.api.server`) on a free 127.0.0.1 port.
 """
@@ -11,7 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,12 +33,21 @@ from transformers import (
 )
 
 from daemon.api.app import create_app
+from daemon.api.errors import is_openai_path
 from daemon.api.facade import DaemonFacade
 from daemon.api.server import http_server
 from daemon.config import ApiConfig, Config
-from daemon.engine.completions import CompletionChoice, CompletionRequest, complete
+from daemon.engine.completions import (
+    CompletionChoice,
+    CompletionDelta,
+    CompletionRequest,
+    collect,
+    stream,
+)
+from daemon.engine.engine import EngineLock
 from daemon.errors import DriftDisabledError, RecordNotFoundError
 from daemon.feeds.poller import FeedPoller
+from daemon.model.chat import render_chat
 from daemon.service.serve import bind_socket
 from store.db import Store
 from store.edits import EditRecord
@@ -45,6 +57,12 @@ from store.queue import EditQueue
 from store.schema import EditKind, EditStatus, SourceKind
 
 TOKEN = "s3cret-token-for-the-tests"
+MODEL_NAME = "micro-world"
+"""The facade's ``[model] name_or_path`` (not a path: it is served under this id)."""
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
 JSON = {"Content-Type": "application/json"}
 """The header every POST needs, also one without a body."""
 
@@ -77,6 +95,8 @@ class StoreFacade:
         self.queue = EditQueue(store)
         self.world = world
         self.routing = RecordingRouting()
+        self.lock = EngineLock()
+        self.chat_template: str | None = CHAT_TEMPLATE
         self.ready = True
         self.checkpoints = 0
         self.nightly_triggers: list[str] = []
@@ -103,8 +123,33 @@ class StoreFacade:
         return self.queue.transition(edit_id, EditStatus.RETRACTED, reason=reason)
 
     def complete(self, request: CompletionRequest) -> list[CompletionChoice]:
+        return collect(request, self.stream(request))
+
+    def stream(self, request: CompletionRequest) -> Generator[CompletionDelta, None, None]:
         routing: Callable[[Sequence[str]], AbstractContextManager[None]] = self.routing
-        return complete(self.world.model, self.world.tokenizer, request, routing)
+        return stream(
+            self.world.model,
+            self.world.tokenizer,
+            request,
+            routing,
+            turn=self.lock.after_waiting,
+        )
+
+    def render_chat(self, messages: Sequence[Mapping[str, str]]) -> str:
+        return render_chat(self.world.tokenizer, messages, self.chat_template)
+
+    def model_name(self) -> str:
+        return MODEL_NAME
+
+    def model_info(self) -> dict[str, Any]:
+        applied = self.queue.applied_by_backend()
+        return {
+            "name_or_path": MODEL_NAME,
+            "loaded_at": 1_700_000_000.0,
+            "applied_edits": sum(applied.values()),
+            "applied_by_backend": applied,
+            "watermark": 0,
+        }
 
     def status(self) -> dict[str, Any]:
         return {
@@ -248,15 +293,22 @@ def auth() -> dict[str, str]:
 
 
 def assert_error(response: Any, status: int, field: str | None = None) -> dict[str, Any]:
-    """``response`` has ``status`` and the JSON error shape (and names ``field``, if given)."""
+    """``response`` has ``status`` and the JSON error shape (and names ``field``, if given):
+    OpenAI's on the OpenAI-compatible routes (``param`` is the field there), editd's
+    elsewhere. Returns the error object."""
     assert response.status_code == status, response.text
     body = response.json()
     assert set(body) == {"error"}
     error = body["error"]
-    assert set(error) == {"message", "field", "type"}
+    if is_openai_path(response.request.url.path):
+        assert set(error) == {"message", "type", "param", "code"}, error
+        named = error["param"]
+    else:
+        assert set(error) == {"message", "field", "type"}
+        named = error["field"]
     assert isinstance(error["message"], str) and error["message"]
     assert isinstance(error["type"], str) and error["type"]
-    assert error["field"] is None or isinstance(error["field"], str)
+    assert named is None or isinstance(named, str)
     if field is not None:
-        assert error["field"] == field, error
+        assert named == field, error
     return dict(error)

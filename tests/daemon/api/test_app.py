@@ -8,7 +8,14 @@ from fastapi.testclient import TestClient
 
 from daemon.model.generate import greedy_continuations
 from store.schema import EditStatus
-from tests.daemon.api.conftest import JSON, TOKEN, ClientFactory, StoreFacade, assert_error
+from tests.daemon.api.conftest import (
+    JSON,
+    MODEL_NAME,
+    TOKEN,
+    ClientFactory,
+    StoreFacade,
+    assert_error,
+)
 
 
 def edit(n: int, **extra: object) -> dict[str, object]:
@@ -117,13 +124,13 @@ def test_greedy_completion_matches_greedy_continuations(
     prompts = ["The capital of Vonmark is", "Shus Fismou works for"]
     response = client.post(
         "/v1/completions",
-        json={"model": "anything", "prompt": prompts, "max_tokens": 8, "temperature": 0},
+        json={"model": MODEL_NAME, "prompt": prompts, "max_tokens": 8, "temperature": 0},
     )
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["object"] == "text_completion"
     assert body["id"].startswith("cmpl-")
-    assert body["model"] == "anything"
+    assert body["model"] == MODEL_NAME
     assert isinstance(body["created"], int)
     world = facade.world
     expected = greedy_continuations(world.model, world.tokenizer, prompts, max_new_tokens=8)
@@ -157,22 +164,29 @@ def test_completion_logprobs_and_stop(client: TestClient) -> None:
     assert logprobs["text_offset"][0] == len("The capital of Vonmark is")
 
 
-def test_completion_limits_are_422_with_field(make_client: ClientFactory) -> None:
+def test_completion_limits_are_400_with_param(make_client: ClientFactory) -> None:
+    """Validation errors on the OpenAI-compatible routes are OpenAI's 400
+    ``invalid_request_error`` naming the ``param`` (editd's routes keep 422)."""
     client = make_client(max_prompts_per_completion=2, max_tokens_limit=4)
     too_many = client.post("/v1/completions", json={"prompt": ["a", "b", "c"], "max_tokens": 1})
-    assert_error(too_many, 422, "prompt")
+    assert assert_error(too_many, 400, "prompt")["type"] == "invalid_request_error"
     assert_error(
-        client.post("/v1/completions", json={"prompt": "a", "max_tokens": 5}), 422, "max_tokens"
+        client.post("/v1/completions", json={"prompt": "a", "max_tokens": 5}), 400, "max_tokens"
     )
     five_stops = {"prompt": "a", "stop": ["1", "2", "3", "4", "5"]}
-    assert_error(client.post("/v1/completions", json=five_stops), 422, "stop")
+    assert_error(client.post("/v1/completions", json=five_stops), 400, "stop")
     assert_error(
-        client.post("/v1/completions", json={"prompt": "a", "logprobs": 6}), 422, "logprobs"
+        client.post("/v1/completions", json={"prompt": "a", "logprobs": 6}), 400, "logprobs"
     )
-    assert_error(client.post("/v1/completions", json={"prompt": []}), 422)
-    assert_error(client.post("/v1/completions", json={"prompt": "a", "n": 2}), 422, "n")
-    assert_error(client.post("/v1/completions", json={"prompt": 5}), 422)
-    assert_error(client.post("/v1/completions", json={"prompt": "a", "max_tokens": "2"}), 422)
+    assert_error(client.post("/v1/completions", json={"prompt": []}), 400)
+    assert_error(client.post("/v1/completions", json={"prompt": "a", "n": 2}), 400, "n")
+    assert_error(client.post("/v1/completions", json={"prompt": 5}), 400)
+    assert_error(client.post("/v1/completions", json={"prompt": "a", "max_tokens": "2"}), 400)
+    unknown = assert_error(client.post("/v1/completions", json={"prompt": "a", "best_of": 2}), 400)
+    assert unknown["code"] == "unknown_parameter" and unknown["param"] == "best_of"
+    missing = assert_error(client.post("/v1/completions", json={"max_tokens": 1}), 400, "prompt")
+    assert missing["code"] == "missing_required_parameter"
+    assert_error(client.post("/v1/edits", json={"edits": 3}), 422, "edits")
 
 
 def test_completion_rejects_lone_surrogates(client: TestClient) -> None:
@@ -180,27 +194,7 @@ def test_completion_rejects_lone_surrogates(client: TestClient) -> None:
     response = client.post(
         "/v1/completions", content=body, headers={"content-type": "application/json"}
     )
-    assert_error(response, 422)
-
-
-def test_completions_need_the_token_unless_configured_open(
-    make_client: ClientFactory, auth: dict[str, str]
-) -> None:
-    """With a token set, completions need it (they hold the model); ``[api]
-    completions_require_token = false`` opens them again."""
-    body = {"prompt": "The", "max_tokens": 1}
-    guarded = make_client(token=TOKEN, max_tokens_limit=2)
-    assert_error(guarded.post("/v1/completions", json=body), 401)
-    assert guarded.post("/v1/completions", json=body, headers=auth).status_code == 200
-    open_ = make_client(token=TOKEN, max_tokens_limit=2, completions_require_token=False)
-    assert open_.post("/v1/completions", json=body).status_code == 200
-
-
-def test_seeded_sampling_is_reproducible(client: TestClient) -> None:
-    body = {"prompt": ["", "The"], "max_tokens": 10, "temperature": 1.0, "seed": 7}
-    first = client.post("/v1/completions", json=body).json()["choices"]
-    second = client.post("/v1/completions", json=body).json()["choices"]
-    assert [c["text"] for c in first] == [c["text"] for c in second]
+    assert_error(response, 400, "prompt")
 
 
 # --- status, health, metrics, checkpoints ------------------------------------------------

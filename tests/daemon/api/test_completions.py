@@ -8,7 +8,14 @@ from typing import Any, cast
 import pytest
 import torch
 
-from daemon.engine.completions import MIN_LOGPROB, CompletionRequest, complete
+from daemon.engine.completions import (
+    MIN_LOGPROB,
+    CompletionRequest,
+    _settled_end,
+    collect,
+    complete,
+    stream,
+)
 from daemon.model.generate import greedy_continuations
 from tests.daemon.api.conftest import RecordingRouting, WorldModel
 
@@ -163,3 +170,78 @@ def test_long_prompt_is_fitted_to_the_context(world_model: WorldModel) -> None:
     )
     assert choice.usage["prompt_tokens"] + 4 <= context
     assert choice.usage["completion_tokens"] >= 1
+
+
+# --- token by token ----------------------------------------------------------------------
+
+
+def test_stream_deltas_join_to_the_choices(world_model: WorldModel) -> None:
+    """One delta per generated token (eos excepted) plus a last one per prompt; the
+    deltas join to exactly what ``complete`` returns, logprob entries included."""
+    request = CompletionRequest(prompts=PROMPTS[:2], max_tokens=12, stop=(" is",), logprobs=2)
+    deltas = list(stream(world_model.model, world_model.tokenizer, request, RecordingRouting()))
+    choices = complete(world_model.model, world_model.tokenizer, request, RecordingRouting())
+    assert collect(request, deltas) == choices
+    for choice in choices:
+        mine = [d for d in deltas if d.index == choice.index]
+        assert [d.finish_reason is not None for d in mine] == [False] * (len(mine) - 1) + [True]
+        assert mine[-1].usage == choice.usage
+        eos = choice.finish_reason == "stop" and " is" not in choice.text
+        assert len(mine) - 1 <= choice.usage["completion_tokens"]
+        assert len(mine) - 1 >= choice.usage["completion_tokens"] - (1 if eos else 0)
+        assert "".join(d.text for d in mine) == choice.text
+        assert [e.token for d in mine for e in d.logprobs] == list(choice.tokens)
+
+
+def test_text_is_handed_out_before_the_end(world_model: WorldModel) -> None:
+    """Generation is streamed: text arrives in the per-token deltas, not only at the end."""
+    request = CompletionRequest(prompts=(PROMPTS[0],), max_tokens=12)
+    deltas = list(stream(world_model.model, world_model.tokenizer, request, RecordingRouting()))
+    early = [d.text for d in deltas[:-1] if d.text]
+    assert len(early) >= 2
+    assert "".join(d.text for d in deltas).startswith("".join(early))
+
+
+def test_closing_the_stream_stops_at_the_next_token(world_model: WorldModel) -> None:
+    """A consumer that closes the generator ends generation at once: no further forward
+    passes, and the turn (the daemon's engine lock) is left."""
+    turns: list[str] = []
+
+    @contextmanager
+    def turn() -> Any:
+        turns.append("enter")
+        try:
+            yield
+        finally:
+            turns.append("exit")
+
+    forwards: list[int] = []
+    model = cast(torch.nn.Module, world_model.model)
+    handle = model.register_forward_hook(lambda *_: forwards.append(1))
+    try:
+        request = CompletionRequest(prompts=PROMPTS[:2], max_tokens=40)
+        deltas = stream(
+            world_model.model, world_model.tokenizer, request, RecordingRouting(), turn=turn
+        )
+        first = next(deltas)
+        assert first.index == 0 and turns == ["enter"]
+        deltas.close()
+    finally:
+        handle.remove()
+    assert turns == ["enter", "exit"]
+    assert len(forwards) == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "stops", "settled"),
+    [
+        ("Paris", (), 5),
+        ("Paris is \n", (), 8),  # trailing whitespace waits for the next token
+        ("caf\ufffd", (), 3),  # an incomplete character waits
+        ("Paris i", (" is",), 5),  # could be the start of a stop string
+        ("Paris.", ("...",), 5),
+        ("Paris", (" is",), 5),
+    ],
+)
+def test_settled_text(text: str, stops: tuple[str, ...], settled: int) -> None:
+    assert _settled_end(text, stops) == settled

@@ -63,7 +63,7 @@ def test_completions_past_the_cap_get_429_with_retry_after(
         wait_until(lambda: gated.inside == 2, what="two completions to start")
         refused = httpx.post(url, json=BODY, timeout=5)
         error = assert_error(refused, 429)
-        assert error["type"] == "too_many_requests"
+        assert (error["type"], error["code"]) == ("rate_limit_error", "rate_limit_exceeded")
         assert refused.headers["retry-after"] == "1"
         assert gated.inside == 2
         gated.gate.set()

@@ -14,7 +14,13 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from store.schema import EditStatus
-from tests.daemon.api.conftest import TOKEN, ClientFactory, StoreFacade, assert_error
+from tests.daemon.api.conftest import (
+    MODEL_NAME,
+    TOKEN,
+    ClientFactory,
+    StoreFacade,
+    assert_error,
+)
 
 FUZZ = settings(
     max_examples=35,
@@ -74,7 +80,8 @@ def check(response: Any) -> None:
     assert response.status_code < 500, response.text
     if response.status_code >= 400:
         error = assert_error(response, response.status_code)
-        event(f"status {response.status_code} ({error['field']}) {error['message'][:60]}")
+        field = error.get("field", error.get("param"))
+        event(f"status {response.status_code} ({field}) {error['message'][:60]}")
     else:
         event(f"status {response.status_code}")
         if response.headers["content-type"].startswith("application/json"):
@@ -182,7 +189,7 @@ completion_fields = {
     "logprobs": mostly(st.one_of(st.integers(0, 5), st.none()), st.integers(-1, 7)),
     "stop": mostly(st.one_of(plain, st.lists(plain, max_size=4), st.none()), st.lists(texts)),
     "seed": mostly(st.one_of(st.integers(0, 2**63 - 1), st.none()), st.integers(-5, 2**64)),
-    "model": mostly(st.text(max_size=10), st.integers()),
+    "model": mostly(st.sampled_from([MODEL_NAME, None]), st.text(max_size=10)),
     "n": st.sampled_from([1] * 8 + [2, "1"]),
     "echo": st.sampled_from([False] * 8 + [True]),
 }
@@ -218,3 +225,49 @@ def test_fuzz_completions(
             logprobs = choice["logprobs"]
             if logprobs is not None:
                 assert all(lp <= 0 for lp in logprobs["token_logprobs"])
+
+
+message_like = st.fixed_dictionaries(
+    {
+        "role": st.sampled_from(["system", "developer", "user", "assistant", "tool", 3]),
+        "content": st.one_of(plain, st.lists(st.fixed_dictionaries({"type": st.just("text"),
+                                                                     "text": plain})), texts),
+    },
+    optional={"name": st.one_of(plain, json_values)},
+)  # fmt: skip
+chat_fields = {
+    "messages": mostly(st.lists(message_like, min_size=1, max_size=3), st.lists(json_values)),
+    "max_tokens": completion_fields["max_tokens"],
+    "max_completion_tokens": completion_fields["max_tokens"],
+    "temperature": completion_fields["temperature"],
+    "logprobs": mostly(st.booleans(), st.integers(-1, 3)),
+    "top_logprobs": mostly(st.one_of(st.integers(0, 20), st.none()), st.integers(-1, 25)),
+    "stop": completion_fields["stop"],
+    "model": completion_fields["model"],
+    "n": completion_fields["n"],
+    "stream_options": mostly(st.none(), st.fixed_dictionaries({"include_usage": json_values})),
+}
+chat_bodies = st.fixed_dictionaries(
+    {"messages": chat_fields["messages"]},
+    optional={k: v for k, v in chat_fields.items() if k != "messages"},
+)
+
+
+@settings(FUZZ, max_examples=40)
+@given(
+    body=st.one_of(chat_bodies, chat_bodies, st.dictionaries(texts, json_values, max_size=3)),
+    ascii_only=st.booleans(),
+)
+def test_fuzz_chat_completions(
+    make_client: ClientFactory, facade: StoreFacade, body: Any, ascii_only: bool
+) -> None:
+    """Odd chat requests get OpenAI-shaped errors, never a 500; answers have one choice."""
+    client = make_client(**LIMITS)
+    response = send(
+        client, "POST", "/v1/chat/completions", body_bytes(body, ascii_only), "application/json"
+    )
+    check(response)
+    if response.status_code == 200:
+        (choice,) = response.json()["choices"]
+        assert choice["message"]["role"] == "assistant"
+        assert isinstance(choice["message"]["content"], str)

@@ -108,9 +108,12 @@ def test_every_post_needs_a_json_content_type(
     type, which needs one, is required on every POST."""
     server = make_server()
     headers = {} if content_type is None else {"Content-Type": content_type}
-    for path in [*BODYLESS_POSTS, "/v1/edits", "/v1/completions"]:
+    for path in [*BODYLESS_POSTS, "/v1/edits"]:
         error = assert_error(post(server, path, headers=headers), 415)
         assert error["type"] == "unsupported_media_type"
+    for path in ["/v1/completions", "/v1/chat/completions"]:  # OpenAI's shape there
+        error = assert_error(post(server, path, headers=headers), 415)
+        assert error["code"] == "unsupported_media_type"
     assert facade.nightly_triggers == []
     assert facade.checkpoints == 0
 

@@ -64,6 +64,14 @@ def test_every_documented_family_is_exposed() -> None:
         "editd_model_load_seconds": "gauge",
         "editd_rollbacks": "counter",
         "editd_completions": "counter",
+        "editd_completion_seconds": "histogram",
+        "editd_completion_first_token_seconds": "histogram",
+        "editd_completion_tokens_per_second": "histogram",
+        "editd_completion_tokens": "counter",
+        "editd_completion_prompt_tokens": "counter",
+        "editd_completions_cancelled": "counter",
+        "editd_feed_polls": "counter",
+        "editd_feed_items_malformed": "counter",
         "editd_build_info": "gauge",
     }
 
@@ -191,3 +199,28 @@ def test_checkpoint_written_defaults_to_now() -> None:
     metrics = DaemonMetrics("x")
     metrics.checkpoint_written()
     assert 0.0 <= scrape(metrics)[("editd_checkpoint_age_seconds", ())] < 5.0
+
+
+def test_completion_requests_and_feed_polls() -> None:
+    """A finished request adds its tokens and observes its latency, first token and
+    tokens/s; a cancelled one is counted; feed polls count by feed and outcome."""
+    metrics = DaemonMetrics("x")
+    metrics.completion_finished(
+        seconds=2.0, first_token_seconds=0.2, prompt_tokens=7, completion_tokens=10
+    )
+    metrics.completion_finished(
+        seconds=0.5, first_token_seconds=None, prompt_tokens=3, completion_tokens=0, cancelled=True
+    )
+    metrics.feed_polled("news", "error", malformed=2)
+    metrics.feed_polled("news", "ok")
+    s = scrape(metrics)
+    assert s[("editd_completion_tokens_total", ())] == 10.0
+    assert s[("editd_completion_prompt_tokens_total", ())] == 10.0
+    assert s[("editd_completion_seconds_count", ())] == 2.0
+    assert s[("editd_completion_seconds_sum", ())] == 2.5
+    assert s[("editd_completion_first_token_seconds_count", ())] == 1.0
+    assert s[("editd_completion_tokens_per_second_sum", ())] == 5.0
+    assert s[("editd_completions_cancelled_total", ())] == 1.0
+    assert s[("editd_feed_polls_total", (("feed", "news"), ("outcome", "error")))] == 1.0
+    assert s[("editd_feed_polls_total", (("feed", "news"), ("outcome", "ok")))] == 1.0
+    assert s[("editd_feed_items_malformed_total", (("feed", "news"),))] == 2.0
