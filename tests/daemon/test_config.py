@@ -62,6 +62,8 @@ def test_contract_keys_exist() -> None:
         ("api", "port"),
         ("api", "token"),
         ("router", "default_backend"),
+        ("kinds", "withheld_answer"),
+        ("kinds", "max_target_tokens"),
     ]:
         assert hasattr(getattr(cfg, section), key), f"{section}.{key}"
 
