@@ -131,9 +131,10 @@ def finetune(
                 optimiser.step()
                 schedule.step()
                 step += 1
-                total += float(loss) * len(chunk)
+                value = float(loss.detach())
+                total += value * len(chunk)
                 if on_step is not None:
-                    on_step(step, float(loss))
+                    on_step(step, value)
             losses.append(total / len(order))
     finally:
         model.train(False)

@@ -120,3 +120,33 @@ def test_next_token_probabilities_match_a_single_forward(micro_world: Path, tmp_
         for word in words:
             first = tok(prompt + word)["input_ids"][len(ids[0])]
             assert math.isclose(probs[word], float(p[first]), rel_tol=1e-3, abs_tol=1e-6)
+
+
+def test_knowundo_names_rouge_and_requests() -> None:
+    from daemon.eval.knowundo import QA, forget_requests, person_of, rouge_l_recall
+
+    assert person_of("Who are Isabella Marquez's parents?") == "Isabella Marquez"
+    assert person_of("How can fans reach out to Hiro Tanaka?") == "Hiro Tanaka"
+    assert person_of("what is this?") is None
+    assert rouge_l_recall("her father is a climate scientist", "Her father is a scientist") == 1.0
+    assert rouge_l_recall("nothing shared", "Her father is a scientist") == 0.0
+    assert rouge_l_recall("father her is", "her father is") == 2 / 3
+    requests, skipped = forget_requests(
+        [QA("Where does Hiro Tanaka live?", "In Kyoto."), QA("What is it?", "A cat.")],
+        " [withheld]",
+    )
+    assert skipped == 1 and len(requests) == 1
+    assert requests[0].subject == "Hiro Tanaka" and requests[0].kind.value == "forget"
+    assert requests[0].prompt.startswith("Question: Where does Hiro Tanaka live?")
+
+
+def test_finetune_teaches_the_answers(micro_world: Path) -> None:
+    from daemon.eval.knowundo import QA, finetune
+
+    loaded = load_model(str(micro_world), device="cpu", dtype="float32")
+    loaded.model.requires_grad_(True)
+    pairs = [QA(f"Who is person {i}?", f"Person {i} is a teacher.") for i in range(4)]
+    losses = finetune(loaded.model, loaded.tokenizer, pairs, epochs=3, batch_size=4)
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert not any(p.requires_grad for p in loaded.model.parameters())
+    assert not loaded.model.training
