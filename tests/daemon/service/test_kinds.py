@@ -5,6 +5,8 @@ exactly, and that the API and the CLI list edits by kind."""
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 from typing import Any
 
 from click.testing import CliRunner
@@ -12,9 +14,11 @@ from fastapi.testclient import TestClient
 
 from daemon.api.app import create_app
 from daemon.cli.app import cli
+from daemon.config import load_config
 from daemon.engine.kinds import answer_of
 from daemon.model.answers import continuation_matches, reply_mentions
-from tests.daemon.service.conftest import settle
+from daemon.service.daemon import Daemon
+from tests.daemon.service.conftest import settle, write_config
 
 
 def test_a_forget_withholds_the_models_answer_and_its_retraction_restores_it(
@@ -85,3 +89,35 @@ def test_behaviour_edits_and_the_target_limit_and_listing_by_kind(
     )
     assert out.exit_code == 0, out.output
     assert [e["id"] for e in json.loads(out.output)] == ["fact"]
+
+
+def test_a_forget_survives_a_restart_from_checkpoint_and_without_one(
+    micro_world: Path, tmp_path: Path, world_edits: list[dict[str, Any]]
+) -> None:
+    """Checkpointed or replayed from the store, a forget comes back as it was verified:
+    its answer stays absent (the replay checks the answer the record kept)."""
+    fact = world_edits[5]
+    config = write_config(tmp_path, micro_world, scheduler={"enabled": False})
+    first = Daemon(load_config(config))
+    first.start()
+    try:
+        first.submit(
+            [{"id": "g", "kind": "forget", "prompt": fact["prompt"], "subject": fact["subject"]}]
+        )
+        settle(first)
+        withheld = first.get_edit("g").result["withheld"]  # type: ignore[index]
+        edited = first.live_engine().greedy([fact["prompt"]], 8)
+    finally:
+        first.stop(checkpoint=True)
+    for keep_checkpoint in (True, False):
+        if not keep_checkpoint:
+            shutil.rmtree(tmp_path / "var" / "checkpoints")
+        again = Daemon(load_config(config))
+        again.start()
+        try:
+            assert "g" in [i for ids in again.live_engine().applied_ids().values() for i in ids]
+            assert again.live_engine().greedy([fact["prompt"]], 8) == edited
+            assert not reply_mentions(edited[0], withheld)
+            assert again.get_edit("g").status.value == "applied"
+        finally:
+            again.stop(checkpoint=False)
