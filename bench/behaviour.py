@@ -12,21 +12,16 @@ before, after, and after retracting every edit.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from bench.forget import REPO, bench_config
-from bench.stats import RESULTS, fmt, machine_info, markdown_table, write_result
+from bench.stats import RESULTS, fmt, markdown_table, run_model_benchmark
 from daemon.eval.behaviour import BehaviourSuite, load_sets, run_suite
 from daemon.eval.routed import build_routed_editor
-from daemon.log import configure_logging
 from daemon.model.loading import load_model
-from store.schema import Backend
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -57,28 +52,25 @@ def table(result: dict[str, Any]) -> str:
     return markdown_table(headers, rows)
 
 
+def result_name(args: argparse.Namespace) -> str:
+    return f"behaviour-{args.model.name}-{args.backend}.json"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
     parser.add_argument("--model", type=Path, default=REPO / "var/models/smollm2-135m-instruct")
     parser.add_argument("--backend", default="auto", help="auto (the router) or a back-end")
     parser.add_argument("--cache", type=Path, help="keep the editors' caches here")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
-    Backend(args.backend)
-    torch.set_num_threads(1)
-    configure_logging("warning", "console")
-    result = {
-        "benchmark": "behaviour",
-        "model": args.model.name,
-        "machine": machine_info(),
-        "command": " ".join([".venv/bin/python -m bench.behaviour", *argv]),
-        **run(args),
-    }
-    print(table(result))
+    result = run_model_benchmark(
+        "behaviour",
+        parser,
+        argv,
+        run,
+        table,
+        result_name,
+    )
     print("retracted, outputs equal to the unedited model's:", result["retracted_unchanged"])
-    name = f"behaviour-{args.model.name}-{args.backend}.json"
-    print(f"wrote {write_result(args.out, name, result)}")
     return 0
 
 

@@ -17,23 +17,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from bench.stats import RESULTS, fmt, machine_info, markdown_table, write_result
+from bench.stats import RESULTS, fmt, markdown_table, run_model_benchmark
 from daemon.config import Config, load_config
 from daemon.eval.forgetting import forget_known
 from daemon.eval.loaders import convert
 from daemon.eval.routed import build_routed_editor
-from daemon.log import configure_logging
 from daemon.model.loading import load_model
 from store.records import parse_edit_request
-from store.schema import Backend, Scope
+from store.schema import Scope
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = {
@@ -93,6 +89,10 @@ def table(result: dict[str, Any]) -> str:
     return markdown_table(headers, rows)
 
 
+def result_name(args: argparse.Namespace) -> str:
+    return f"forget-{args.model.name}-{args.data}-{args.scope}-{args.backend}-{args.n}.json"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
     parser.add_argument("--model", type=Path, default=REPO / "var/models/smollm2-135m-instruct")
@@ -104,21 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--cache", type=Path, help="keep the editors' caches here")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
-    Backend(args.backend)
-    torch.set_num_threads(1)
-    configure_logging("warning", "console")
-    result = {
-        "benchmark": "forget",
-        "model": args.model.name,
-        "machine": machine_info(),
-        "command": " ".join([".venv/bin/python -m bench.forget", *argv]),
-        **run(args),
-    }
-    print(table(result))
-    name = f"forget-{args.model.name}-{args.data}-{args.scope}-{args.backend}-{args.n}.json"
-    print(f"wrote {write_result(args.out, name, result)}")
+    run_model_benchmark("forget", parser, argv, run, table, result_name)
     return 0
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -23,15 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-import torch
 
 from bench.forget import REPO, bench_config
-from bench.stats import RESULTS, fmt, machine_info, markdown_table, write_result
+from bench.stats import RESULTS, fmt, markdown_table, run_model_benchmark
 from daemon.eval.knowundo import finetune, load_split, person_of, recall_scores, run_knowundo
 from daemon.eval.routed import build_routed_editor
-from daemon.log import configure_logging
 from daemon.model.loading import load_model
-from store.schema import Backend
 
 DATA = REPO.parent / "shared" / "data" / "knowundo"
 log = structlog.get_logger()
@@ -129,6 +125,10 @@ def table(result: dict[str, Any]) -> str:
     return markdown_table(headers, [row])
 
 
+def result_name(args: argparse.Namespace) -> str:
+    return f"knowundo-{args.model.name}-{args.backend}-{args.n}.json"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
     parser.add_argument("--model", type=Path, default=REPO / "var/models/smollm2-135m-instruct")
@@ -139,21 +139,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--backend", default="auto", help="auto (the router) or a back-end")
     parser.add_argument("--cache", type=Path, help="keep the editors' caches here")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
-    Backend(args.backend)
-    torch.set_num_threads(1)
-    configure_logging("warning", "console")
-    result = {
-        "benchmark": "knowundo",
-        "model": args.model.name,
-        "machine": machine_info(),
-        "command": " ".join([".venv/bin/python -m bench.knowundo", *argv]),
-        **run(args),
-    }
-    print(table(result))
-    name = f"knowundo-{args.model.name}-{args.backend}-{args.n}.json"
-    print(f"wrote {write_result(args.out, name, result)}")
+    run_model_benchmark(
+        "knowundo",
+        parser,
+        argv,
+        run,
+        table,
+        result_name,
+    )
     return 0
 
 

@@ -7,8 +7,9 @@ import json
 import math
 import os
 import platform
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -108,3 +109,33 @@ def result_header(benchmark: str, args: argparse.Namespace, argv: Sequence[str])
         "machine": machine_info(),
         "command": " ".join([f".venv/bin/python -m bench.{benchmark}", *argv]),
     }
+
+
+def run_model_benchmark(
+    benchmark: str,
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None,
+    run: Callable[[argparse.Namespace], dict[str, Any]],
+    table: Callable[[dict[str, Any]], str],
+    name: Callable[[argparse.Namespace], str],
+) -> dict[str, Any]:
+    """The main of a one-model benchmark (``--model``, ``--backend``, ``--out``): one
+    torch thread, warnings only, ``run``, print ``table``, write ``out/name(args)``."""
+    from daemon.log import configure_logging
+    from store.schema import Backend
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    Backend(args.backend)
+    torch.set_num_threads(1)
+    configure_logging("warning", "console")
+    result = {
+        "benchmark": benchmark,
+        "model": args.model.name,
+        "machine": machine_info(),
+        "command": " ".join([f".venv/bin/python -m bench.{benchmark}", *argv]),
+        **run(args),
+    }
+    print(table(result))
+    print(f"wrote {write_result(args.out, name(args), result)}")
+    return result

@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -160,18 +160,7 @@ async def completions(
         with_logprobs=body.logprobs is not None,
         prompts=prompts,
     )
-    _take(slots)
-    if body.stream:
-        return _stream(facade, request, slots, shape, include_usage=body.include_usage())
-    try:
-        choices = await run_in_threadpool(facade.complete, request)
-    finally:
-        slots.give_back()
-    return {
-        **shape.head(),
-        "choices": [_completion_choice(c, shape.with_logprobs) for c in choices],
-        "usage": _usage(choices),
-    }
+    return await _respond(facade, request, slots, shape, body, _completion_choice)
 
 
 @router.post(
@@ -202,6 +191,19 @@ async def chat_completions(
         with_logprobs=body.logprobs,
         prompts=(prompt,),
     )
+    return await _respond(facade, request, slots, shape, body, _chat_choice)
+
+
+async def _respond(
+    facade: DaemonFacade,
+    request: CompletionRequest,
+    slots: CompletionSlots,
+    shape: _Shape,
+    body: CompletionBody | ChatBody,
+    choice: Callable[[CompletionChoice, bool], dict[str, Any]],
+) -> dict[str, Any] | Response:
+    """Take a completion slot and answer: server-sent events when ``body.stream``, else
+    one object of ``shape`` with a ``choice`` per prompt (the slot is given back)."""
     _take(slots)
     if body.stream:
         return _stream(facade, request, slots, shape, include_usage=body.include_usage())
@@ -211,7 +213,7 @@ async def chat_completions(
         slots.give_back()
     return {
         **shape.head(),
-        "choices": [_chat_choice(c, shape.with_logprobs) for c in choices],
+        "choices": [choice(c, shape.with_logprobs) for c in choices],
         "usage": _usage(choices),
     }
 

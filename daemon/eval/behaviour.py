@@ -22,8 +22,6 @@ by the probability view:
 from __future__ import annotations
 
 import json
-import time
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -33,7 +31,7 @@ import torch
 
 from daemon.config import RouterConfig
 from daemon.engine.engine import Engine
-from daemon.eval.routed import apply_in_sequence
+from daemon.eval.routed import apply_in_sequence, retract_all
 from daemon.model.answers import reply_mentions
 from daemon.model.batches import left_pad, padded_forward_inputs, padding_id, target_token_ids
 from daemon.model.chat import chat_prompt
@@ -167,24 +165,16 @@ def run_suite(suite: BehaviourSuite, router: RouterConfig) -> dict[str, Any]:
     engine = suite.engine
     base = suite.score()
     requests = suite.requests()
-    t0 = time.perf_counter()
-    results = apply_in_sequence(engine, requests, router)
-    applying = time.perf_counter() - t0
-    applied: Counter[str] = Counter()
-    failed: dict[str, str] = {}
-    for result in results:
-        applied.update(b.value for b in result.applied.values())
-        failed.update(result.failed)
+    done = apply_in_sequence(engine, requests, router)
     edited = suite.score()
-    for backend in engine.backends:
-        engine.retract(backend, [r.id for r in requests if r.id is not None])
+    retract_all(engine, requests)
     after = suite.score()
     families = list(base["outputs"])
     return {
         "edits": len(requests),
-        "applied_by": dict(applied),
-        "failed": failed,
-        "s_per_edit": round(applying / len(requests), 2),
+        "applied_by": done.applied_by,
+        "failed": done.failed,
+        "s_per_edit": done.seconds_per_edit(),
         "base": {k: v for k, v in base.items() if k != "outputs"},
         "edited": {k: v for k, v in edited.items() if k != "outputs"},
         "edited_unchanged": {f: unchanged(edited, base, f) for f in families},

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -40,7 +39,7 @@ from daemon.config import RouterConfig
 from daemon.editors.base import Editor
 from daemon.engine.engine import Engine
 from daemon.eval.perplexity import heldout_texts, perplexity
-from daemon.eval.routed import apply_in_sequence
+from daemon.eval.routed import apply_in_sequence, retract_all
 from daemon.eval.scoring import teacher_forced_accuracies
 from daemon.model.answers import continuation_matches, reply_mentions
 from daemon.model.batches import target_nll
@@ -231,17 +230,9 @@ def forget_known(
     requests = [
         forget_request(c.fact, f"forget-{i}", withheld, scope=scope) for i, c in enumerate(cases)
     ]
-    t0 = time.perf_counter()
-    results = apply_in_sequence(engine, requests, router, batch_size=batch_size)
-    applying = time.perf_counter() - t0
-    applied: Counter[str] = Counter()
-    failed: dict[str, str] = {}
-    for result in results:
-        applied.update(b.value for b in result.applied.values())
-        failed.update(result.failed)
+    done = apply_in_sequence(engine, requests, router, batch_size=batch_size)
     edited = with_locality(score(engine, cases), base)
-    for backend in engine.backends:
-        engine.retract(backend, [r.id for r in requests if r.id is not None])
+    retract_all(engine, requests)
     after = score(engine, cases)
     return {
         "known": len(known),
@@ -249,9 +240,9 @@ def forget_known(
         "scope": scope.value,
         "batch_size": batch_size,
         "withheld_answer": withheld,
-        "applied_by": dict(applied),
-        "failed": failed,
-        "s_per_forget": round(applying / max(1, len(requests)), 2),
+        "applied_by": done.applied_by,
+        "failed": done.failed,
+        "s_per_forget": done.seconds_per_edit(),
         "base": base.to_json_dict(),
         "edited": edited.to_json_dict(),
         "retracted": after.to_json_dict(),

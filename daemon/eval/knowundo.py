@@ -22,7 +22,6 @@ import json
 import math
 import random
 import re
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,21 +183,18 @@ def run_knowundo(
     forgotten = [qa for qa, r in zip(unlearn, _named(unlearn), strict=True) if r]
     base_unlearn = _mean(recall_scores(engine, forgotten))
     base_retention = _mean(recall_scores(engine, retention))
-    t0 = time.perf_counter()
-    results = apply_in_sequence(engine, requests, router, batch_size=batch_size)
-    applying = time.perf_counter() - t0
-    applied = sum(len(r.applied) for r in results)
-    failed = {k: v for r in results for k, v in r.failed.items()}
+    done = apply_in_sequence(engine, requests, router, batch_size=batch_size)
     edited_unlearn = _mean(recall_scores(engine, forgotten))
     edited_retention = _mean(recall_scores(engine, retention))
     return {
         "unlearn_questions": len(forgotten),
         "named_nobody": skipped,
         "retention_questions": len(retention),
-        "applied": applied,
-        "failed": len(failed),
-        "failures": dict(list(failed.items())[:10]),
-        "s_per_forget": round(applying / max(1, len(requests)), 2),
+        "applied": done.applied,
+        "applied_by": done.applied_by,
+        "failed": len(done.failed),
+        "failures": dict(list(done.failed.items())[:10]),
+        "s_per_forget": done.seconds_per_edit(),
         "finetuned_rouge_l": {"unlearn": base_unlearn, "retention": base_retention},
         "edited_rouge_l": {"unlearn": edited_unlearn, "retention": edited_retention},
         "forget_efficacy": 1 - edited_unlearn / base_unlearn if base_unlearn else math.nan,

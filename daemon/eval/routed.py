@@ -10,6 +10,8 @@ failures and escalate them once. :class:`RoutingTally` counts where edits went.
 
 from __future__ import annotations
 
+import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -139,6 +141,24 @@ def build_routed_editor(
     )
 
 
+@dataclass
+class SequenceOutcome:
+    """What :func:`apply_in_sequence` did: where each edit went, what failed and why."""
+
+    results: list[DispatchResult]
+    applied_by: dict[str, int]
+    failed: dict[str, str]
+    seconds: float
+
+    @property
+    def applied(self) -> int:
+        return sum(self.applied_by.values())
+
+    def seconds_per_edit(self) -> float:
+        n = self.applied + len(self.failed)
+        return round(self.seconds / max(1, n), 2)
+
+
 def apply_in_sequence(
     engine: Engine,
     requests: Sequence[EditRequest],
@@ -146,15 +166,28 @@ def apply_in_sequence(
     *,
     batch_size: int = 1,
     verify: bool = True,
-) -> list[DispatchResult]:
+) -> SequenceOutcome:
     """Apply ``requests`` (any kind) through the daemon's dispatch, ``batch_size`` at a
     time, as the worker does with requests from the queue."""
+    t0 = time.perf_counter()
     results = []
+    applied: Counter[str] = Counter()
+    failed: dict[str, str] = {}
     for start in range(0, len(requests), batch_size):
         chunk = requests[start : start + batch_size]
         items = []
         for request in chunk:
             assert request.id is not None
             items.append(DispatchItem(spec_for(request.id, request, engine.kinds), request))
-        results.append(dispatch(engine, items, router, verify=verify))
-    return results
+        result = dispatch(engine, items, router, verify=verify)
+        applied.update(b.value for b in result.applied.values())
+        failed.update(result.failed)
+        results.append(result)
+    return SequenceOutcome(results, dict(applied), failed, time.perf_counter() - t0)
+
+
+def retract_all(engine: Engine, requests: Sequence[EditRequest]) -> None:
+    """Retract every one of ``requests`` from whichever back-end holds it."""
+    ids = [r.id for r in requests if r.id is not None]
+    for backend in engine.backends:
+        engine.retract(backend, ids)
