@@ -31,7 +31,7 @@ import torch
 
 from daemon.config import RouterConfig
 from daemon.engine.engine import Engine
-from daemon.eval.routed import apply_in_sequence, retract_all
+from daemon.eval.routed import apply_in_sequence, retract_all, target_likelihoods
 from daemon.model.answers import reply_mentions
 from daemon.model.batches import left_pad, padded_forward_inputs, padding_id, target_token_ids
 from daemon.model.chat import chat_prompt
@@ -139,6 +139,15 @@ class BehaviourSuite:
             COMPLETION_TOKENS,
         )
         gaps = [abs(p[" he"] - p[" she"]) for p in probs]
+        views = {  # the probability view: each target's per-token likelihood
+            "identity_heldout": ([self.chat(q) for q in ident["heldout"]], ident["target"]),
+            "harmful_heldout": ([self.chat(h) for _, h in refusal["harmful"]], refusal["target"]),
+            "benign": ([self.chat(q) for q in refusal["benign"]], refusal["target"]),
+        }
+        probability = {
+            name: _rate_of(target_likelihoods(self.engine, ps, [target] * len(ps)))
+            for name, (ps, target) in views.items()
+        }
         gendered = [_first_word(c) in ("he", "she") for c in completions["bias_heldout"]]
         return {
             "identity": {
@@ -155,6 +164,7 @@ class BehaviourSuite:
                 "p_they": sum(p[" they"] for p in probs) / len(probs),
                 "greedy_gendered": _rate(gendered),
             },
+            "target_probability": probability,
             "outputs": {**replies, **completions},
         }
 
@@ -227,3 +237,7 @@ def _first_word(text: str) -> str:
 
 def _rate(hits: Sequence[bool]) -> float:
     return sum(hits) / len(hits) if hits else float("nan")
+
+
+def _rate_of(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")

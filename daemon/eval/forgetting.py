@@ -36,13 +36,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from daemon.config import RouterConfig
-from daemon.editors.base import Editor
 from daemon.engine.engine import Engine
 from daemon.eval.perplexity import heldout_texts, perplexity
-from daemon.eval.routed import apply_in_sequence, retract_all
-from daemon.eval.scoring import teacher_forced_accuracies
+from daemon.eval.routed import apply_in_sequence, retract_all, routing_of, target_likelihoods
 from daemon.model.answers import continuation_matches, reply_mentions
-from daemon.model.batches import target_nll
 from daemon.model.chat import chat_prompt, has_chat_template
 from store.schema import EditKind, EditRequest, EditSource, Scope, SourceKind
 
@@ -145,20 +142,9 @@ class ForgetScores:
         }
 
 
-class _Routing:
-    """The engine's routing as the scoring helpers take it (they only route)."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-
-    def routing(self, prompts: Sequence[str]) -> Any:
-        return self.engine.routing(prompts)
-
-
 def score(engine: Engine, cases: Sequence[ForgetCase], *, ppl_tokens: int = 4096) -> ForgetScores:
     """Leak rates, the probability view, locality outputs and perplexity, now."""
     model, tokenizer = engine.loaded.model, engine.loaded.tokenizer
-    router: Editor = _Routing(engine)  # type: ignore[assignment]
     leak: dict[str, float] = {}
     outputs: dict[str, list[str]] = {}
     for family in FAMILIES:
@@ -174,21 +160,15 @@ def score(engine: Engine, cases: Sequence[ForgetCase], *, ppl_tokens: int = 4096
     neighbours = [p.prompt for case in cases for p in case.fact.locality]
     outputs["locality"] = engine.greedy(neighbours, LOCALITY_TOKENS) if neighbours else []
     probability: dict[str, float] = {}
+    for family in ("prompt", "rephrase"):
+        pairs = [(p, c.answer) for c in cases for p in c.probes(engine)[family]]
+        if pairs:
+            likely = target_likelihoods(engine, [p for p, _ in pairs], [a for _, a in pairs])
+            probability[family] = sum(likely) / len(likely)
     with engine.lock:
-        for family in ("prompt", "rephrase"):
-            pairs = [(p, c.answer) for c in cases for p in c.probes(engine)[family]]
-            if not pairs:
-                continue
-            nll = teacher_forced_accuracies(
-                router,
-                model,
-                tokenizer,
-                [p for p, _ in pairs],
-                [a for _, a in pairs],
-                per_row=target_nll,
-            )
-            probability[family] = sum(math.exp(-x) for x in nll) / len(nll)
-        ppl = perplexity(router, model, tokenizer, heldout_texts(), max_tokens=ppl_tokens)
+        ppl = perplexity(
+            routing_of(engine), model, tokenizer, heldout_texts(), max_tokens=ppl_tokens
+        )
     return ForgetScores(leak, probability, None, ppl, outputs)
 
 

@@ -10,12 +10,13 @@ failures and escalate them once. :class:`RoutingTally` counts where edits went.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from daemon.config import Config, RouterConfig
 from daemon.editors.base import Editor, EditOutcome, EditSpec
@@ -191,3 +192,37 @@ def retract_all(engine: Engine, requests: Sequence[EditRequest]) -> None:
     ids = [r.id for r in requests if r.id is not None]
     for backend in engine.backends:
         engine.retract(backend, ids)
+
+
+class _EngineRouting:
+    """An engine's routing where the scoring helpers take an editor (they only route)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def routing(self, prompts: Sequence[str]) -> AbstractContextManager[None]:
+        return self.engine.routing(prompts)
+
+
+def routing_of(engine: Engine) -> Editor:
+    """``engine``'s routing as an :class:`Editor` for the scoring helpers (perplexity,
+    teacher-forced scores), which call nothing but ``routing``."""
+    return cast(Editor, _EngineRouting(engine))
+
+
+def target_likelihoods(
+    engine: Engine, prompts: Sequence[str], targets: Sequence[str]
+) -> list[float]:
+    """Each target's likelihood given its prompt, per token (``exp(-mean NLL)``),
+    teacher forced under the engine's routing: the probability view of a generation."""
+    if not prompts:
+        return []
+    from daemon.eval.scoring import teacher_forced_accuracies
+    from daemon.model.batches import target_nll
+
+    loaded = engine.loaded
+    with engine.lock:
+        nll = teacher_forced_accuracies(
+            routing_of(engine), loaded.model, loaded.tokenizer, prompts, targets, per_row=target_nll
+        )
+    return [math.exp(-x) for x in nll]
