@@ -276,11 +276,20 @@ class MeloEditor:
         return None if best is None else best.block
 
     def _remember_subjects(self, specs: Sequence[EditSpec]) -> None:
-        """The token n-grams that name each spec's subject (its prompt, if it has none)."""
+        """Where each spec's keys are read, as token n-grams that must end there: its
+        subject's tokens; for a spec without a subject, the last token of each of its
+        key texts (its keys are read at the last token: a chat prompt's final newline,
+        which a stripped prompt would miss), so the radius alone decides."""
         for spec in specs:
-            self._subject_grams[spec.edit_id] = subject_grams(
-                self.tokenizer, spec.subject or spec.prompt, spec.prompt
-            )
+            if spec.subject and spec.subject.strip():
+                grams = subject_grams(self.tokenizer, spec.subject, spec.prompt)
+            else:
+                grams = frozenset(
+                    (int(ids[-1]),)
+                    for text in self.key_texts(spec)
+                    if (ids := self.tokenizer(text, add_special_tokens=False)["input_ids"])
+                )
+            self._subject_grams[spec.edit_id] = grams
 
     # --- the Editor protocol: writes ----------------------------------------------------
 

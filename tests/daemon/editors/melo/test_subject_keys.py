@@ -249,3 +249,17 @@ def test_a_subject_key_is_also_read_in_fixed_frames_that_route_to_its_block(
     assert editor.index is not None and editor.index.key_count == len(texts)
     block = editor.table.block_of(record["id"])
     assert editor.route_blocks(framed) == [block] * len(framed)
+
+
+def test_an_edit_without_a_subject_routes_by_its_last_token_even_after_a_newline(
+    make_editor: Any, world_edits: Records
+) -> None:
+    """A subjectless edit's key is its prompt's last token; its prompt must route there
+    even when that token is whitespace (a chat prompt ends "assistant\\n"), which a
+    stripped prompt's tokens would never end at."""
+    editor = _subject_editor(make_editor)
+    record = world_edits[0]
+    prompt = record["prompt"] + "\n"
+    out = editor.apply([spec(record, subject=None, prompt=prompt)])
+    assert out[0].accepted, out[0].reason
+    assert editor.route_blocks([prompt, record["prompt"]])[0] == out[0].details["block"]
