@@ -62,3 +62,28 @@ def _without_repeated_bos(tokenizer: PreTrainedTokenizerBase, text: str) -> str:
     if adds_bos and isinstance(bos, str) and text.startswith(bos):
         return text[len(bos) :]
     return text
+
+
+_MARKER = "\u2063editd-user-turn\u2063"  # invisible separators: never in real text
+
+
+def chat_suffix(tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """What a one-turn chat prompt (:func:`chat_prompt`) ends with after the user's
+    text: the end of the turn and the assistant's header (SmolLM2:
+    ``"<|im_end|>\\n<|im_start|>assistant\\n"``); None without a chat template."""
+    if not has_chat_template(tokenizer):
+        return None
+    rendered = chat_prompt(tokenizer, _MARKER)
+    at = rendered.rfind(_MARKER)
+    if at < 0:
+        return None
+    return rendered[at + len(_MARKER) :] or None
+
+
+def user_text_end(prompt: str, suffix: str | None) -> str | None:
+    """``prompt`` up to the end of its user's text when it is a chat prompt ending with
+    ``suffix`` (:func:`chat_suffix`), else None."""
+    if suffix is None or not prompt.endswith(suffix) or len(prompt) == len(suffix):
+        return None
+    head = prompt[: -len(suffix)]
+    return head if head.strip() else None

@@ -83,6 +83,7 @@ from daemon.editors.melo.training import TrainResult, TrainSettings, train_block
 from daemon.errors import BlockCapacityError, ConfigError, EditorStateError
 from daemon.model import arch
 from daemon.model.batches import PromptTargetBatch, encode_prompt_target
+from daemon.model.chat import chat_suffix, user_text_end
 from daemon.model.tokens import TokenGram, subject_grams
 
 log = structlog.get_logger()
@@ -197,6 +198,7 @@ class MeloEditor:
             raise ValueError("radius_fraction > 0, max_target_tokens >= 1, verify_batch_size >= 1")
         self.model = model
         self.tokenizer = tokenizer
+        self._chat_suffix = chat_suffix(tokenizer)
         self.config = config
         self.layers, self.key_layer = resolve_layers(model, config)
         self.calibration_prompts = tuple(calibration_prompts)
@@ -277,9 +279,8 @@ class MeloEditor:
 
     def _remember_subjects(self, specs: Sequence[EditSpec]) -> None:
         """Where each spec's keys are read, as token n-grams that must end there: its
-        subject's tokens; for a spec without a subject, the last token of each of its
-        key texts (its keys are read at the last token: a chat prompt's final newline,
-        which a stripped prompt would miss), so the radius alone decides."""
+        subject's tokens; for a spec without a subject, the last token of each key text's
+        :meth:`_key_span` (so the radius alone decides)."""
         for spec in specs:
             if spec.subject and spec.subject.strip():
                 grams = subject_grams(self.tokenizer, spec.subject, spec.prompt)
@@ -287,9 +288,28 @@ class MeloEditor:
                 grams = frozenset(
                     (int(ids[-1]),)
                     for text in self.key_texts(spec)
-                    if (ids := self.tokenizer(text, add_special_tokens=False)["input_ids"])
+                    if (
+                        ids := self.tokenizer(self._key_span(text), add_special_tokens=False)[
+                            "input_ids"
+                        ]
+                    )
                 )
             self._subject_grams[spec.edit_id] = grams
+
+    def _key_span(self, text: str) -> str:
+        """The part of a subjectless edit's text whose last token carries its key: the
+        text up to the end of the user's turn when it is a chat prompt (every chat
+        prompt ends with the same template tokens, whose keys say little about the
+        question and would route every chat prompt alike), else the whole text (its
+        last token, whitespace included: a stripped text would end a token early)."""
+        return user_text_end(text, self._chat_suffix) or text
+
+    def _key_subject(self, spec: EditSpec, text: str) -> str | None:
+        """What :class:`KeyReader` reads ``text``'s key at: the spec's subject, else the
+        end of the user's turn of a chat prompt, else (None) its last token."""
+        if spec.subject and spec.subject.strip():
+            return spec.subject
+        return user_text_end(text, self._chat_suffix)
 
     # --- the Editor protocol: writes ----------------------------------------------------
 
@@ -581,7 +601,7 @@ class MeloEditor:
     def _keys_by_edit(self, specs: Sequence[EditSpec]) -> dict[str, F32]:
         """Each edit text's key: at its last token, or (``key_position = "subject_last"``)
         at the last token of the edit's subject where the text names it."""
-        subject_of = {t: s.subject for s in specs for t in self.key_texts(s)}
+        subject_of = {t: self._key_subject(s, t) for s in specs for t in self.key_texts(s)}
         texts = list(subject_of)
         if self.config.key_position != "subject_last":
             return dict(zip(texts, self.keys(texts), strict=True))

@@ -15,6 +15,7 @@ from daemon.editors.melo.keys import KeyReader
 from daemon.editors.melo.routing import route_rows
 from daemon.errors import EditorStateError
 from daemon.model.answers import continuation_matches
+from daemon.model.chat import chat_prompt, chat_suffix, user_text_end
 from daemon.model.generate import greedy_continuations
 from daemon.model.loading import LoadedModel, load_model
 from daemon.model.tokens import subject_last_token_index
@@ -263,3 +264,26 @@ def test_an_edit_without_a_subject_routes_by_its_last_token_even_after_a_newline
     out = editor.apply([spec(record, subject=None, prompt=prompt)])
     assert out[0].accepted, out[0].reason
     assert editor.route_blocks([prompt, record["prompt"]])[0] == out[0].details["block"]
+
+
+def test_a_chat_edit_without_a_subject_keys_the_users_text_not_the_template(
+    make_editor: Any, loaded: LoadedModel, world_edits: Records
+) -> None:
+    """Every chat prompt ends with the same template tokens; a subjectless chat-form
+    edit (a behaviour) is keyed where the user's text ends, so another question in the
+    same template does not reach its block."""
+    loaded.tokenizer.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} </turn>"
+        "{% endfor %}{% if add_generation_prompt %} <assistant>{% endif %}"
+    )
+    editor = _subject_editor(make_editor)
+    mine, other = world_edits[0], world_edits[3]
+    asked = chat_prompt(loaded.tokenizer, mine["prompt"])
+    out = editor.apply([spec(mine, subject=None, prompt=asked)])
+    assert out[0].accepted, out[0].reason
+    elsewhere = chat_prompt(loaded.tokenizer, other["prompt"])
+    head = user_text_end(asked, chat_suffix(loaded.tokenizer))
+    assert head is not None and head.endswith(mine["prompt"])
+    block = out[0].details["block"]
+    # the key lives where the user's text ends: that text routes even without the suffix
+    assert editor.route_blocks([asked, head, elsewhere]) == [block, block, None]
