@@ -25,7 +25,14 @@ import structlog
 
 from bench.forget import REPO, bench_config
 from bench.stats import RESULTS, fmt, markdown_table, run_model_benchmark
-from daemon.eval.knowundo import finetune, load_split, person_of, recall_scores, run_knowundo
+from daemon.eval.knowundo import (
+    QA,
+    finetune,
+    load_split,
+    person_of,
+    recall_scores,
+    run_knowundo,
+)
 from daemon.eval.routed import build_routed_editor
 from daemon.model.loading import load_model
 
@@ -35,13 +42,14 @@ log = structlog.get_logger()
 
 def ensure_finetuned(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
     """The fine-tuned copy's folder, fine-tuning it first when absent; and its record."""
-    out: Path = args.finetuned or REPO / "var" / "models" / f"{args.model.name}-knowundo"
+    scale = f"-{args.people}people" if args.people else ""
+    out: Path = args.finetuned or REPO / "var" / "models" / f"{args.model.name}-knowundo{scale}"
     record = out / "knowundo-finetune.json"
     if record.is_file():
         return out, json.loads(record.read_text())
     loaded = load_model(str(args.model), device="cpu", dtype="float32")
     loaded.model.requires_grad_(True)
-    pairs = load_split(DATA / "full.json")
+    pairs = of_people(load_split(DATA / "full.json"), chosen_people(args))
     t0 = time.perf_counter()
 
     def progress(step: int, loss: float) -> None:
@@ -62,6 +70,7 @@ def ensure_finetuned(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
     facts = {
         "from": str(args.model),
         "records": len(pairs),
+        "people": args.people or "all",
         "epochs": args.epochs,
         "learning_rate": args.lr,
         "epoch_losses": [round(x, 4) for x in losses],
@@ -71,6 +80,23 @@ def ensure_finetuned(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
     return out, facts
 
 
+def chosen_people(args: argparse.Namespace) -> set[str | None] | None:
+    """The first ``--people`` people named by the unlearn questions (None: everyone)."""
+    if not args.people:
+        return None
+    named: list[str] = []
+    for qa in load_split(DATA / "unlearn_train.json"):
+        person = person_of(qa.question)
+        if person and person not in named:
+            named.append(person)
+    return set(named[: args.people])
+
+
+def of_people(qas: list[QA], people: set[str | None] | None) -> list[QA]:
+    """The records about ``people`` (all records when None)."""
+    return qas if people is None else [q for q in qas if person_of(q.question) in people]
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     folder, trained = ensure_finetuned(args)
     cache = args.cache or Path(tempfile.mkdtemp(prefix="editd-knowundo-"))
@@ -78,7 +104,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cfg = bench_config(argparse.Namespace(model=folder, backend=args.backend), cache)
     loaded = load_model(str(folder), device="cpu")
     engine = build_routed_editor(loaded, cfg).engine
-    unlearn = load_split(DATA / "unlearn_train.json")[: args.n]
+    people = chosen_people(args)
+    unlearn = of_people(load_split(DATA / "unlearn_train.json"), people)[: args.n]
     people = {person_of(q.question) for q in unlearn} - {None}
     retention = [
         q for q in load_split(DATA / "retention_train.json") if person_of(q.question) in people
@@ -126,7 +153,8 @@ def table(result: dict[str, Any]) -> str:
 
 
 def result_name(args: argparse.Namespace) -> str:
-    return f"knowundo-{args.model.name}-{args.backend}-{args.n}.json"
+    scale = f"-{args.people}people" if args.people else ""
+    return f"knowundo-{args.model.name}-{args.backend}-{args.n}{scale}.json"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -136,6 +164,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--n", type=int, default=100, help="unlearn questions to forget")
+    parser.add_argument(
+        "--people",
+        type=int,
+        default=0,
+        help="run the whole protocol (fine-tuning included) on the first N people only",
+    )
     parser.add_argument("--backend", default="auto", help="auto (the router) or a back-end")
     parser.add_argument("--cache", type=Path, help="keep the editors' caches here")
     parser.add_argument("--out", type=Path, default=RESULTS)
