@@ -63,6 +63,9 @@ def test_superseding_edits_replace_the_old_one_or_leave_it_in_force(
         micro_world,
         router={"backends": backends},
         feeds={"enabled": False, "allow_hosts": ["127.0.0.1"]},
+        # the long target must reach the back-ends (which cannot learn it), not stop at
+        # the dispatch's target limit
+        kinds={"max_target_tokens": 512},
     )
     fact = next(e for e in world_edits if e["relation"] == "profession")
     t2, t3 = targets_of(world_edits, fact, 2)
