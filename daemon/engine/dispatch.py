@@ -43,6 +43,7 @@ from daemon.editors.registry import MELO, backend_names
 from daemon.engine.engine import Engine, Verification
 from daemon.engine.kinds import Expectation, answer_of, expectation, needs_answer
 from daemon.engine.router import Route, escalation, route
+from daemon.model.answers import continuation_matches
 from daemon.model.batches import target_token_ids
 from store.schema import Backend, EditKind, EditRequest
 
@@ -198,7 +199,8 @@ def _within_limits(
 
 def _answers_withheld(engine: Engine, items: Sequence[DispatchItem]) -> dict[str, str]:
     """For each ``forget``, the answer it withholds: the request's ``target_true``, or
-    the model's greedy answer to its prompt now (none when the model gives none)."""
+    the model's greedy answer to its prompt now (none when the model gives none, or
+    gives the forget's own target already)."""
     out = {
         i.spec.edit_id: i.request.target_true
         for i in items
@@ -209,7 +211,9 @@ def _answers_withheld(engine: Engine, items: Sequence[DispatchItem]) -> dict[str
         said = engine.greedy([i.request.prompt for i in ask], engine.kinds.answer_tokens)
         for item, continuation in zip(ask, said, strict=True):
             answer = answer_of(continuation)
-            if answer:
+            # an answer that is already the withheld one (another forget of the same
+            # subject covers this prompt) withholds nothing: the target is checked
+            if answer and not continuation_matches(continuation, item.spec.target):
                 out[item.spec.edit_id] = " " + answer
     return out
 

@@ -20,7 +20,7 @@ from daemon.editors.registry import HOOK, MELO
 from daemon.engine.dispatch import DispatchHooks, DispatchItem, Step, dispatch, request_for
 from daemon.engine.engine import Engine
 from daemon.model.loading import LoadedModel, load_model
-from store.schema import Backend
+from store.schema import Backend, EditKind, EditRequest
 
 
 class Scripted:
@@ -159,3 +159,22 @@ def test_no_escalation_a_disabled_backend_and_a_crashing_apply(loaded: LoadedMod
     assert set(result.failed) == {"a", "b"}
     assert result.failed["a"] == "hook apply raised RuntimeError: boom"
     assert crashing.held == []
+
+
+def test_a_forget_whose_prompt_already_gives_its_target_withholds_nothing(
+    loaded: LoadedModel,
+) -> None:
+    """Another forget of the subject already answers this prompt with the withheld
+    answer: that is not an answer to withhold (checking it absent would fail the edit);
+    the target itself is verified."""
+    engine = _engine(loaded, melo=Scripted("melo"))
+    prompt = "The capital of Zorland is"
+    already = engine.greedy([prompt], engine.kinds.answer_tokens)[0]
+    request = EditRequest(
+        prompt=prompt, target=already, id="g", subject="Zorland", kind=EditKind.FORGET
+    )
+    item = DispatchItem(EditSpec("g", prompt, already, subject="Zorland"), request)
+    result = dispatch(engine, [item], RouterConfig(default_backend="melo"), verify=True)
+    assert result.withheld == {}
+    assert result.applied == {"g": MELO}, result.failed
+    assert result.verifications["g"].withheld is None
