@@ -25,6 +25,7 @@ import structlog
 
 from bench.forget import REPO, bench_config
 from bench.stats import RESULTS, fmt, markdown_table, run_model_benchmark
+from daemon.engine.engine import Engine
 from daemon.eval.knowundo import (
     QA,
     finetune,
@@ -111,7 +112,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         q for q in load_split(DATA / "retention_train.json") if person_of(q.question) in people
     ]
     base_model = load_model(str(args.model), device="cpu")
-    base_engine = build_routed_editor(base_model, bench_config(args, cache)).engine
+    base_engine = Engine(base_model, {})  # no edits: no editors to build
     before_finetune = {
         "unlearn": _mean(recall_scores(base_engine, unlearn)),
         "retention": _mean(recall_scores(base_engine, retention)),
