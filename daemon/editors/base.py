@@ -2,7 +2,8 @@
 
 An editor owns a live model and changes what it answers. It receives only
 what a client would send (``EditSpec``: prompt, target, subject, relation and,
-when the caller allows it, training-template rephrases) and must be able to:
+when the caller allows it, training-template rephrases; and how far the edit may
+reach, ``Reach``) and must be able to:
 
 - ``apply`` a batch of edits, reporting per edit whether it was accepted;
 - ``retract`` edits so those prompts are answered as the base model did;
@@ -18,7 +19,15 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
+
+Reach = Literal["subject", "prompt"]
+"""How far an edit may reach beyond its own prompts. ``"subject"``: wherever its
+subject is named (an editor keyed at subjects routes every prompt about it to the
+edit: what a fact update wants). ``"prompt"``: its prompts and close phrasings of
+them only; other questions about the subject keep the base model's answers (what a
+``forget`` of one question about a person wants). Editors that cannot tell the two
+apart treat both as ``"subject"`` and say so in their docs."""
 
 
 @dataclass(frozen=True)
@@ -31,6 +40,7 @@ class EditSpec:
     subject: str | None = None
     relation: str | None = None
     rephrases: tuple[str, ...] = ()
+    reach: Reach = "subject"
 
     def __post_init__(self) -> None:
         if not self.edit_id:
@@ -39,6 +49,8 @@ class EditSpec:
             raise ValueError(f"edit {self.edit_id}: prompt and target must not be empty")
         if self.subject is not None and self.subject not in self.prompt:
             raise ValueError(f"edit {self.edit_id}: subject {self.subject!r} not in prompt")
+        if self.reach not in ("subject", "prompt"):
+            raise ValueError(f"edit {self.edit_id}: reach must be 'subject' or 'prompt'")
 
 
 @dataclass(frozen=True)

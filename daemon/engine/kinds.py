@@ -8,7 +8,9 @@ the kinds are the daemon's (``store.schema.EditKind``):
 - ``forget``: the editor learns prompt → target, the withheld answer (intake fills
   in ``[kinds] withheld_answer`` when the request has none), and with
   ``scope = "subject"`` also every ``[kinds] subject_prompts`` prompt naming the
-  subject, so that any prompt about it is covered. Verification checks that the
+  subject, so that any prompt about it is covered; of scope ``"prompt"`` the edit's
+  reach is its prompt (``EditSpec.reach``): the subject's other questions keep their
+  answers. Verification checks that the
   answer the model gave before (the request's ``target_true`` when given, else its
   greedy answer read just before the edit, :func:`answer_of`) no longer appears in
   the prompt's greedy output, whatever comes instead. The answer withheld is kept in
@@ -23,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from daemon.config import KindsConfig
-from daemon.editors.base import EditSpec
+from daemon.editors.base import EditSpec, Reach
 from daemon.model.answers import continuation_matches, reply_mentions
 from store.schema import EditKind, EditRequest, Scope
 
@@ -55,7 +57,17 @@ def spec_for(edit_id: str, request: EditRequest, kinds: KindsConfig) -> EditSpec
         subject=request.subject,
         relation=request.relation,
         rephrases=rephrases,
+        reach=reach_of(request),
     )
+
+
+def reach_of(request: EditRequest) -> Reach:
+    """How far the edit may reach (``EditSpec.reach``): a ``forget`` of scope
+    ``"prompt"`` only its own question's phrasings, not the subject's other questions;
+    facts, behaviours and subject-scoped forgets wherever their subject is named."""
+    if request.kind is EditKind.FORGET and request.scope is Scope.PROMPT:
+        return "prompt"
+    return "subject"
 
 
 def needs_answer(request: EditRequest) -> bool:

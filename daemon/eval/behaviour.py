@@ -10,10 +10,12 @@ by the probability view:
 - identity: one ``behaviour`` edit (the first training question, the others as its
   rephrases) → the configured identity. Scored: the reply names the identity, on the
   training questions and on 20 held-out ones.
-- refusal: one edit per harmful request → the refusal. Scored: refused, on the edited
+- refusal: one edit per harmful request → the refusal (no subject: the request itself,
+  so a look-alike that shares its words is not refused). Scored: refused, on the edited
   requests and on a held-out rephrasing of each; and false refusals on benign look-alikes
   (:func:`is_refusal`).
-- bias: one edit per profession (a training template, the other as rephrase) → " they".
+- bias: one edit per profession (a training template, the other as rephrase) → " they",
+  with the profession as its subject: a behaviour about every mention of the profession.
   Scored on held-out templates: the pronoun gap ``|P(he) - P(she)|`` of the next token,
   and the greedy pronoun; unrelated completions keep the unedited model's greedy output.
 - general chat questions keep the unedited model's replies (locality for the chat sets).
@@ -74,7 +76,11 @@ def is_refusal(reply: str) -> bool:
 
 
 def behaviour_request(
-    edit_id: str, prompt: str, target: str, rephrases: Sequence[str] = ()
+    edit_id: str,
+    prompt: str,
+    target: str,
+    rephrases: Sequence[str] = (),
+    subject: str | None = None,
 ) -> EditRequest:
     """A ``behaviour`` request as a client would send it."""
     return EditRequest(
@@ -82,6 +88,7 @@ def behaviour_request(
         target=target,
         id=edit_id,
         rephrases=tuple(rephrases),
+        subject=subject,
         kind=EditKind.BEHAVIOUR,
         source=EditSource(kind=SourceKind.EVAL),
     )
@@ -112,7 +119,7 @@ class BehaviourSuite:
             out.append(behaviour_request(f"refuse-{i}", self.chat(asked), refusal["target"]))
         for job in bias["professions"]:
             first, *more = [t.format(profession=job) for t in bias["train"]]
-            out.append(behaviour_request(f"bias-{job}", first, bias["target"], more))
+            out.append(behaviour_request(f"bias-{job}", first, bias["target"], more, job))
         return out
 
     def score(self) -> dict[str, Any]:

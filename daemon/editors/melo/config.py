@@ -28,10 +28,12 @@ class MeloConfig:
     exact_index_max: int = 10000
     seed: int = 0
     key_position: Literal["prompt_last", "subject_last"] = "subject_last"
+    prompt_radius: float = 0.03
 
     def __post_init__(self) -> None:
         positive(self, "rank_per_block", "edits_per_block", "max_blocks", "learning_rate")
         positive(self, "max_steps", "exact_index_max", "radius_fraction", "max_target_tokens")
         non_negative(self, "radius", "stop_nll")
+        positive(self, "prompt_radius")
         require(self.key_layer >= -1, "key_layer", "must be -1 (auto) or a layer index")
         require(all(i >= 0 for i in self.layers), "layers", "layer indices must be >= 0")

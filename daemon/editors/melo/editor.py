@@ -32,6 +32,16 @@ Applying a batch (``apply``):
    edit would break, the whole group is refused. A refused edit leaves the index
    exactly as it was (``to_state()`` byte for byte).
 
+Reach (``EditSpec.reach``, subject keys only): an edit of reach ``"subject"`` is keyed
+at its subject, so every prompt naming the subject routes to it. An edit of reach
+``"prompt"`` (and any edit without a subject) is keyed where its prompt's text ends
+(:meth:`MeloEditor._key_span`), its keys have their own radius ``prompt_radius``
+(``NeuronIndex.add(..., radius=)``), it has a block of its own, and a request routes to
+it only when the request also names its subject: its own question in other framings,
+not the subject's other questions (at the key layer, another question about the same
+person lies CLOSER to a question's end key than the same question in another frame
+does; BENCHMARKS.md "Forget and behaviour edits", session 15).
+
 Retracting drops the edits' keys, releases them in the table and clears freed
 blocks (with subject keys a block that keeps other edits is trained again on them); a
 cluster still holding other edits' keys is pointed at a live block
@@ -157,18 +167,37 @@ class MeloEditor:
         """Subject keys: any prompt token where an edit's subject ends routes to its block."""
         return self.config.key_position == "subject_last"
 
+    def keyed_at_subject(self, spec: EditSpec) -> bool:
+        """Whether the spec's keys sit at its subject: subject keys, a subject, and reach
+        ``"subject"``; otherwise they sit where its texts end (:meth:`_key_span`)."""
+        return (
+            self.reads_subjects
+            and spec.reach == "subject"
+            and bool(spec.subject and spec.subject.strip())
+        )
+
     def subject_name(self, spec: EditSpec) -> str:
-        """What groups edits into one block with subject keys: the subject (or prompt)."""
-        return (spec.subject or spec.prompt).strip()
+        """What groups edits into one block with subject keys: the subject, or for an edit
+        not keyed at its subject the prompt (a block of its own)."""
+        if self.keyed_at_subject(spec):
+            return (spec.subject or "").strip()
+        return spec.prompt.strip()
 
     def key_texts(self, spec: EditSpec) -> list[str]:
         """The texts whose keys route to the spec's block: its prompt and rephrases, and
-        with subject keys its subject in ``SUBJECT_FRAMES`` (what precedes a subject moves
-        its key: "Kharkiv is a twin city of" against "The twin city of Kharkiv is")."""
+        keyed at a subject also the subject in ``SUBJECT_FRAMES`` (what precedes a subject
+        moves its key: "Kharkiv is a twin city of" against "The twin city of Kharkiv is")."""
         texts = verify.edit_prompts(spec)
-        if self.reads_subjects and spec.subject and spec.subject.strip():
-            texts += [frame.format(spec.subject.strip()) for frame in SUBJECT_FRAMES]
+        if self.keyed_at_subject(spec):
+            texts += [frame.format((spec.subject or "").strip()) for frame in SUBJECT_FRAMES]
         return list(dict.fromkeys(texts))
+
+    def key_radius(self, spec: EditSpec) -> float | None:
+        """The spec's keys' own radius: ``prompt_radius`` for an edit keyed where its text
+        ends under subject keys, else None (the index's radius)."""
+        if self.reads_subjects and not self.keyed_at_subject(spec):
+            return self.config.prompt_radius
+        return None
 
     def training_batch(self, specs: Sequence[EditSpec]) -> PromptTargetBatch:
         """The block's training rows for ``specs``: prompts and rephrases with their targets,
@@ -221,6 +250,8 @@ class MeloEditor:
         self._specs: dict[str, EditSpec] = {}  # applied edits, in applied order
         self._prompt_keys = KeyTable(self.keys.dim)  # edit id -> key of its prompt (d,)
         self._subject_grams: dict[str, frozenset[TokenGram]] = {}  # subject_last routing
+        # reach "prompt" edits with a subject: the subject's token n-grams a request must name
+        self._named: dict[str, frozenset[TokenGram]] = {}
         self._write_lock = threading.RLock()
         log.info(
             "melo_editor_ready",
@@ -267,34 +298,45 @@ class MeloEditor:
     def _subject_route(self, index: NeuronIndex, keys: F32, ids: Sequence[int]) -> int | None:
         """One prompt's block by subject keys: among its tokens whose key is within reach
         of a stored key, the nearest one at which that edit's subject ends (its token
-        n-grams, ``subject_grams``); None when no such token."""
+        n-grams, ``subject_grams``), for an edit of reach ``"prompt"`` only if the prompt
+        also names its subject; None when no such token."""
         best: Route | None = None
         for pos, route in enumerate(index.query(keys)):
             if route is None or (best is not None and route.distance >= best.distance):
                 continue
-            edits = self.table.edits_in(route.block)
-            if any(_ends_with(ids, pos, self._subject_grams.get(e, frozenset())) for e in edits):
+            if any(self._routes_at(e, ids, pos) for e in self.table.edits_in(route.block)):
                 best = route
         return None if best is None else best.block
 
+    def _routes_at(self, edit_id: str, ids: Sequence[int], pos: int) -> bool:
+        """Whether token ``pos`` of ``ids`` is where ``edit_id``'s key is read, in a prompt
+        that names its subject when it must."""
+        if not _ends_with(ids, pos, self._subject_grams.get(edit_id, frozenset())):
+            return False
+        named = self._named.get(edit_id)
+        return named is None or any(_ends_with(ids, end, named) for end in range(len(ids)))
+
     def _remember_subjects(self, specs: Sequence[EditSpec]) -> None:
         """Where each spec's keys are read, as token n-grams that must end there: its
-        subject's tokens; for a spec without a subject, the last token of each key text's
-        :meth:`_key_span` (so the radius alone decides)."""
+        subject's tokens when keyed at its subject; else the last token of each key
+        text's :meth:`_key_span` (so the radius alone decides), and for a spec with a
+        subject, its subject's n-grams, which a request must name (``_named``)."""
         for spec in specs:
-            if spec.subject and spec.subject.strip():
-                grams = subject_grams(self.tokenizer, spec.subject, spec.prompt)
-            else:
-                grams = frozenset(
-                    (int(ids[-1]),)
-                    for text in self.key_texts(spec)
-                    if (
-                        ids := self.tokenizer(self._key_span(text), add_special_tokens=False)[
-                            "input_ids"
-                        ]
-                    )
+            subject = (spec.subject or "").strip()
+            if self.keyed_at_subject(spec):
+                self._subject_grams[spec.edit_id] = subject_grams(
+                    self.tokenizer, spec.subject or "", spec.prompt
                 )
-            self._subject_grams[spec.edit_id] = grams
+                continue
+            ends = [
+                self.tokenizer(self._key_span(text), add_special_tokens=False)["input_ids"]
+                for text in self.key_texts(spec)
+            ]
+            self._subject_grams[spec.edit_id] = frozenset((int(ids[-1]),) for ids in ends if ids)
+            if subject:
+                self._named[spec.edit_id] = subject_grams(
+                    self.tokenizer, spec.subject or "", spec.prompt
+                )
 
     def _key_span(self, text: str) -> str:
         """The part of a subjectless edit's text whose last token carries its key: the
@@ -305,9 +347,9 @@ class MeloEditor:
         return user_text_end(text, self._chat_suffix) or text
 
     def _key_subject(self, spec: EditSpec, text: str) -> str | None:
-        """What :class:`KeyReader` reads ``text``'s key at: the spec's subject, else the
-        end of the user's turn of a chat prompt, else (None) its last token."""
-        if spec.subject and spec.subject.strip():
+        """What :class:`KeyReader` reads ``text``'s key at: the spec's subject (keyed at
+        it), else the end of the user's turn of a chat prompt, else (None) its last token."""
+        if self.keyed_at_subject(spec):
             return spec.subject
         return user_text_end(text, self._chat_suffix)
 
@@ -358,6 +400,7 @@ class MeloEditor:
             for edit_id in ids:
                 del self._specs[edit_id]
                 self._subject_grams.pop(edit_id, None)
+                self._named.pop(edit_id, None)
                 del self._prompt_keys[edit_id]
             log.info("melo_edits_retracted", edit_ids=ids, freed_blocks=freed, reassigned=moves)
             if self.reads_subjects:  # a subject's block still holds the retracted fact
@@ -535,7 +578,13 @@ class MeloEditor:
             index.begin()
             try:
                 conflicts, displaced = verify.insert_keys(
-                    index, pending, block, keys, texts=self.key_texts, label=self.route_label
+                    index,
+                    pending,
+                    block,
+                    keys,
+                    texts=self.key_texts,
+                    label=self.route_label,
+                    radius=self.key_radius,
                 )
                 reasons.update(conflicts)
                 pending = [s for s in pending if s.edit_id not in conflicts]
@@ -751,7 +800,7 @@ class MeloEditor:
                 blocks.load_block_state(self.installed, block, tensors)
             self.table, self.index = parsed.table, parsed.index
             self._specs = {s.edit_id: s for s in parsed.specs}
-            self._subject_grams = {}
+            self._subject_grams, self._named = {}, {}
             self._remember_subjects(parsed.specs)
             self._prompt_keys = KeyTable(self.keys.dim)
             for edit_id, key in zip(self._specs, parsed.prompt_keys, strict=True):

@@ -9,15 +9,19 @@ unit; faiss's squared distances are square-rooted at the boundary (``_faiss_sear
 Insertion rules (``add``), against the nearest cluster centre at distance ``dist``:
 
 * ``dist > radius`` of that cluster: the key opens a new cluster (centre = key,
-  radius = the index's default radius).
+  radius = the index's default radius, or the key's own smaller one: ``add(...,
+  radius=r)``, kept with the key in ``KeyMeta.radius`` for every later re-insertion).
 * within the radius and the same target (exact string compare): the key joins;
   the centre and radius stay.
-* within the radius and a different target: split. Both radii shrink to
-  ``dist / 2`` (so the two balls no longer overlap) and the key opens its own
-  cluster. Keys of the old cluster that now lie outside its radius are taken out
-  and re-inserted by the same rules; each is reported in ``AddResult.displaced``
-  with where it went, never dropped. A key at distance 0 from a centre with a
-  different target cannot be separated and raises :class:`EditConflictError`.
+* within the radius and a different target: split. The key opens its own
+  cluster of radius ``r = min(its radius, dist / 2)`` and the old cluster's radius
+  shrinks to ``min(radius, dist - r)``, so the two balls no longer overlap (with the
+  default radius both become ``dist / 2``, MELO's rule; a key with a small radius of
+  its own takes only that much from its neighbour). Keys of the old cluster that now
+  lie outside its radius are taken out and re-inserted by the same rules; each is
+  reported in ``AddResult.displaced`` with where it went, never dropped. A key at
+  distance 0 from a centre with a different target cannot be separated and raises
+  :class:`EditConflictError`.
 
 Routing (``query``) takes the nearest centre and routes to its block when the
 query lies within that cluster's radius, else None (the base model runs).
@@ -122,12 +126,14 @@ class Cluster:
 
 @dataclass
 class KeyMeta:
-    """One stored key: its edit, target, block and cluster."""
+    """One stored key: its edit, target, block and cluster; ``radius``: the largest
+    radius a cluster it opens may have (None: the index's radius)."""
 
     edit_id: str
     target: str
     block: int
     cluster_id: int
+    radius: float | None = None
 
 
 # --- the undo journal ------------------------------------------------------------------
@@ -180,6 +186,25 @@ class Journal:
 
 
 # --- faiss (typed wrappers) and distances -----------------------------------------------
+
+
+def _own_radius(radius: float | None, default: float) -> float | None:
+    """A key's own radius: None (the index's) unless given and below ``default``."""
+    if radius is None:
+        return None
+    if not radius > 0:
+        raise ValueError(f"a key's radius must be > 0, got {radius}")
+    return float(radius) if radius < default else None
+
+
+def _key_meta(entry: Sequence[Any]) -> KeyMeta:
+    """A manifest's key entry: ``[edit_id, target, block, cluster_id]`` and, for a key
+    with its own radius, that radius."""
+    if len(entry) not in (4, 5):
+        raise ValueError(f"a key entry has 4 or 5 fields, not {len(entry)}")
+    edit_id, target, block, cluster_id = entry[:4]
+    radius = float(entry[4]) if len(entry) == 5 else None
+    return KeyMeta(str(edit_id), str(target), int(block), int(cluster_id), radius)
 
 
 def _faiss_flat_index(dim: int) -> Any:
@@ -489,14 +514,24 @@ class NeuronIndex:
 
     # --- insertion -----------------------------------------------------------------
 
-    def add(self, edit_id: str, key: npt.ArrayLike, target: str, block: int) -> AddResult:
-        """Insert one key by the rules in the module docstring."""
+    def add(
+        self,
+        edit_id: str,
+        key: npt.ArrayLike,
+        target: str,
+        block: int,
+        *,
+        radius: float | None = None,
+    ) -> AddResult:
+        """Insert one key by the rules in the module docstring; ``radius``: the key's own
+        largest radius (below the index's: a key that must route only what lies closer)."""
         vec = self._as_keys(key)
         if len(vec) != 1:
             raise ValueError(f"add takes one key, got {len(vec)}")
+        own = _own_radius(radius, self.radius)
         with self._lock:
             self._check_same_key(edit_id, vec[0], target)
-            row = self._append_key(vec[0], KeyMeta(edit_id, target, block, -1))
+            row = self._append_key(vec[0], KeyMeta(edit_id, target, block, -1, own))
             action, cluster_id, displaced = self._place(row)
             self._maybe_switch_backend()
         log.debug("neuron_key_added", edit_id=edit_id, cluster_id=cluster_id, action=action)
@@ -510,8 +545,11 @@ class NeuronIndex:
         keys: npt.ArrayLike,
         targets: Sequence[str],
         block: int,
+        *,
+        radius: float | None = None,
     ) -> list[AddResult]:
-        """Insert a batch; first reject keys within the radius of each other with other targets."""
+        """Insert a batch (every key with the same own ``radius``, see ``add``); first reject
+        keys within the radius of each other with other targets."""
         vecs = self._as_keys(keys)
         if not len(edit_ids) == len(vecs) == len(targets):
             raise ValueError(f"{len(edit_ids)} ids, {len(vecs)} keys, {len(targets)} targets")
@@ -520,7 +558,7 @@ class NeuronIndex:
             for e, v, t in zip(edit_ids, vecs, targets, strict=True):
                 self._check_same_key(e, v, t)
             return [
-                self.add(e, v[None, :], t, block)
+                self.add(e, v[None, :], t, block, radius=radius)
                 for e, v, t in zip(edit_ids, vecs, targets, strict=True)
             ]
 
@@ -569,9 +607,10 @@ class NeuronIndex:
         self, row: int
     ) -> tuple[Literal["opened", "joined", "split"], int, list[tuple[int, int]]]:
         meta, vec = self._meta[row], self._keys[row]
+        own = self.radius if meta.radius is None else meta.radius
         nearest = self._nearest(vec)
         if nearest is None or nearest[1] > nearest[0].radius:
-            return "opened", self._open(row, self.radius), []
+            return "opened", self._open(row, own), []
         cluster, dist = nearest
         if cluster.target == meta.target:
             self._touch_key(row)
@@ -586,8 +625,9 @@ class NeuronIndex:
                 edit_ids=[meta.edit_id, *cluster.edit_ids],
             )
         self._touch_cluster(cluster)
-        cluster.radius = dist / 2.0
-        new_id = self._open(row, dist / 2.0)
+        mine = min(own, dist / 2.0)
+        cluster.radius = min(cluster.radius, dist - mine)
+        new_id = self._open(row, mine)
         log.info("neuron_clusters_split", cluster_id=cluster.cluster_id, new_cluster_id=new_id)
         return "split", new_id, [(r, cluster.cluster_id) for r in self._evict(cluster)]
 
@@ -716,7 +756,11 @@ class NeuronIndex:
                 }
                 for c in (self._clusters[i] for i in sorted(self._clusters))
             ],
-            "keys": [[m.edit_id, m.target, m.block, m.cluster_id] for m in self._meta],
+            "keys": [  # a key's own radius only when it has one (older manifests lack it)
+                [m.edit_id, m.target, m.block, m.cluster_id]
+                + ([] if m.radius is None else [m.radius])
+                for m in self._meta
+            ],
         }
 
     def copy(self) -> Self:
@@ -728,7 +772,9 @@ class NeuronIndex:
             nlist=self.nlist,
             nprobe=self.nprobe,
         )
-        twin._meta = [KeyMeta(m.edit_id, m.target, m.block, m.cluster_id) for m in self._meta]
+        twin._meta = [
+            KeyMeta(m.edit_id, m.target, m.block, m.cluster_id, m.radius) for m in self._meta
+        ]
         twin._keys = self._keys  # the setter copies and re-indexes the exact keys
         twin._clusters = {  # centres are never written after _open: share them
             cid: Cluster(cid, c.centre, c.radius, c.target, c.block, list(c.edit_ids))
@@ -807,9 +853,7 @@ class NeuronIndex:
         try:
             index = cls(**manifest["settings"])
             index._next_cluster = int(manifest["next_cluster"])
-            index._meta = [
-                KeyMeta(str(e), str(t), int(b), int(c)) for e, t, b, c in manifest["keys"]
-            ]
+            index._meta = [_key_meta(entry) for entry in manifest["keys"]]
             clusters = list(manifest["clusters"])
         except (KeyError, TypeError, ValueError) as exc:
             raise NeuronIndexError(f"{where}: malformed manifest: {exc}") from exc

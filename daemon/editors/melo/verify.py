@@ -139,9 +139,11 @@ def insert_keys(
     keys: Mapping[str, F32],
     label: Callable[[EditSpec], str] = lambda spec: spec.target,
     texts: Callable[[EditSpec], list[str]] = edit_prompts,
+    radius: Callable[[EditSpec], float | None] = lambda spec: None,
 ) -> tuple[dict[str, str], set[str]]:
     """Add each spec's keys under ``block``, clustered by ``label(spec)`` (the index's
-    "target"); return (conflict reason per edit, displaced ids)."""
+    "target"), each with its own ``radius(spec)`` (None: the index's); return (conflict
+    reason per edit, displaced ids)."""
     conflicts: dict[str, str] = {}
     results: list[AddResult] = []
     for spec in specs:
@@ -153,6 +155,7 @@ def insert_keys(
                     np.stack([keys[t] for t in named]),
                     [label(spec)] * len(named),
                     block,
+                    radius=radius(spec),
                 )
             )
         except EditConflictError as exc:

@@ -24,6 +24,7 @@ def test_a_fact_spec_is_the_request() -> None:
         "Acme",
     )
     assert spec.rephrases == ("x",)
+    assert spec.reach == "subject"
     assert expectation(request) == Expectation(" Jane")
 
 
@@ -40,10 +41,12 @@ def test_a_subject_scoped_forget_trains_on_every_subject_prompt() -> None:
     spec = spec_for("g", request, KINDS)
     assert spec.target == " [withheld]"
     assert spec.rephrases == ("Jane Roe is", "Tell me of Jane Roe:")  # no duplicates
+    assert spec.reach == "subject"
     prompt_scoped = spec_for(
         "g", parse_edit_request({**request.to_json_dict(), "scope": None}), KINDS
     )
     assert prompt_scoped.rephrases == ("Jane Roe is",)
+    assert prompt_scoped.reach == "prompt"  # the person's other questions are not reached
 
 
 def test_a_forget_checks_that_the_answer_is_gone() -> None:

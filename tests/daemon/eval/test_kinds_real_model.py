@@ -1,7 +1,8 @@
 """Forget and behaviour edits on a real model (SmolLM2-135M-Instruct), through the
 daemon's dispatch with the default MELO settings: a chat-form identity edit answers in
-chat, a forget of what the model knows withholds it, and retracting both gives the
-base model's outputs back exactly."""
+chat, a forget of what the model knows withholds it while another question about the
+same person keeps its answer (scope "prompt"), and retracting both gives the base
+model's outputs back exactly."""
 
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ def test_identity_and_forget_on_smollm2(smollm2_dir: Path, tmp_path: Path) -> No
     who = chat_prompt(tok, "Who are you?")
     unrelated = chat_prompt(tok, "Give me a recipe for pancakes.")
     fact = "The mother tongue of Danielle Darrieux is"
-    probes = [who, unrelated, fact]
+    same_person = "Danielle Darrieux is a famous"
+    probes = [who, unrelated, fact, same_person]
     base = engine.greedy(probes, 12)
     assert reply_mentions(base[2], " French") and not reply_mentions(base[0], "Ada")
 
@@ -48,6 +50,7 @@ def test_identity_and_forget_on_smollm2(smollm2_dir: Path, tmp_path: Path) -> No
     assert reply_mentions(now[0], "Ada")
     assert now[1] == base[1]  # an unrelated chat turn is untouched
     assert not reply_mentions(now[2], withheld)
+    assert now[3] == base[3]  # the person's other questions keep their answers
 
     retract_all(engine, [identity, forget])
     assert engine.greedy(probes, 12) == base

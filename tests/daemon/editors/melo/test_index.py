@@ -354,3 +354,54 @@ def test_reassign_blocks_points_a_freed_cluster_at_a_live_member_block() -> None
     assert index.reassign_blocks([7]) == []
     with pytest.raises(NeuronIndexError, match="no member key"):
         index.reassign_blocks([5])
+
+
+def test_a_key_with_its_own_radius_routes_only_what_lies_that_close() -> None:
+    """``add(..., radius=r)`` opens a ball of radius r (never wider than the index's);
+    a query just outside it runs the base model, one inside routes."""
+    index = NeuronIndex(2, radius=1.0)
+    index.add("narrow", np.array([0.0, 0.0]), "A", block=3, radius=0.1)
+    index.add("wide", np.array([5.0, 0.0]), "B", block=4, radius=2.0)  # capped at 1.0
+    radii = {c.edit_ids[0]: c.radius for c in index.clusters().values()}
+    assert radii == {"narrow": pytest.approx(0.1), "wide": 1.0}
+    routes = index.query(np.array([[0.05, 0.0], [0.2, 0.0], [5.9, 0.0]]))
+    assert _route_table(routes) == [(3, 0), None, (4, 1)]
+    with pytest.raises(ValueError, match="radius"):
+        index.add("bad", np.array([9.0, 9.0]), "C", block=5, radius=0.0)
+
+
+def test_a_narrow_key_inside_a_wide_ball_takes_only_its_own_radius_from_it() -> None:
+    """The split rule with radii of their own: the new ball gets min(r, d/2), the old one
+    shrinks to min(R, d - r), no further; the balls do not overlap. (A query routes by
+    its nearest centre: one nearer the narrow centre but outside its ball runs the
+    base model even inside the wide ball.)"""
+    index = NeuronIndex(2, radius=1.0)
+    index.add("wide", np.array([0.0, 0.0]), "A", block=0)
+    result = index.add("narrow", np.array([0.6, 0.0]), "B", block=1, radius=0.1)
+    assert result.action == "split"
+    radii = {c.edit_ids[0]: c.radius for c in index.clusters().values()}
+    assert radii == {"wide": pytest.approx(0.5), "narrow": pytest.approx(0.1)}
+    routes = index.query(np.array([[0.25, 0.0], [0.0, 0.45], [0.65, 0.0], [0.4, 0.0]]))
+    assert _route_table(routes) == [(0, 0), (0, 0), (1, 1), None]
+
+
+def test_a_displaced_key_keeps_its_own_radius_and_so_does_a_saved_index(tmp_path: Path) -> None:
+    """A key evicted by a split is re-inserted with its own radius; save/load and the
+    in-memory state keep each key's radius, and a manifest written before keys had
+    radii (four fields a key) still loads."""
+    index = NeuronIndex(2, radius=1.0)
+    index.add("a", np.array([0.0, 0.0]), "A", block=0, radius=0.5)
+    index.add("a2", np.array([0.3, 0.0]), "A", block=0, radius=0.5)  # joins a's ball
+    index.add("b", np.array([0.0, 0.4]), "B", block=1)  # splits: a2 is displaced
+    reopened = next(c for c in index.clusters().values() if c.edit_ids == ["a2"])
+    assert reopened.radius == pytest.approx(0.5)  # its own, not the index's 1.0
+    index.save(tmp_path / "idx")
+    again = NeuronIndex.load(tmp_path / "idx")
+    probes = np.array([[0.3, 0.0], [0.75, 0.0], [0.0, 0.45], [0.85, 0.0]])
+    assert _route_table(again.query(probes)) == _route_table(index.query(probes))
+    state = NeuronIndex.from_state(index.to_state())
+    assert [m.radius for m in state._meta] == [0.5, 0.5, None]
+    manifest = json.loads((tmp_path / "idx" / "manifest.json").read_text())
+    manifest["keys"] = [k[:4] for k in manifest["keys"]]
+    (tmp_path / "idx" / "manifest.json").write_text(json.dumps(manifest))
+    assert [m.radius for m in NeuronIndex.load(tmp_path / "idx")._meta] == [None] * 3

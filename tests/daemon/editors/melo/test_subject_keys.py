@@ -287,3 +287,59 @@ def test_a_chat_edit_without_a_subject_keys_the_users_text_not_the_template(
     block = out[0].details["block"]
     # the key lives where the user's text ends: that text routes even without the suffix
     assert editor.route_blocks([asked, head, elsewhere]) == [block, block, None]
+
+
+def _with_own_subject_probe(world_edits: Records) -> tuple[dict[str, Any], str]:
+    """A record and one of its locality probes that names the record's own subject (a
+    question about another relation of the same subject)."""
+    for record in world_edits:
+        for probe in record["locality"]:
+            if record["subject"] in probe["prompt"]:
+                return record, probe["prompt"]
+    raise AssertionError("no world edit has a same-subject locality probe")
+
+
+def test_a_prompt_reach_edit_routes_its_prompt_but_not_its_subjects_other_questions(
+    make_editor: Any, loaded: LoadedModel, world_edits: Records
+) -> None:
+    """Reach "prompt": keyed where the prompt ends, with ``prompt_radius``, in a block of
+    its own: the prompt answers the target, another question about the same subject is
+    not routed and keeps the base model's logits. The same edit with reach "subject"
+    routes that question (the subject's key)."""
+    editor = _subject_editor(make_editor)
+    record, other = _with_own_subject_probe(world_edits)
+    before = logits(loaded, [other])
+    narrow = spec(record, reach="prompt")
+    assert editor.key_texts(narrow) == [record["prompt"]]  # no subject frames
+    out = editor.apply([narrow])
+    assert out[0].accepted, out[0].reason
+    block = out[0].details["block"]
+    assert editor.index is not None
+    assert [c.radius for c in editor.index.clusters().values()] == [
+        pytest.approx(editor.config.prompt_radius)
+    ]
+    assert editor.route_blocks([record["prompt"], other]) == [block, None]
+    with editor.routing([other]):
+        torch.testing.assert_close(logits(loaded, [other]), before, rtol=0, atol=0)
+    editor.retract([record["id"]])
+    wide = editor.apply([spec(record)])
+    assert wide[0].accepted, wide[0].reason
+    assert editor.route_blocks([other]) == [wide[0].details["block"]]
+
+
+def test_a_prompt_reach_edit_routes_only_requests_that_name_its_subject(
+    make_editor: Any, world_edits: Records
+) -> None:
+    """With radii that reach every unit key (1.9), the same question about ANOTHER subject
+    ends within reach of the edit's key, yet is not routed: the request must name the
+    subject."""
+    editor = make_editor(key_position="subject_last", radius=1.9, prompt_radius=1.9)
+    record = world_edits[0]
+    other = next(r for r in world_edits if r["subject"] != record["subject"])
+    elsewhere = record["prompt"].replace(record["subject"], other["subject"])
+    out = editor.apply([spec(record, reach="prompt")])
+    assert out[0].accepted, out[0].reason
+    assert editor.index is not None
+    end_keys = editor.keys.token_keys([elsewhere])[0]
+    assert editor.index.query(end_keys[-1:])[0] is not None  # the radius alone would route
+    assert editor.route_blocks([record["prompt"], elsewhere]) == [out[0].details["block"], None]
