@@ -35,8 +35,9 @@ Applying a batch (``apply``):
 Reach (``EditSpec.reach``, subject keys only): an edit of reach ``"subject"`` is keyed
 at its subject, so every prompt naming the subject routes to it. An edit of reach
 ``"prompt"`` (and any edit without a subject) is keyed where its prompt's text ends
-(:meth:`MeloEditor._key_span`), its keys have their own radius ``prompt_radius``
-(``NeuronIndex.add(..., radius=)``), it has a block of its own, and a request routes to
+(:meth:`MeloEditor._key_span`), its keys have their own radius (``prompt_radius``, or
+half the spread of its own phrasings' keys when it sends rephrases that lie farther
+apart; ``NeuronIndex.add(..., radius=)``), it has a block of its own, and a request routes to
 it only when the request also names its subject: its own question in other framings,
 not the subject's other questions (at the key layer, another question about the same
 person lies CLOSER to a question's end key than the same question in another frame
@@ -86,7 +87,7 @@ from daemon.editors.melo import layer as blocks
 from daemon.editors.melo import state as melo_state
 from daemon.editors.melo.allocator import BlockTable
 from daemon.editors.melo.config import MeloConfig
-from daemon.editors.melo.index import NeuronIndex, Route
+from daemon.editors.melo.index import NeuronIndex, Route, pairwise_sq
 from daemon.editors.melo.keys import F32, KeyReader, KeyTable, span_keys, unit_keys
 from daemon.editors.melo.routing import InlineRouter, route_rows
 from daemon.editors.melo.training import TrainResult, TrainSettings, train_block
@@ -152,6 +153,14 @@ def _last_token_lookup(
     return _blocks_of(index, unit_keys(hidden, ends))
 
 
+def spread_of(keys: Sequence[F32]) -> float:
+    """The largest L2 distance between two of ``keys`` (0 for fewer than two)."""
+    if len(keys) < 2:
+        return 0.0
+    mat = np.stack(keys).astype(np.float64)
+    return float(np.sqrt(pairwise_sq(mat, mat).max()))
+
+
 def _ends_with(ids: Sequence[int], pos: int, grams: frozenset[TokenGram]) -> bool:
     """Whether one of ``grams`` ends at ``ids[pos]``."""
     return any(len(g) <= pos + 1 and tuple(ids[pos + 1 - len(g) : pos + 1]) == g for g in grams)
@@ -192,12 +201,16 @@ class MeloEditor:
             texts += [frame.format((spec.subject or "").strip()) for frame in SUBJECT_FRAMES]
         return list(dict.fromkeys(texts))
 
-    def key_radius(self, spec: EditSpec) -> float | None:
-        """The spec's keys' own radius: ``prompt_radius`` for an edit keyed where its text
-        ends under subject keys, else None (the index's radius)."""
-        if self.reads_subjects and not self.keyed_at_subject(spec):
-            return self.config.prompt_radius
-        return None
+    def key_radius(self, spec: EditSpec, keys: Mapping[str, F32]) -> float | None:
+        """The spec's keys' own radius, for an edit keyed where its text ends under subject
+        keys: ``prompt_radius``, or half the largest distance between its own texts' keys
+        (``keys``) when that is wider: the rephrases a client sends say how far apart
+        phrasings of the edit lie. None (the index's radius) for the other edits."""
+        if not self.reads_subjects or self.keyed_at_subject(spec):
+            return None
+        return max(
+            self.config.prompt_radius, spread_of([keys[t] for t in self.key_texts(spec)]) / 2
+        )
 
     def training_batch(self, specs: Sequence[EditSpec]) -> PromptTargetBatch:
         """The block's training rows for ``specs``: prompts and rephrases with their targets,
@@ -584,7 +597,7 @@ class MeloEditor:
                     keys,
                     texts=self.key_texts,
                     label=self.route_label,
-                    radius=self.key_radius,
+                    radius=lambda spec: self.key_radius(spec, keys),
                 )
                 reasons.update(conflicts)
                 pending = [s for s in pending if s.edit_id not in conflicts]

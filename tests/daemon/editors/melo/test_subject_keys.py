@@ -343,3 +343,30 @@ def test_a_prompt_reach_edit_routes_only_requests_that_name_its_subject(
     end_keys = editor.keys.token_keys([elsewhere])[0]
     assert editor.index.query(end_keys[-1:])[0] is not None  # the radius alone would route
     assert editor.route_blocks([record["prompt"], elsewhere]) == [out[0].details["block"], None]
+
+
+def test_a_prompt_keyed_edit_with_rephrases_reaches_half_their_spread(
+    make_editor: Any, world_edits: Records
+) -> None:
+    """An edit keyed where its text ends reaches ``prompt_radius`` around each of its
+    keys, or half the largest distance between its own phrasings' keys when the client
+    sent rephrases that lie farther apart (never past the index's radius)."""
+    from daemon.editors.melo.editor import spread_of
+
+    editor = _subject_editor(make_editor)
+    record = world_edits[0]
+    edit = spec(record, subject=None, rephrases=True)
+    texts = editor.key_texts(edit)
+    assert len(texts) > 1
+    spread = spread_of(list(editor.keys(texts)))
+    assert spread / 2 > editor.config.prompt_radius  # the world's templates lie apart
+    out = editor.apply([edit])
+    assert out[0].accepted, out[0].reason
+    assert editor.index is not None
+    radii = {round(c.radius, 5) for c in editor.index.clusters().values()}
+    assert radii == {round(min(spread / 2, editor.index.radius), 5)}
+    alone = spec(world_edits[1], subject=None)
+    out = editor.apply([alone])
+    assert out[0].accepted, out[0].reason
+    mine = [c for c in editor.index.clusters().values() if c.edit_ids == [alone.edit_id]]
+    assert [c.radius for c in mine] == [pytest.approx(editor.config.prompt_radius)]
