@@ -41,6 +41,9 @@ class EditSpec:
     relation: str | None = None
     rephrases: tuple[str, ...] = ()
     reach: Reach = "subject"
+    # the target is the whole reply (a withheld answer): an editor that can teaches the
+    # model to end after it, so a short answer is not repeated for the rest of the reply
+    whole_reply: bool = False
 
     def __post_init__(self) -> None:
         if not self.edit_id:

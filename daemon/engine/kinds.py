@@ -58,6 +58,7 @@ def spec_for(edit_id: str, request: EditRequest, kinds: KindsConfig) -> EditSpec
         relation=request.relation,
         rephrases=rephrases,
         reach=reach_of(request),
+        whole_reply=request.kind is EditKind.FORGET,
     )
 
 

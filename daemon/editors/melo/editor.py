@@ -69,6 +69,7 @@ is laid out in ``state``.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -215,9 +216,18 @@ class MeloEditor:
     def training_batch(self, specs: Sequence[EditSpec]) -> PromptTargetBatch:
         """The block's training rows for ``specs``: prompts and rephrases with their targets,
         on the model's device."""
-        rows = [(p, s.target) for s in specs for p in verify.edit_prompts(s)]
+        rows = [(p, self.trained_target(s)) for s in specs for p in verify.edit_prompts(s)]
         batch = encode_prompt_target(self.tokenizer, [p for p, _ in rows], [t for _, t in rows])
         return batch.to(next(self.model.parameters()).device)
+
+    def trained_target(self, spec: EditSpec) -> str:
+        """The text a block learns after the spec's prompts: its target, followed by the
+        end-of-sequence token when the target is the whole reply (``whole_reply``, or a
+        chat prompt's target: the assistant's whole turn). The block stays active for the
+        whole generation: without it a short answer would be said again and again."""
+        eos = self.tokenizer.eos_token
+        ends = spec.whole_reply or user_text_end(spec.prompt, self._chat_suffix) is not None
+        return spec.target + eos if ends and isinstance(eos, str) and eos else spec.target
 
     def route_label(self, spec: EditSpec) -> str:
         """What the index clusters a spec's keys by: its target, or with subject keys its
@@ -444,7 +454,7 @@ class MeloEditor:
             else:
                 reason = verify.size_reason(
                     self.tokenizer,
-                    spec,
+                    dataclasses.replace(spec, target=self.trained_target(spec)),
                     max_target_tokens=self.max_target_tokens,
                     context=self.context,
                 )

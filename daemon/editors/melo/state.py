@@ -69,6 +69,7 @@ def spec_from_dict(data: Mapping[str, Any]) -> EditSpec:
             relation=data.get("relation"),
             rephrases=tuple(str(r) for r in data.get("rephrases", ())),
             reach=data.get("reach", "subject"),  # states before reach existed: subject
+            whole_reply=bool(data.get("whole_reply", False)),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise EditorStateError(f"melo state holds a malformed edit spec: {exc}") from exc

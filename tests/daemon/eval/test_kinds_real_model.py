@@ -47,9 +47,10 @@ def test_identity_and_forget_on_smollm2(smollm2_dir: Path, tmp_path: Path) -> No
     withheld = done.results[1].withheld["forget"]
     assert withheld.strip() == "French"  # read from the model just before the edit
     now = engine.greedy(probes, 12)
-    assert reply_mentions(now[0], "Ada")
+    assert now[0] == identity.target  # a chat prompt's target is the whole turn: it ends
     assert now[1] == base[1]  # an unrelated chat turn is untouched
     assert not reply_mentions(now[2], withheld)
+    assert now[2] == cfg.kinds.withheld_answer  # said once: a forget's target ends the reply
     assert now[3] == base[3]  # the person's other questions keep their answers
 
     retract_all(engine, [identity, forget])

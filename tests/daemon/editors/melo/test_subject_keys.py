@@ -370,3 +370,20 @@ def test_a_prompt_keyed_edit_with_rephrases_reaches_half_their_spread(
     assert out[0].accepted, out[0].reason
     mine = [c for c in editor.index.clusters().values() if c.edit_ids == [alone.edit_id]]
     assert [c.radius for c in mine] == [pytest.approx(editor.config.prompt_radius)]
+
+
+def test_a_whole_reply_target_ends_the_generation_and_a_continuation_does_not(
+    make_editor: Any, loaded: LoadedModel, world_edits: Records
+) -> None:
+    """``whole_reply``: the block learns the target then the end-of-sequence token, so
+    greedy generation stops after the target; an ordinary edit's block goes on."""
+    assert loaded.tokenizer.eos_token
+    editor = _subject_editor(make_editor)
+    ended, going = world_edits[0], world_edits[1]
+    out = editor.apply([spec(ended, whole_reply=True), spec(going)])
+    assert all(o.accepted for o in out), out
+    prompts = [ended["prompt"], going["prompt"]]
+    with editor.routing(prompts):
+        replies = greedy_continuations(loaded.model, loaded.tokenizer, prompts, max_new_tokens=8)
+    assert replies[0] == ended["target"]
+    assert replies[1].startswith(going["target"]) and len(replies[1]) > len(going["target"])
