@@ -321,6 +321,11 @@ def test_a_prompt_reach_edit_routes_its_prompt_but_not_its_subjects_other_questi
     assert editor.route_blocks([record["prompt"], other]) == [block, None]
     with editor.routing([other]):
         torch.testing.assert_close(logits(loaded, [other]), before, rtol=0, atol=0)
+    saved = index_bytes(editor)
+    editor.load_state_dict(editor.state_dict())  # reach and the key's radius persist
+    assert editor._specs[record["id"]].reach == "prompt"
+    assert index_bytes(editor) == saved
+    assert editor.route_blocks([record["prompt"], other]) == [block, None]
     editor.retract([record["id"]])
     wide = editor.apply([spec(record)])
     assert wide[0].accepted, wide[0].reason
