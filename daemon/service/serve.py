@@ -161,7 +161,8 @@ def run_server(config: Config, *, frontend: FrontendFactory, port_file: Path | N
     t0 = time.perf_counter()
 
     def stop_http() -> None:
-        if server is not None and http is not None:
+        # a SIGTERM may land between creating the thread and starting it: nothing runs yet
+        if server is not None and http is not None and http.ident is not None:
             server.stop()
             http.join(timeout=10)
 
