@@ -345,21 +345,21 @@ class MeloEditor:
         text's :meth:`_key_span` (so the radius alone decides), and for a spec with a
         subject, its subject's n-grams, which a request must name (``_named``)."""
         for spec in specs:
-            subject = (spec.subject or "").strip()
+            named = (
+                subject_grams(self.tokenizer, spec.subject, spec.prompt)
+                if spec.subject and spec.subject.strip()
+                else frozenset()
+            )
             if self.keyed_at_subject(spec):
-                self._subject_grams[spec.edit_id] = subject_grams(
-                    self.tokenizer, spec.subject or "", spec.prompt
-                )
+                self._subject_grams[spec.edit_id] = named
                 continue
             ends = [
                 self.tokenizer(self._key_span(text), add_special_tokens=False)["input_ids"]
                 for text in self.key_texts(spec)
             ]
             self._subject_grams[spec.edit_id] = frozenset((int(ids[-1]),) for ids in ends if ids)
-            if subject:
-                self._named[spec.edit_id] = subject_grams(
-                    self.tokenizer, spec.subject or "", spec.prompt
-                )
+            if named:
+                self._named[spec.edit_id] = named
 
     def _key_span(self, text: str) -> str:
         """The part of a subjectless edit's text whose last token carries its key: the
